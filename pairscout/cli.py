@@ -1,0 +1,216 @@
+"""The ``pairscout`` command line: parses, calls the core, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from pairscout.errors import PairscoutError
+
+app = typer.Typer(
+    name="pairscout",
+    help="Pick the frozen vision and text encoders to pair before you spend GPU-days aligning them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="List and inspect model zoos.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect the embedding cache.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(cache_app, name="cache")
+
+err = Console(stderr=True)
+"""Everything meant for a human goes to stderr, so stdout stays machine-readable."""
+out = Console()
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Print a :class:`PairscoutError` as one red line and exit with its code; no traceback."""
+    try:
+        yield
+    except PairscoutError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+        force=True,
+    )
+
+
+# --- shared options ----------------------------------------------------------------------------
+VisionZoo = Annotated[str, typer.Option("--vision-zoo", "-v", help="Zoo name, TOML path, or comma list of vision encoder ids.")]
+TextZoo = Annotated[str, typer.Option("--text-zoo", "-t", help="Zoo name, TOML path, or comma list of text encoder ids.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="'generated[:n=..,seed=..]', a CSV/JSONL manifest, COCO caption JSON, image folder, or WebDataset tar(s).")]
+NOpt = Annotated[int | None, typer.Option("--n", help="Use a fixed-seed random subset of N rows.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets and splits.")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Embedding cache folder (default: $PAIRSCOUT_CACHE or ~/.cache/pairscout).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+
+
+def _load_data(data: str, n: int | None, seed: int, skip_bad: bool):
+    from pairscout.data import load_dataset
+
+    ds = load_dataset(data, n=n, seed=seed) if data.startswith("generated") else load_dataset(data)
+    if n is not None:
+        ds = ds.subset(n, seed=seed)
+    if skip_bad:
+        bad = ds.find_bad_images()
+        if bad:
+            bad_rows = {i for i, _ in bad}
+            ds = ds.select([i for i in range(len(ds)) if i not in bad_rows])
+            err.print(f"[yellow]skipped {len(bad)} bad image(s)[/], e.g. {bad[0][1]}", highlight=False)
+    return ds
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def _progress_callback(progress: Progress):
+    tasks: dict[str, int] = {}
+
+    def update(name: str, done: int, total: int) -> None:
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=total)
+        progress.update(tasks[name], completed=done, total=total)
+
+    return update
+
+
+# --- zoo -----------------------------------------------------------------------------------------
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """The zoos shipped with pairscout."""
+    from pairscout.zoo.registry import available_zoos, get_zoo
+
+    with _user_errors():
+        table = Table(title="zoos")
+        for col in ("name", "vision", "text", "description"):
+            table.add_column(col)
+        for name in available_zoos():
+            z = get_zoo(name)
+            table.add_row(name, str(len(z.of("vision"))), str(len(z.of("text"))), z.description)
+        out.print(table)
+
+
+@zoo_app.command("show")
+def zoo_show(name: Annotated[str, typer.Argument(help="Zoo name or TOML path.")]) -> None:
+    """Every encoder of a zoo with its settings."""
+    from pairscout.zoo.registry import get_zoo, load_zoo_file
+
+    with _user_errors():
+        z = load_zoo_file(name) if name.endswith(".toml") else get_zoo(name)
+        table = Table(title=f"zoo {z.name}: {z.description}")
+        for col in ("name", "id", "modality", "revision", "pooling", "dim", "params (M)", "license"):
+            table.add_column(col, overflow="fold")
+        for e in z.encoders:
+            table.add_row(e.name, e.id, e.modality, e.revision or "", e.pooling, str(e.dim or ""), str(e.params_m or ""), e.license or "")
+        out.print(table)
+
+
+# --- encode --------------------------------------------------------------------------------------
+@app.command()
+def encode(
+    vision_zoo: VisionZoo = "offline",
+    text_zoo: TextZoo = "offline",
+    data: DataOpt = "generated",
+    n: NOpt = None,
+    seed: SeedOpt = 0,
+    cache_dir: CacheOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Images or captions per batch.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-loading processes.")] = None,
+    tokens: Annotated[bool, typer.Option("--tokens", help="Also cache token-level features.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip rows whose image is missing or corrupt, and report the count.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Re-encode even when cached.")] = False,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Log cache hits and resumes.")] = False,
+) -> None:
+    """Encode a paired dataset with every model of two zoos (cached, resumable)."""
+    _setup_logging(verbose)
+    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.encode.runner import EncodeSettings, encode_zoo, pick_device
+    from pairscout.zoo.registry import resolve_zoo
+
+    with _user_errors():
+        vz, tz = resolve_zoo(vision_zoo, "vision"), resolve_zoo(text_zoo, "text")
+        ds = _load_data(data, n, seed, skip_bad)
+        cache = EmbeddingCache(cache_dir)
+        settings = EncodeSettings(device=device, batch_size=batch_size, num_workers=workers, amp=amp, tokens=tokens)
+        dev = pick_device(device)
+        err.print(f"[bold]{ds.name}[/]: {len(ds)} images, fingerprint {ds.fingerprint}; device {dev}; cache {cache.root}", highlight=False)
+        with _progress() as progress:
+            res = encode_zoo(list(vz.encoders) + list(tz.encoders), ds, cache=cache, settings=settings, progress=_progress_callback(progress), refresh=refresh)
+        table = Table(title="embeddings")
+        for col in ("model", "modality", "rows", "dim", "seconds", "status"):
+            table.add_column(col)
+        for name, e in res.embeddings.items():
+            table.add_row(name, e.meta.get("modality", ""), str(e.pooled.shape[0]), str(e.dim), f"{e.meta.get('encode_seconds', 0):.1f}", "ok")
+        for name, msg in res.failures.items():
+            table.add_row(name, "", "", "", "", f"[red]{msg}[/]")
+        err.print(table)
+        if as_json:
+            summary = {
+                "dataset": ds.describe(),
+                "embeddings": {k: {kk: v.meta.get(kk) for kk in ("model_id", "modality", "n", "dim", "precision")} for k, v in res.embeddings.items()},
+                "failures": res.failures,
+            }
+            out.print_json(json.dumps(summary, default=str))
+        if res.failures:
+            err.print(f"[bold red]error:[/] {len(res.failures)} model(s) failed: {', '.join(res.failures)}; the others are cached.")
+            raise typer.Exit(1)
+
+
+# --- cache ---------------------------------------------------------------------------------------
+@cache_app.command("list")
+def cache_list(cache_dir: CacheOpt = None) -> None:
+    """Every cached embedding set with its model, dataset and size."""
+    from pairscout.encode.cache import EmbeddingCache
+
+    cache = EmbeddingCache(cache_dir)
+    table = Table(title=f"cache {cache.root}")
+    for col in ("model", "dataset", "fingerprint", "n", "dim", "precision", "tokens", "MB"):
+        table.add_column(col)
+    for r in cache.entries():
+        table.add_row(
+            str(r.get("model_id")), str(r.get("dataset")), str(r.get("dataset_fingerprint")), str(r.get("n")),
+            str(r.get("dim")), str(r.get("precision")), str(r.get("tokens")), f"{r['size_mb']:.1f}",
+        )
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except PairscoutError as e:  # raised outside a command body (should not happen, but never a traceback)
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

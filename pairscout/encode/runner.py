@@ -1,0 +1,337 @@
+"""Encode a paired dataset with an encoder, through the cache.
+
+:func:`encode` is the one entry point: cache hit -> load; miss -> batched encoding (parallel image
+loading with a DataLoader, device picked automatically, bf16 autocast on GPU), written chunk by
+chunk so an interrupted run resumes where it stopped, then merged into one cache entry.
+:func:`encode_zoo` runs it for every encoder of a zoo and keeps going past a model that fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+import pairscout
+from pairscout.encode.cache import EmbeddingCache, Embeddings
+from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
+from pairscout.errors import DataError, PairscoutError, ZooError
+from pairscout.zoo.spec import EncoderSpec
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(model_name, rows_done, rows_total)``; called after every batch."""
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given (``cpu``, ``cuda``, ``cuda:1``, ``mps``), else cuda > mps > cpu."""
+    if requested and requested != "auto":
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise PairscoutError(f"device {requested!r} was asked for but CUDA is not available.", fix="pass --device cpu or auto.")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_workers() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, n - 1))
+
+
+@dataclass
+class EncodeSettings:
+    """How to encode (none of it changes the embeddings except ``amp``, which sets the precision key)."""
+
+    device: str | None = None
+    batch_size: int | None = None
+    """Default: 64 images or 256 captions."""
+    num_workers: int | None = None
+    """Image-loading processes; default: CPU count - 1 (at most 8)."""
+    chunk_batches: int = 16
+    """Batches per resumable chunk on disk."""
+    amp: bool = True
+    """bf16 autocast on CUDA (recorded as precision ``bf16``); ignored on CPU."""
+    tokens: bool = False
+    """Also encode token-level features (needed by the local+global projector)."""
+
+
+class _ImageRows(TorchDataset):
+    """DataLoader view: row index -> (index, tensor | None, error message)."""
+
+    def __init__(self, dataset: Any, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, self.transform(self.dataset.load_image(i)), ""
+        except DataError as e:  # turned into a clean error in the main process
+            return i, None, str(e)
+        except Exception as e:  # noqa: BLE001 - a transform failing on one image names that image
+            return i, None, f"image {self.dataset.image_id(i)} (row {i}) could not be preprocessed: {e}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    idx = torch.tensor([b[0] for b in batch], dtype=torch.long)
+    errors = [b[2] for b in batch if b[2]]
+    if errors:
+        return idx, None, errors
+    return idx, torch.stack([b[1] for b in batch]), []
+
+
+def _chunks(order: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, len(order))) for s in range(0, len(order), chunk)]
+
+
+def _precision(device: torch.device, settings: EncodeSettings) -> str:
+    return "bf16" if (device.type == "cuda" and settings.amp) else "fp32"
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _to_cpu(out: EncoderOutput, tokens: bool) -> dict[str, torch.Tensor]:
+    t = {"pooled": out.pooled.detach().float().cpu()}
+    if tokens:
+        if out.tokens is None:
+            raise ZooError("the encoder returned no token features.", fix="use an encoder that supports tokens, or drop --tokens.")
+        t["tokens"] = out.tokens.detach().to(torch.float16).cpu()
+        if out.token_mask is not None:
+            t["token_mask"] = out.token_mask.detach().bool().cpu()
+    return t
+
+
+def _iter_vision(enc: Encoder, dataset: Any, rows: np.ndarray, settings: EncodeSettings, device: torch.device, bs: int) -> Iterator[dict[str, torch.Tensor]]:
+    workers = settings.num_workers if settings.num_workers is not None else default_workers()
+    loader = DataLoader(
+        _ImageRows(dataset, enc.image_transform()),
+        batch_size=bs,
+        sampler=rows.tolist(),
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    for idx, pixels, errors in loader:
+        if errors:
+            raise DataError(errors[0]) if len(errors) == 1 else DataError(f"{errors[0]} (and {len(errors) - 1} more bad images in this batch)")
+        out = enc.encode_images(pixels.to(device, non_blocking=True), tokens=settings.tokens)
+        yield {"index": idx, **_to_cpu(out, settings.tokens)}
+
+
+def _iter_text(enc: Encoder, texts: list[str], rows: np.ndarray, settings: EncodeSettings, bs: int) -> Iterator[dict[str, torch.Tensor]]:
+    for s in range(0, len(rows), bs):
+        idx = rows[s : s + bs]
+        out = enc.encode_texts([texts[i] for i in idx], tokens=settings.tokens)
+        yield {"index": torch.from_numpy(idx.astype(np.int64)), **_to_cpu(out, settings.tokens)}
+
+
+def _merge(parts: Sequence[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
+    idx = torch.cat([p["index"] for p in parts])
+    if len(idx) != n or not torch.equal(torch.sort(idx).values, torch.arange(n)):
+        raise PairscoutError(f"cached chunks cover {len(idx)} of {n} rows.", fix="delete the .parts folder of this entry and encode again.")
+    out = {}
+    for k in parts[0]:
+        if k == "index":
+            continue
+        cat = torch.cat([p[k] for p in parts])
+        full = torch.empty_like(cat)
+        full[idx] = cat
+        out[k] = full
+    return out
+
+
+def encode(
+    spec_or_encoder: EncoderSpec | Encoder,
+    dataset: Any,
+    *,
+    cache: EmbeddingCache | None = None,
+    settings: EncodeSettings | None = None,
+    progress: ProgressFn | None = None,
+    refresh: bool = False,
+) -> Embeddings:
+    """Embeddings of ``dataset`` by one encoder, from the cache when present.
+
+    Vision encoders embed each image row; text encoders embed every caption (``row_index`` maps a
+    caption to its row; :meth:`Embeddings.per_row` gives one vector per row). Chunks are written as
+    they finish, so calling this again after a crash resumes the run.
+
+    Args:
+        spec_or_encoder: the encoder's spec (built lazily, only on a cache miss) or a built encoder.
+        dataset: a :class:`~pairscout.data.PairedDataset`.
+        cache: where entries live (default: :func:`~pairscout.encode.cache.default_cache_dir`).
+        settings: device, batch size, workers, amp, tokens.
+        progress: callback ``(model, done, total)``.
+        refresh: ignore a finished entry and its chunks and encode again.
+    """
+    settings = settings or EncodeSettings()
+    cache = cache or EmbeddingCache()
+    enc = spec_or_encoder if isinstance(spec_or_encoder, Encoder) else None
+    spec = enc.spec if enc is not None else spec_or_encoder
+    device = pick_device(settings.device)
+    precision = _precision(device, settings)
+    fp = dataset.fingerprint
+    tok = settings.tokens
+
+    if refresh:
+        cache.drop_parts(spec, fp, precision, tok)
+    else:
+        hit = cache.load(spec, fp, precision=precision, tokens=tok)
+        if hit is not None:
+            log.info("cache hit for %s", spec.id)
+            if progress:
+                progress(spec.name, len(hit.pooled), len(hit.pooled))
+            return hit
+
+    from pairscout.encoders import build_encoder  # imported late: sources pull heavy packages
+
+    t0 = time.perf_counter()
+    if enc is None:
+        enc = build_encoder(spec)
+    enc.to(device)
+
+    if spec.modality == "vision":
+        n = len(dataset)
+        row_index = torch.arange(n)
+        order = np.arange(n)
+    else:
+        texts, caption_rows = dataset.flat_captions()
+        n = len(texts)
+        row_index = torch.from_numpy(np.asarray(caption_rows, dtype=np.int64))
+        # longest first: fewer padding tokens per batch and the memory peak shows up at once
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+
+    if isinstance(enc, PrecomputedEncoder):
+        out = enc.load(n, tokens=tok)
+        merged = _to_cpu(out, tok)
+    else:
+        bs = settings.batch_size or (64 if spec.modality == "vision" else 256)
+        chunk = bs * max(1, settings.chunk_batches)
+        done = cache.finished_parts(spec, fp, precision, tok)
+        parts: list[dict[str, torch.Tensor]] = []
+        todo: list[tuple[int, int]] = []
+        for a, b in _chunks(order, chunk):
+            p = done.get((a, b))
+            if p is not None:
+                from safetensors.torch import load_file
+
+                parts.append(load_file(p))
+            else:
+                todo.append((a, b))
+        n_done = sum(b - a for a, b in _chunks(order, chunk)) - sum(b - a for a, b in todo)
+        if n_done:
+            log.info("%s: resuming, %d of %d rows already encoded", spec.id, n_done, n)
+        if progress:
+            progress(spec.name, n_done, n)
+        if todo:
+            if spec.modality == "text":
+                enc.fit(texts)
+            rows = np.concatenate([order[a:b] for a, b in todo])
+            if spec.modality == "vision":
+                batches = _iter_vision(enc, dataset, rows, settings, device, bs)
+            else:
+                batches = _iter_text(enc, texts, rows, settings, bs)
+            chunk_iter = iter(todo)
+            a, b = next(chunk_iter)
+            buf: list[dict[str, torch.Tensor]] = []
+            filled = 0
+            with torch.inference_mode(), _autocast(device, precision):
+                for batch in batches:
+                    buf.append(batch)
+                    filled += len(batch["index"])
+                    n_done += len(batch["index"])
+                    if progress:
+                        progress(spec.name, n_done, n)
+                    if filled >= b - a:
+                        part = {k: torch.cat([x[k] for x in buf]) for k in buf[0]}
+                        cache.write_part(spec, fp, a, b, part, precision, tok)
+                        parts.append(part)
+                        buf, filled = [], 0
+                        nxt = next(chunk_iter, None)
+                        if nxt is None:
+                            break
+                        a, b = nxt
+        merged = _merge(parts, n)
+
+    pooled = merged["pooled"]
+    if not torch.isfinite(pooled).all():
+        bad = torch.nonzero(~torch.isfinite(pooled).all(dim=1)).flatten()[:5].tolist()
+        raise PairscoutError(f"encoder {spec.id} produced NaN/inf features (rows {bad}).", fix="check its weights and preprocessing, or run it in fp32 (--no-amp).")
+    if spec.dim is not None and pooled.shape[1] != spec.dim:
+        raise ZooError(f"encoder {spec.id} produced {pooled.shape[1]}-d features but its zoo entry says dim = {spec.dim}.", fix="correct the zoo entry's dim.")
+
+    meta = {
+        "model_id": spec.id,
+        "name": spec.name,
+        "modality": spec.modality,
+        "revision": spec.revision,
+        "pooling": spec.pooling,
+        "spec": spec.cache_identity(),
+        "dataset": getattr(dataset, "name", ""),
+        "dataset_fingerprint": fp,
+        "n": n,
+        "dim": int(pooled.shape[1]),
+        "precision": precision,
+        "device": str(device),
+        "tokens": tok,
+        "encode_seconds": round(time.perf_counter() - t0, 3),
+        "pairscout_version": pairscout.__version__,
+        "torch_version": torch.__version__,
+    }
+    emb = Embeddings(pooled=pooled, row_index=row_index, tokens=merged.get("tokens"), token_mask=merged.get("token_mask"), meta=meta)
+    cache.save(spec, fp, emb, precision=precision)
+    cache.drop_parts(spec, fp, precision, tok)
+    return emb
+
+
+@dataclass
+class ZooEncoding:
+    """The embeddings of every encoder that succeeded, and the errors of those that failed."""
+
+    embeddings: dict[str, Embeddings] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def encode_zoo(
+    specs: Sequence[EncoderSpec],
+    dataset: Any,
+    *,
+    cache: EmbeddingCache | None = None,
+    settings: EncodeSettings | None = None,
+    progress: ProgressFn | None = None,
+    refresh: bool = False,
+) -> ZooEncoding:
+    """Encode with every spec; a model that fails is recorded in ``failures`` and the rest go on.
+
+    Bad data (:class:`DataError`) is not a model failure: it stops the run, since every model would
+    meet it.
+    """
+    result = ZooEncoding()
+    for spec in specs:
+        try:
+            result.embeddings[spec.name] = encode(spec, dataset, cache=cache, settings=settings, progress=progress, refresh=refresh)
+        except DataError:
+            raise
+        except PairscoutError as e:
+            log.error("%s failed: %s", spec.id, e)
+            result.failures[spec.name] = str(e)
+    return result

@@ -1,0 +1,40 @@
+"""User-facing errors.
+
+Every error a user can cause (bad file, unknown model, missing package, ...) is raised as a
+:class:`PairscoutError` whose message is ONE line that names the thing at fault and the fix.
+The CLI prints that line and exits with ``exit_code``; it never shows a traceback for these.
+"""
+
+from __future__ import annotations
+
+
+class PairscoutError(Exception):
+    """An error caused by input the user can fix. ``str(err)`` is a single line."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        message = " ".join(message.split())
+        if fix:
+            message = f"{message} Fix: {' '.join(fix.split())}"
+        super().__init__(message)
+
+
+class DataError(PairscoutError):
+    """A dataset, manifest, image or caption is missing, corrupt or malformed."""
+
+
+class ZooError(PairscoutError):
+    """A zoo file or an encoder spec is malformed or names an unknown source."""
+
+
+class ModelLoadError(PairscoutError):
+    """An encoder could not be built: a package is missing, weights are unreachable, ..."""
+
+
+class CacheError(PairscoutError):
+    """The embedding cache is missing an entry or holds one from other settings."""
+
+
+class MetricError(PairscoutError):
+    """Inputs to a metric are degenerate (NaN/inf, mismatched rows, too few rows, ...)."""

@@ -1,0 +1,109 @@
+"""Named zoos and zoo resolution.
+
+A zoo is a TOML file with top-level ``name`` / ``description`` and ``[[encoder]]`` tables (see
+:class:`~pairscout.zoo.spec.EncoderSpec` for the fields). Named zoos ship as package data in
+``pairscout/zoo/zoos/``. ``--vision-zoo`` / ``--text-zoo`` accept a zoo name, a TOML path, or a
+comma-separated list of encoder ids (the prefix says the source).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pairscout.errors import ZooError
+from pairscout.zoo.spec import EncoderSpec, Modality
+
+
+@dataclass(frozen=True)
+class Zoo:
+    name: str
+    description: str
+    encoders: tuple[EncoderSpec, ...]
+    source: str
+    """Where the zoo came from: ``package:<name>``, a file path, or ``ids``."""
+
+    def of(self, modality: Modality) -> tuple[EncoderSpec, ...]:
+        return tuple(e for e in self.encoders if e.modality == modality)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "encoders": [e.to_dict() for e in self.encoders]}
+
+
+def _zoo_dir():
+    return resources.files("pairscout.zoo") / "zoos"
+
+
+def available_zoos() -> list[str]:
+    """Names of the zoos shipped with the package."""
+    return sorted(p.name[: -len(".toml")] for p in _zoo_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def _parse(text: str, where: str) -> tuple[str, str, list[EncoderSpec]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ZooError(f"{where} is not valid TOML ({e}).", fix="correct the file's syntax.") from None
+    entries = data.get("encoder")
+    if not isinstance(entries, list) or not entries:
+        raise ZooError(f"{where} defines no encoders.", fix="add at least one [[encoder]] table with id and modality.")
+    specs = [EncoderSpec.from_dict(dict(e), where=where) for e in entries]
+    ids = [s.id for s in specs]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    names = [s.name for s in specs]
+    dupe_names = sorted({n for n in names if names.count(n) > 1})
+    if dupes or dupe_names:
+        raise ZooError(f"{where} lists {', '.join(dupes or dupe_names)} twice.", fix="give each encoder a unique id and name.")
+    return str(data.get("name", Path(where).stem)), str(data.get("description", "")), specs
+
+
+def load_zoo_file(path: str | Path) -> Zoo:
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"zoo file {path} does not exist.", fix=f"pass a TOML path or one of the named zoos: {', '.join(available_zoos())}.")
+    name, desc, specs = _parse(path.read_text(encoding="utf-8"), str(path))
+    return Zoo(name, desc, tuple(specs), str(path))
+
+
+def get_zoo(name: str) -> Zoo:
+    """A named zoo shipped with the package."""
+    res = _zoo_dir() / f"{name}.toml"
+    if not res.is_file():
+        raise ZooError(f"no zoo named {name!r}.", fix=f"use one of {', '.join(available_zoos())}, a TOML path, or a comma list of ids.")
+    zname, desc, specs = _parse(res.read_text(encoding="utf-8"), f"zoo {name!r}")
+    return Zoo(zname, desc, tuple(specs), f"package:{name}")
+
+
+def _spec_from_id(ident: str, modality: Modality) -> EncoderSpec:
+    """An id given on the command line: looked up in the shipped zoos first (to get their settings)."""
+    for zname in available_zoos():
+        for spec in get_zoo(zname).encoders:
+            if spec.id == ident or spec.name == ident:
+                if spec.modality != modality:
+                    raise ZooError(f"{ident} is a {spec.modality} encoder, not a {modality} one.", fix=f"pass it to --{spec.modality}-zoo.")
+                return spec
+    return EncoderSpec(id=ident, modality=modality)
+
+
+def resolve_zoo(arg: str | Path, modality: Modality) -> Zoo:
+    """Resolve a ``--vision-zoo`` / ``--text-zoo`` argument to a zoo holding only ``modality`` encoders.
+
+    ``arg`` is a zoo name (``offline``), a path to a TOML file, or a comma list of encoder ids
+    (``pack:efficientnet-lite0,timm:resnet50.a1_in1k``). Ids found in a shipped zoo take its settings.
+    """
+    text = str(arg).strip()
+    if not text:
+        raise ZooError(f"the {modality} zoo is empty.", fix="pass a zoo name, a TOML path or a comma list of ids.")
+    if text.endswith(".toml") or Path(text).is_file():
+        zoo = load_zoo_file(text)
+    elif ":" not in text and "," not in text:
+        zoo = get_zoo(text)
+    else:
+        ids = [t.strip() for t in text.split(",") if t.strip()]
+        zoo = Zoo("custom", "encoders given on the command line", tuple(_spec_from_id(i, modality) for i in ids), "ids")
+    chosen = zoo.of(modality)
+    if not chosen:
+        raise ZooError(f"zoo {zoo.name!r} ({zoo.source}) has no {modality} encoders.", fix=f"add [[encoder]] entries with modality = \"{modality}\".")
+    return Zoo(zoo.name, zoo.description, chosen, zoo.source)

@@ -1,0 +1,109 @@
+"""Encoder specs: an encoder is data.
+
+A spec is one flat record read from a TOML zoo file (``[[encoder]]`` tables). The ``id`` carries
+a source prefix (``timm:``, ``hf:``, ``st:``, ``onnx:``, ``emb:``, ``pack:``, ``baseline:``) that
+selects the module building it (:func:`pairscout.encoders.build_encoder`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from pairscout.errors import ZooError
+
+Modality = Literal["vision", "text"]
+
+SOURCES = ("timm", "hf", "st", "onnx", "emb", "pack", "baseline")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything needed to build one frozen encoder and to key its cached embeddings."""
+
+    id: str
+    """Source-prefixed identifier, e.g. ``timm:vit_small_patch14_dinov2.lvd142m`` or ``st:/path/to/dir``."""
+    modality: Modality
+    """``vision`` (embeds images) or ``text`` (embeds captions)."""
+    name: str = ""
+    """Short display name used in tables and plots; defaults to the id without its prefix."""
+    revision: str | None = None
+    """Hub revision (git sha / tag) or timm pretrained tag; pinned for reproducibility."""
+    pooling: str = "default"
+    """How token features become one vector: ``cls``, ``mean``, ``cls+mean`` (SAIL), ``last``, ``default``."""
+    layer: int | None = None
+    """Hidden layer to read (negative counts from the end); ``None`` = the model's final features."""
+    image_size: int | None = None
+    """Square input resolution for vision models; ``None`` = the model's own default."""
+    preprocess: str = "default"
+    """Preprocessing recipe name (``default`` = what the model was trained with)."""
+    normalize: bool = False
+    """L2-normalise the pooled output (sentence-transformers models that do so by design)."""
+    max_length: int | None = None
+    """Maximum tokens for text models; ``None`` = the model's own limit."""
+    dim: int | None = None
+    """Output dimension (informative; checked after the first batch when given)."""
+    params_m: float | None = None
+    """Parameter count in millions, where known."""
+    license: str | None = None
+    """Licence of the weights, where known."""
+    weights: str | None = None
+    """Local weights file or directory that overrides the hub (``timm:``/``hf:``/``st:``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Source-specific extras (e.g. ``onnx`` output name, ``emb`` key, baseline seed)."""
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if ":" not in self.id:
+            raise ZooError(
+                f"encoder id {self.id!r} has no source prefix.",
+                fix=f"write it as '<source>:<name>' with source one of {', '.join(SOURCES)}.",
+            )
+        if self.source not in SOURCES:
+            raise ZooError(
+                f"encoder id {self.id!r} has unknown source prefix {self.source!r}.",
+                fix=f"use one of {', '.join(s + ':' for s in SOURCES)}.",
+            )
+        if self.modality not in ("vision", "text"):
+            raise ZooError(f"encoder {self.id!r}: modality {self.modality!r} is neither 'vision' nor 'text'.")
+        if not self.name:
+            object.__setattr__(self, "name", self.id.split(":", 1)[1])
+
+    @property
+    def source(self) -> str:
+        return self.id.split(":", 1)[0]
+
+    @property
+    def target(self) -> str:
+        """The id without its source prefix."""
+        return self.id.split(":", 1)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """The fields that change the embeddings (display-only fields excluded)."""
+        d = self.to_dict()
+        for k in ("name", "dim", "params_m", "license", "notes"):
+            d.pop(k)
+        return d
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.cache_identity(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "zoo") -> EncoderSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ZooError(
+                f"{where}: encoder {d.get('id', '?')!r} has unknown field(s) {', '.join(unknown)}.",
+                fix=f"allowed fields are {', '.join(sorted(known))}; put source-specific extras under 'options'.",
+            )
+        for req in ("id", "modality"):
+            if req not in d:
+                raise ZooError(f"{where}: an encoder entry lacks the required field {req!r}.", fix="add it.")
+        return cls(**d)
