@@ -1,5 +1,24 @@
-"""pairscout: pick the frozen vision and text encoders to pair before aligning them."""
+"""pairscout: pick the frozen vision and text encoders to pair before aligning them.
+
+The Python API mirrors the CLI::
+
+    import pairscout
+    result = pairscout.rank("offline", "offline", "generated", n=500)
+    result.pairs.head()          # a DataFrame, best pair first
+    result = pairscout.RankResult.load("runs/demo")   # what `pairscout rank --out runs/demo` saved
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+__all__ = ["RankResult", "RankSettings", "rank"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import pairscout` stays cheap (the CLI's --help does not import torch models).
+    if name in __all__:
+        from pairscout import ranking
+
+        return getattr(ranking, name)
+    raise AttributeError(f"module 'pairscout' has no attribute {name!r}")

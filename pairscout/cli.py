@@ -186,6 +186,93 @@ def encode(
             raise typer.Exit(1)
 
 
+# --- rank ----------------------------------------------------------------------------------------
+@app.command()
+def rank(
+    vision_zoo: VisionZoo = "offline",
+    text_zoo: TextZoo = "offline",
+    data: DataOpt = "generated",
+    n: NOpt = None,
+    seed: SeedOpt = 0,
+    metrics: Annotated[str | None, typer.Option(help="Comma list of pair metrics from cka_linear, cka_linear_debiased, cka_rbf, cka_rbf_debiased, mutual_knn, cknna (default: all).")] = None,
+    primary: Annotated[str | None, typer.Option(help="Metric that ranks the pairs (default: cka_linear; cka_linear_debiased below 1,000 rows).")] = None,
+    score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = "primary",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals (0: off).")] = 200,
+    permutations: Annotated[int, typer.Option(help="Shuffled pairings for the chance level (0: off).")] = 50,
+    knn_k: Annotated[int, typer.Option("--knn-k", help="k of mutual k-NN and CKNNA.")] = 10,
+    clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = None,
+    caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = "first",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a run with other settings in --out.")] = False,
+    top: Annotated[int, typer.Option(help="Rows of the table printed.")] = 10,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG and SVG plots to --out.")] = True,
+    cache_dir: CacheOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Images or captions per batch.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-loading processes.")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip rows whose image is missing or corrupt.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (everything human goes to stderr).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Log cache hits and resumes.")] = False,
+) -> None:
+    """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
+    _setup_logging(verbose)
+    from pairscout.encode.runner import EncodeSettings
+    from pairscout.ranking import RankSettings
+    from pairscout.ranking import rank as run_rank
+    from pairscout.ranking.compute import DEFAULT_METRICS
+
+    with _user_errors():
+        settings = RankSettings(
+            metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else DEFAULT_METRICS,
+            primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, bootstrap=bootstrap,
+            permutations=permutations, caption_reduce=caption_reduce, seed=seed,
+        )
+        ds = _load_data(data, n, seed, skip_bad)
+        with _progress() as progress:
+            res = run_rank(
+                vision_zoo, text_zoo, ds, settings=settings,
+                encode_settings=EncodeSettings(device=device, batch_size=batch_size, num_workers=workers),
+                cache_dir=cache_dir, out=out, force=force, plots=plots, progress=_progress_callback(progress),
+                command=" ".join(["pairscout", *sys.argv[1:]]),
+            )
+        err.print(_rank_table(res, top))
+        if out is not None:
+            err.print(f"results in {out}/ (pairs.parquet, pairs.csv, models.csv, rank.json, plots/)", highlight=False)
+        if as_json:
+            payload = {"pairs": res.pairs.to_dict(orient="records"), "models": res.models.to_dict(orient="records"), "meta": res.meta}
+            out_console = Console(soft_wrap=True)
+            out_console.print_json(json.dumps(payload, default=str))
+        if res.meta["failures"]:
+            err.print(f"[bold red]error:[/] {len(res.meta['failures'])} model(s) failed and were left out: "
+                      + "; ".join(f"{k}: {v}" for k, v in res.meta["failures"].items()), highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+
+def _fmt(row, m: str) -> str:
+    v = row.get(m)
+    if v is None or v != v:
+        return "-"
+    lo, hi = row.get(f"{m}_lo"), row.get(f"{m}_hi")
+    if lo is not None and hi is not None and lo == lo and hi == hi:
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{v:.3f}"
+
+
+def _rank_table(res, top: int) -> Table:
+    from pairscout.ranking.compute import LABELS
+
+    ds = res.meta["dataset"]
+    table = Table(title=f"top pairs on {ds.get('name')} (n = {res.meta['settings']['n']}), ranked by {res.meta['settings']['score']}: {res.primary}")
+    table.add_column("#", justify="right")
+    table.add_column("vision")
+    table.add_column("text")
+    for m in res.metrics:
+        table.add_column(LABELS.get(m, m), justify="right")
+    for _, row in res.pairs.head(top).iterrows():
+        table.add_row(str(row["rank"]), row["vision"], row["text"], *(_fmt(row, m) for m in res.metrics))
+    return table
+
+
 # --- cache ---------------------------------------------------------------------------------------
 @cache_app.command("list")
 def cache_list(cache_dir: CacheOpt = None) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pairscout.zoo.spec import EncoderSpec
@@ -133,7 +133,7 @@ class EmbeddingCache:
                 wanted = [k for k in f.keys() if tokens or k not in ("tokens", "token_mask")]
                 tensors = {k: f.get_tensor(k) for k in wanted}
                 has_tokens = "tokens" in f.keys()
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             log.warning("cache entry %s is unreadable (%s); it will be recomputed", path, e)
             return None
         if tokens and not has_tokens:
@@ -195,7 +195,7 @@ class EmbeddingCache:
             try:
                 with safe_open(p, framework="pt") as f:
                     meta = {k: _maybe_json(v) for k, v in (f.metadata() or {}).items()}
-            except (SafetensorsError, OSError):
+            except (SafetensorError, OSError):
                 continue
             rows.append({"path": str(p), "size_mb": p.stat().st_size / 2**20, **meta})
         return rows

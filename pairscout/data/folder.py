@@ -1,0 +1,62 @@
+"""An image folder with sidecar captions: ``cat1.jpg`` + ``cat1.txt`` (one caption per non-empty line).
+
+If every image sits in a first-level sub-folder (``root/<class>/.../img.jpg``), the sub-folder names
+are the class names (sorted, ids in that order) and each image's label is its sub-folder. Images
+directly in ``root`` mean no labels (with sub-folders too, all images are read, unlabelled).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pairscout.data.dataset import PairedDataset
+from pairscout.data.images import IMAGE_EXTENSIONS, FileImages
+from pairscout.data.rows import Record, group_records
+from pairscout.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, hidden entries skipped), sorted by relative path."""
+    out = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts) and p.is_file():
+            out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_folder(root: Path, *, images: list[Path] | None = None, name: str | None = None) -> PairedDataset:
+    """Build a dataset from an image folder with sidecar ``.txt`` captions."""
+    images = find_images(root) if images is None else images
+    if not images:
+        raise DataError(f"Folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).", fix="point to a folder of images with .txt captions, a manifest, or .tar shards.")
+    depth = {len(p.relative_to(root).parts) for p in images}
+    labelled = 1 not in depth
+    if not labelled and len(depth) > 1:
+        log.warning("%s: images both in the folder and in sub-folders; reading all of them without labels", root)
+    records = []
+    for p in images:
+        txt = p.with_suffix(".txt")
+        try:
+            caps = txt.read_text(encoding="utf-8-sig").splitlines()
+        except FileNotFoundError:
+            raise DataError(f"Image {p} in {root} has no caption file {txt.name}.", fix=f"write its captions (one per line) to {txt}, or remove the image.") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"Cannot read caption file {txt}: {e}.", fix="make it a readable UTF-8 text file.") from None
+        label = p.relative_to(root).parts[0] if labelled else None
+        records.append(Record(str(p), caps, label, f"caption file {txt.name}"))
+    rows = group_records(records, root)
+    labels, names = None, None
+    if labelled:  # by folder name, even when names look like integers
+        names = sorted({str(v) for v in rows.labels})
+        ids = {c: i for i, c in enumerate(names)}
+        labels = np.array([ids[str(v)] for v in rows.labels], dtype=np.int64)
+    return PairedDataset(
+        name=name or root.name, source=str(root), fmt="folder", images=FileImages([Path(k) for k in rows.keys]),
+        captions=rows.captions, labels=labels, classnames=names,
+    )  # fmt: skip

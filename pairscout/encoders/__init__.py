@@ -1,0 +1,79 @@
+"""Encoders: one factory, one module per source.
+
+:func:`build_encoder` turns an :class:`~pairscout.zoo.spec.EncoderSpec` into an
+:class:`~pairscout.encoders.base.Encoder` by the prefix of its id:
+
+====================  ====================================  ==========================================
+prefix                module                                what it loads
+====================  ====================================  ==========================================
+``timm:``             :mod:`.timm_source`                   any timm model (``arch.tag``), hub or file
+``hf:``               :mod:`.hf_source`                     transformers vision / text models
+``st:``               :mod:`.st_source`                     sentence-transformers models
+``onnx:``             :mod:`.onnx_source`                   a local ONNX encoder (onnxruntime)
+``emb:``              :mod:`.emb_source`                    precomputed embeddings (.npy/.safetensors/.pt)
+``pack:``             :mod:`.packs`                         pretrained models that install with pip
+``baseline:``         :mod:`.baselines`                     weight-free baselines (pixels, TF-IDF, ...)
+====================  ====================================  ==========================================
+
+Adding a source is one new module with a ``build(spec) -> Encoder`` function and one line in
+``SOURCE_MODULES`` (plus the prefix in :data:`pairscout.zoo.spec.SOURCES`). Modules are imported
+lazily: importing this package does not import torch models, transformers or onnxruntime.
+
+Example::
+
+    from pairscout.encoders import build_encoder
+    from pairscout.zoo.spec import EncoderSpec
+
+    enc = build_encoder(EncoderSpec(id="pack:all-MiniLM-L6-v2", modality="text"))
+    out = enc.encode_texts(["a dog on a beach"])   # out.pooled: (1, 384)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
+from pairscout.errors import ZooError
+from pairscout.zoo.spec import EncoderSpec
+
+__all__ = ["Encoder", "EncoderOutput", "PrecomputedEncoder", "SOURCE_MODULES", "build_encoder", "register_source"]
+
+SOURCE_MODULES: dict[str, str] = {
+    "timm": "pairscout.encoders.timm_source",
+    "hf": "pairscout.encoders.hf_source",
+    "st": "pairscout.encoders.st_source",
+    "onnx": "pairscout.encoders.onnx_source",
+    "emb": "pairscout.encoders.emb_source",
+    "pack": "pairscout.encoders.packs",
+    "baseline": "pairscout.encoders.baselines",
+}
+"""Source prefix -> module exposing ``build(spec: EncoderSpec) -> Encoder``."""
+
+_BUILDERS: dict[str, Callable[[EncoderSpec], Encoder]] = {}
+
+
+def register_source(prefix: str, builder: Callable[[EncoderSpec], Encoder]) -> None:
+    """Register a builder for ``prefix`` at run time (plugins, tests). Overrides ``SOURCE_MODULES``."""
+    _BUILDERS[prefix] = builder
+
+
+def _builder(prefix: str) -> Callable[[EncoderSpec], Encoder]:
+    if prefix in _BUILDERS:
+        return _BUILDERS[prefix]
+    module = SOURCE_MODULES.get(prefix)
+    if module is None:
+        raise ZooError(f"no encoder source is registered for the prefix {prefix!r}.",
+                       fix=f"use one of {', '.join(p + ':' for p in SOURCE_MODULES)}.")
+    return importlib.import_module(module).build
+
+
+def build_encoder(spec: EncoderSpec) -> Encoder:
+    """Build the frozen encoder ``spec`` describes (model in eval mode, on the CPU).
+
+    Raises:
+        ZooError: the spec is inconsistent (unknown source or pack, wrong modality, bad pooling).
+        ModelLoadError: the weights cannot be loaded (missing package, unreachable hub, bad file).
+        DataError: an ``emb:`` file is missing.
+    """
+    return _builder(spec.source)(spec)

@@ -1,0 +1,260 @@
+"""Helpers shared by the encoder sources: hub access, packages, pooling, padding, image transforms.
+
+Nothing here is a source of its own; each ``*_source.py`` / ``packs.py`` / ``baselines.py`` module
+builds encoders with these pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pairscout.encoders.base import EncoderOutput
+from pairscout.errors import ModelLoadError, ZooError
+from pairscout.zoo.spec import EncoderSpec
+
+DEFAULT_TEXT_TOKENS = 64
+"""Fixed T of text token outputs when ``spec.max_length`` is not set."""
+
+
+# --- hub ----------------------------------------------------------------------------------------
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_hub(endpoint: str, timeout: float) -> bool:
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    port = urlparse(endpoint).port or 443
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when offline mode is on or the hub's host cannot be reached within ``timeout`` s.
+
+    Checked once per process (one TCP connect), so a machine without internet fails in about a
+    second instead of going through the hub client's minute of retries.
+    """
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        return False
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+        endpoint = constants.ENDPOINT
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        endpoint = "https://huggingface.co"
+    return _probe_hub(endpoint, timeout)
+
+
+def hub_error(spec: EncoderSpec, what: str | None = None) -> ModelLoadError:
+    target = what or spec.target
+    example = "<dir>" if spec.source in ("hf", "st") else "<weights file>"
+    return ModelLoadError(
+        f"{spec.id}: cannot load {target} from the hub (offline?).",
+        fix=f'download it on a connected machine and point `weights = "{example}"` at it in the zoo, '
+        "or set HF_HOME to a cache that holds it.",
+    )
+
+
+def _hub_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError]
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import errors as hf_errors
+
+        for name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "RepositoryNotFoundError", "HfHubHTTPError"):
+            t = getattr(hf_errors, name, None)
+            if isinstance(t, type):
+                types.append(t)
+    return tuple(types)
+
+
+@contextlib.contextmanager
+def hub_guard(spec: EncoderSpec, *, local: bool = False, what: str | None = None) -> Iterator[bool]:
+    """Run a hub load; unreachable weights become one :class:`ModelLoadError` that says the fix.
+
+    When the hub cannot be reached (or ``local``: the target is on disk), the hub client is switched
+    to offline mode for the duration, so cached files still load and missing ones fail at once.
+    Yields whether the load runs offline (pass it on as ``local_files_only``).
+    """
+    offline = local or not hub_reachable()
+    consts = None
+    old = None
+    if offline:
+        with contextlib.suppress(ImportError):
+            from huggingface_hub import constants as consts
+
+            old = consts.HF_HUB_OFFLINE
+            consts.HF_HUB_OFFLINE = True
+    try:
+        yield offline
+    except ModelLoadError:
+        raise
+    except _hub_error_types() as e:
+        if not offline and ("valid model identifier" in str(e) or type(e).__name__ == "RepositoryNotFoundError"):
+            raise ModelLoadError(f"{spec.id}: {what or spec.target} is not a model repository on the hub, or it is gated/private.",
+                                 fix="check the id, or log in (`hf auth login`) for a gated model.") from e
+        if local:
+            raise ModelLoadError(
+                f"{spec.id}: cannot load {what or spec.target} ({type(e).__name__}: {_first_line(e)}).",
+                fix="check that the path holds the model's files (config, weights, tokenizer).",
+            ) from e
+        raise hub_error(spec, what) from e
+    except RuntimeError as e:  # timm wraps some download failures in RuntimeError
+        msg = str(e).lower()
+        if offline and any(k in msg for k in ("download", "hub", "connection", "offline", "url")):
+            raise hub_error(spec, what) from e
+        raise
+    finally:
+        if consts is not None:
+            consts.HF_HUB_OFFLINE = old
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def is_local_path(target: str) -> bool:
+    """A target naming something on disk (absolute, ./relative, ~ or an existing path)."""
+    return target.startswith(("/", "./", "../", "~")) or Path(target).expanduser().exists()
+
+
+# --- packages -------------------------------------------------------------------------------------
+def require_module(module: str, *, spec_id: str, pip: str) -> object:
+    """Import ``module`` or raise a ModelLoadError naming the ``pip install`` that provides it."""
+    if importlib.util.find_spec(module) is None:
+        raise ModelLoadError(f"{spec_id} needs the Python package {module!r}, which is not installed.", fix=f"pip install {pip}")
+    return importlib.import_module(module)
+
+
+# --- outputs --------------------------------------------------------------------------------------
+def no_tokens(spec: EncoderSpec) -> ZooError:
+    return ZooError(
+        f"{spec.id} gives no token features.",
+        fix="drop --tokens, or use an encoder with token features (timm:, hf:, st:, onnx:, most pack: ones).",
+    )
+
+
+def finish(spec: EncoderSpec, out: EncoderOutput) -> EncoderOutput:
+    """Apply ``spec.normalize`` and check ``spec.dim`` against what the model gives."""
+    pooled = out.pooled
+    if pooled.ndim != 2:
+        raise ModelLoadError(f"{spec.id} produced pooled features of shape {tuple(pooled.shape)}, not (batch, dim).",
+                             fix="set pooling (cls, mean, ...) or options.output to a 2-D feature.")
+    if spec.dim is not None and pooled.shape[1] != spec.dim:
+        raise ZooError(f"{spec.id} gives {pooled.shape[1]}-d features but its zoo entry says dim = {spec.dim}.",
+                       fix=f"set dim = {pooled.shape[1]} (or remove dim) in the zoo.")
+    if spec.normalize:
+        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+    return EncoderOutput(pooled, out.tokens, out.token_mask)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens: ``sum_t m_t h_t / max(1, sum_t m_t)`` for (B, T, d) ``hidden``."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last real token of each row (works for right and left padding)."""
+    T = mask.shape[1]
+    idx = (T - 1) - mask.long().flip(1).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx.to(hidden.device)]
+
+
+def pool_text(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, spec: EncoderSpec) -> torch.Tensor:
+    if pooling in ("mean", "default"):
+        return masked_mean(hidden, mask)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        return last_token(hidden, mask)
+    raise ZooError(f"{spec.id}: pooling {pooling!r} is not supported for text.", fix="use mean, cls or last.")
+
+
+def pad_tokens(hidden: torch.Tensor, mask: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, d) + (B, L) -> (B, T, d) zero-padded or truncated, and its (B, T) bool mask."""
+    B, L, d = hidden.shape
+    mask = mask.bool()
+    if L >= T:
+        return hidden[:, :T], mask[:, :T]
+    out = hidden.new_zeros(B, T, d)
+    out[:, :L] = hidden
+    m = torch.zeros(B, T, dtype=torch.bool, device=mask.device)
+    m[:, :L] = mask
+    return out * m.unsqueeze(-1).to(out.dtype), m
+
+
+def pad_token_list(seqs: Sequence[torch.Tensor], T: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of (L_i, d) tensors -> (B, T, d) and (B, T) bool mask."""
+    out = torch.zeros(len(seqs), T, dim)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        n = min(T, s.shape[0])
+        if n:
+            out[i, :n] = s[:n].detach().float().cpu()
+            mask[i, :n] = True
+    return out, mask
+
+
+def text_token_length(spec: EncoderSpec) -> int:
+    return spec.max_length or DEFAULT_TEXT_TOKENS
+
+
+def spatial_tokens(feat: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return feat.flatten(2).transpose(1, 2)
+
+
+# --- images ---------------------------------------------------------------------------------------
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST}
+
+
+class ImageTransform:
+    """A picklable PIL -> (3, size, size) float tensor transform (no torchvision needed).
+
+    Resize the shorter side to ``round(size / crop_pct)``, centre-crop ``size`` x ``size``, scale to
+    [0, 1], then ``(x - mean) / std`` per channel.
+    """
+
+    def __init__(self, size: int, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                 crop_pct: float = 1.0, interpolation: str = "bicubic") -> None:
+        self.size = int(size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.crop_pct = float(crop_pct)
+        self.interpolation = interpolation
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB")
+        w, h = img.size
+        short = max(self.size, int(round(self.size / self.crop_pct)))
+        scale = short / min(w, h)
+        nw, nh = max(short, int(round(w * scale))), max(short, int(round(h * scale)))
+        img = img.resize((nw, nh), _RESAMPLE.get(self.interpolation, Image.Resampling.BICUBIC))
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(size={self.size}, crop_pct={self.crop_pct}, mean={self.mean}, std={self.std})"

@@ -1,0 +1,103 @@
+"""``emb:`` -- embeddings computed elsewhere, read from a file aligned to the dataset's rows.
+
+``id = "emb:/path/to/vectors.npy"`` (or ``.npz``, ``.safetensors``, ``.pt``/``.pth``). Row ``i`` of the
+file is the embedding of row ``i`` of the dataset: image ``i`` for vision encoders, caption ``i``
+of the dataset's flattened caption list for text encoders.
+
+``options``: ``key`` -- the tensor to read from a ``.safetensors`` / ``.npz`` / dict ``.pt`` file (default:
+the only one, else the first in sorted order); ``tokens_key`` / ``mask_key`` -- token features
+``(N, T, d)`` and their ``(N, T)`` mask in the same file, for ``--tokens``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pairscout.encoders._common import finish
+from pairscout.encoders.base import EncoderOutput, PrecomputedEncoder
+from pairscout.errors import DataError, ZooError
+from pairscout.zoo.spec import EncoderSpec
+
+SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return {"": torch.from_numpy(np.load(path, allow_pickle=False))}
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: torch.from_numpy(z[k]) for k in z.files}
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        raise DataError(f"embeddings file {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}).",
+                        fix=f"write it with numpy.save, safetensors or torch.save ({', '.join(SUFFIXES)}).") from None
+    if isinstance(obj, torch.Tensor):
+        return {"": obj}
+    if isinstance(obj, np.ndarray):
+        return {"": torch.from_numpy(obj)}
+    if isinstance(obj, dict):
+        return {str(k): (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in obj.items()
+                if isinstance(v, (torch.Tensor, np.ndarray))}
+    raise DataError(f"embeddings file {path} holds a {type(obj).__name__}, not a tensor or a dict of tensors.",
+                    fix="save a (rows, dim) tensor or a dict of them.")
+
+
+class EmbeddingFileEncoder(PrecomputedEncoder):
+    """Reads a ``(rows, dim)`` matrix (and optionally token features) from one file."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__(spec)
+        self.path = Path(spec.weights or spec.target).expanduser()
+        if not self.path.is_file():
+            raise DataError(f"embeddings file {self.path} (encoder {spec.id}) does not exist.",
+                            fix="export the embeddings to that path, or correct the id.")
+        if self.path.suffix.lower() not in SUFFIXES:
+            raise DataError(f"embeddings file {self.path} has an unknown format {self.path.suffix!r}.", fix=f"use one of {', '.join(SUFFIXES)}.")
+        self.supports_tokens = "tokens_key" in spec.options
+
+    def _pick(self, tensors: dict[str, torch.Tensor], key: str | None, what: str) -> torch.Tensor:
+        if key is not None:
+            if key not in tensors:
+                raise DataError(f"embeddings file {self.path} has no tensor {key!r} (it has {', '.join(sorted(tensors)) or 'none'}).",
+                                fix=f"set options.{what} to one of those.")
+            return tensors[key]
+        if not tensors:
+            raise DataError(f"embeddings file {self.path} holds no tensors.", fix="re-export the embeddings.")
+        return tensors[sorted(tensors)[0]]
+
+    def load(self, n_rows: int, *, tokens: bool = False) -> EncoderOutput:
+        tensors = _read_all(self.path)
+        pooled = self._pick(tensors, self.spec.options.get("key"), "key").float()
+        if pooled.ndim != 2:
+            raise DataError(f"embeddings file {self.path} holds a tensor of shape {tuple(pooled.shape)}, not (rows, dim).",
+                            fix="save one row per dataset item, or set options.key to the right tensor.")
+        if pooled.shape[0] != n_rows:
+            raise DataError(f"embeddings file {self.path} has {pooled.shape[0]} rows but the dataset has {n_rows}.",
+                            fix="re-export the embeddings for this dataset or pass --n to match.")
+        if not torch.isfinite(pooled).all():
+            raise DataError(f"embeddings file {self.path} contains NaN or infinite values.", fix="re-export the embeddings.")
+        tok = mask = None
+        if tokens:
+            if "tokens_key" not in self.spec.options:
+                raise ZooError(f"{self.spec.id} has no token features.", fix="drop --tokens, or save them in the file and set options.tokens_key.")
+            tok = self._pick(tensors, self.spec.options["tokens_key"], "tokens_key").float()
+            if tok.ndim != 3 or tok.shape[0] != n_rows:
+                raise DataError(f"token features in {self.path} have shape {tuple(tok.shape)}, not ({n_rows}, T, d).",
+                                fix="re-export the embeddings for this dataset or pass --n to match.")
+            if "mask_key" in self.spec.options:
+                mask = self._pick(tensors, self.spec.options["mask_key"], "mask_key").bool()
+        return finish(self.spec, EncoderOutput(pooled, tok, mask))
+
+
+def build(spec: EncoderSpec) -> EmbeddingFileEncoder:
+    return EmbeddingFileEncoder(spec)

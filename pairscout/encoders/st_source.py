@@ -1,0 +1,72 @@
+"""``st:`` -- sentence-transformers models (text), from the hub (with ``revision``) or a local directory.
+
+* ``id = "st:sentence-transformers/all-MiniLM-L6-v2"`` or ``id = "st:/path/to/dir"`` /
+  ``weights = "/path/to/dir"`` (a directory written by ``SentenceTransformer.save``).
+* Pooled = the model's own ``sentence_embedding`` (its pooling and normalisation modules), one
+  forward pass that also gives ``token_embeddings``, padded to ``T = max_length or 64`` with a mask.
+* ``max_length`` truncates inputs (else the model's ``max_seq_length``); ``options.prefix`` is
+  prepended to every caption; ``options.trust_remote_code`` is passed through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pairscout.encoders._common import finish, hub_guard, pad_tokens, text_token_length
+from pairscout.encoders.base import Encoder, EncoderOutput
+from pairscout.encoders.hf_source import resolve_source
+from pairscout.errors import ZooError
+from pairscout.zoo.spec import EncoderSpec
+
+
+class STEncoder(Encoder):
+    """A :class:`sentence_transformers.SentenceTransformer` as a frozen caption encoder."""
+
+    supports_tokens = True
+
+    def __init__(self, spec: EncoderSpec, model: Any) -> None:
+        super().__init__(spec)
+        if spec.modality != "text":
+            raise ZooError(f"{spec.id}: sentence-transformers models are text encoders.", fix='set modality = "text".')
+        if spec.pooling != "default" or spec.layer is not None:
+            raise ZooError(f"{spec.id}: st: models use their own pooling, so pooling/layer cannot be set.",
+                           fix="remove pooling/layer, or load the model with hf: to choose them.")
+        self.model = model.eval().requires_grad_(False)
+        if spec.max_length:
+            self.model.max_seq_length = spec.max_length
+        self.prefix = str(spec.options.get("prefix", ""))
+
+    def _features(self, texts: list[str]) -> dict[str, Any]:
+        prep = getattr(self.model, "preprocess", None) or self.model.tokenize
+        feats = prep(texts)
+        return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str], *, tokens: bool = False) -> EncoderOutput:
+        out = self.model(self._features([self.prefix + t for t in texts]))
+        pooled = out["sentence_embedding"].float()
+        tok = mask = None
+        if tokens:
+            tok, mask = pad_tokens(out["token_embeddings"].float(), out["attention_mask"], text_token_length(self.spec))
+        return finish(self.spec, EncoderOutput(pooled, tok, mask))
+
+
+def load_sentence_transformer(spec: EncoderSpec, path_or_id: str, *, local: bool) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    with hub_guard(spec, local=local, what=path_or_id) as offline:
+        kw: dict[str, Any] = {"device": "cpu"}
+        if not local and spec.revision:
+            kw["revision"] = spec.revision
+        if offline:
+            kw["local_files_only"] = True
+        if spec.options.get("trust_remote_code"):
+            kw["trust_remote_code"] = True
+        return SentenceTransformer(path_or_id, **kw)
+
+
+def build(spec: EncoderSpec) -> STEncoder:
+    src, local = resolve_source(spec)
+    return STEncoder(spec, load_sentence_transformer(spec, src, local=local))

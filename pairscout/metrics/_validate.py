@@ -1,0 +1,81 @@
+"""Input checks shared by the metrics: tensors in, one-line :class:`MetricError` out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pairscout.errors import MetricError
+
+ArrayLike = Any  # torch.Tensor | np.ndarray
+
+
+def as_matrix(x: ArrayLike, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """Return ``x`` as a 2-D floating tensor (numpy accepted), checked finite.
+
+    Raises:
+        MetricError: not 2-D, no rows/columns, non-floating-point, NaN or inf (naming ``name``).
+    """
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        raise MetricError(f"{name} is a {type(x).__name__}, not a tensor or numpy array.",
+                          fix="pass an (n, d) torch.Tensor or numpy array.")
+    if device is not None and x.device != device:
+        x = x.to(device)
+    if x.ndim != 2:
+        raise MetricError(f"{name} has shape {tuple(x.shape)}, expected a 2-D (n, d) matrix.",
+                          fix="pool token features to one vector per row first.")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise MetricError(f"{name} is empty (shape {tuple(x.shape)}).", fix="pass at least one row and one column.")
+    if not x.is_floating_point():
+        x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(dim=1).sum())
+        raise MetricError(f"{name} contains NaN or inf in {bad} of {x.shape[0]} rows.",
+                          fix="re-encode that model (check for fp16 overflow) or drop the bad rows from every model.")
+    return x
+
+
+def as_matrices(xs: ArrayLike | Sequence[ArrayLike], name: str,
+                device: torch.device | None = None) -> list[torch.Tensor]:
+    """A list of checked matrices; a single matrix becomes a list of one. Names read ``name[i]``."""
+    if isinstance(xs, torch.Tensor | np.ndarray):
+        return [as_matrix(xs, name, device)]
+    xs = list(xs)
+    if not xs:
+        raise MetricError(f"{name} is an empty list of embeddings.", fix="pass at least one (n, d) matrix.")
+    out = []
+    for i, x in enumerate(xs):
+        out.append(as_matrix(x, f"{name}[{i}]", device))
+        device = out[0].device
+    return out
+
+
+def check_same_rows(groups: dict[str, list[torch.Tensor]], min_rows: int = 1, why: str = "") -> int:
+    """Check every matrix has the same number of rows (>= ``min_rows``); return it."""
+    n = None
+    first = ""
+    for gname, mats in groups.items():
+        for i, m in enumerate(mats):
+            label = f"{gname}[{i}]" if len(mats) > 1 else gname
+            if n is None:
+                n, first = m.shape[0], label
+            elif m.shape[0] != n:
+                raise MetricError(f"{label} has {m.shape[0]} rows but {first} has {n}; rows must be the same pairs.",
+                                  fix="encode the same n image-caption pairs with every model.")
+    assert n is not None
+    if n < min_rows:
+        raise MetricError(f"{first} has only {n} rows; {why or 'this metric'} needs at least {min_rows}.",
+                          fix=f"use at least {min_rows} rows.")
+    return n
+
+
+def compute_dtype(mats: Sequence[torch.Tensor], dtype: torch.dtype | None) -> torch.dtype:
+    """float64 if asked or if any input is float64, else float32 (half precision is promoted)."""
+    if dtype is not None:
+        return dtype
+    return torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32

@@ -1,0 +1,524 @@
+"""Centered Kernel Alignment (CKA): linear and RBF, biased and debiased, single pair, all pairs, streaming.
+
+Notation (X: n x d1, Y: n x d2, rows are the same n pairs; H = I - 11^T/n, never formed):
+
+* Gram matrices ``K = k(X, X)``, ``L = k(Y, Y)``; linear ``k(a, b) = a.b``, RBF
+  ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2))``.
+* Biased HSIC: ``HSIC_0(K, L) = tr(K H L H) / (n-1)^2``
+  ``= [<K, L> - (2/n) (K1).(L1) + (1^T K 1)(1^T L 1)/n^2] / (n-1)^2`` (O(n^2), no n x n product).
+* Debiased HSIC (Song et al. 2012), with K~, L~ = K, L with zeroed diagonals:
+  ``HSIC_1 = [<K~, L~> + (1^T K~ 1)(1^T L~ 1)/((n-1)(n-2)) - 2/(n-2) (K~1).(L~1)] / (n(n-3))``.
+* ``CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``. Linear, feature space:
+  ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred Xc, Yc.
+
+Every quantity above is a function of four sufficient statistics per kernel pair: ``<K, L>``, the row sums
+``K1``, ``L1`` and the diagonals. :func:`all_pairs_hsic` collects them for every (vision, text) pair in one
+sweep (one product of the centred features, or one tiled pass over Gram tiles) and reduces in float64.
+
+Conventions (tested):
+
+* Constant features (every column constant, so K is constant after centring) make CKA 0/0: raise :class:`MetricError` naming the model.
+* Debiased HSIC can be negative. A negative cross term is reported as a negative CKA. If a self term
+  ``HSIC_1(K, K)`` is <= 0 the pair's CKA is defined as 0.0 and a warning is logged (no sqrt of a negative).
+* NaN / inf, mismatched rows, n < 2 (biased) or n < 4 (debiased): :class:`MetricError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pairscout.errors import MetricError
+from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_same_rows, compute_dtype
+
+log = logging.getLogger(__name__)
+
+Kernel = Literal["linear", "rbf"]
+F64 = torch.float64
+
+#: Bytes the float64 stack of Gram tiles may use in the tiled path (all models at once).
+TILE_BYTES = 512 * 2**20
+#: Rows per chunk when accumulating feature-space products.
+CHUNK_ROWS = 16384
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels and bandwidth
+# ----------------------------------------------------------------------------------------------------------
+def linear_gram(x: ArrayLike) -> torch.Tensor:
+    """Linear Gram matrix ``K = X X^T`` (n x n, x's dtype). For small n and tests; the metrics never need it."""
+    x = as_matrix(x, "x")
+    return x @ x.T
+
+
+def rbf_gram(x: ArrayLike, sigma: float) -> torch.Tensor:
+    """RBF Gram matrix ``K_ab = exp(-||x_a - x_b||^2 / (2 sigma^2))`` (n x n, float64)."""
+    x = as_matrix(x, "x").to(F64)
+    x = x - x.mean(0)
+    sq = x.square().sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min_(0).fill_diagonal_(0)
+    return torch.exp(-d2 / (2 * sigma**2))
+
+
+def median_sigma(x: ArrayLike, sigma_frac: float = 1.0, max_rows: int = 2048, seed: int = 0) -> float:
+    """Median-heuristic RBF bandwidth ``sigma = sigma_frac * sqrt(median of non-zero squared distances)``.
+
+    The median is exact (numpy's definition: mean of the two middle values) over all pairs a < b when
+    n <= ``max_rows``; above that it is taken over the pairs of ``max_rows`` rows drawn without replacement
+    with ``seed`` (deterministic). Kornblith et al. 2019 use a fraction of the median distance; freeze-align
+    uses the median itself (``sigma_frac=1``).
+
+    Raises:
+        MetricError: every pairwise distance is zero (all rows identical).
+    """
+    return _median_sigma(as_matrix(x, "x"), sigma_frac, max_rows, seed)
+
+
+def _median_sigma(x: torch.Tensor, sigma_frac: float, max_rows: int = 2048, seed: int = 0) -> float:
+    if not sigma_frac > 0:
+        raise MetricError(f"sigma_frac={sigma_frac} must be > 0.", fix="pass a positive fraction such as 1.0 or 0.5.")
+    n = x.shape[0]
+    if n > max_rows:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(n, generator=g)[:max_rows].to(x.device)
+        x = x[idx]
+    x = x.to(F64)
+    x = x - x.mean(0)
+    sq = x.square().sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min_(0)
+    v = d2[torch.ones_like(d2, dtype=torch.bool).triu_(1) & (d2 > 0)]
+    if v.numel() == 0:
+        raise MetricError("all rows of x are identical, so the RBF median bandwidth is 0.",
+                          fix="check the encoder output or pass an explicit sigma.")
+    k = v.numel()
+    hi = torch.kthvalue(v, k // 2 + 1).values
+    med = hi if k % 2 else 0.5 * (torch.kthvalue(v, k // 2).values + hi)
+    return float(sigma_frac * math.sqrt(float(med)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HSIC from sufficient statistics
+# ----------------------------------------------------------------------------------------------------------
+def _hsic_from_stats(s: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, da: torch.Tensor, db: torch.Tensor,
+                     n: int, debiased: bool, outer: bool) -> torch.Tensor:
+    """HSIC from ``s = <K, L>``, row sums ``ra = K1``, ``rb = L1`` and diagonals ``da``, ``db`` (all float64).
+
+    ``outer=True``: ra (m, n), rb (t, n), s (m, t) -> (m, t). ``outer=False``: matched rows -> (m,).
+    """
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b.T if outer else (a * b).sum(-1)
+
+    def prod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a[:, None] * b[None, :] if outer else a * b
+
+    if not debiased:
+        num = s - (2.0 / n) * dot(ra, rb) + prod(ra.sum(-1), rb.sum(-1)) / n**2
+        return num / (n - 1) ** 2
+    st = s - dot(da, db)
+    rat, rbt = ra - da, rb - db
+    num = st + prod(rat.sum(-1), rbt.sum(-1)) / ((n - 1) * (n - 2)) - (2.0 / (n - 2)) * dot(rat, rbt)
+    return num / (n * (n - 3))
+
+
+def _cka_from_hsic(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor) -> torch.Tensor:
+    """``cross / sqrt(self_x self_y)``; 0.0 (with a warning) where a self term is <= 0 (debiased only)."""
+    ok = (self_x > 0)[:, None] & (self_y > 0)[None, :]
+    denom = torch.sqrt((self_x[:, None] * self_y[None, :]).clamp_min(torch.finfo(F64).tiny))
+    out = torch.where(ok, cross / denom, torch.zeros_like(cross))
+    if not bool(ok.all()):
+        bad_x = [i for i, v in enumerate(self_x.tolist()) if v <= 0]
+        bad_y = [j for j, v in enumerate(self_y.tolist()) if v <= 0]
+        log.warning("debiased HSIC(K, K) <= 0 for xs%s ys%s (too few rows for this estimator?); "
+                    "CKA of those pairs set to 0.0", bad_x, bad_y)
+    return out
+
+
+@dataclass(frozen=True)
+class HSICResult:
+    """HSIC of every (x, y) pair and of every model with itself (float64), with the settings that made it."""
+
+    cross: torch.Tensor
+    """(m, t) HSIC(K_i, L_j)."""
+    self_x: torch.Tensor
+    """(m,) HSIC(K_i, K_i)."""
+    self_y: torch.Tensor
+    """(t,) HSIC(L_j, L_j)."""
+    n: int
+    kernel: str
+    debiased: bool
+    method: str
+    """"feature" (linear only) or "gram" (tiled Gram form)."""
+    sigmas: tuple[float, ...] | None = None
+    """RBF bandwidths used, xs first then ys; None for the linear kernel."""
+
+    def cka(self) -> torch.Tensor:
+        """CKA matrix (m, t): ``cross / sqrt(self_x self_y)``; see the module docstring for <= 0 self terms."""
+        return _cka_from_hsic(self.cross, self.self_x, self.self_y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sufficient statistics: feature space (linear) and tiled Gram form (any kernel)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class _Stats:
+    cross: torch.Tensor  # (m, t) <K_i, L_j>
+    self_: torch.Tensor  # (m + t,) <K_k, K_k>
+    rows: torch.Tensor  # (m + t, n) K_k 1
+    diag: torch.Tensor  # (m + t, n) diag(K_k)
+
+
+def _center_into(mats: Sequence[torch.Tensor], dtype: torch.dtype, names: Sequence[str],
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Column-centre each matrix with float64 means into one (n, sum d) buffer; return it and per-model views.
+
+    With row ``weights`` w (sum n), centre with the weighted mean and scale row a by sqrt(w_a), so that
+    ``Xw^T Yw = X^T (W - w w^T / n) Y`` (a bootstrap resample as a reweighting).
+
+    Raises:
+        MetricError: a model's features are constant (every column has zero variance).
+    """
+    n = mats[0].shape[0]
+    dims = [m.shape[1] for m in mats]
+    buf = torch.empty(n, sum(dims), dtype=dtype, device=mats[0].device)
+    views, off = [], 0
+    for x, d, name in zip(mats, dims, names, strict=True):
+        lo, hi = torch.aminmax(x, dim=0)
+        if bool((lo == hi).all()):
+            raise MetricError(f"{name} has constant features (every column has zero variance); CKA is undefined.",
+                              fix="drop that model or check that its encoder produced real embeddings.")
+        view = buf[:, off:off + d]
+        if weights is None:
+            # float64 means; x - mu is exact where it matters (Sterbenz) and any sub-ulp residual mean is
+            # handled exactly by the HSIC formula, which does not assume K is centred.
+            mu = x.sum(0, dtype=F64) / n
+            view.copy_(x).sub_(mu.to(dtype))
+        else:
+            w64 = weights.to(F64)
+            mu = (w64 @ x.to(F64)) / w64.sum()
+            sw = w64.sqrt()[:, None]
+            for s in range(0, n, CHUNK_ROWS):
+                view[s:s + CHUNK_ROWS] = (x[s:s + CHUNK_ROWS].to(F64) - mu) * sw[s:s + CHUNK_ROWS]
+        views.append(buf[:, off:off + d])
+        off += d
+    return buf, views
+
+
+def _feature_stats(xc: Sequence[torch.Tensor], yc: Sequence[torch.Tensor], ybuf: torch.Tensor) -> _Stats:
+    """Linear-kernel statistics from centred features: <K_i, L_j> = ||X_i^T Y_j||_F^2, no n x n matrix."""
+    n = xc[0].shape[0]
+    m, t = len(xc), len(yc)
+    # yc are column slices of ybuf (n, Dy): one product per vision model covers every text model
+    yoff = [0]
+    for y in yc:
+        yoff.append(yoff[-1] + y.shape[1])
+    dev = xc[0].device
+    cross = torch.zeros(m, t, dtype=F64, device=dev)
+    self_ = torch.zeros(m + t, dtype=F64, device=dev)
+
+    def gram_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Elementwise square of a^T b, the product accumulated over row chunks in float64."""
+        if n <= CHUNK_ROWS:
+            return (a.T @ b).square_()
+        acc = torch.zeros(a.shape[1], b.shape[1], dtype=F64, device=dev)
+        for s in range(0, n, CHUNK_ROWS):
+            acc += (a[s:s + CHUNK_ROWS].T @ b[s:s + CHUNK_ROWS]).to(F64)
+        return acc.square_()
+
+    for i, x in enumerate(xc):
+        colsq = gram_sq(x, ybuf).sum(0, dtype=F64)
+        for j in range(t):
+            cross[i, j] = colsq[yoff[j]:yoff[j + 1]].sum()
+    for k, z in enumerate([*xc, *yc]):
+        self_[k] = gram_sq(z, z).sum(dtype=F64)
+    mats = [*xc, *yc]
+    rows = torch.stack([(z @ z.sum(0, dtype=z.dtype)).to(F64) for z in mats])
+    diag = torch.stack([z.square().sum(1, dtype=F64) for z in mats])
+    return _Stats(cross, self_, rows, diag)
+
+
+def _gram_stats(zc: Sequence[torch.Tensor], m: int, kernel: Kernel, gammas: Sequence[float] | None,
+                tile: int | None) -> _Stats:
+    """Statistics from Gram tiles: only upper-triangle tiles are formed (K is symmetric), never n x n.
+
+    ``zc``: centred features of all models (xs first, m of them). Tile products run in the features' dtype;
+    every tile is promoted to float64 before it is paired, so <K, L> sums and row sums are exact to float64
+    and the centring cancellation in the formula is harmless.
+    """
+    n = zc[0].shape[0]
+    nz = len(zc)
+    dev = zc[0].device
+    if tile is None:
+        tile = max(256, int(math.sqrt(TILE_BYTES / (8 * nz))) // 128 * 128)
+    tile = min(tile, n)
+    sq = [z.square().sum(1) for z in zc] if kernel == "rbf" else None
+    gsum = torch.zeros(nz, nz, dtype=F64, device=dev)
+    rows = torch.zeros(nz, n, dtype=F64, device=dev)
+    starts = list(range(0, n, tile))
+    for a in starts:
+        ea = min(a + tile, n)
+        for b in starts:
+            if b < a:
+                continue
+            eb = min(b + tile, n)
+            stack = torch.empty(nz, (ea - a) * (eb - b), dtype=F64, device=dev)
+            for k, z in enumerate(zc):
+                g = z[a:ea] @ z[b:eb].T
+                if kernel == "rbf":
+                    assert sq is not None and gammas is not None
+                    g.mul_(-2.0).add_(sq[k][a:ea, None]).add_(sq[k][None, b:eb]).clamp_min_(0)
+                    if a == b:
+                        g.fill_diagonal_(0)
+                    g.mul_(-gammas[k]).exp_()
+                    rows[k, a:ea] += g.sum(1, dtype=F64)
+                    if a != b:
+                        rows[k, b:eb] += g.sum(0, dtype=F64)
+                stack[k] = g.view(-1)
+            # one float64 product gives every <K_k, K_l> on this tile (cross pairs and self terms)
+            gsum.addmm_(stack, stack.T, alpha=1.0 if a == b else 2.0)
+            del stack
+    if kernel == "linear":
+        rows = torch.stack([(z @ z.sum(0)).to(F64) for z in zc])  # K1 = X (X^T 1), ~0 for centred X
+        diag = torch.stack([z.square().sum(1, dtype=F64) for z in zc])
+    else:
+        diag = torch.ones(nz, n, dtype=F64, device=dev)
+    cross = gsum[:m, m:].clone()
+    self_ = gsum.diagonal().clone()
+    return _Stats(cross, self_, rows, diag)
+
+
+def _pick_method(n: int, dx: Sequence[int], dy: Sequence[int]) -> str:
+    """Feature form costs n (Dx Dy + sum d^2) multiply-adds; Gram tiles n^2/2 sum d (+ float64 pairing)."""
+    dsum = sum(dx) + sum(dy)
+    feature = n * (sum(dx) * sum(dy) + sum(d * d for d in [*dx, *dy]))
+    gram = 0.5 * n * n * dsum + n * n * (len(dx) * len(dy) + len(dx) + len(dy))
+    return "feature" if feature <= gram else "gram"
+
+
+def _prepare(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike],
+             debiased: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    xs_t = as_matrices(xs, "xs")
+    ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
+    min_rows = 4 if debiased else 2
+    why = "the debiased (unbiased HSIC) estimator" if debiased else "CKA"
+    n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=min_rows, why=why)
+    return xs_t, ys_t, n
+
+
+def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike],
+                   kernel: Kernel = "linear", debiased: bool = False, *, sigma_frac: float = 1.0,
+                   sigmas: Sequence[float] | None = None, method: Literal["auto", "feature", "gram"] = "auto",
+                   dtype: torch.dtype | None = None, tile: int | None = None,
+                   weights: torch.Tensor | None = None) -> HSICResult:
+    """HSIC of every pair (xs[i], ys[j]) and of every model with itself, in one sweep. See :func:`all_pairs_cka`.
+
+    ``weights``: optional non-negative row weights summing to n (biased estimator only); the result equals
+    HSIC on the data with row a repeated w_a times (how :func:`~pairscout.metrics.stats.bootstrap_ci` resamples).
+    """
+    if kernel not in ("linear", "rbf"):
+        raise MetricError(f"unknown kernel {kernel!r}.", fix="use kernel='linear' or kernel='rbf'.")
+    xs_t, ys_t, n = _prepare(xs, ys, debiased)
+    m, t = len(xs_t), len(ys_t)
+    if weights is not None and debiased:
+        raise MetricError("row weights are only defined for the biased estimator (duplicated rows break HSIC_1).",
+                          fix="use debiased=False for weighted / bootstrapped CKA.")
+    cdt = compute_dtype([*xs_t, *ys_t], dtype)
+    names = [f"xs[{i}]" for i in range(m)] + [f"ys[{j}]" for j in range(t)]
+    w = None if weights is None else torch.as_tensor(weights, device=xs_t[0].device)
+    _, xc = _center_into(xs_t, cdt, names[:m], w)
+    ybuf, yc = _center_into(ys_t, cdt, names[m:], w)
+    zc = xc + yc
+    used_sigmas: tuple[float, ...] | None = None
+    if kernel == "rbf":
+        if method == "feature":
+            raise MetricError("method='feature' exists only for the linear kernel.", fix="use method='auto' or 'gram'.")
+        method = "gram"
+        if sigmas is None:
+            used_sigmas = tuple(_median_sigma(z, sigma_frac) for z in [*xs_t, *ys_t])
+        else:
+            if len(sigmas) != m + t or not all(s > 0 for s in sigmas):
+                raise MetricError(f"sigmas has {len(sigmas)} values; need {m + t} positive ones (xs then ys).",
+                                  fix="pass one bandwidth per model or sigmas=None for the median heuristic.")
+            used_sigmas = tuple(float(s) for s in sigmas)
+        gammas = [1.0 / (2.0 * s * s) for s in used_sigmas]
+        st = _gram_stats(zc, m, "rbf", gammas, tile)
+    else:
+        if method == "auto":
+            method = _pick_method(n, [x.shape[1] for x in xs_t], [y.shape[1] for y in ys_t])
+        if method == "feature":
+            st = _feature_stats(xc, yc, ybuf)
+        elif method == "gram":
+            st = _gram_stats(zc, m, "linear", None, tile)
+        else:
+            raise MetricError(f"unknown method {method!r}.", fix="use 'auto', 'feature' or 'gram'.")
+    cross = _hsic_from_stats(st.cross, st.rows[:m], st.rows[m:], st.diag[:m], st.diag[m:], n, debiased, True)
+    selfs = _hsic_from_stats(st.self_, st.rows, st.rows, st.diag, st.diag, n, debiased, False)
+    return HSICResult(cross.cpu(), selfs[:m].cpu(), selfs[m:].cpu(), n, kernel, debiased, method, used_sigmas)
+
+
+def all_pairs_cka(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike],
+                  kernel: Kernel = "linear", debiased: bool = False, *, sigma_frac: float = 1.0,
+                  sigmas: Sequence[float] | None = None, method: Literal["auto", "feature", "gram"] = "auto",
+                  dtype: torch.dtype | None = None, tile: int | None = None) -> torch.Tensor:
+    """CKA of every pair (xs[i], ys[j]) in one call: an (m, t) float64 tensor on the CPU.
+
+    ``CKA_ij = HSIC(K_i, L_j) / sqrt(HSIC(K_i, K_i) HSIC(L_j, L_j))`` (biased HSIC_0 or, with
+    ``debiased=True``, Song et al.'s unbiased HSIC_1; formulas in the module docstring).
+
+    How: every model is column-centred once with float64 means (a common offset such as mean 1e3 in float32
+    does not leak into the products). Linear kernel, ``method="feature"``: one chunked product X_i^T [Y_1|...|Y_t]
+    per vision model, ``<K_i, L_j> = ||X_i^T Y_j||_F^2``, cost n (Dx Dy + sum d^2). ``method="gram"``: Gram tiles
+    (upper triangle only, memory bounded by :data:`TILE_BYTES`), cost n^2/2 sum d. ``"auto"`` picks the cheaper.
+    The RBF kernel always takes the tiled Gram path: one pass that accumulates <K_i, L_j>, row sums and
+    diagonals in float64 (the centring is applied to those sums, which is exact algebra, so no second pass).
+
+    Args:
+        xs, ys: lists of (n, d_k) embeddings (torch or numpy; a single matrix is a list of one), same n rows.
+        kernel: "linear" or "rbf".
+        debiased: use the unbiased HSIC_1 estimator (needs n >= 4).
+        sigma_frac: RBF bandwidth = sigma_frac * sqrt(median non-zero squared distance) (:func:`median_sigma`).
+        sigmas: explicit RBF bandwidths, xs first then ys (overrides ``sigma_frac``).
+        method: "auto", "feature" (linear only) or "gram".
+        dtype: dtype of the large products (default float32, float64 if any input is float64). Reductions
+            are float64 regardless.
+        tile: Gram tile size (default from :data:`TILE_BYTES`).
+
+    Returns:
+        (m, t) float64 CPU tensor. Debiased values can be slightly negative (reported as is).
+
+    Raises:
+        MetricError: NaN/inf (names the model), mismatched rows, too few rows, constant features.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(100, 8, dtype=torch.float64)
+        >>> float(all_pairs_cka([x], [2 * x])[0, 0])
+        1.0
+    """
+    return all_pairs_hsic(xs, ys, kernel, debiased, sigma_frac=sigma_frac, sigmas=sigmas, method=method,
+                          dtype=dtype, tile=tile).cka()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Single pair
+# ----------------------------------------------------------------------------------------------------------
+def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
+    """Linear CKA in feature space, ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` (biased), or with the
+    debiased HSIC_1 in its feature-space form (Kornblith et al.'s reference notebook):
+    ``n(n-3) HSIC_1 = ||Xc^T Yc||^2 - n/(n-2) r_x.r_y + (sum r_x)(sum r_y)/((n-1)(n-2))`` with r = row squared norms.
+    """
+    return float(all_pairs_cka([x], [y], "linear", debiased, method="feature")[0, 0])
+
+
+def rbf_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False, sigma_frac: float = 1.0,
+            sigma_x: float | None = None, sigma_y: float | None = None) -> float:
+    """RBF CKA with bandwidth ``sigma = sigma_frac * sqrt(median non-zero squared distance)`` per side
+    (or explicit ``sigma_x`` / ``sigma_y``); HSIC as in the module docstring, O(n^2) time, tiled memory."""
+    sig = None
+    if sigma_x is not None or sigma_y is not None:
+        sig = [sigma_x if sigma_x is not None else median_sigma(x, sigma_frac),
+               sigma_y if sigma_y is not None else median_sigma(y, sigma_frac)]
+    return float(all_pairs_cka([x], [y], "rbf", debiased, sigma_frac=sigma_frac, sigmas=sig)[0, 0])
+
+
+def cka(x: ArrayLike, y: ArrayLike, kernel: Kernel = "linear", debiased: bool = False,
+        sigma_frac: float = 1.0) -> float:
+    """CKA of one pair: :func:`linear_cka` or :func:`rbf_cka`."""
+    if kernel == "linear":
+        return linear_cka(x, y, debiased)
+    return rbf_cka(x, y, debiased, sigma_frac)
+
+
+def _check_gram(k: ArrayLike, name: str) -> torch.Tensor:
+    k = as_matrix(k, name)
+    if k.shape[0] != k.shape[1]:
+        raise MetricError(f"{name} has shape {tuple(k.shape)}; a Gram matrix is square.", fix="pass k(X, X), n x n.")
+    return k
+
+
+def hsic(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E741
+    """HSIC of two n x n Gram matrices in O(n^2) (formulas in the module docstring; no centring matrix)."""
+    kt = _check_gram(k, "K")
+    lt = _check_gram(l, "L").to(kt.device)
+    n = check_same_rows({"K": [kt], "L": [lt]}, min_rows=4 if debiased else 2,
+                        why="the debiased estimator" if debiased else "HSIC")
+    kt, lt = kt.to(F64), lt.to(F64)
+    s = (kt * lt).sum().reshape(1, 1)
+    out = _hsic_from_stats(s, kt.sum(1)[None], lt.sum(1)[None], kt.diagonal()[None], lt.diagonal()[None],
+                           n, debiased, True)
+    return float(out[0, 0])
+
+
+def cka_from_grams(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E741
+    """CKA in Gram form, ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``, for any kernel's Gram matrices.
+
+    Raises:
+        MetricError: HSIC(K, K) or HSIC(L, L) is 0 with the biased estimator (a constant kernel).
+    """
+    hkl, hkk, hll = hsic(k, l, debiased), hsic(k, k, debiased), hsic(l, l, debiased)
+    if not debiased and (hkk <= 0 or hll <= 0):
+        raise MetricError("a Gram matrix is constant after centring (HSIC(K, K) = 0); CKA is undefined.",
+                          fix="check for constant features.")
+    return float(_cka_from_hsic(torch.tensor([[hkl]], dtype=F64), torch.tensor([hkk], dtype=F64),
+                                torch.tensor([hll], dtype=F64))[0, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Minibatch / streaming CKA
+# ----------------------------------------------------------------------------------------------------------
+class StreamingCKA:
+    """Minibatch CKA (Nguyen et al. 2021) for n beyond memory, all pairs at once.
+
+    ``CKA = sum_b HSIC_1(K_b, L_b) / sqrt(sum_b HSIC_1(K_b, K_b) * sum_b HSIC_1(L_b, L_b))`` over minibatches b
+    (the debiased HSIC_1 makes the average over batches unbiased). Each batch needs >= 4 rows. It estimates
+    the same population quantity as full-data CKA but is not numerically equal to it.
+
+    Args:
+        kernel: "linear" or "rbf". For "rbf" give fixed ``sigmas`` (xs then ys) for a batch-independent kernel;
+            with ``sigmas=None`` each batch uses its own median-heuristic bandwidth.
+
+    Example:
+        >>> acc = StreamingCKA()
+        >>> for xb, yb in batches:          # doctest: +SKIP
+        ...     acc.update([xb], [yb])
+        >>> acc.compute()                    # doctest: +SKIP
+    """
+
+    def __init__(self, kernel: Kernel = "linear", *, sigmas: Sequence[float] | None = None,
+                 sigma_frac: float = 1.0, dtype: torch.dtype | None = None) -> None:
+        self.kernel = kernel
+        self.sigmas = sigmas
+        self.sigma_frac = sigma_frac
+        self.dtype = dtype
+        self.cross: torch.Tensor | None = None
+        self.self_x: torch.Tensor | None = None
+        self.self_y: torch.Tensor | None = None
+        self.n_batches = 0
+        self.n_rows = 0
+
+    def update(self, xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike]) -> None:
+        """Add one minibatch (the same rows of every model)."""
+        h = all_pairs_hsic(xs, ys, self.kernel, True, sigma_frac=self.sigma_frac, sigmas=self.sigmas,
+                           dtype=self.dtype)
+        if self.cross is None:
+            self.cross, self.self_x, self.self_y = h.cross.clone(), h.self_x.clone(), h.self_y.clone()
+        else:
+            if h.cross.shape != self.cross.shape:
+                raise MetricError(f"batch has {tuple(h.cross.shape)} model pairs, earlier batches "
+                                  f"{tuple(self.cross.shape)}.", fix="pass the same models in every update().")
+            self.cross += h.cross
+            self.self_x += h.self_x
+            self.self_y += h.self_y
+        self.n_batches += 1
+        self.n_rows += h.n
+
+    def compute(self) -> torch.Tensor:
+        """(m, t) float64 minibatch CKA over all batches so far."""
+        if self.cross is None:
+            raise MetricError("StreamingCKA.compute() called before any update().", fix="call update() first.")
+        assert self.self_x is not None and self.self_y is not None
+        return _cka_from_hsic(self.cross, self.self_x, self.self_y)

@@ -1,0 +1,227 @@
+"""Neighbourhood alignment: mutual k-NN (Huh et al. 2024, Platonic Representation Hypothesis) and CKNNA.
+
+* Mutual k-NN: with N_X(i) the k nearest neighbours of row i by inner product in X (self excluded),
+  ``MkNN(X, Y) = 1/n sum_i |N_X(i) & N_Y(i)| / k``. Chance level is about k / (n - 1).
+* CKNNA (platonic-rep ``cknna``, unbiased branch): CKA restricted to mutual neighbours. With ``K = X X^T``,
+  ``L = Y Y^T`` and the mask ``M_ij = 1[j in N_X(i) and j in N_Y(i)]`` (never the diagonal),
+  ``CKNNA = HSIC_1(M*K, M*L) / sqrt(HSIC_1(M_X*K, M_X*K) HSIC_1(M_Y*L, M_Y*L))`` where M_X (M_Y) is X's (Y's)
+  own k-NN mask and ``HSIC_1(A, B) = [tr(A B) + (1^T A 1)(1^T B 1)/((n-1)(n-2)) - 2/(n-2) 1^T A B 1]/(n(n-3))``.
+  Computed sparsely from the n x k neighbour lists (O(n k^2), no n x n mask). platonic-rep adds 1e-6 to the
+  denominator; we do not: a self term <= 0 gives 0.0 with a logged warning, as in :mod:`.cka`.
+
+Preprocessing is explicit: a :class:`Preprocess` record (clip at a quantile of |x|, then L2-normalise rows)
+whose ``to_dict()`` belongs in every result. platonic-rep's pipeline is ``Preprocess.platonic()``.
+Neighbours come from ``torch.topk`` on row tiles of the similarity matrix (memory O(tile * n)), never a sort.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pairscout.errors import MetricError
+from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_same_rows
+
+log = logging.getLogger(__name__)
+
+F64 = torch.float64
+#: Bytes one tile of similarities may use when finding neighbours.
+SIM_TILE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Row preprocessing before neighbourhood metrics, recorded with the results.
+
+    Attributes:
+        clip_quantile: if set (e.g. 0.95), clamp features to [-q, q] where q is the mean over rows of the
+            per-row ``clip_quantile`` quantile of |x| (platonic-rep ``remove_outliers``, non-exact branch).
+        l2_normalize: L2-normalise rows (after clipping), so inner products are cosine similarities.
+    """
+
+    clip_quantile: float | None = None
+    l2_normalize: bool = True
+
+    @classmethod
+    def platonic(cls) -> Preprocess:
+        """platonic-rep's default: clip at the 0.95 quantile of |x|, then L2-normalise."""
+        return cls(clip_quantile=0.95, l2_normalize=True)
+
+    def to_dict(self) -> dict[str, float | bool | None]:
+        return asdict(self)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply to an (n, d) tensor; returns a new float tensor (float32 unless x is float64)."""
+        x = x.to(F64 if x.dtype == F64 else torch.float32)
+        if self.clip_quantile is not None:
+            q = self.clip_quantile
+            if not 0 < q <= 1:
+                raise MetricError(f"clip_quantile={q} must be in (0, 1].", fix="use e.g. 0.95, or None for no clipping.")
+            if q < 1:
+                thr = _row_quantile(x.abs(), q).mean()
+                x = x.clamp(-thr, thr)
+        if self.l2_normalize:
+            x = torch.nn.functional.normalize(x, p=2, dim=1)
+        return x
+
+
+def _row_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row q-quantile with linear interpolation (torch.quantile's default), without its size limit."""
+    d = a.shape[1]
+    pos = q * (d - 1)
+    lo = int(pos)
+    frac = pos - lo
+    vals = torch.kthvalue(a, lo + 1, dim=1).values
+    if frac > 0 and lo + 1 < d:
+        vals = vals + frac * (torch.kthvalue(a, lo + 2, dim=1).values - vals)
+    return vals
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """k nearest neighbours of every row (self excluded): ``indices`` (n, k) int64, ``sims`` (n, k) float."""
+
+    indices: torch.Tensor
+    sims: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+
+def knn(x: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess(), tile: int | None = None) -> Neighbours:
+    """k nearest neighbours by inner product of the preprocessed rows, self excluded, via ``torch.topk``.
+
+    Raises:
+        MetricError: k < 1 or k > n - 1; NaN/inf in x.
+    """
+    x = preprocess(as_matrix(x, "x"))
+    n = x.shape[0]
+    if not 1 <= k <= n - 1:
+        raise MetricError(f"k={k} neighbours requested but there are only {n} rows.", fix=f"use 1 <= k <= {n - 1}.")
+    if tile is None:
+        tile = max(1, min(n, SIM_TILE_BYTES // (x.element_size() * n)))
+    idx = torch.empty(n, k, dtype=torch.long, device=x.device)
+    val = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    for s in range(0, n, tile):
+        e = min(s + tile, n)
+        sim = x[s:e] @ x.T
+        sim[torch.arange(e - s, device=x.device), torch.arange(s, e, device=x.device)] = float("-inf")
+        v, i = torch.topk(sim, k, dim=1)
+        idx[s:e], val[s:e] = i, v
+    return Neighbours(idx, val)
+
+
+def _match(a: torch.Tensor, b: torch.Tensor, tile: int = 4096) -> torch.Tensor:
+    """(n, k) bool: is a[i, p] among b[i, :]? Row-tiled so the (tile, k, k) comparison stays small."""
+    out = torch.empty(a.shape, dtype=torch.bool, device=a.device)
+    for s in range(0, a.shape[0], tile):
+        out[s:s + tile] = (a[s:s + tile, :, None] == b[s:s + tile, None, :]).any(-1)
+    return out
+
+
+def mutual_knn_rows(nx: Neighbours, ny: Neighbours) -> torch.Tensor:
+    """Per-row overlap ``|N_X(i) & N_Y(i)| / k`` (n,) float64; its mean is :func:`mutual_knn`."""
+    if nx.indices.shape != ny.indices.shape:
+        raise MetricError(f"neighbour lists differ in shape {tuple(nx.indices.shape)} vs {tuple(ny.indices.shape)}.",
+                          fix="compute both with the same n and k.")
+    return _match(nx.indices, ny.indices).sum(1).to(F64) / nx.k
+
+
+def mutual_knn(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess()) -> float:
+    """Mutual k-NN alignment ``1/n sum_i |N_X(i) & N_Y(i)| / k`` (self excluded, topk, default k=10)."""
+    return float(all_pairs_mutual_knn([x], [y], k, preprocess)[0, 0])
+
+
+def _neighbours_all(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], k: int,
+                    preprocess: Preprocess, min_rows: int) -> tuple[list[Neighbours], list[Neighbours], int]:
+    xs_t = as_matrices(xs, "xs")
+    ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
+    n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=max(min_rows, k + 1), why=f"k={k} neighbours")
+    return [knn(x, k, preprocess) for x in xs_t], [knn(y, k, preprocess) for y in ys_t], n
+
+
+def all_pairs_mutual_knn(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], k: int = 10,
+                         preprocess: Preprocess = Preprocess()) -> torch.Tensor:
+    """Mutual k-NN of every pair (xs[i], ys[j]): each model's neighbour lists are computed once.
+
+    Returns:
+        (m, t) float64 CPU tensor.
+    """
+    nxs, nys, _ = _neighbours_all(xs, ys, k, preprocess, 2)
+    out = torch.empty(len(nxs), len(nys), dtype=F64)
+    for i, a in enumerate(nxs):
+        for j, b in enumerate(nys):
+            out[i, j] = mutual_knn_rows(a, b).mean().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CKNNA
+# ----------------------------------------------------------------------------------------------------------
+def _sparse_hsic1(n: int, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """HSIC_1(A, B) for A, B supported on the same entries (rows[p], cols[p]) with values a[p], b[p] (no diagonal).
+
+    tr(A B) = sum over entries whose transpose is also an entry of A_ij B_ji; 1^T A B 1 = colsum(A).rowsum(B).
+    """
+    keys = rows * n + cols
+    order = torch.argsort(keys)
+    skeys = keys[order]
+    tkeys = cols * n + rows
+    pos = torch.searchsorted(skeys, tkeys).clamp_max(skeys.numel() - 1)
+    hit = skeys[pos] == tkeys
+    tr = (a[hit] * b[order[pos[hit]]]).sum()
+    colsum_a = torch.zeros(n, dtype=F64, device=a.device).index_add_(0, cols, a)
+    rowsum_b = torch.zeros(n, dtype=F64, device=a.device).index_add_(0, rows, b)
+    num = tr + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (colsum_a @ rowsum_b)
+    return float(num / (n * (n - 3)))
+
+
+def _cknna_terms(n: int, nx: Neighbours, ny: Neighbours) -> float:
+    """HSIC_1(M*K, M*L) with M = N_X & N_Y. K values come from nx.sims; L values from ny.sims at the matches."""
+    ia, ib = nx.indices, ny.indices
+    eq = ia[:, :, None] == ib[:, None, :]  # (n, k, k): entry p of X's list equals entry q of Y's list
+    r, p, q = eq.nonzero(as_tuple=True)
+    rows, cols = r, ia[r, p]
+    a = nx.sims[r, p].to(F64)
+    b = ny.sims[r, q].to(F64)
+    return _sparse_hsic1(n, rows, cols, a, b)
+
+
+def _cknna_self(n: int, nx: Neighbours) -> float:
+    rows = torch.arange(n, device=nx.indices.device).repeat_interleave(nx.k)
+    cols = nx.indices.reshape(-1)
+    v = nx.sims.reshape(-1).to(F64)
+    return _sparse_hsic1(n, rows, cols, v, v)
+
+
+def _ratio(cross: float, sx: float, sy: float, label: str) -> float:
+    if sx <= 0 or sy <= 0:
+        log.warning("CKNNA self term <= 0 for %s (too few rows or k too small?); value set to 0.0", label)
+        return 0.0
+    return cross / (sx * sy) ** 0.5
+
+
+def cknna(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess()) -> float:
+    """CKNNA (Huh et al. 2024): CKA (unbiased HSIC) restricted to mutual k-NN pairs. Formula in the module
+    docstring. Needs k >= 2 and n >= 4.
+    """
+    return float(all_pairs_cknna([x], [y], k, preprocess)[0, 0])
+
+
+def all_pairs_cknna(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], k: int = 10,
+                    preprocess: Preprocess = Preprocess()) -> torch.Tensor:
+    """CKNNA of every pair; neighbour lists and self terms computed once per model. (m, t) float64 CPU."""
+    if k < 2:
+        raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
+    nxs, nys, n = _neighbours_all(xs, ys, k, preprocess, 4)
+    sx = [_cknna_self(n, a) for a in nxs]
+    sy = [_cknna_self(n, b) for b in nys]
+    out = torch.empty(len(nxs), len(nys), dtype=F64)
+    for i, a in enumerate(nxs):
+        for j, b in enumerate(nys):
+            out[i, j] = _ratio(_cknna_terms(n, a, b), sx[i], sy[j], f"xs[{i}], ys[{j}]")
+    return out

@@ -1,0 +1,225 @@
+"""``rank``: encode two zoos on one paired dataset and rank every vision x text pair.
+
+The CLI command ``pairscout rank`` is a thin wrapper over :func:`rank`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import pairscout
+from pairscout.encode.cache import EmbeddingCache
+from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
+from pairscout.errors import PairscoutError
+from pairscout.ranking import compute
+from pairscout.ranking.result import RankResult, settings_conflict
+from pairscout.zoo.registry import Zoo, resolve_zoo
+
+log = logging.getLogger(__name__)
+
+DEBIASED_BELOW = 1000
+"""Below this many rows the default primary metric is debiased linear CKA (biased CKA is inflated at small n)."""
+
+
+@dataclass
+class RankSettings:
+    """Everything that changes the numbers of a ranking (saved in the result's JSON)."""
+
+    metrics: Sequence[str] = compute.DEFAULT_METRICS
+    primary: str | None = None
+    """Metric the pairs are ranked by; default: ``cka_linear`` (``cka_linear_debiased`` when n < 1000)."""
+    score: str = "primary"
+    """``primary`` ranks by the primary metric; ``combined`` by the mean of each metric's within-run z-score."""
+    knn_k: int = 10
+    """k of mutual k-NN / CKNNA."""
+    clip_quantile: float | None = None
+    """Clip each embedding at this quantile of |x| before the neighbourhood metrics (platonic-rep uses 0.95)."""
+    rbf_sigma_frac: float = 1.0
+    bootstrap: int = 200
+    """Bootstrap resamples for confidence intervals (0 turns them off)."""
+    permutations: int = 50
+    """Shuffled pairings for the chance level and p-value (0 turns it off)."""
+    caption_reduce: str = "first"
+    """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["metrics"] = list(self.metrics)
+        return d
+
+
+def _versions() -> dict[str, str]:
+    out = {"pairscout": pairscout.__version__}
+    for pkg in ("torch", "timm", "transformers", "sentence-transformers", "numpy", "scikit-learn", "pandas"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def rank(
+    vision_zoo: str | Zoo = "offline",
+    text_zoo: str | Zoo = "offline",
+    data: Any = "generated",
+    *,
+    n: int | None = None,
+    settings: RankSettings | None = None,
+    encode_settings: EncodeSettings | None = None,
+    cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    plots: bool = True,
+    progress: ProgressFn | None = None,
+    command: str | None = None,
+) -> RankResult:
+    """Rank every vision x text pair of two zoos on a paired dataset.
+
+    Args:
+        vision_zoo, text_zoo: zoo names, TOML paths, comma lists of ids, or :class:`Zoo` objects.
+        data: a dataset spec (``generated``, a manifest path, ...) or a loaded ``PairedDataset``.
+        n: fixed-seed subset size.
+        settings: metrics, primary metric, bootstrap and null settings.
+        encode_settings: device, batch size, workers.
+        cache_dir: the embedding cache (default ``~/.cache/pairscout``).
+        out: folder for the result files and plots; refused if it holds a run with other settings
+            unless ``force``.
+
+    Returns:
+        A :class:`RankResult` (pairs ranked best first, unimodal quality per model, metadata).
+
+    Example:
+        >>> res = pairscout.rank("offline", "offline", "generated:n=400")  # doctest: +SKIP
+        >>> res.best()
+    """
+    from pairscout.data import load_dataset
+
+    t_start = time.perf_counter()
+    settings = settings or RankSettings()
+    vz = vision_zoo if isinstance(vision_zoo, Zoo) else resolve_zoo(vision_zoo, "vision")
+    tz = text_zoo if isinstance(text_zoo, Zoo) else resolve_zoo(text_zoo, "text")
+    ds = load_dataset(data) if isinstance(data, str | Path) else data
+    if n is not None:
+        ds = ds.subset(n, seed=settings.seed)
+    n_rows = len(ds)
+    primary = settings.primary or ("cka_linear_debiased" if n_rows < DEBIASED_BELOW else "cka_linear")
+    metrics = list(dict.fromkeys([primary, *settings.metrics]))
+    compute.check_metrics(metrics, n_rows)
+    if settings.score not in ("primary", "combined"):
+        raise PairscoutError(f"score {settings.score!r} is unknown.", fix="use 'primary' or 'combined'.")
+
+    run_settings = {
+        **settings.to_dict(),
+        "metrics": metrics,
+        "primary": primary,
+        "vision_zoo": vz.to_dict(),
+        "text_zoo": tz.to_dict(),
+        "dataset_fingerprint": ds.fingerprint,
+        "n": n_rows,
+    }
+    if out is not None and not force:
+        diff = settings_conflict(Path(out), run_settings)
+        if diff is not None:
+            raise PairscoutError(
+                f"{out} holds a rank run with other settings (they differ in {diff!r}).",
+                fix="choose another --out folder, or pass --force to replace it.",
+            )
+
+    cache = EmbeddingCache(cache_dir)
+    enc_settings = encode_settings or EncodeSettings()
+    t0 = time.perf_counter()
+    v_enc = encode_zoo(vz.encoders, ds, cache=cache, settings=enc_settings, progress=progress)
+    t_enc = encode_zoo(tz.encoders, ds, cache=cache, settings=enc_settings, progress=progress)
+    encode_s = time.perf_counter() - t0
+    failures = {**v_enc.failures, **t_enc.failures}
+    v_names = [s.name for s in vz.encoders if s.name in v_enc.embeddings]
+    t_names = [s.name for s in tz.encoders if s.name in t_enc.embeddings]
+    if not v_names or not t_names:
+        which = "vision" if not v_names else "text"
+        raise PairscoutError(
+            f"no {which} encoder could be encoded ({'; '.join(f'{k}: {v}' for k, v in failures.items()) or 'none given'}).",
+            fix="fix the errors above and run again; finished embeddings are cached.",
+        )
+
+    xs = [v_enc.embeddings[k].pooled for k in v_names]
+    ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
+    t1 = time.perf_counter()
+    pair_values = compute.pair_metrics(xs, ys, metrics, settings)
+    metrics_s = time.perf_counter() - t1
+
+    specs = {s.name: s for s in (*vz.encoders, *tz.encoders)}
+    rows = []
+    for i, v in enumerate(v_names):
+        for j, t in enumerate(t_names):
+            row: dict[str, Any] = {"vision": v, "text": t, "vision_id": specs[v].id, "text_id": specs[t].id}
+            for m, vals in pair_values.items():
+                row[m] = float(vals[i, j])
+            rows.append(row)
+    pairs = pd.DataFrame(rows)
+    if settings.score == "combined":
+        z = [(pairs[m] - pairs[m].mean()) / (pairs[m].std(ddof=0) or 1.0) for m in metrics]
+        pairs["score"] = sum(z) / len(z)
+    else:
+        pairs["score"] = pairs[primary]
+    pairs = pairs.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    pairs.insert(0, "rank", np.arange(1, len(pairs) + 1))
+
+    labels = getattr(ds, "labels", None)
+    model_rows = []
+    for name in v_names:
+        model_rows.append(compute.unimodal(specs[name], v_enc.embeddings[name].pooled, labels, settings))
+    for name in t_names:
+        model_rows.append(compute.unimodal(specs[name], t_enc.embeddings[name].per_row(n_rows, settings.caption_reduce), labels, settings))
+    models = pd.DataFrame(model_rows)
+
+    result = RankResult(
+        pairs=pairs,
+        models=models,
+        meta={
+            "kind": "pairscout.rank",
+            "settings": run_settings,
+            "dataset": ds.describe(),
+            "vision_order": v_names,
+            "text_order": t_names,
+            "failures": failures,
+            "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "total": round(time.perf_counter() - t_start, 3)},
+            "versions": _versions(),
+            "device": str(enc_settings.device or "auto"),
+            "torch_threads": torch.get_num_threads(),
+            "command": command,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    if out is not None:
+        result.save(out)
+        if plots:
+            result.meta["plots"] = [str(p.relative_to(out)) for p in write_plots(result, Path(out))]
+            result.save(out)
+    return result
+
+
+def write_plots(result: RankResult, out: Path) -> list[Path]:
+    """Heatmap per metric, metric-vs-metric scatter, unimodal quality per model (PNG + SVG)."""
+    from pairscout import plots
+
+    pdir = out / "plots"
+    paths: list[Path] = []
+    for m in result.metrics:
+        paths += plots.heatmap(result.matrix(m), compute.LABELS.get(m, m), pdir, f"heatmap_{m}")
+    primary = result.primary
+    for m in result.metrics:
+        if m != primary:
+            paths += plots.metric_scatter(result.pairs, primary, m, pdir, f"scatter_{primary}_vs_{m}")
+    paths += plots.unimodal_bars(result.models, compute.UNIMODAL_COLUMNS, pdir, "unimodal_quality")
+    return paths

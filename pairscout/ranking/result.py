@@ -1,0 +1,118 @@
+"""The result of ranking: two tables and every setting that produced them.
+
+``pairs``: one row per vision x text pair, ranked (columns ``vision``, ``text``, ``vision_id``,
+``text_id``, ``rank``, ``score``, then for each metric ``<m>``, ``<m>_lo``, ``<m>_hi`` (bootstrap CI),
+``<m>_null`` (mean under shuffled pairing) and ``<m>_p`` (permutation p-value)).
+``models``: one row per encoder with its unimodal quality (k-NN accuracy, clustering, published scores).
+``meta``: settings (zoos with revisions, dataset fingerprint, n, seed, preprocessing, metrics),
+package versions, failures, timings. Saved as parquet + CSV + JSON; :meth:`RankResult.load` reads
+it back, so probe and report work from the files alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pairscout.errors import PairscoutError
+
+PAIRS = "pairs"
+MODELS = "models"
+META = "rank.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_frame(df: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class RankResult:
+    pairs: pd.DataFrame
+    models: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> str:
+        return self.meta["settings"]["primary"]
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.meta["settings"]["metrics"])
+
+    def best(self) -> tuple[str, str]:
+        row = self.pairs.iloc[0]
+        return str(row["vision"]), str(row["text"])
+
+    def top(self, k: int) -> pd.DataFrame:
+        return self.pairs.head(k)
+
+    def matrix(self, metric: str) -> pd.DataFrame:
+        """The vision x text matrix of one metric (rows and columns in zoo order)."""
+        m = self.pairs.pivot(index="vision", columns="text", values=metric)
+        v_order = [x for x in self.meta.get("vision_order", m.index) if x in m.index]
+        t_order = [x for x in self.meta.get("text_order", m.columns) if x in m.columns]
+        return m.loc[v_order, t_order]
+
+    # --- files -------------------------------------------------------------------------------------
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, df in ((PAIRS, self.pairs), (MODELS, self.models)):
+            _atomic_frame(df, out / f"{name}.parquet")
+            _atomic_frame(df, out / f"{name}.csv")
+        _atomic_write_text(out / META, json.dumps(self.meta, indent=2, default=str) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, out: str | Path) -> RankResult:
+        out = Path(out)
+        meta_path = out / META
+        if not meta_path.is_file():
+            raise PairscoutError(f"{out} holds no rank result ({META} is missing).", fix="run `pairscout rank --out DIR` first, or point at that DIR.")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            pairs = pd.read_parquet(out / f"{PAIRS}.parquet")
+            models = pd.read_parquet(out / f"{MODELS}.parquet")
+        except (OSError, ValueError) as e:
+            raise PairscoutError(f"the rank result in {out} is unreadable ({e}).", fix="run `pairscout rank` again with --force.") from None
+        return cls(pairs=pairs, models=models, meta=meta)
+
+
+def settings_conflict(out: Path, settings: dict[str, Any]) -> str | None:
+    """The first setting in which the run saved in ``out`` differs from ``settings``, or None."""
+    meta_path = out / META
+    if not meta_path.is_file():
+        return None
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError):
+        return "unreadable rank.json"
+    old = json.loads(json.dumps(old, default=str))
+    new = json.loads(json.dumps(settings, default=str))
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            return k
+    return None
