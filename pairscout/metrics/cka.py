@@ -357,6 +357,8 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
             raise MetricError(f"unknown method {method!r}.", fix="use 'auto', 'feature' or 'gram'.")
     cross = _hsic_from_stats(st.cross, st.rows[:m], st.rows[m:], st.diag[:m], st.diag[m:], n, debiased, True)
     selfs = _hsic_from_stats(st.self_, st.rows, st.rows, st.diag, st.diag, n, debiased, False)
+    # a self term lost in rounding (relative to <K, K>) is treated as 0, so no ratio blows up on noise
+    selfs = torch.where(selfs <= 1e-10 * st.self_ / (n * n), torch.zeros_like(selfs), selfs)
     return HSICResult(cross.cpu(), selfs[:m].cpu(), selfs[m:].cpu(), n, kernel, debiased, method, used_sigmas)
 
 
@@ -425,7 +427,7 @@ def rbf_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False, sigma_frac: floa
     return float(all_pairs_cka([x], [y], "rbf", debiased, sigma_frac=sigma_frac, sigmas=sig)[0, 0])
 
 
-def cka(x: ArrayLike, y: ArrayLike, kernel: Kernel = "linear", debiased: bool = False,
+def pair_cka(x: ArrayLike, y: ArrayLike, kernel: Kernel = "linear", debiased: bool = False,
         sigma_frac: float = 1.0) -> float:
     """CKA of one pair: :func:`linear_cka` or :func:`rbf_cka`."""
     if kernel == "linear":

@@ -92,7 +92,7 @@ class Neighbours:
         return self.indices.shape[1]
 
 
-def knn(x: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess(), tile: int | None = None) -> Neighbours:
+def nearest_neighbours(x: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess(), tile: int | None = None) -> Neighbours:
     """k nearest neighbours by inner product of the preprocessed rows, self excluded, via ``torch.topk``.
 
     Raises:
@@ -141,7 +141,7 @@ def _neighbours_all(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequenc
     xs_t = as_matrices(xs, "xs")
     ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
     n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=max(min_rows, k + 1), why=f"k={k} neighbours")
-    return [knn(x, k, preprocess) for x in xs_t], [knn(y, k, preprocess) for y in ys_t], n
+    return [nearest_neighbours(x, k, preprocess) for x in xs_t], [nearest_neighbours(y, k, preprocess) for y in ys_t], n
 
 
 def all_pairs_mutual_knn(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], k: int = 10,

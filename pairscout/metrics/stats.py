@@ -1,0 +1,299 @@
+"""Chance level and uncertainty for the pair metrics: permutation null and bootstrap confidence intervals.
+
+Metric names (shared with the CLI): ``cka_linear``, ``cka_linear_debiased``, ``cka_rbf``, ``cka_rbf_debiased``,
+``mutual_knn``, ``cknna``. Every function works on all (vision, text) pairs at once and is seeded.
+
+* Permutation null: shuffle the pairing of rows (one permutation applied to every text model, so the text
+  models keep their rows together) and recompute; ``p = (1 + #{null >= observed}) / (1 + n_perm)``.
+  Neighbour metrics permute the neighbour lists instead of recomputing them (exact, O(n k) per permutation).
+  For biased linear CKA the null mean is also known in closed form (:func:`linear_cka_null_mean`).
+* Bootstrap (percentile interval over ``n_boot`` resamples of the rows with replacement):
+  biased CKA (linear and RBF) treats a resample as row weights w (counts, sum n); with
+  ``A = W - w w^T / n`` the resampled ``tr(K H L H) = tr(A K A L)
+  = w^T (K*L) w - (2/n) (Kw)^T W (Lw) + (w^T K w)(w^T L w) / n^2``, so all resamples and pairs come from one
+  tiled pass over the Gram tiles (no n x n matrix, no re-encoding, the kernel bandwidth held fixed).
+  Mutual k-NN resamples the per-row overlaps (neighbour lists fixed from the full data).
+  Debiased CKA and CKNNA are not bootstrapped (duplicated rows break the unbiased estimator): MetricError.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import pairscout.metrics.cka as _cka
+import pairscout.metrics.knn as _knn
+from pairscout.errors import MetricError
+from pairscout.metrics._validate import ArrayLike, as_matrices, check_same_rows, compute_dtype
+
+F64 = torch.float64
+Matrices = ArrayLike | Sequence[ArrayLike]
+
+
+def _cka_metric(kernel: str, debiased: bool) -> Callable[..., torch.Tensor]:
+    def f(xs: Matrices, ys: Matrices, **kw: Any) -> torch.Tensor:
+        return _cka.all_pairs_cka(xs, ys, kernel, debiased, **kw)  # type: ignore[arg-type]
+    return f
+
+
+#: name -> all-pairs function ``f(xs, ys, **kwargs) -> (m, t) float64``.
+PAIR_METRICS: dict[str, Callable[..., torch.Tensor]] = {
+    "cka_linear": _cka_metric("linear", False),
+    "cka_linear_debiased": _cka_metric("linear", True),
+    "cka_rbf": _cka_metric("rbf", False),
+    "cka_rbf_debiased": _cka_metric("rbf", True),
+    "mutual_knn": _knn.all_pairs_mutual_knn,
+    "cknna": _knn.all_pairs_cknna,
+}
+
+
+def pair_metric(name: str, xs: Matrices, ys: Matrices, **kwargs: Any) -> torch.Tensor:
+    """All-pairs value of the metric called ``name`` (see :data:`PAIR_METRICS`), (m, t) float64."""
+    return _lookup(name)(xs, ys, **kwargs)
+
+
+def _lookup(name: str) -> Callable[..., torch.Tensor]:
+    if name not in PAIR_METRICS:
+        raise MetricError(f"unknown pair metric {name!r}.", fix=f"use one of {', '.join(PAIR_METRICS)}.")
+    return PAIR_METRICS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Permutation null
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NullResult:
+    """Observed all-pairs values and their permutation null, each (m, t) float64."""
+
+    metric: str
+    observed: torch.Tensor
+    null_mean: torch.Tensor
+    null_std: torch.Tensor
+    p_value: torch.Tensor
+    n_perm: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "n_perm": self.n_perm, "seed": self.seed,
+                **{k: getattr(self, k).tolist() for k in ("observed", "null_mean", "null_std", "p_value")}}
+
+
+def _permuted_neighbours(nb: _knn.Neighbours, perm: torch.Tensor, inv: torch.Tensor) -> _knn.Neighbours:
+    """Neighbours of Y[perm] from those of Y: row i is old row perm[i]; old index j becomes inv[j]."""
+    return _knn.Neighbours(inv[nb.indices[perm]], nb.sims[perm])
+
+
+def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_perm: int = 100, seed: int = 0,
+                     **kwargs: Any) -> NullResult:
+    """Permutation null of a pair metric for all pairs (formula and p-value in the module docstring).
+
+    Args:
+        metric: a name from :data:`PAIR_METRICS`. kwargs go to that metric (e.g. ``k``, ``preprocess``).
+        n_perm: permutations (each one costs one metric evaluation for CKA, O(n k) for neighbour metrics).
+    """
+    fn = _lookup(metric)
+    if n_perm < 1:
+        raise MetricError(f"n_perm={n_perm} must be >= 1.", fix="use e.g. n_perm=100.")
+    xs_t = as_matrices(xs, "xs")
+    ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
+    n = check_same_rows({"xs": xs_t, "ys": ys_t})
+    g = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n, generator=g) for _ in range(n_perm)]
+    if metric in ("mutual_knn", "cknna"):
+        k = kwargs.get("k", 10)
+        pre = kwargs.get("preprocess", _knn.Preprocess())
+        if metric == "cknna" and k < 2:
+            raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
+        nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
+        if metric == "mutual_knn":
+            def score(nys_p: list[_knn.Neighbours]) -> torch.Tensor:
+                return torch.tensor([[float(_knn.mutual_knn_rows(a, b).mean()) for b in nys_p] for a in nxs], dtype=F64)
+        else:
+            sx = [_knn._cknna_self(n, a) for a in nxs]
+            sy = [_knn._cknna_self(n, b) for b in nys]  # self terms are permutation invariant
+
+            def score(nys_p: list[_knn.Neighbours]) -> torch.Tensor:
+                return torch.tensor([[_knn._ratio(_knn._cknna_terms(n, a, b), sx[i], sy[j], f"xs[{i}], ys[{j}]")
+                                      for j, b in enumerate(nys_p)] for i, a in enumerate(nxs)], dtype=F64)
+        observed = score(nys)
+        null = []
+        for p in perms:
+            p = p.to(nxs[0].indices.device)
+            inv = torch.empty_like(p)
+            inv[p] = torch.arange(n, device=p.device)
+            null.append(score([_permuted_neighbours(b, p, inv) for b in nys]))
+    else:
+        observed = fn(xs_t, ys_t, **kwargs)
+        null = []
+        for p in perms:
+            p = p.to(ys_t[0].device)
+            null.append(fn(xs_t, [y[p] for y in ys_t], **kwargs))
+    stack = torch.stack(null)
+    p_value = (1 + (stack >= observed).sum(0)).to(F64) / (1 + n_perm)
+    return NullResult(metric, observed, stack.mean(0), stack.std(0) if n_perm > 1 else torch.zeros_like(observed),
+                      p_value, n_perm, seed)
+
+
+def linear_cka_null_mean(xs: Matrices, ys: Matrices) -> torch.Tensor:
+    """Exact mean of biased linear CKA over all row permutations, (m, t) float64.
+
+    For centred K, L: ``E_pi tr(K P L P^T) = tr(K) tr(L) / (n - 1)``, hence
+    ``E[CKA] = ||Xc||_F^2 ||Yc||_F^2 / ((n - 1) ||Xc^T Xc||_F ||Yc^T Yc||_F)``. It grows with the effective rank
+    of both sides and shrinks with n: the chance level a raw CKA value should be read against.
+    """
+    xs_t = as_matrices(xs, "xs")
+    ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
+    n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=2, why="CKA")
+    h = _cka.all_pairs_hsic(xs_t, ys_t, "linear", False)
+    tr = []
+    for z in [*xs_t, *ys_t]:
+        zc = z.to(F64) - z.to(F64).mean(0)
+        tr.append(float(zc.square().sum()))
+    # HSIC_0(K, K) = ||K||_F^2 / (n-1)^2 for centred K, so ||K||_F = (n-1) sqrt(HSIC_0)
+    fx = (n - 1) * h.self_x.sqrt()
+    fy = (n - 1) * h.self_y.sqrt()
+    trx = torch.tensor(tr[:len(xs_t)], dtype=F64)
+    tr_y = torch.tensor(tr[len(xs_t):], dtype=F64)
+    return (trx[:, None] * tr_y[None, :]) / ((n - 1) * fx[:, None] * fy[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bootstrap
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Percentile bootstrap interval for all pairs, each tensor (m, t) float64."""
+
+    metric: str
+    estimate: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    std: torch.Tensor
+    level: float
+    n_boot: int
+    seed: int
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "level": self.level, "n_boot": self.n_boot, "seed": self.seed,
+                "method": self.method, **{k: getattr(self, k).tolist() for k in ("estimate", "low", "high", "std")}}
+
+
+def bootstrap_weights(n: int, n_boot: int, seed: int = 0) -> torch.Tensor:
+    """(n, n_boot) float64 resampling counts: column b counts how often each row is drawn in resample b."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    w = torch.zeros(n_boot, n, dtype=F64)
+    w.scatter_add_(1, idx, torch.ones(n_boot, n, dtype=F64))
+    return w.T.contiguous()
+
+
+def _bootstrap_cka(xs_t: list[torch.Tensor], ys_t: list[torch.Tensor], kernel: str, w: torch.Tensor,
+                   sigma_frac: float = 1.0, sigmas: Sequence[float] | None = None, dtype: torch.dtype | None = None,
+                   tile: int | None = None) -> torch.Tensor:
+    """(n_boot, m, t) biased CKA of every resample, by the weighted quadratic forms of the module docstring."""
+    m, t = len(xs_t), len(ys_t)
+    n, nb = w.shape
+    dev = xs_t[0].device
+    w = w.to(dev)
+    cdt = compute_dtype([*xs_t, *ys_t], dtype)
+    names = [f"xs[{i}]" for i in range(m)] + [f"ys[{j}]" for j in range(t)]
+    _, xc = _cka._center_into(xs_t, cdt, names[:m])
+    _, yc = _cka._center_into(ys_t, cdt, names[m:])
+    zc = xc + yc
+    nz = m + t
+    gammas = None
+    centre = None
+    if kernel == "rbf":
+        sig = sigmas if sigmas is not None else [_cka._median_sigma(z, sigma_frac) for z in [*xs_t, *ys_t]]
+        gammas = [1.0 / (2.0 * s * s) for s in sig]
+        st = _cka._gram_stats(zc, m, "rbf", gammas, tile)
+        r = st.rows / n  # row means of each K; centre tiles exactly: K~ = K - r 1^T - 1 r^T + mean(r)
+        centre = (r, r.mean(1))
+    sq = [z.square().sum(1) for z in zc] if kernel == "rbf" else None
+    if tile is None:
+        tile = max(128, int(math.sqrt(_cka.TILE_BYTES / (8 * (nz + 2)))) // 128 * 128)
+    tile = min(tile, n)
+    pairs = [(i, m + j) for i in range(m) for j in range(t)] + [(k, k) for k in range(nz)]
+    t1 = torch.zeros(len(pairs), nb, dtype=F64, device=dev)
+    u = torch.zeros(nz, n, nb, dtype=F64, device=dev)
+    starts = list(range(0, n, tile))
+    for a in starts:
+        ea = min(a + tile, n)
+        for b in starts:
+            if b < a:
+                continue
+            eb = min(b + tile, n)
+            tiles = []
+            for k, z in enumerate(zc):
+                g = z[a:ea] @ z[b:eb].T
+                if kernel == "rbf":
+                    assert sq is not None and gammas is not None and centre is not None
+                    g.mul_(-2.0).add_(sq[k][a:ea, None]).add_(sq[k][None, b:eb]).clamp_min_(0)
+                    if a == b:
+                        g.fill_diagonal_(0)
+                    g.mul_(-gammas[k]).exp_()
+                    g = g.to(F64) - centre[0][k, a:ea, None] - centre[0][k, None, b:eb] + centre[1][k]
+                else:
+                    g = g.to(F64)
+                tiles.append(g)
+                u[k, a:ea] += g @ w[b:eb]
+                if a != b:
+                    u[k, b:eb] += g.T @ w[a:ea]
+            f = 1.0 if a == b else 2.0
+            for p, (i, j) in enumerate(pairs):
+                t1[p] += f * (w[a:ea] * ((tiles[i] * tiles[j]) @ w[b:eb])).sum(0)
+            del tiles
+    q = (w[None] * u).sum(1)  # (nz, nb): w^T K w
+    vals = torch.empty(len(pairs), nb, dtype=F64, device=dev)
+    for p, (i, j) in enumerate(pairs):
+        t2 = (u[i] * w * u[j]).sum(0)
+        vals[p] = t1[p] - (2.0 / n) * t2 + q[i] * q[j] / n**2
+    cross = vals[: m * t].view(m, t, nb)
+    selfs = vals[m * t:]
+    denom = torch.sqrt((selfs[:m, None, :] * selfs[None, m:, :]).clamp_min(torch.finfo(F64).tiny))
+    return (cross / denom).permute(2, 0, 1).cpu()
+
+
+def bootstrap_ci(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_boot: int = 200, level: float = 0.95,
+                 seed: int = 0, **kwargs: Any) -> BootstrapCI:
+    """Percentile bootstrap CI for all pairs (resampling rows; method per metric in the module docstring).
+
+    Args:
+        metric: "cka_linear", "cka_rbf" or "mutual_knn". kwargs go to the metric (``sigma_frac``, ``k``, ...).
+        level: two-sided coverage, e.g. 0.95 -> the 2.5 % and 97.5 % quantiles of the resampled values.
+
+    Raises:
+        MetricError: a debiased CKA or CKNNA (not bootstrappable by row resampling), bad level / n_boot.
+    """
+    _lookup(metric)
+    if metric not in ("cka_linear", "cka_rbf", "mutual_knn"):
+        raise MetricError(f"no bootstrap for {metric!r}: resampled (duplicated) rows break that estimator.",
+                          fix="bootstrap cka_linear, cka_rbf or mutual_knn; use permutation_null for the rest.")
+    if not 0 < level < 1 or n_boot < 2:
+        raise MetricError(f"level={level}, n_boot={n_boot}: need 0 < level < 1 and n_boot >= 2.",
+                          fix="use e.g. level=0.95, n_boot=200.")
+    xs_t = as_matrices(xs, "xs")
+    ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
+    n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=2, why="a bootstrap")
+    w = bootstrap_weights(n, n_boot, seed)
+    if metric == "mutual_knn":
+        k = kwargs.get("k", 10)
+        nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, kwargs.get("preprocess", _knn.Preprocess()), 2)
+        rows = torch.stack([torch.stack([_knn.mutual_knn_rows(a, b).cpu() for b in nys]) for a in nxs])  # (m, t, n)
+        estimate = rows.mean(-1)
+        reps = torch.einsum("mtn,nb->bmt", rows, w) / n
+        method = "per-row overlaps resampled; neighbour lists from the full data"
+    else:
+        kernel = "linear" if metric == "cka_linear" else "rbf"
+        estimate = _cka.all_pairs_cka(xs_t, ys_t, kernel, False, **kwargs)
+        reps = _bootstrap_cka(xs_t, ys_t, kernel, w, **kwargs)
+        method = "row resampling as weights on Gram tiles (bandwidth fixed)" if kernel == "rbf" else \
+            "row resampling as weights on Gram tiles"
+    alpha = (1 - level) / 2
+    qs = torch.quantile(reps, torch.tensor([alpha, 1 - alpha], dtype=F64), dim=0)
+    return BootstrapCI(metric, estimate, qs[0], qs[1], reps.std(0), level, n_boot, seed, method)
