@@ -37,6 +37,9 @@ out = Console()
 @contextlib.contextmanager
 def _user_errors():
     """Print a :class:`PairscoutError` as one red line and exit with its code; no traceback."""
+    for console in (err, out):  # piped output (files, CI logs): wide tables, never cut ids
+        if not console.is_terminal:
+            console.width = max(console.width, 160)
     try:
         yield
     except PairscoutError as e:
@@ -279,7 +282,8 @@ def cache_list(cache_dir: CacheOpt = None) -> None:
     """Every cached embedding set with its model, dataset and size."""
     from pairscout.encode.cache import EmbeddingCache
 
-    cache = EmbeddingCache(cache_dir)
+    with _user_errors():
+        cache = EmbeddingCache(cache_dir)
     table = Table(title=f"cache {cache.root}")
     for col in ("model", "dataset", "fingerprint", "n", "dim", "precision", "tokens", "MB"):
         table.add_column(col)
