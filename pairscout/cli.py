@@ -198,10 +198,10 @@ def rank(
     n: NOpt = None,
     seed: SeedOpt = 0,
     metrics: Annotated[str | None, typer.Option(help="Comma list of pair metrics from cka_linear, cka_linear_debiased, cka_rbf, cka_rbf_debiased, mutual_knn, cknna (default: all).")] = None,
-    primary: Annotated[str | None, typer.Option(help="Metric that ranks the pairs (default: cka_linear; cka_linear_debiased below 1,000 rows).")] = None,
+    primary: Annotated[str | None, typer.Option(help="Metric that ranks the pairs (default: cka_linear; cka_linear_debiased below 10,000 rows).")] = None,
     score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = "primary",
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals (0: off).")] = 200,
-    permutations: Annotated[int, typer.Option(help="Shuffled pairings for the chance level (0: off).")] = 50,
+    ci_groups: Annotated[int, typer.Option(help="Jackknife groups behind the 95% confidence intervals (0: off).")] = 10,
+    permutations: Annotated[int, typer.Option(help="Shuffled pairings for the primary metric's chance level and p-value (0: off).")] = 20,
     knn_k: Annotated[int, typer.Option("--knn-k", help="k of mutual k-NN and CKNNA.")] = 10,
     clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = None,
     caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = "first",
@@ -227,7 +227,7 @@ def rank(
     with _user_errors():
         settings = RankSettings(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else DEFAULT_METRICS,
-            primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, bootstrap=bootstrap,
+            primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
             permutations=permutations, caption_reduce=caption_reduce, seed=seed,
         )
         ds = _load_data(data, n, seed, skip_bad)

@@ -143,7 +143,7 @@ def test_identical_gives_one_and_independent_gives_about_zero():
         for deb in (False, True):
             assert pair_cka(x, x, kernel, deb) == pytest.approx(1.0, abs=1e-12)
     biased, debiased = [], []
-    for s in range(10):
+    for _ in range(10):
         a = torch.randn(32, 6, generator=g, dtype=F64)
         b = torch.randn(32, 6, generator=g, dtype=F64)
         biased.append(linear_cka(a, b))

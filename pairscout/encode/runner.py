@@ -134,7 +134,8 @@ def _iter_vision(enc: Encoder, dataset: Any, rows: np.ndarray, settings: EncodeS
     for idx, pixels, errors in loader:
         if errors:
             raise DataError(errors[0]) if len(errors) == 1 else DataError(f"{errors[0]} (and {len(errors) - 1} more bad images in this batch)")
-        out = enc.encode_images(pixels.to(device, non_blocking=True), tokens=settings.tokens)
+        fmt = torch.channels_last if enc.channels_last else torch.contiguous_format
+        out = enc.encode_images(pixels.to(device, non_blocking=True, memory_format=fmt), tokens=settings.tokens)
         yield {"index": idx, **_to_cpu(out, settings.tokens)}
 
 

@@ -67,6 +67,7 @@ class PackInfo:
 # --- EfficientNet-Lite --------------------------------------------------------------------------
 class EfficientNetLiteEncoder(Encoder):
     supports_tokens = True
+    channels_last = True
 
     def __init__(self, spec: EncoderSpec, variant: int) -> None:
         super().__init__(spec)

@@ -51,6 +51,7 @@ class TimmEncoder(Encoder):
         self.model = model.eval().requires_grad_(False)
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.has_cls = bool(getattr(model, "cls_token", None) is not None) and self.num_prefix > 0
+        self.channels_last = not hasattr(model, "patch_embed")  # CNNs: NHWC is faster; ViTs: no effect
         if spec.pooling in ("cls", "cls+mean") and not self.has_cls:
             raise ZooError(f"{spec.id} has no class token, so pooling {spec.pooling!r} is undefined.", fix="use pooling = \"mean\" or \"default\".")
         if spec.layer is not None and not hasattr(model, "forward_intermediates"):

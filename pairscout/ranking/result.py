@@ -1,8 +1,8 @@
 """The result of ranking: two tables and every setting that produced them.
 
 ``pairs``: one row per vision x text pair, ranked (columns ``vision``, ``text``, ``vision_id``,
-``text_id``, ``rank``, ``score``, then for each metric ``<m>``, ``<m>_lo``, ``<m>_hi`` (bootstrap CI),
-``<m>_null`` (mean under shuffled pairing) and ``<m>_p`` (permutation p-value)).
+``text_id``, ``rank``, ``score``, then for each metric ``<m>``, ``<m>_lo``, ``<m>_hi``, ``<m>_se`` (jackknife 95 % CI),
+``<m>_null`` (mean under shuffled pairing) and ``<m>_p`` (permutation p-value), primary metric only).
 ``models``: one row per encoder with its unimodal quality (k-NN accuracy, clustering, published scores).
 ``meta``: settings (zoos with revisions, dataset fingerprint, n, seed, preprocessing, metrics),
 package versions, failures, timings. Saved as parquet + CSV + JSON; :meth:`RankResult.load` reads

@@ -1,0 +1,121 @@
+"""The numbers of a ranking: pair metrics with uncertainty, and unimodal quality per model.
+
+A thin layer over :mod:`pairscout.metrics` (pure functions) that decides which estimator gets a
+jackknife interval and a permutation null, and turns everything into plain columns.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pairscout import metrics as M
+from pairscout.errors import PairscoutError
+from pairscout.zoo.spec import EncoderSpec
+
+if TYPE_CHECKING:
+    from pairscout.ranking.core import RankSettings
+
+DEFAULT_METRICS: tuple[str, ...] = ("cka_linear", "cka_linear_debiased", "cka_rbf", "mutual_knn", "cknna")
+LABELS = {
+    "cka_linear": "linear CKA",
+    "cka_linear_debiased": "linear CKA (debiased)",
+    "cka_rbf": "RBF CKA",
+    "cka_rbf_debiased": "RBF CKA (debiased)",
+    "mutual_knn": "mutual k-NN",
+    "cknna": "CKNNA",
+}
+UNIMODAL_COLUMNS = ["knn_acc", "nmi", "ari", "silhouette", "published_score"]
+
+
+def check_metrics(metrics: Sequence[str], n: int, knn_k: int = 10) -> None:
+    """Refuse unknown metrics and a dataset too small for the chosen estimators, before any encoding."""
+    unknown = [m for m in metrics if m not in M.PAIR_METRICS]
+    if unknown:
+        raise PairscoutError(f"unknown metric(s) {', '.join(unknown)}.", fix=f"choose from {', '.join(M.PAIR_METRICS)}.")
+    if any(m.endswith("_debiased") for m in metrics) and n < 4:
+        raise PairscoutError(f"the debiased CKA estimator needs at least 4 rows; the dataset has {n}.", fix="use more data (--n), or drop the *_debiased metrics.")
+    if n < 2:
+        raise PairscoutError(f"CKA needs at least 2 rows; the dataset has {n}.", fix="use more data.")
+    if any(m in ("mutual_knn", "cknna") for m in metrics) and n <= knn_k + 1:
+        raise PairscoutError(f"mutual k-NN with k = {knn_k} needs more than {knn_k + 1} rows; the dataset has {n}.", fix="lower --knn-k or use more data.")
+
+
+def _kwargs(metric: str, settings: RankSettings) -> dict[str, Any]:
+    if metric in ("mutual_knn", "cknna"):
+        return {"k": settings.knn_k, "preprocess": M.Preprocess(clip_quantile=settings.clip_quantile)}
+    if metric.startswith("cka_rbf"):
+        return {"sigma_frac": settings.rbf_sigma_frac}
+    return {}
+
+
+def jackknife_ci(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str, *, groups: int = 10, level: float = 0.95, seed: int = 0, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Estimate, normal-theory interval and standard error of a pair metric by the delete-a-group jackknife.
+
+    The rows are split into ``groups`` seeded random groups; each replicate leaves one group out
+    (no row is ever duplicated, so this is valid for the debiased, U-statistic estimators and for
+    CKNNA, which a with-replacement bootstrap breaks, and it does not inherit the upward shift that
+    duplicated rows give biased CKA). ``se^2 = (G-1)/G * sum_g (theta_(g) - mean)^2``;
+    interval ``theta_hat +- z_(1+level)/2 * se``.
+    """
+    n = xs[0].shape[0]
+    est = M.pair_metric(metric, xs, ys, **kw)
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.randperm(n, generator=g).chunk(groups)
+    reps = []
+    for part in parts:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[part] = False
+        reps.append(M.pair_metric(metric, [x[keep] for x in xs], [y[keep] for y in ys], **kw))
+    r = torch.stack(reps)
+    se = ((len(parts) - 1) / len(parts) * ((r - r.mean(0)) ** 2).sum(0)).sqrt()
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return est, est - z * se, est + z * se, se
+
+
+def pair_metrics(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings, primary: str | None = None
+) -> dict[str, np.ndarray]:
+    """``{metric: (m, t)}`` plus ``<metric>_lo/_hi/_se`` (jackknife interval) and, for the primary
+    metric, ``_null`` (mean under shuffled pairings) and ``_p`` (permutation p-value)."""
+    out: dict[str, np.ndarray] = {}
+    for i, metric in enumerate(metrics):
+        kw = _kwargs(metric, settings)
+        seed = settings.seed + 1000 * i
+        if settings.ci_groups > 1:
+            est, lo, hi, se = jackknife_ci(xs, ys, metric, groups=settings.ci_groups, seed=seed, **kw)
+            out[metric], out[f"{metric}_lo"], out[f"{metric}_hi"], out[f"{metric}_se"] = est.numpy(), lo.numpy(), hi.numpy(), se.numpy()
+        else:
+            out[metric] = M.pair_metric(metric, xs, ys, **kw).numpy()
+        if settings.permutations > 0 and metric == (primary or metrics[0]):
+            null = M.permutation_null(xs, ys, metric, n_perm=settings.permutations, seed=seed, **kw)
+            out[f"{metric}_null"] = null.null_mean.numpy()
+            out[f"{metric}_p"] = null.p_value.numpy()
+    return out
+
+
+def unimodal(spec: EncoderSpec, emb: torch.Tensor, labels: np.ndarray | None, settings: RankSettings) -> dict[str, Any]:
+    """One model's row: k-NN accuracy and clustering against the labels (when present), published score."""
+    row: dict[str, Any] = {
+        "name": spec.name, "id": spec.id, "modality": spec.modality, "dim": int(emb.shape[1]),
+        "params_m": spec.params_m, "revision": spec.revision,
+    }
+    if labels is not None and len(np.unique(labels)) > 1:
+        n_cls = len(np.unique(labels))
+        k = min(20, max(1, len(labels) // (2 * n_cls)))
+        row["knn_acc"] = M.knn_accuracy(emb, labels, k=k, seed=settings.seed)
+        row["knn_k"] = k
+        cq = M.clustering_quality(emb, labels, seed=settings.seed)
+        row.update({"nmi": cq.get("nmi"), "ari": cq.get("ari"), "silhouette": cq.get("silhouette")})
+    pub = M.published_mteb(spec.id) if spec.modality == "text" else M.published_vision(spec.id, "knn")
+    row["published_score"] = pub.score if pub else math.nan
+    row["published_metric"] = pub.metric if pub else "no published score"
+    row["published_source"] = pub.source if pub else ""
+    return row
