@@ -7,8 +7,8 @@ jackknife interval and a permutation null, and turns everything into plain colum
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from collections.abc import Sequence
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
