@@ -12,9 +12,9 @@ $(BIN)/activate:
 install: $(BIN)/activate
 	$(BIN)/pip install $(PIP_FLAGS) -q -e ".[offline,test]"
 
-## The main job on the built-in offline default (offline zoos, generated dataset).
+## The main job on the built-in offline default (offline zoos x generated dataset), results in runs/demo.
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/pairscout encode
+	HF_HUB_OFFLINE=1 $(BIN)/pairscout rank --out runs/demo --force
 
 ## The whole test suite (no network, no GPU needed).
 test: install
@@ -25,4 +25,5 @@ lint: install
 
 bench: install
 	$(BIN)/pip install $(PIP_FLAGS) -q -e ".[bench]"
-	$(BIN)/python benchmarks/bench_encode.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_encode.py
+	$(BIN)/python benchmarks/bench_cka.py

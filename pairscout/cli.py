@@ -259,12 +259,13 @@ def rank(
 
 
 def _fmt(row, m: str) -> str:
+    """``0.143 ± 0.011`` (value and half-width of its 95 % interval) or just the value."""
     v = row.get(m)
     if v is None or v != v:
         return "-"
     lo, hi = row.get(f"{m}_lo"), row.get(f"{m}_hi")
     if lo is not None and hi is not None and lo == lo and hi == hi:
-        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+        return f"{v:.3f} ± {(hi - lo) / 2:.3f}"
     return f"{v:.3f}"
 
 
@@ -272,14 +273,26 @@ def _rank_table(res, top: int) -> Table:
     from pairscout.ranking.compute import LABELS
 
     ds = res.meta["dataset"]
-    table = Table(title=f"top pairs on {ds.get('name')} (n = {res.meta['settings']['n']}), ranked by {res.meta['settings']['score']}: {res.primary}")
+    st = res.meta["settings"]
+    table = Table(
+        title=f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {LABELS.get(res.primary, res.primary)}",
+        caption="value ± half-width of the 95 % jackknife interval; p: share of shuffled pairings scoring as high",
+    )
     table.add_column("#", justify="right")
-    table.add_column("vision")
-    table.add_column("text")
-    for m in res.metrics:
-        table.add_column(LABELS.get(m, m), justify="right")
+    table.add_column("vision", no_wrap=True)
+    table.add_column("text", no_wrap=True)
+    ordered = [res.primary, *[m for m in res.metrics if m != res.primary]]
+    for m in ordered:
+        table.add_column(LABELS.get(m, m), justify="right", no_wrap=True)
+        if m == res.primary and f"{m}_p" in res.pairs:
+            table.add_column("p", justify="right")
     for _, row in res.pairs.head(top).iterrows():
-        table.add_row(str(row["rank"]), row["vision"], row["text"], *(_fmt(row, m) for m in res.metrics))
+        cells = []
+        for m in ordered:
+            cells.append(_fmt(row, m))
+            if m == res.primary and f"{m}_p" in res.pairs:
+                cells.append(f"{row[f'{m}_p']:.3f}")
+        table.add_row(str(row["rank"]), row["vision"], row["text"], *cells)
     return table
 
 

@@ -68,7 +68,11 @@ def unimodal_bars(models: pd.DataFrame, columns: list[str], out: Path, stem: str
     fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 0.32 * len(models) + 1.6), squeeze=False)
     colors = models["modality"].map({"vision": "#86bbd8", "text": "#f6ae2d"}).fillna("#999999")
     for ax, c in zip(axes[0], cols, strict=True):
-        ax.barh(models["name"], models[c].fillna(0), color=colors)
+        vals = models[c].astype(float)
+        ax.barh(models["name"], vals.fillna(0), color=colors)
+        for y, v in enumerate(vals):
+            if v != v:  # no value (e.g. no published score): say so instead of drawing a zero
+                ax.text(0, y, " n/a", va="center", fontsize=6, color="#777777")
         ax.set_title(c)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)

@@ -263,6 +263,10 @@ def bootstrap_ci(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_boot:
                  seed: int = 0, **kwargs: Any) -> BootstrapCI:
     """Percentile bootstrap CI for all pairs (resampling rows; method per metric in the module docstring).
 
+    Caveat: duplicated rows act like a smaller n, so the resampled values of biased CKA sit above the
+    estimate and the percentile interval can exclude it at small n. ``pairscout rank`` therefore uses
+    the delete-a-group jackknife (:func:`pairscout.ranking.compute.jackknife_ci`) for its intervals.
+
     Args:
         metric: "cka_linear", "cka_rbf" or "mutual_knn". kwargs go to the metric (``sigma_frac``, ``k``, ...).
         level: two-sided coverage, e.g. 0.95 -> the 2.5 % and 97.5 % quantiles of the resampled values.
