@@ -76,9 +76,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:
 def _load_data(data: str, n: int | None, seed: int, skip_bad: bool):
     from pairscout.data import load_dataset
 
-    ds = load_dataset(data, n=n, seed=seed) if data.startswith("generated") else load_dataset(data)
-    if n is not None:
-        ds = ds.subset(n, seed=seed)
+    # generated data: n rows rendered from seed; files: a fixed-seed subset of n rows
+    ds = load_dataset(data, n=n, seed=seed)
     if skip_bad:
         bad = ds.find_bad_images()
         if bad:

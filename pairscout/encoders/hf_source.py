@@ -58,7 +58,8 @@ def resolve_source(spec: EncoderSpec) -> tuple[str, bool]:
     return str(path), True
 
 
-def _load_kwargs(spec: EncoderSpec, local: bool, offline: bool) -> dict[str, Any]:
+def load_kwargs(spec: EncoderSpec, local: bool, offline: bool) -> dict[str, Any]:
+    """Keyword arguments of a hub load (transformers or sentence-transformers) for this spec."""
     kw: dict[str, Any] = {}
     if not local and spec.revision:
         kw["revision"] = spec.revision
@@ -235,7 +236,7 @@ def build(spec: EncoderSpec) -> Encoder:
     src, local = resolve_source(spec)
     dtype = _dtype(spec)
     with hub_guard(spec, local=local, what=src) as offline:
-        kw = _load_kwargs(spec, local, offline)
+        kw = load_kwargs(spec, local, offline)
         model_kw = dict(kw, dtype=dtype) if dtype is not None else kw
         model = AutoModel.from_pretrained(src, **model_kw)
         if spec.modality == "vision":

@@ -16,7 +16,7 @@ import torch
 
 from pairscout.encoders._common import finish, hub_guard, pad_tokens, text_token_length
 from pairscout.encoders.base import Encoder, EncoderOutput
-from pairscout.encoders.hf_source import resolve_source
+from pairscout.encoders.hf_source import load_kwargs, resolve_source
 from pairscout.errors import ZooError
 from pairscout.zoo.spec import EncoderSpec
 
@@ -57,14 +57,7 @@ def load_sentence_transformer(spec: EncoderSpec, path_or_id: str, *, local: bool
     from sentence_transformers import SentenceTransformer
 
     with hub_guard(spec, local=local, what=path_or_id) as offline:
-        kw: dict[str, Any] = {"device": "cpu"}
-        if not local and spec.revision:
-            kw["revision"] = spec.revision
-        if offline:
-            kw["local_files_only"] = True
-        if spec.options.get("trust_remote_code"):
-            kw["trust_remote_code"] = True
-        return SentenceTransformer(path_or_id, **kw)
+        return SentenceTransformer(path_or_id, device="cpu", **load_kwargs(spec, local, offline))
 
 
 def build(spec: EncoderSpec) -> STEncoder:
