@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -241,6 +241,35 @@ def _feature_stats(xc: Sequence[torch.Tensor], yc: Sequence[torch.Tensor], ybuf:
     return _Stats(cross, self_, rows, diag)
 
 
+def kernel_tiles(zc: Sequence[torch.Tensor], kernel: Kernel, gammas: Sequence[float] | None,
+                 tile: int) -> Iterator[tuple[int, int, int, int, list[torch.Tensor]]]:
+    """Upper-triangle Gram tiles of every model: yields ``(a, ea, b, eb, [K_k[a:ea, b:eb] for k])``, b >= a.
+
+    Linear kernel: ``z_a z_b^T``; RBF: ``exp(-gamma_k ||z_i - z_j||^2)`` with an exact 1 on the diagonal.
+    Tiles stay in the features' dtype; callers promote to float64 before reducing. Never n x n.
+    """
+    n = zc[0].shape[0]
+    sq = [z.square().sum(1) for z in zc] if kernel == "rbf" else None
+    starts = list(range(0, n, tile))
+    for a in starts:
+        ea = min(a + tile, n)
+        for b in starts:
+            if b < a:
+                continue
+            eb = min(b + tile, n)
+            tiles = []
+            for k, z in enumerate(zc):
+                g = z[a:ea] @ z[b:eb].T
+                if kernel == "rbf":
+                    assert sq is not None and gammas is not None
+                    g.mul_(-2.0).add_(sq[k][a:ea, None]).add_(sq[k][None, b:eb]).clamp_min_(0)
+                    if a == b:
+                        g.fill_diagonal_(0)
+                    g.mul_(-gammas[k]).exp_()
+                tiles.append(g)
+            yield a, ea, b, eb, tiles
+
+
 def _gram_stats(zc: Sequence[torch.Tensor], m: int, kernel: Kernel, gammas: Sequence[float] | None,
                 tile: int | None) -> _Stats:
     """Statistics from Gram tiles: only upper-triangle tiles are formed (K is symmetric), never n x n.
@@ -255,32 +284,20 @@ def _gram_stats(zc: Sequence[torch.Tensor], m: int, kernel: Kernel, gammas: Sequ
     if tile is None:
         tile = max(256, int(math.sqrt(TILE_BYTES / (8 * nz))) // 128 * 128)
     tile = min(tile, n)
-    sq = [z.square().sum(1) for z in zc] if kernel == "rbf" else None
     gsum = torch.zeros(nz, nz, dtype=F64, device=dev)
     rows = torch.zeros(nz, n, dtype=F64, device=dev)
-    starts = list(range(0, n, tile))
-    for a in starts:
-        ea = min(a + tile, n)
-        for b in starts:
-            if b < a:
-                continue
-            eb = min(b + tile, n)
-            stack = torch.empty(nz, (ea - a) * (eb - b), dtype=F64, device=dev)
-            for k, z in enumerate(zc):
-                g = z[a:ea] @ z[b:eb].T
-                if kernel == "rbf":
-                    assert sq is not None and gammas is not None
-                    g.mul_(-2.0).add_(sq[k][a:ea, None]).add_(sq[k][None, b:eb]).clamp_min_(0)
-                    if a == b:
-                        g.fill_diagonal_(0)
-                    g.mul_(-gammas[k]).exp_()
-                    rows[k, a:ea] += g.sum(1, dtype=F64)
-                    if a != b:
-                        rows[k, b:eb] += g.sum(0, dtype=F64)
-                stack[k] = g.view(-1)
-            # one float64 product gives every <K_k, K_l> on this tile (cross pairs and self terms)
-            gsum.addmm_(stack, stack.T, alpha=1.0 if a == b else 2.0)
-            del stack
+    for a, ea, b, eb, tiles in kernel_tiles(zc, kernel, gammas, tile):
+        stack = torch.empty(nz, (ea - a) * (eb - b), dtype=F64, device=dev)
+        for k, g in enumerate(tiles):
+            if kernel == "rbf":
+                rows[k, a:ea] += g.sum(1, dtype=F64)
+                if a != b:
+                    rows[k, b:eb] += g.sum(0, dtype=F64)
+            stack[k] = g.view(-1)
+        del tiles
+        # one float64 product gives every <K_k, K_l> on this tile (cross pairs and self terms)
+        gsum.addmm_(stack, stack.T, alpha=1.0 if a == b else 2.0)
+        del stack
     if kernel == "linear":
         rows = torch.stack([(z @ z.sum(0)).to(F64) for z in zc])  # K1 = X (X^T 1), ~0 for centred X
         diag = torch.stack([z.square().sum(1, dtype=F64) for z in zc])

@@ -214,40 +214,27 @@ def _bootstrap_cka(xs_t: list[torch.Tensor], ys_t: list[torch.Tensor], kernel: s
         st = _cka._gram_stats(zc, m, "rbf", gammas, tile)
         r = st.rows / n  # row means of each K; centre tiles exactly: K~ = K - r 1^T - 1 r^T + mean(r)
         centre = (r, r.mean(1))
-    sq = [z.square().sum(1) for z in zc] if kernel == "rbf" else None
     if tile is None:
         tile = max(128, int(math.sqrt(_cka.TILE_BYTES / (8 * (nz + 2)))) // 128 * 128)
     tile = min(tile, n)
     pairs = [(i, m + j) for i in range(m) for j in range(t)] + [(k, k) for k in range(nz)]
     t1 = torch.zeros(len(pairs), nb, dtype=F64, device=dev)
     u = torch.zeros(nz, n, nb, dtype=F64, device=dev)
-    starts = list(range(0, n, tile))
-    for a in starts:
-        ea = min(a + tile, n)
-        for b in starts:
-            if b < a:
-                continue
-            eb = min(b + tile, n)
-            tiles = []
-            for k, z in enumerate(zc):
-                g = z[a:ea] @ z[b:eb].T
-                if kernel == "rbf":
-                    assert sq is not None and gammas is not None and centre is not None
-                    g.mul_(-2.0).add_(sq[k][a:ea, None]).add_(sq[k][None, b:eb]).clamp_min_(0)
-                    if a == b:
-                        g.fill_diagonal_(0)
-                    g.mul_(-gammas[k]).exp_()
-                    g = g.to(F64) - centre[0][k, a:ea, None] - centre[0][k, None, b:eb] + centre[1][k]
-                else:
-                    g = g.to(F64)
-                tiles.append(g)
-                u[k, a:ea] += g @ w[b:eb]
-                if a != b:
-                    u[k, b:eb] += g.T @ w[a:ea]
-            f = 1.0 if a == b else 2.0
-            for p, (i, j) in enumerate(pairs):
-                t1[p] += f * (w[a:ea] * ((tiles[i] * tiles[j]) @ w[b:eb])).sum(0)
-            del tiles
+    for a, ea, b, eb, raw in _cka.kernel_tiles(zc, kernel, gammas, tile):  # type: ignore[arg-type]
+        tiles = []
+        for k, g in enumerate(raw):
+            g = g.to(F64)
+            if centre is not None:
+                g = g - centre[0][k, a:ea, None] - centre[0][k, None, b:eb] + centre[1][k]
+            tiles.append(g)
+            u[k, a:ea] += g @ w[b:eb]
+            if a != b:
+                u[k, b:eb] += g.T @ w[a:ea]
+        del raw
+        f = 1.0 if a == b else 2.0
+        for p, (i, j) in enumerate(pairs):
+            t1[p] += f * (w[a:ea] * ((tiles[i] * tiles[j]) @ w[b:eb])).sum(0)
+        del tiles
     q = (w[None] * u).sum(1)  # (nz, nb): w^T K w
     vals = torch.empty(len(pairs), nb, dtype=F64, device=dev)
     for p, (i, j) in enumerate(pairs):
