@@ -275,7 +275,9 @@ def _rank_table(res, top: int) -> Table:
     st = res.meta["settings"]
     table = Table(
         title=f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {LABELS.get(res.primary, res.primary)}",
-        caption="value ± half-width of the 95 % jackknife interval; p: share of shuffled pairings scoring as high",
+        caption="value ± half-width of the 95 % jackknife interval"
+        + (f"; p: permutation p-value of the primary metric over {st['permutations']} shuffled pairings (smallest possible 1/{st['permutations'] + 1})"
+           if st.get("permutations") else ""),
     )
     table.add_column("#", justify="right")
     table.add_column("vision", no_wrap=True)
