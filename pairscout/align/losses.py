@@ -92,34 +92,39 @@ def _check_pair(img: Tensor, txt: Tensor, txt_image_index: Tensor | None) -> Ten
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _negatives_pass(img: Tensor, txt: Tensor, t: Tensor, b: Tensor, chunk: int, grads: bool):
-    """One pass over column chunks. Returns N = sum softplus(z) and, if grads, (dN/dimg, dN/dtxt, dN/dt, dN/db).
+def _negatives_pass(img: Tensor, txt: Tensor, t: Tensor, b: Tensor, chunk: int, value: bool, grads: bool):
+    """One pass over column chunks: ``N = sum softplus(z)`` (if value) and ``dN/d(img, txt, t, b)`` (if grads).
 
-    float32 in, float32 out. Peak extra memory: about three (B, chunk) float32 blocks plus, if grads, one
-    (B, d) and one (B', d) float32 accumulator.
+    Returns ``(N or None, [g_img, g_txt, g_t, g_b] or None)``, in img's dtype. Peak extra memory: two
+    (B, chunk) blocks plus, with grads, one (B, d) and one (B', d) accumulator. Per block:
+    ``z = img @ (t txt_c).T + b``; ``dN/dz = sigmoid(z)``; ``dN/dt = sum sigmoid(z) (z - b) / t``.
     """
-    total = img.new_zeros((), dtype=torch.float64)
+    total = img.new_zeros((), dtype=torch.float64) if value else None
     if grads:
         g_img = torch.zeros_like(img)
         g_txt = torch.empty_like(txt)
-        g_t = img.new_zeros(())
-        g_b = img.new_zeros(())
+        g_dot = img.new_zeros((), dtype=torch.float64)  # sum sigmoid(z) * z
+        g_b = img.new_zeros((), dtype=torch.float64)  # sum sigmoid(z)
     for j0 in range(0, txt.shape[0], chunk):
         txt_c = txt[j0 : j0 + chunk]
-        s = img @ txt_c.T  # cosines (B, c)
-        z = torch.addcmul(b, s, t)  # t * s + b
-        total += F.softplus(z).sum()  # float32 tree sum per block, float64 across blocks
+        z = torch.addmm(b, img, (t * txt_c).T)  # logits block (B, c), bias fused into the GEMM
+        if value:
+            total += F.softplus(z).sum()  # tree sum per block in img's dtype, float64 across blocks
         if grads:
-            g = torch.sigmoid_(z)  # dN/dz, in place of z
-            g_img.addmm_(g, txt_c)
-            torch.mm(g.T, img, out=g_txt[j0 : j0 + chunk])
-            g_t += torch.dot(g.view(-1), s.view(-1))
-            g_b += g.sum()
-            del g
-        del s, z
+            sig = torch.sigmoid(z)  # dN/dz
+            g_dot += torch.dot(sig.view(-1), z.view(-1))
+            del z
+            g_b += sig.sum()
+            g_img.addmm_(sig, txt_c)
+            torch.mm(sig.T, img, out=g_txt[j0 : j0 + chunk])
+            del sig
+        else:
+            del z
     if not grads:
-        return total.to(img.dtype)
-    return total.to(img.dtype), g_img.mul_(t), g_txt.mul_(t), g_t, g_b
+        return total.to(img.dtype), None
+    g_b = g_b.to(img.dtype)
+    g_t = (g_dot.to(img.dtype) - b * g_b) / t
+    return (None if total is None else total.to(img.dtype)), [g_img.mul_(t), g_txt.mul_(t), g_t, g_b]
 
 
 class _ChunkedSigmoidNegatives(torch.autograd.Function):
@@ -127,9 +132,9 @@ class _ChunkedSigmoidNegatives(torch.autograd.Function):
 
     ``recompute=True``: backward recomputes every chunk's logits and saves only (img, txt, t, b), i.e.
     4 matmuls of B x B' x d per step. ``recompute=False``: forward also computes the gradients (the loss is a
-    scalar, so dN/dinputs is known up to the incoming scalar gradient) and saves them: 3 matmuls per step,
-    like the plain loss, at the cost of keeping (B + B') x d float32 gradients between forward and backward.
-    Memory is O(B * chunk + (B + B') * d) either way, never O(B * B').
+    scalar, so dN/dinputs is known up to the incoming scalar gradient) and keeps them for backward: 3 matmuls
+    per step, like the plain loss, at the cost of holding (B + B') x d gradients between forward and backward
+    (backward may then run once only). Memory is O(B * chunk + (B + B') * d) either way, never O(B * B').
     """
 
     @staticmethod
@@ -137,9 +142,9 @@ class _ChunkedSigmoidNegatives(torch.autograd.Function):
         ctx.chunk, ctx.recompute = chunk, recompute
         if recompute or not want_grads:
             ctx.save_for_backward(img, txt, t, b)
-            return _negatives_pass(img, txt, t, b, chunk, grads=False)
-        total, *grads = _negatives_pass(img, txt, t, b, chunk, grads=True)
-        ctx.save_for_backward(*grads)
+            ctx.grads = None
+            return _negatives_pass(img, txt, t, b, chunk, value=True, grads=False)[0]
+        total, ctx.grads = _negatives_pass(img, txt, t, b, chunk, value=True, grads=True)
         return total
 
     @staticmethod
@@ -147,13 +152,15 @@ class _ChunkedSigmoidNegatives(torch.autograd.Function):
         if ctx.recompute:
             img, txt, t, b = ctx.saved_tensors
             with torch.no_grad():
-                _, *grads = _negatives_pass(img, txt, t, b, ctx.chunk, grads=True)
+                _, grads = _negatives_pass(img, txt, t, b, ctx.chunk, value=False, grads=True)
         else:
-            grads = list(ctx.saved_tensors)
-            if len(grads) != 4:
-                raise RuntimeError("chunked sigmoid loss ran its forward without gradients (under no_grad?)")
-        g_img, g_txt, g_t, g_b = (g * grad_out for g in grads)
-        return g_img, g_txt, g_t, g_b, None, None, None
+            grads, ctx.grads = ctx.grads, None  # scaled in place and handed over: frees them with the graph
+            if grads is None:
+                raise RuntimeError(
+                    "chunked sigmoid loss (recompute=False): backward ran twice or its forward ran without "
+                    "gradients; use recompute=True for retain_graph / double backward"
+                )
+        return (*(g.mul_(grad_out) for g in grads), None, None, None)
 
 
 def chunked_sigmoid_negatives(
