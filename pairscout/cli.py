@@ -317,6 +317,10 @@ def cache_list(cache_dir: CacheOpt = None) -> None:
 
 
 def main() -> None:
+    from pairscout import distributed
+
+    if distributed.init_from_env() and not distributed.is_main():
+        err.quiet = out.quiet = True  # under torchrun only rank 0 talks
     try:
         app()
     except PairscoutError as e:  # raised outside a command body (should not happen, but never a traceback)

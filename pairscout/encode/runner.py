@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 import pairscout
+from pairscout import distributed
 from pairscout.encode.cache import EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, PairscoutError, ZooError
@@ -34,6 +35,9 @@ ProgressFn = Callable[[str, int, int], None]
 
 def pick_device(requested: str | None = None) -> torch.device:
     """``requested`` if given (``cpu``, ``cuda``, ``cuda:1``, ``mps``), else cuda > mps > cpu."""
+    local = distributed.local_device()
+    if local is not None and requested in (None, "auto", "cuda"):
+        return local  # one GPU per process under torchrun
     if requested and requested != "auto":
         dev = torch.device(requested)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -193,8 +197,11 @@ def encode(
     fp = dataset.fingerprint
     tok = settings.tokens
 
+    rank, world = distributed.rank_world()
     if refresh:
-        cache.drop_parts(spec, fp, precision, tok)
+        if rank == 0:
+            cache.drop_parts(spec, fp, precision, tok)
+        distributed.barrier()
     else:
         hit = cache.load(spec, fp, precision=precision, tokens=tok)
         if hit is not None:
@@ -241,6 +248,9 @@ def encode(
         n_done = sum(b - a for a, b in _chunks(order, chunk)) - sum(b - a for a, b in todo)
         if n_done:
             log.info("%s: resuming, %d of %d rows already encoded", spec.id, n_done, n)
+        if world > 1:  # every process listed the same finished chunks; now each takes its share
+            distributed.barrier()
+            todo, n_done = todo[rank::world], 0
         if progress:
             progress(spec.name, n_done, n)
         if todo:
@@ -271,6 +281,12 @@ def encode(
                         if nxt is None:
                             break
                         a, b = nxt
+        if world > 1:  # gather the other processes' chunks from the shared cache
+            distributed.barrier()
+            from safetensors.torch import load_file
+
+            wanted = set(_chunks(order, chunk))
+            parts = [load_file(p) for key, p in sorted(cache.finished_parts(spec, fp, precision, tok).items()) if key in wanted]
         merged = _merge(parts, n)
 
     pooled = merged["pooled"]
@@ -299,8 +315,11 @@ def encode(
         "torch_version": torch.__version__,
     }
     emb = Embeddings(pooled=pooled, row_index=row_index, tokens=merged.get("tokens"), token_mask=merged.get("token_mask"), meta=meta)
-    cache.save(spec, fp, emb, precision=precision)
-    cache.drop_parts(spec, fp, precision, tok)
+    distributed.barrier()  # every process has read the chunks before rank 0 removes them
+    if rank == 0:
+        cache.save(spec, fp, emb, precision=precision)
+        cache.drop_parts(spec, fp, precision, tok)
+    distributed.barrier()
     return emb
 
 

@@ -202,7 +202,9 @@ def rank(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    if out is not None:
+    from pairscout import distributed
+
+    if out is not None and distributed.is_main():  # under torchrun every process ranks, rank 0 writes
         result.save(out)
         if plots:
             result.meta["plots"] = [str(p.relative_to(out)) for p in write_plots(result, Path(out))]
