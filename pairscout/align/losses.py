@@ -194,7 +194,8 @@ class SigmoidLoss(nn.Module):
         init_bias: initial b (``logit_bias``), -10 as in SigLIP / SAIL.
         norm: "batch" or "pairs", as above.
         chunk: None computes the full B x B' logits (plain, reference); an int streams over blocks of that
-            many captions with a custom autograd function, memory O(B * chunk) (e.g. 1024-4096 for B >= 8k).
+            many captions with a custom autograd function, memory O(B * chunk + (B + B') * d) (e.g. 512-1024 at
+            B = 32k: one (B, chunk) float32 block is 64-128 MB, and two are live at a time).
         recompute: chunked path only; True recomputes the logits in backward (least memory), False keeps the
             (B + B') x d gradients from the forward pass (one matmul fewer per step).
         learnable: False freezes scale and bias (buffers instead of parameters).
