@@ -221,6 +221,7 @@ def rank(
     workers: Annotated[int | None, typer.Option(help="Image-loading processes.")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip rows whose image is missing or corrupt.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (everything human goes to stderr).")] = False,
+    with_report: Annotated[bool, typer.Option("--report", help="Also write (or refresh) <out>/report.html.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log cache hits and resumes.")] = False,
 ) -> None:
     """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
@@ -231,6 +232,8 @@ def rank(
     from pairscout.ranking.compute import DEFAULT_METRICS
 
     with _user_errors():
+        if with_report and out is None:
+            raise PairscoutError("--report needs --out: the report is rebuilt from the saved results.", fix="add --out DIR.")
         settings = RankSettings(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else DEFAULT_METRICS,
             primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
@@ -247,6 +250,10 @@ def rank(
         err.print(_rank_table(res, top))
         if out is not None:
             err.print(f"results in {out}/ (pairs.parquet, pairs.csv, models.csv, rank.json, plots/)", highlight=False)
+        if with_report and out is not None:
+            from pairscout.report import build_report
+
+            err.print(f"report: {build_report([out])}", highlight=False)
         if as_json:
             payload = {"pairs": res.pairs.to_dict(orient="records"), "models": res.models.to_dict(orient="records"), "meta": res.meta}
             out_console = Console(soft_wrap=True)
@@ -295,6 +302,21 @@ def _rank_table(res, top: int) -> Table:
                 cells.append(f"{row[f'{m}_p']:.3f}")
         table.add_row(str(row["rank"]), row["vision"], row["text"], *cells)
     return table
+
+
+# --- report --------------------------------------------------------------------------------------
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written by rank / probe / align --out.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="HTML file (default: <first run>/report.html).")] = None,
+    title: Annotated[str, typer.Option(help="Page title.")] = "pairscout report",
+) -> None:
+    """One self-contained HTML page (inline CSS and SVG, no external URL) rebuilt from saved results."""
+    from pairscout.report import build_report
+
+    with _user_errors():
+        path = build_report(runs, output, title=title)
+        err.print(f"report written to {path} ({path.stat().st_size / 1024:.0f} KiB)", highlight=False)
 
 
 # --- cache ---------------------------------------------------------------------------------------

@@ -1,8 +1,14 @@
-"""Comparison plots, each saved as PNG and SVG (matplotlib, Agg backend: no display needed)."""
+"""Comparison plots. Each function builds a matplotlib figure; :func:`render` saves it as PNG and
+SVG beside the results and returns it as an inline ``<svg>`` for the HTML report (Agg backend: no
+display needed)."""
 
 from __future__ import annotations
 
+import io
 import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -11,20 +17,40 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+MODALITY_COLORS = {"vision": "#86bbd8", "text": "#f6ae2d"}
 
 
-def _save(fig, out: Path, stem: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Plot:
+    stem: str
+    svg: str
+    """Inline ``<svg>`` element: no XML header, DOCTYPE or metadata, so it references nothing outside."""
+    paths: list[Path] = field(default_factory=list)
+
+
+def render(fig: Figure, out: Path | None, stem: str) -> Plot:
+    """Save ``fig`` as ``out/stem.png`` and ``out/stem.svg`` (when ``out``) and return it inline."""
     paths = []
-    for ext in ("png", "svg"):
-        p = out / f"{stem}.{ext}"
-        fig.savefig(p, dpi=130, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
-        paths.append(p)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "svg"):
+            p = out / f"{stem}.{ext}"
+            fig.savefig(p, dpi=130, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+            paths.append(p)
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     plt.close(fig)
-    return paths
+    text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text[text.index("<svg"):], flags=re.S)
+    # inline in HTML the parser supplies the SVG and xlink namespaces: drop the declarations so the
+    # page holds no URL at all
+    text = re.sub(r'\s+xmlns(:xlink)?="[^"]*"', "", text, count=2)
+    return Plot(stem, text, paths)
 
 
-def heatmap(matrix: pd.DataFrame, title: str, out: Path, stem: str) -> list[Path]:
+def heatmap(matrix: pd.DataFrame, title: str) -> Figure:
     """Vision (rows) x text (columns) heatmap with the values written in the cells."""
     vals = matrix.to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(1.1 * vals.shape[1] + 2.5, 0.55 * vals.shape[0] + 1.8))
@@ -40,33 +66,41 @@ def heatmap(matrix: pd.DataFrame, title: str, out: Path, stem: str) -> list[Path
     ax.set_ylabel("vision encoder")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, out, stem)
+    return fig
 
 
-def metric_scatter(pairs: pd.DataFrame, x: str, y: str, out: Path, stem: str, *, title: str | None = None) -> list[Path]:
-    """One metric against another across all pairs, with Spearman's rho in the title."""
+def spearman(x: pd.Series, y: pd.Series) -> float:
     from scipy.stats import spearmanr
 
+    ok = pd.concat([x, y], axis=1).dropna()
+    if len(ok) < 3 or ok.iloc[:, 0].nunique() < 2 or ok.iloc[:, 1].nunique() < 2:
+        return float("nan")
+    return float(spearmanr(ok.iloc[:, 0], ok.iloc[:, 1]).statistic)
+
+
+def metric_scatter(df: pd.DataFrame, x: str, y: str, *, title: str | None = None, xlabel: str | None = None,
+                   ylabel: str | None = None, label: Sequence[str] = ("vision", "text")) -> Figure:
+    """One column against another across rows (pairs or models), Spearman's rho in the title."""
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
-    ax.scatter(pairs[x], pairs[y], s=28, alpha=0.85, color="#33658a")
-    for _, r in pairs.iterrows():
-        ax.annotate(f"{r['vision']}|{r['text']}", (r[x], r[y]), fontsize=5.5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
-    ok = pairs[[x, y]].dropna()
-    rho = spearmanr(ok[x], ok[y]).statistic if len(ok) > 2 and ok[x].nunique() > 1 and ok[y].nunique() > 1 else float("nan")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title or f"{y} vs {x} (Spearman {rho:.2f}, {len(ok)} pairs)")
+    color = df["modality"].map(MODALITY_COLORS).fillna("#33658a") if "modality" in df else "#33658a"
+    ax.scatter(df[x], df[y], s=28, alpha=0.85, color=color)
+    for _, r in df.iterrows():
+        ax.annotate("|".join(str(r[c]) for c in label), (r[x], r[y]), fontsize=5.5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+    rho = spearman(df[x], df[y])
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title or f"{ylabel or y} vs {xlabel or x} (Spearman {rho:.2f}, {df[[x, y]].dropna().shape[0]} points)")
     ax.grid(alpha=0.3)
-    return _save(fig, out, stem)
+    return fig
 
 
-def unimodal_bars(models: pd.DataFrame, columns: list[str], out: Path, stem: str) -> list[Path]:
-    """Unimodal quality per model, one panel per measure, grouped by modality."""
+def unimodal_bars(models: pd.DataFrame, columns: Sequence[str]) -> Figure | None:
+    """Unimodal quality per model, one panel per measure, coloured by modality."""
     cols = [c for c in columns if c in models and models[c].notna().any()]
     if not cols:
-        return []
+        return None
     fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 0.32 * len(models) + 1.6), squeeze=False)
-    colors = models["modality"].map({"vision": "#86bbd8", "text": "#f6ae2d"}).fillna("#999999")
+    colors = models["modality"].map(MODALITY_COLORS).fillna("#999999")
     for ax, c in zip(axes[0], cols, strict=True):
         vals = models[c].astype(float)
         ax.barh(models["name"], vals.fillna(0), color=colors)
@@ -80,4 +114,25 @@ def unimodal_bars(models: pd.DataFrame, columns: list[str], out: Path, stem: str
             lbl.set_fontsize(7)
     fig.suptitle("unimodal quality (blue: vision, orange: text)")
     fig.tight_layout()
-    return _save(fig, out, stem)
+    return fig
+
+
+def curves(history: Sequence[dict], x: str, ys: Sequence[str], title: str) -> Figure | None:
+    """Training curves: each of ``ys`` against ``x`` from a list of log records (missing values skipped)."""
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.3), squeeze=False)
+    drawn = False
+    for ax, key in zip(axes[0], ys, strict=True):
+        pts = [(h[x], h[key]) for h in history if h.get(key) is not None and h.get(x) is not None]
+        if pts:
+            xs, vs = zip(*pts, strict=True)
+            ax.plot(xs, vs, marker="." if len(pts) < 30 else None, color="#33658a")
+            drawn = True
+        ax.set_xlabel(x)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if not drawn:
+        plt.close(fig)
+        return None
+    return fig

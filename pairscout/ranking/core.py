@@ -213,16 +213,19 @@ def rank(
 
 
 def write_plots(result: RankResult, out: Path) -> list[Path]:
-    """Heatmap per metric, metric-vs-metric scatter, unimodal quality per model (PNG + SVG)."""
+    """Heatmap per metric, each metric against the primary one, unimodal quality (PNG + SVG)."""
     from pairscout import plots
 
     pdir = out / "plots"
     paths: list[Path] = []
     for m in result.metrics:
-        paths += plots.heatmap(result.matrix(m), compute.LABELS.get(m, m), pdir, f"heatmap_{m}")
+        paths += plots.render(plots.heatmap(result.matrix(m), compute.LABELS.get(m, m)), pdir, f"heatmap_{m}").paths
     primary = result.primary
     for m in result.metrics:
         if m != primary:
-            paths += plots.metric_scatter(result.pairs, primary, m, pdir, f"scatter_{primary}_vs_{m}")
-    paths += plots.unimodal_bars(result.models, compute.UNIMODAL_COLUMNS, pdir, "unimodal_quality")
+            fig = plots.metric_scatter(result.pairs, primary, m, xlabel=compute.LABELS.get(primary), ylabel=compute.LABELS.get(m))
+            paths += plots.render(fig, pdir, f"scatter_{primary}_vs_{m}").paths
+    fig = plots.unimodal_bars(result.models, compute.UNIMODAL_COLUMNS)
+    if fig is not None:
+        paths += plots.render(fig, pdir, "unimodal_quality").paths
     return paths
