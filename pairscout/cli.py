@@ -339,10 +339,13 @@ def cache_list(cache_dir: CacheOpt = None) -> None:
 
 
 def main() -> None:
-    from pairscout import distributed
+    import os
 
-    if distributed.init_from_env() and not distributed.is_main():
-        err.quiet = out.quiet = True  # under torchrun only rank 0 talks
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (torch imported only then)
+        from pairscout import distributed
+
+        if distributed.init_from_env() and not distributed.is_main():
+            err.quiet = out.quiet = True  # only rank 0 talks
     try:
         app()
     except PairscoutError as e:  # raised outside a command body (should not happen, but never a traceback)
