@@ -353,5 +353,14 @@ def main() -> None:
         sys.exit(e.exit_code)
 
 
+
+# --- probe / align / zero-shot (issue 5): defined in pairscout.align.cli, registered here -------
+from pairscout.align.cli import align_command, probe_command, zero_shot_command  # noqa: E402
+
+app.command("probe")(probe_command)
+app.command("align")(align_command)
+app.command("zero-shot")(zero_shot_command)
+
+
 if __name__ == "__main__":
     main()
