@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS ?= --disable-pip-version-check --progress-bar off
 
-.PHONY: install demo test lint bench
+.PHONY: install demo picture test lint bench
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -12,9 +12,18 @@ $(BIN)/activate:
 install: $(BIN)/activate
 	$(BIN)/pip install $(PIP_FLAGS) -q -e ".[offline,test]"
 
-## The main job on the built-in offline default (offline zoos x generated dataset), results in runs/demo.
+## The main job on the built-in offline default: rank the offline zoos on the generated dataset, probe
+## the top and bottom pairs, align the best pair, and write the report (reports/demo.html).
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/pairscout rank --out runs/demo --force
+	HF_HUB_OFFLINE=1 $(BIN)/pairscout probe --run runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/pairscout align --run runs/demo --out runs/demo/align --force
+	$(BIN)/pairscout report runs/demo runs/demo/align -o reports/demo.html --title "pairscout demo: offline zoos on the generated dataset"
+
+## The README's picture of the report (needs Debian's chromium).
+picture:
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --hide-scrollbars \
+	  --user-data-dir=$$(mktemp -d) --window-size=1200,1400 --screenshot=reports/demo.png file://$(CURDIR)/reports/demo.html
 
 ## The whole test suite (no network, no GPU needed).
 test: install

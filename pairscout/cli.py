@@ -31,6 +31,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Our own progress bars only: silence the per-load bars of transformers and the hub client."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 zoo_app = typer.Typer(help="List and inspect model zoos.", no_args_is_help=True)
 cache_app = typer.Typer(help="Inspect the embedding cache.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")

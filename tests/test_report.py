@@ -96,3 +96,20 @@ def test_report_renders_in_a_headless_browser(rank_run, tmp_path):
     img = Image.open(BytesIO(shot)).convert("L")
     assert img.size[1] > 1000
     assert ImageStat.Stat(img).stddev[0] > 10  # not a blank page
+
+
+def test_probe_and_align_refresh_the_report_with_their_sections(rank_run, tmp_path):
+    runner = CliRunner()
+    cache = str(rank_run / "cache")
+    r = runner.invoke(app, ["probe", "--run", str(rank_run), "--cache-dir", cache, "--top-k", "2", "--bottom-k", "1", "--steps", "10",
+                            "--out-dim", "16", "--batch-size", "16", "--device", "cpu", "--report"])
+    assert r.exit_code == 0, r.output
+    page = (rank_run / "report.html").read_text()
+    assert 'id="probe"' in page and "spearman" in page and 'id="training"' not in page
+    assert (rank_run / "plots" / "probe_mean_r1_vs_cka_linear_debiased.svg").is_file()
+    r = runner.invoke(app, ["align", "--run", str(rank_run), "--cache-dir", cache, "--steps", "12", "--eval-every", "6", "--out-dim", "16",
+                            "--hidden-mult", "1", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "model"), "--report"])
+    assert r.exit_code == 0, r.output
+    page = (rank_run / "report.html").read_text()
+    assert 'id="training"' in page and "image-&gt;text R@1 (held out)" in page
+    assert (tmp_path / "model" / "plots" / "training_curves.png").is_file()

@@ -57,6 +57,9 @@ def _probe_progress(progress):
     return update
 
 
+ReportOpt = Annotated[bool, typer.Option("--report", help="Also write (or refresh) report.html in the run folder.")]
+
+
 def _r(x) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
@@ -82,6 +85,7 @@ def probe_command(
     cache_dir: CacheOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    with_report: ReportOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Short linear probes on the top and bottom pairs of a ranking: did the metrics predict alignment?"""
@@ -107,6 +111,10 @@ def probe_command(
             err.print(verdict(res.correlations, primary), highlight=False)
         if res.meta.get("out"):
             err.print(f"results in {res.meta['out']}/ (probe.json, probe.csv, probe.parquet, probe_correlations.csv)", highlight=False)
+            if with_report:
+                from pairscout.report import build_report
+
+                err.print(f"report: {build_report([res.meta['out']])}", highlight=False)
         if as_json:
             from pairscout.align.probe import _records
 
@@ -180,6 +188,7 @@ def align_command(
     cache_dir: CacheOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
+    with_report: ReportOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Train projector heads for one vision x text pair on its cached embeddings and save the aligned model."""
@@ -216,6 +225,10 @@ def align_command(
         if res.out is not None:
             err.print(f"aligned model in {res.out}/ (config.json, heads.safetensors, train/train_log.json); "
                       f"use it: pairscout zero-shot --model {res.out} IMAGE... --classes a,b,c", highlight=False)  # fmt: skip
+            if with_report:
+                from pairscout.report import build_report
+
+                err.print(f"report: {build_report([run, res.out] if run is not None else [res.out])}", highlight=False)
         else:
             err.print("[yellow]no --out: the aligned model was not saved[/]")
         if as_json:

@@ -26,6 +26,8 @@ from pairscout import plots
 from pairscout.errors import PairscoutError
 
 TEMPLATE = "report.html.j2"
+FINAL_CARDS = (("i2t_r1", "image->text R@1"), ("t2i_r1", "text->image R@1"), ("mean_r5", "mean R@5"),
+               ("zs_top1", "zero-shot top-1"), ("zs_top5", "zero-shot top-5"))
 
 
 @dataclass
@@ -60,7 +62,7 @@ def collect(paths: list[str | Path]) -> list[RunFiles]:
             run.rank = RankResult.load(p)
         if (p / "probe.json").is_file():
             run.probe = _read_json(p / "probe.json")
-        for sub in (p, p / "model"):
+        for sub in (p, p / "train", p / "model"):
             if (sub / "train_log.json").is_file() and run.train_log is None:
                 run.train_log = _read_json(sub / "train_log.json")
             if (sub / "config.json").is_file() and run.model_config is None:
@@ -176,7 +178,7 @@ def _align_section(run: RunFiles) -> dict[str, Any]:
     fig = plots.curves(train, "step", [k for k in ("loss", "lr", "samples_per_s") if any(k in h for h in train)], "training")
     if fig is not None:
         figs.append(("training", plots.render(fig, pdir, "training_curves")))
-    keys = [k for k in ("i2t_r1", "t2i_r1", "zeroshot_top1") if any(k in e for e in evals)]
+    keys = [k for k in ("i2t_r1", "t2i_r1", "zs_top1") if any(k in e for e in evals)]
     if keys:
         fig = plots.curves(evals, "step", keys, "held-out evaluation")
         if fig is not None:
@@ -185,8 +187,9 @@ def _align_section(run: RunFiles) -> dict[str, Any]:
     return {
         "path": str(run.path),
         "config": log.get("config", {}),
-        "model": {k: cfg.get(k) for k in ("vision", "text", "head", "metrics") if k in cfg},
-        "final": log.get("final", log.get("metrics", {})),
+        "model": {k: cfg.get(k) for k in ("vision", "text", "vision_head", "text_head", "loss", "dataset_fingerprint", "command", "versions") if k in cfg},
+        "final": [(label, (log.get("metrics") or {}).get(k)) for k, label in FINAL_CARDS if (log.get("metrics") or {}).get(k) is not None],
+        "pair": f"{(cfg.get('vision') or {}).get('name', '?')} + {(cfg.get('text') or {}).get('name', '?')}" if cfg else "",
         "figures": figs,
     }
 
