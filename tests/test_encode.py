@@ -159,3 +159,17 @@ def test_encode_zoo_reports_a_failing_model_and_keeps_the_rest(tmp_path, data):
 def test_embeddings_per_row_identity_for_vision():
     e = Embeddings(pooled=torch.randn(5, 3), row_index=torch.arange(5))
     assert e.per_row(5) is e.pooled
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, data):
+    import os
+
+    from pairscout._io import atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    cache = EmbeddingCache(tmp_path)
+    encode(PIXELS, data, cache=cache, settings=SETTINGS)
+    atomic_write_text(tmp_path / "r.json", "{}")
+    for p in (cache.entry_path(PIXELS, data.fingerprint), tmp_path / "r.json"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600

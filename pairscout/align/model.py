@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from pairscout._io import atomic_write_text
 from pairscout.align.evaluate import TEMPLATES, class_embeddings
 from pairscout.align.heads import HeadConfig, build_head
-from pairscout.align.train import TrainConfig, TrainResult, _atomic_write_text, train
+from pairscout.align.train import TrainConfig, TrainResult, train
 from pairscout.encode.cache import atomic_save
 from pairscout.errors import DataError, PairscoutError
 from pairscout.zoo.spec import EncoderSpec
@@ -164,7 +165,7 @@ class AlignedModel:
         tensors.update({f"text.{k}": v for k, v in self.text_head.state_dict().items()})
         atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, out / WEIGHTS)
         if self.fit_texts is not None:
-            _atomic_write_text(out / FIT_TEXTS, json.dumps(self.fit_texts, ensure_ascii=False))
+            atomic_write_text(out / FIT_TEXTS, json.dumps(self.fit_texts, ensure_ascii=False))
         config = {
             "kind": "pairscout.aligned_model", "format": FORMAT,
             "vision": self.vision_spec.to_dict(), "text": self.text_spec.to_dict(),
@@ -173,7 +174,7 @@ class AlignedModel:
             "fit_texts": FIT_TEXTS if self.fit_texts is not None else None,
             **{k: v for k, v in self.meta.items() if k not in ("kind", "format")},
         }  # fmt: skip
-        _atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+        atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
         return out
 
     @classmethod

@@ -104,15 +104,15 @@ class ProbeResult:
         return list(self.meta.get("metrics", []))
 
     def save(self, out: str | Path) -> Path:
-        from pairscout.ranking.result import _atomic_frame, _atomic_write_text
+        from pairscout._io import atomic_frame, atomic_write_text
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_frame(self.pairs, out / f"{PROBE_TABLE}.parquet")
-        _atomic_frame(self.pairs, out / f"{PROBE_TABLE}.csv")
-        _atomic_frame(self.correlations, out / CORR_TABLE)
+        atomic_frame(self.pairs, out / f"{PROBE_TABLE}.parquet")
+        atomic_frame(self.pairs, out / f"{PROBE_TABLE}.csv")
+        atomic_frame(self.correlations, out / CORR_TABLE)
         payload = {**self.meta, "correlations": _records(self.correlations), "pairs": _records(self.pairs)}
-        _atomic_write_text(out / PROBE_JSON, json.dumps(payload, indent=2, default=str) + "\n")
+        atomic_write_text(out / PROBE_JSON, json.dumps(payload, indent=2, default=str) + "\n")
         return out
 
     @classmethod

@@ -41,9 +41,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -53,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pairscout._io import atomic_torch_save, atomic_write_text
 from pairscout.align.evaluate import EvalSet, evaluate
 from pairscout.align.heads import HeadConfig, HeadError, build_head
 from pairscout.align.losses import build_loss
@@ -339,29 +338,6 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
 
 
 # --- files --------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def head_state(vision_head: nn.Module, text_head: nn.Module, loss_fn: nn.Module) -> dict[str, Tensor]:
     """One flat tensor dict (``vision.*``, ``text.*``, ``loss.*``) for a safetensors file."""
     out: dict[str, Tensor] = {}
@@ -529,7 +505,7 @@ def train(
                 "data": {"n_images": n_img, "n_captions": int(t.pooled.shape[0]), "vision_dim": int(v.pooled.shape[1]),
                          "text_dim": int(t.pooled.shape[1]), "signature": identity["data"]},
             }  # fmt: skip
-            _atomic_write_text(out / LOG_FILE, json.dumps(payload, indent=2, default=str) + "\n")
+            atomic_write_text(out / LOG_FILE, json.dumps(payload, indent=2, default=str) + "\n")
 
         def save_checkpoint(step: int) -> None:
             t0 = time.perf_counter()
@@ -537,12 +513,12 @@ def train(
             cdir.mkdir(parents=True, exist_ok=True)
             stem = f"step_{step:08d}"
             atomic_save(head_state(vision_head, text_head, loss_fn), cdir / f"{stem}.safetensors")
-            _atomic_torch_save({
+            atomic_torch_save({
                 "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "history": history, "step": step, "timings": timings, "samples": samples_done,
             }, cdir / f"{stem}.pt")  # fmt: skip
-            _atomic_write_text(cdir / "latest.json", json.dumps(
+            atomic_write_text(cdir / "latest.json", json.dumps(
                 {"step": step, "weights": f"{stem}.safetensors", "state": f"{stem}.pt", "identity": identity}, indent=2, default=str))
             old = sorted(cdir.glob("step_*.safetensors"))[: -max(1, config.keep_checkpoints)]
             for p in old:

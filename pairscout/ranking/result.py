@@ -12,40 +12,18 @@ it back, so probe and report work from the files alone.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from pairscout._io import atomic_frame, atomic_write_text
 from pairscout.errors import PairscoutError
 
 PAIRS = "pairs"
 MODELS = "models"
 META = "rank.json"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_frame(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -81,9 +59,9 @@ class RankResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         for name, df in ((PAIRS, self.pairs), (MODELS, self.models)):
-            _atomic_frame(df, out / f"{name}.parquet")
-            _atomic_frame(df, out / f"{name}.csv")
-        _atomic_write_text(out / META, json.dumps(self.meta, indent=2, default=str) + "\n")
+            atomic_frame(df, out / f"{name}.parquet")
+            atomic_frame(df, out / f"{name}.csv")
+        atomic_write_text(out / META, json.dumps(self.meta, indent=2, default=str) + "\n")
         return out
 
     @classmethod

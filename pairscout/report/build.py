@@ -11,8 +11,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,6 +21,7 @@ import pandas as pd
 
 import pairscout
 from pairscout import plots
+from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
 
 TEMPLATE = "report.html.j2"
@@ -194,14 +193,6 @@ def _align_section(run: RunFiles) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def build_report(paths: list[str | Path], out: str | Path | None = None, *, title: str = "pairscout report") -> Path:
     """Write one HTML file for the given run folders; returns its path (default ``<first run>/report.html``)."""
     import jinja2
@@ -226,5 +217,5 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
         sources=[str(r.path) for r in runs],
         json_dump=lambda v: html.escape(json.dumps(v, indent=1, default=str)),
     )
-    _atomic_write(out, page)
+    atomic_write_text(out, page)
     return out
