@@ -130,6 +130,8 @@ def test_align_cli_saves_a_model_that_zero_shots_raw_images(rank_run, tmp_path):
     r = runner.invoke(app, [*args, "--force", "--drop-checkpoint"])  # the default: a finished run keeps no optimiser state
     assert r.exit_code == 0, r.output
     assert not (model_dir / "train" / "checkpoints").exists() and (model_dir / "heads.safetensors").is_file()
+    r = runner.invoke(app, [*args[:-4], "--device", "cpu", "--out", str(model_dir)])  # a finished model is not overwritten silently
+    assert r.exit_code == 2 and "already holds an aligned model" in r.output
 
     from pairscout.data import load_dataset
 

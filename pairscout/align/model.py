@@ -276,6 +276,12 @@ def align(
     tokens = config.head == "local_global"
     data_ = pair_data(src, pair[0], pair[1], test_fraction=test_fraction, seed=split_seed, tokens=tokens, zero_shot=zero_shot, templates=templates)
     out = Path(out) if out is not None else None
+    from pairscout.align.train import CKPT_DIR
+
+    # never overwrite finished work silently (with checkpoints present, train() refuses and says how to resume)
+    if out is not None and (out / CONFIG).is_file() and not (out / "train" / CKPT_DIR).exists() and not (force or resume):
+        raise PairscoutError(f"{out} already holds an aligned model ({CONFIG}).",
+                             fix="choose another --out, or pass --force to train again and replace it.")
     res = train(data_.vision, data_.text, data_.text_image_index, config, out_dir=None if out is None else out / "train",
                 eval_data=data_.eval, progress=progress, resume=resume, force=force, **data_.tokens)  # fmt: skip
     enc = data_.text_encoder
