@@ -69,6 +69,10 @@ def test_select_pairs_takes_top_and_bottom_without_overlap():
     sel = select_pairs(ranked, 2, 2)
     assert sel["rank"].tolist() == [1, 2, 4, 5] and sel["group"].tolist() == ["top", "top", "bottom", "bottom"]
     assert select_pairs(ranked, 4, 3)["rank"].tolist() == [1, 2, 3, 4, 5]
+    long = pd.DataFrame({"vision": [f"v{i}" for i in range(20)], "text": [f"t{i}" for i in range(20)], "rank": range(1, 21)})
+    sel = select_pairs(long, 2, 2, middle_k=3)
+    assert sel["rank"].tolist() == [1, 2, 7, 11, 14, 19, 20]  # evenly spaced through ranks 3..18
+    assert sel["group"].tolist() == ["top", "top", "middle", "middle", "middle", "bottom", "bottom"]
 
 
 # --- a small rank run shared by the CLI tests ------------------------------------------------------
@@ -84,7 +88,7 @@ def rank_run(tmp_path_factory):
 
 def test_probe_cli_on_a_rank_run(rank_run):
     run, cache = rank_run
-    r = runner.invoke(app, ["probe", "--run", str(run), "--cache-dir", str(cache), "--top-k", "2", "--bottom-k", "1",
+    r = runner.invoke(app, ["probe", "--run", str(run), "--cache-dir", str(cache), "--top-k", "2", "--bottom-k", "1", "--middle-k", "0",
                             "--steps", "25", "--out-dim", "32", "--batch-size", "32", "--device", "cpu", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     payload = json.loads(r.stdout)

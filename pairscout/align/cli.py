@@ -73,6 +73,7 @@ def probe_command(
     n: NOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Probe the K best-ranked pairs.")] = 5,
     bottom_k: Annotated[int, typer.Option("--bottom-k", help="... and the K worst-ranked ones.")] = 2,
+    middle_k: Annotated[int, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.")] = 3,
     pairs: Annotated[str | None, typer.Option("--pairs", help="Probe these pairs instead: 'v1,t1;v2,t2'.")] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps per probe (the same for every pair).")] = 300,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
@@ -99,7 +100,7 @@ def probe_command(
             chosen = [tuple(p.split(",", 1)) for p in pairs.split(";") if p.strip()]
             if any(len(p) != 2 for p in chosen):
                 raise PairscoutError(f"--pairs {pairs!r} is malformed.", fix="write it as 'vision1,text1;vision2,text2'.")
-        settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
+        settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
                                  optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device)  # fmt: skip
         with _progress() as progress:
             res = probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,

@@ -49,6 +49,8 @@ class ProbeSettings:
 
     top_k: int = 5
     bottom_k: int = 2
+    middle_k: int = 3
+    """Pairs evenly spaced between the top and the bottom ones."""
     steps: int = 300
     """Optimiser steps per pair. About 25 s per pair at 1,000 rows x 1,280-d on 2 CPU cores."""
     batch_size: int = 256
@@ -136,14 +138,19 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in recs]
 
 
-def select_pairs(ranked: pd.DataFrame, top_k: int, bottom_k: int) -> pd.DataFrame:
-    """The ``top_k`` best and ``bottom_k`` worst pairs (no pair twice), best first, with a ``group`` column."""
-    if top_k < 0 or bottom_k < 0 or top_k + bottom_k < 1:
-        raise PairscoutError(f"top_k={top_k} and bottom_k={bottom_k} probe no pair.", fix="pass --top-k 1 or more.")
+def select_pairs(ranked: pd.DataFrame, top_k: int, bottom_k: int, middle_k: int = 0) -> pd.DataFrame:
+    """The ``top_k`` best and ``bottom_k`` worst pairs, plus ``middle_k`` evenly spaced between them
+    (no pair twice), in rank order, with a ``group`` column. Pairs from the middle give the
+    correlations spread: with only the two ends, a metric is tested on little more than one jump."""
+    if min(top_k, bottom_k, middle_k) < 0 or top_k + bottom_k + middle_k < 1:
+        raise PairscoutError(f"top_k={top_k}, middle_k={middle_k}, bottom_k={bottom_k} probe no pair.", fix="pass --top-k 1 or more.")
     top = ranked.head(top_k).assign(group="top")
     rest = ranked.iloc[len(top):]
     bottom = rest.tail(min(bottom_k, len(rest))).assign(group="bottom") if bottom_k else rest.iloc[:0].assign(group="bottom")
-    return pd.concat([top, bottom]).reset_index(drop=True)
+    pool = rest.iloc[: len(rest) - len(bottom)]
+    picks = sorted({int(round(x)) for x in np.linspace(0, len(pool) - 1, middle_k + 2)[1:-1]}) if middle_k and len(pool) else []
+    middle = pool.iloc[picks].assign(group="middle")
+    return pd.concat([top, middle, bottom]).reset_index(drop=True)
 
 
 def probe_pairs(
@@ -231,7 +238,7 @@ def probe(
             raise PairscoutError(f"pair {missing[0][0]},{missing[0][1]} is not in the rank run.", fix="pick pairs from its pairs.csv.")
         chosen = ranked[[(v, t) in set(map(tuple, pairs)) for v, t in zip(ranked["vision"], ranked["text"], strict=True)]].assign(group="chosen")
     else:
-        chosen = select_pairs(ranked, settings.top_k, settings.bottom_k)
+        chosen = select_pairs(ranked, settings.top_k, settings.bottom_k, settings.middle_k)
     # every pair's cache entry is checked before any training starts: a miss fails fast
     _check_cached(src, chosen)
 
