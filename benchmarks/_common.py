@@ -23,7 +23,22 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if torch.cuda.is_available():
+        info["cuda_runtime"] = torch.version.cuda
+        info["driver"] = gpu_driver()
     return info
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi (None where there is none)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_results(stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:

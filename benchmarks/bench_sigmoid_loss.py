@@ -169,7 +169,11 @@ def machine_info(device: str) -> dict:
         except PackageNotFoundError:
             info[pkg] = None
     if device.startswith("cuda") and torch.cuda.is_available():
+        from _common import gpu_driver
+
         info["gpu"] = torch.cuda.get_device_name()
+        info["driver"] = gpu_driver()
+        info["cuda_runtime"] = torch.version.cuda
     return info
 
 
@@ -248,7 +252,7 @@ def main() -> None:
         ap.error("--repeats must be >= 1")
     cuda = args.device.startswith("cuda")
     sizes = [
-        int(s) for s in (args.sizes or ("4096,8192,16384,32768" if cuda else "1024,2048,4096")).split(",")
+        int(s) for s in (args.sizes or ("4096,16384,32768,65536,131072" if cuda else "1024,2048,4096")).split(",")
     ]
     args.chunk = args.chunk or (1024 if cuda else 512)
     if args.worker:

@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--tag", default="", help="suffix of the results file (trainer_<device>[_<tag>])")
     args = ap.parse_args()
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -127,7 +128,8 @@ def main() -> None:
         "",
         f"Machine: {info}",
     ]
-    j, m = write_results(f"trainer_{args.device.split(':')[0]}", payload, "\n".join(md))
+    stem = f"trainer_{args.device.split(':')[0]}" + (f"_{args.tag}" if args.tag else "")
+    j, m = write_results(stem, payload, "\n".join(md))
     print(f"ratio pairscout / plain: {ratio:.3f}; written {j} and {m}")
 
 

@@ -17,6 +17,7 @@ from pairscout.metrics import (
     hsic,
     linear_cka,
     median_sigma,
+    rbf_gram,
     pair_cka,
     rbf_cka,
 )
@@ -277,3 +278,65 @@ def test_against_ckatorch():
         sig.append(float(torch.median(d2)) ** 0.5)
     ours = float(all_pairs_cka([x], [y], "rbf", sigmas=sig)[0, 0])
     assert ours == pytest.approx(float(ckatorch.cka_base(x, y, kernel="rbf")), abs=1e-6)
+
+
+def test_debiased_rbf_small_bandwidth_regression():
+    """Issue 9: the self-term cut-off compared HSIC_1(L, L) with <L, L> including the diagonal (which the
+    debiased estimator never uses), so an RBF kernel dominated by its diagonal read CKA 0.0 instead of 0.622."""
+    g = torch.Generator().manual_seed(0)
+    lab = torch.randint(0, 10, (100,), generator=g)
+    x = torch.randn(10, 16, generator=g, dtype=F64)[lab] * 2 + torch.randn(100, 16, generator=g, dtype=F64)
+    y = torch.randn(10, 1024, generator=g, dtype=F64)[lab] * 2 + 1.5 * torch.randn(100, 1024, generator=g, dtype=F64)
+    s = median_sigma(x)
+    k, l = rbf_gram(x, s), rbf_gram(y, s)
+
+    def h1(a, b):  # plain off-diagonal HSIC_1 (Song et al. 2012)
+        n = a.shape[0]
+        a, b = a.clone().fill_diagonal_(0), b.clone().fill_diagonal_(0)
+        o = torch.ones(n, dtype=F64)
+        return ((a * b).sum() + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2 / (n - 2) * (a @ o) @ (b @ o)) / (n * (n - 3))
+
+    ref = float(h1(k, l) / torch.sqrt(h1(k, k) * h1(l, l)))
+    assert ref == pytest.approx(0.6224, abs=1e-3)
+    assert rbf_cka(x, y, debiased=True, sigma_x=s, sigma_y=s) == pytest.approx(ref, rel=1e-9)
+    assert cka_from_grams(k, l, debiased=True) == pytest.approx(ref, rel=1e-9)
+    stream = StreamingCKA("rbf", sigmas=[s, s])
+    stream.update([x], [y])
+    assert float(stream.compute()[0, 0]) == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_float32_precision_within_1e5_of_float64(kernel, debiased):
+    """precision='float32': float32 products, float64 reductions; error <= 1e-5 on embeddings with offsets,
+    widths up to 4,096 and n above one product chunk."""
+    import pairscout.metrics.cka as cka_mod
+
+    g = torch.Generator().manual_seed(3)
+    n = 600 if kernel == "rbf" else 1200
+    shared = torch.randn(n, 8, generator=g)
+    def model(d: int, snr: float) -> torch.Tensor:
+        return snr * shared @ torch.randn(8, d, generator=g) + torch.randn(n, d, generator=g) + 1e3
+
+    xs = [model(64, 0.3), model(4096, 1.5)]
+    ys = [model(512, 1.0), model(1024, 0.5)]
+    old = cka_mod.CHUNK_ROWS
+    cka_mod.CHUNK_ROWS = 500  # several chunks, so the float64 accumulation across chunks is exercised
+    try:
+        exact = all_pairs_cka(xs, ys, kernel, debiased, precision="float64")
+        fast = all_pairs_cka(xs, ys, kernel, debiased, precision="float32")
+        tf = all_pairs_cka(xs, ys, kernel, debiased, precision="tf32")  # plain float32 on CPU
+    finally:
+        cka_mod.CHUNK_ROWS = old
+    assert exact.dtype == F64 and fast.dtype == F64
+    assert float((fast - exact).abs().max()) <= 1e-5
+    assert torch.equal(tf, fast)
+    assert float(exact.abs().max()) > 0.05  # the check is not on values that are all ~0
+
+
+def test_precision_argument_errors():
+    x = torch.randn(50, 4)
+    with pytest.raises(MetricError, match="unknown precision"):
+        all_pairs_cka([x], [x], precision="float16")
+    with pytest.raises(MetricError, match="either precision= or dtype="):
+        all_pairs_cka([x], [x], precision="float32", dtype=torch.float32)
