@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from pairscout.align.losses import SigmoidLoss  # noqa: E402
+from pairscout.align.losses import InfoNCELoss, SigmoidLoss  # noqa: E402
 
 IMPLS = ("open_clip", "ours_plain", "ours_chunk", "ours_chunk_fused")
 MiB = 2**20
@@ -63,8 +63,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(impl: str, chunk: int, device: str):
+def make_infonce_step(impl: str, chunk: int, device: str):
+    """InfoNCE family: open_clip's ``ClipLoss`` against ours, plain (B x B logits) and tiled."""
+    if impl == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        peer = ClipLoss()
+        scale = torch.nn.Parameter(torch.tensor(1 / 0.07, device=device).log())
+
+        def step(img, txt):
+            loss = peer(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale.exp())
+            loss.backward()
+            return loss.detach()
+
+        return step
+    if impl == "ours_chunk_fused":
+        raise SystemExit("ours_chunk_fused exists for the sigmoid loss only")
+    ours = InfoNCELoss(chunk=chunk if impl == "ours_chunk" else None).to(device)
+
+    def step(img, txt):
+        loss = ours(img, txt)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def make_step(impl: str, chunk: int, device: str, loss: str = "sigmoid"):
     """A closure (img, txt) -> loss value doing one forward + backward, and the modules it owns."""
+    if loss == "infonce":
+        return make_infonce_step(impl, chunk, device)
     if impl == "open_clip":
         from open_clip.loss import SigLipLoss
 
@@ -93,11 +121,12 @@ def make_step(impl: str, chunk: int, device: str):
     return step
 
 
-def worker(impl: str, n: int, d: int, chunk: int, device: str, repeats: int, seed: int, threads: int) -> dict:
+def worker(impl: str, n: int, d: int, chunk: int, device: str, repeats: int, seed: int, threads: int,
+           loss: str = "sigmoid") -> dict:
     """Run one case in this (fresh) process and return its figures."""
     torch.set_num_threads(threads)
     torch.backends.cuda.matmul.allow_tf32 = False
-    step = make_step(impl, chunk, device)
+    step = make_step(impl, chunk, device, loss)
     # load / initialise library code (GEMM kernels, thread pools) on a tiny case, so it is not counted
     small = [torch.randn(256, d, device=device, requires_grad=True) for _ in range(2)]
     step(*small)
@@ -143,7 +172,7 @@ def worker(impl: str, n: int, d: int, chunk: int, device: str, repeats: int, see
 def run_case(args, impl: str, n: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--sizes", str(n), "--dim", str(args.dim),
            "--chunk", str(args.chunk), "--device", args.device, "--repeats", str(args.repeats),
-           "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+           "--seed", str(args.seed), "--threads", str(args.threads), "--loss", args.loss]  # fmt: skip
     # large blocks always mmap-ed, so freed memory leaves the RSS at once (glibc's default threshold grows
     # after the first frees and then keeps freed blocks resident, inflating the peak with fragmentation)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -187,7 +216,7 @@ def to_markdown(payload: dict) -> str:
         else "torch.cuda.max_memory_allocated() minus the allocated bytes before the steps (fresh subprocess per case)"
     )
     lines = [
-        f"# Sigmoid loss step benchmark ({cfg['device']})",
+        f"# {cfg.get('loss', 'sigmoid').capitalize()} loss step benchmark ({cfg['device']})",
         "",
         f"Command: `{payload['command']}`",
         "",
@@ -197,6 +226,8 @@ def to_markdown(payload: dict) -> str:
         f"{m.get('gpu') or 'no GPU'}, {m['platform']}; open-clip-torch {m['open-clip-torch']}; load average "
         f"at start/end {m['load_avg_at_start'][0]:.1f}/{m['load_avg_at_end'][0]:.1f} (shared CPU).",
         f"Memory: {mem}.",
+        "",
+        "Peer: open_clip's " + ("`ClipLoss`" if cfg.get("loss") == "infonce" else "`SigLipLoss`") + ".",
         "",
         "| B | impl | step (s) | speed-up vs open_clip | loss memory (MiB) | open_clip / ours memory | loss | abs diff vs open_clip |",
         "|---|---|---|---|---|---|---|---|",
@@ -225,8 +256,8 @@ def to_markdown(payload: dict) -> str:
     ]
     if cfg["device"] == "cpu":
         lines.append(
-            "GPU figures (B = 4k..32k, targets: < 1 GB at B = 32,768 and no slower than open_clip) need "
-            "`--device cuda`; not run in this session (no GPU)."
+            "GPU figures (B = 4k..131k) come from `bash benchmarks/gpu.sh` on a GPU machine "
+            "(results/*_cuda.md); none has been lent to this project yet."
         )
     return "\n".join(lines)
 
@@ -246,6 +277,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--case-timeout", type=float, default=300.0)
+    ap.add_argument("--loss", default="sigmoid", choices=["sigmoid", "infonce"],
+                    help="sigmoid (vs open_clip SigLipLoss) or infonce (vs open_clip ClipLoss; ours plain / tiled)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.repeats < 1:
@@ -257,7 +290,8 @@ def main() -> None:
     args.chunk = args.chunk or (1024 if cuda else 512)
     if args.worker:
         out = worker(
-            args.worker, sizes[0], args.dim, args.chunk, args.device, args.repeats, args.seed, args.threads
+            args.worker, sizes[0], args.dim, args.chunk, args.device, args.repeats, args.seed, args.threads,
+            args.loss,
         )
         print(json.dumps(out))
         return
@@ -276,12 +310,12 @@ def main() -> None:
                 print(f"B={n:>6} {impl:<17} step {row['step_s_median']:8.3f} s   loss memory "
                       f"{row['peak_mem_MiB']:8.1f} MiB   loss {row['loss']:.6f}", flush=True)  # fmt: skip
     info["load_avg_at_end"] = os.getloadavg()
-    config = {"device": args.device, "sizes": sizes, "dim": args.dim, "chunk": args.chunk,
+    config = {"device": args.device, "loss": args.loss, "sizes": sizes, "dim": args.dim, "chunk": args.chunk,
               "repeats": args.repeats, "seed": args.seed, "threads": args.threads, "impls": args.impls.split(",")}  # fmt: skip
     payload = {"command": command, "machine": info, "config": config, "rows": rows}
     md = to_markdown(payload)
     print("\n" + md)
-    stem = "sigmoid_loss_" + ("cuda" if cuda else "cpu")
+    stem = f"{args.loss}_loss_" + ("cuda" if cuda else "cpu")
     j, m = write_results(stem, payload, md)
     print(f"\nwrote {j.relative_to(ROOT)} and {m.relative_to(ROOT)}")
 

@@ -27,6 +27,9 @@ step $PY benchmarks/bench_cka.py --device cuda --models 10 --sizes 10000,50000 -
 # 3. sigmoid loss, d = 1,024, B = 4,096 .. 131,072 against open_clip's SigLipLoss
 step $PY benchmarks/bench_sigmoid_loss.py --device cuda --impls open_clip,ours_chunk,ours_chunk_fused \
   --sizes 4096,16384,32768,65536,131072 --repeats 5 --case-timeout 120
+# 3b. InfoNCE: ours plain and tiled against open_clip's ClipLoss
+step $PY benchmarks/bench_sigmoid_loss.py --device cuda --loss infonce --impls open_clip,ours_plain,ours_chunk \
+  --sizes 8192,32768,65536 --repeats 5 --case-timeout 120
 # 4. trainer: GLU heads at SAIL's shape (1,024-d both sides, width x8), bf16 autocast, against a plain loop
 step $PY benchmarks/bench_trainer.py --device cuda --n 131072 --batch-size 32768 --steps 20 --tag sail_b32k
 step $PY benchmarks/bench_trainer.py --device cuda --n 65536 --batch-size 4096 --steps 50 --tag b4k

@@ -16,6 +16,7 @@ from pairscout.align.losses import (
     chunked_sigmoid_negatives,
     default_txt_image_index,
 )
+from pairscout.align import losses
 from pairscout.errors import PairscoutError
 
 
@@ -238,3 +239,35 @@ def test_loss_parameters_are_learnable_or_frozen():
     assert {n for n, _ in SigmoidLoss().named_parameters()} == {"logit_scale", "logit_bias"}
     assert list(SigmoidLoss(learnable=False).parameters()) == []
     assert {n for n, _ in InfoNCELoss().named_parameters()} == {"logit_scale"}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("multi", [False, True])
+def test_tiled_infonce_equals_plain(chunk, multi):
+    """Issue 13: tiled InfoNCE (LSE tiles recomputed in backward) = the plain loss, value and gradients."""
+    g = torch.Generator().manual_seed(chunk)
+    b, d = 40, 16
+    img = torch.randn(b, d, generator=g, dtype=torch.float64)
+    if multi:  # 2 captions for most images, one image with none, one caption with no image
+        idx = torch.cat([torch.arange(b), torch.arange(b)])
+        idx[idx == 3] = 5
+        idx[-1] = -1
+    else:
+        idx = torch.arange(b)
+    txt = img[idx.clamp_min(0)] + 0.7 * torch.randn(len(idx), d, generator=g, dtype=torch.float64)
+    out = []
+    for c in (None, chunk):
+        loss_fn = losses.InfoNCELoss(chunk=c).double()
+        with torch.no_grad():
+            loss_fn.logit_scale.fill_(2.5)
+        a, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        val = loss_fn(a, t, idx)
+        val.backward()
+        out.append((val.detach(), a.grad, t.grad, loss_fn.logit_scale.grad))
+    for got, want in zip(out[1], out[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_tiled_infonce_bad_chunk():
+    with pytest.raises(losses.LossError, match="chunk"):
+        losses.InfoNCELoss(chunk=0)

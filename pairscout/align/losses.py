@@ -282,15 +282,23 @@ class InfoNCELoss(nn.Module):
       positives of ``-log softmax(z_i)_j`` (standard CLIP when each image has one caption). Images with no
       caption in the batch are left out of this term.
 
+    ``chunk``: None computes the full (B, B') logits (the reference); an int streams over blocks of that many
+    captions (:func:`~pairscout.align.tiled_infonce.tiled_infonce`: log-sum-exp tiles recomputed in backward,
+    memory O(B * chunk)); same value and gradients.
+
     Shapes: ``forward(img (B, d), txt (B', d), txt_image_index (B',) long | None) -> scalar``.
     """
 
     def __init__(
-        self, init_temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True
+        self, init_temperature: float = 0.07, max_scale: float = 100.0, learnable: bool = True,
+        chunk: int | None = None,
     ) -> None:
         super().__init__()
         if not 0 < init_temperature:
             raise LossError(f"infonce init_temperature={init_temperature} must be > 0", fix="use e.g. 0.07")
+        if chunk is not None and (isinstance(chunk, bool) or int(chunk) != chunk or int(chunk) < 1):
+            raise LossError(f"infonce chunk={chunk} must be a positive int or None", fix="use e.g. 1024")
+        self.chunk = None if chunk is None else int(chunk)
         scale = torch.tensor(math.log(1.0 / init_temperature), dtype=torch.float32)
         if learnable:
             self.logit_scale = nn.Parameter(scale)
@@ -299,7 +307,7 @@ class InfoNCELoss(nn.Module):
         self.max_scale = float(max_scale)
 
     def extra_repr(self) -> str:
-        return f"max_scale={self.max_scale}"
+        return f"max_scale={self.max_scale}, chunk={self.chunk}"
 
     def forward(self, img: Tensor, txt: Tensor, txt_image_index: Tensor | None = None) -> Tensor:
         """Loss (0-d float32) of image embeddings (B, d) against caption embeddings (B', d); not normalised."""
@@ -309,6 +317,10 @@ class InfoNCELoss(nn.Module):
             x = F.normalize(img.to(dt), dim=-1)
             y = F.normalize(txt.to(dt), dim=-1)
             t = self.logit_scale.to(dt).exp().clamp(max=self.max_scale)
+            if self.chunk is not None:
+                from pairscout.align.tiled_infonce import tiled_infonce
+
+                return tiled_infonce(x, y, t, idx, self.chunk)
             logits = t * x @ y.T  # (B, B')
             has_img = idx >= 0
             loss_t2i = F.cross_entropy(logits.T[has_img], idx[has_img])
