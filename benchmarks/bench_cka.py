@@ -245,7 +245,7 @@ def main() -> None:
                 method = "gram" if kernel == "rbf" else _pick_method(n, [x.shape[1] for x in xs],
                                                                      [y.shape[1] for y in ys])
                 try:
-                    ours, t_ours = median_time(lambda prec=prec: all_pairs_cka(xs, ys, kernel, precision=prec),
+                    ours, t_ours = median_time(lambda prec=prec, xs=xs, ys=ys, kernel=kernel: all_pairs_cka(xs, ys, kernel, precision=prec),
                                                device, reps)
                     t_bare = min(bare_products(xs, ys, kernel, method, prec, device, None) for _ in range(reps))
                     status = "ok"

@@ -16,8 +16,9 @@ F64 = torch.float64
 def _data(n: int = 203):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(n, 5, generator=g, dtype=F64)
-    mk = lambda d, a: (a * s @ torch.randn(5, d, generator=g, dtype=F64) + torch.randn(n, d, generator=g, dtype=F64)
-                       + 50.0)  # noqa: E731 - offsets, so the global centring matters
+    def mk(d: int, a: float) -> torch.Tensor:  # offsets of 50, so the global centring matters
+        return a * s @ torch.randn(5, d, generator=g, dtype=F64) + torch.randn(n, d, generator=g, dtype=F64) + 50.0
+
     return [mk(7, 1.0), mk(30, 0.3)], [mk(12, 2.0), mk(5, 0.7), mk(9, 0.0)]
 
 

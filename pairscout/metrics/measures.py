@@ -276,7 +276,7 @@ def matching(x: ArrayLike, y: ArrayLike, max_rows: int = 200, repeats: int = 3, 
         cost = (sx**2).sum(1)[:, None] + (sy**2).sum(1)[None, :] - 2 * sx @ sy.T
         _, start = linear_sum_assignment(cost)
 
-        def objective(perm: np.ndarray) -> float:
+        def objective(perm: np.ndarray, k: np.ndarray = k, l_mat: np.ndarray = l_mat) -> float:
             return float((k * l_mat[perm][:, perm]).sum())
 
         p0 = np.zeros((m, m))
