@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pairscout.align import losses
 from pairscout.align.losses import (
     InfoNCELoss,
     LossError,
@@ -16,7 +17,6 @@ from pairscout.align.losses import (
     chunked_sigmoid_negatives,
     default_txt_image_index,
 )
-from pairscout.align import losses
 from pairscout.errors import PairscoutError
 
 

@@ -17,9 +17,9 @@ from pairscout.metrics import (
     hsic,
     linear_cka,
     median_sigma,
-    rbf_gram,
     pair_cka,
     rbf_cka,
+    rbf_gram,
 )
 
 F64 = torch.float64
