@@ -288,7 +288,7 @@ def test_debiased_rbf_small_bandwidth_regression():
     x = torch.randn(10, 16, generator=g, dtype=F64)[lab] * 2 + torch.randn(100, 16, generator=g, dtype=F64)
     y = torch.randn(10, 1024, generator=g, dtype=F64)[lab] * 2 + 1.5 * torch.randn(100, 1024, generator=g, dtype=F64)
     s = median_sigma(x)
-    k, l = rbf_gram(x, s), rbf_gram(y, s)
+    k, l = rbf_gram(x, s), rbf_gram(y, s)  # noqa: E741
 
     def h1(a, b):  # plain off-diagonal HSIC_1 (Song et al. 2012)
         n = a.shape[0]
