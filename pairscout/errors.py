@@ -38,3 +38,12 @@ class CacheError(PairscoutError):
 
 class MetricError(PairscoutError):
     """Inputs to a metric are degenerate (NaN/inf, mismatched rows, too few rows, ...)."""
+
+
+class EmbeddingError(PairscoutError):
+    """An encoder produced embeddings that cannot be compared (0-dimensional, constant, all-zero, NaN/inf).
+
+    A model failure, not bad input: the run leaves that model out and carries on with the others.
+    """
+
+    exit_code = 1

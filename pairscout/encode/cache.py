@@ -1,7 +1,8 @@
 """Content-addressed embedding cache.
 
 One entry per (encoder spec, dataset fingerprint, precision), stored as a safetensors file with
-string metadata (model id, revision, pooling, preprocessing, dataset fingerprint, versions)::
+string metadata (model id, revision, pooling, preprocessing, dataset fingerprint, versions, and a
+blake2b checksum of every stored tensor)::
 
     <root>/<encoder-slug>/<key>.safetensors          finished entry
     <root>/<encoder-slug>/<key>.parts/<a>-<b>.safetensors   finished chunks of an interrupted run
@@ -9,6 +10,12 @@ string metadata (model id, revision, pooling, preprocessing, dataset fingerprint
 Every file is written to a temporary name in the same folder and moved into place with
 ``os.replace``, so a crash never leaves a half-written file under a real name. A run that was
 interrupted resumes from its finished chunks.
+
+Trust nothing read back: an entry or chunk that does not parse, lacks a tensor, or whose bytes do not
+match the checksums in its metadata (a flipped bit, a file cut short by a full disk) is reported,
+removed and encoded again. Encoders that read local files (``emb:`` vectors, local ``weights``, ONNX
+files, model folders) are keyed by the content of those files too (:mod:`pairscout.encode.inputs`),
+so re-exporting a file under the same name is a cache miss.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pairscout._io import atomic_path
+from pairscout.encode.inputs import DigestStore, inputs_digest
+from pairscout.errors import CacheError
 from pairscout.zoo.spec import EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -83,30 +92,95 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "encoder"
 
 
+CHECKSUMS = "pairscout_checksums"
+"""Metadata key of a JSON {tensor name: blake2b-128 hex of its bytes}."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """blake2b-128 of a tensor's dtype, shape and raw bytes."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file so that ``path`` holds either nothing or the complete file."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    """Write a safetensors file so that ``path`` holds either nothing or the complete file.
+
+    The metadata gets the checksum of every tensor (verified by :func:`read_verified`).
+    """
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {**(metadata or {}), CHECKSUMS: json.dumps({k: tensor_digest(v) for k, v in tensors.items()}, sort_keys=True)}
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+    except OSError as e:
+        raise CacheError(
+            f"cannot write the cache file {path} ({type(e).__name__}: {e.strerror or e}).",
+            fix="free disk space, make the cache folder writable, or pass another --cache-dir.",
+        ) from None
+
+
+def read_verified(path: Path, wanted: set[str] | None = None, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]] | str:
+    """The tensors (all, or ``wanted``) and metadata of a safetensors file, checked against its checksums.
+
+    Returns the reason as a string when the file is unreadable, lacks a ``required`` tensor, has no
+    checksums, or a tensor's bytes do not match.
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = list(f.keys())
+            missing = [k for k in required if k not in keys]
+            if missing:
+                return f"it lacks the tensor(s) {', '.join(missing)}"
+            tensors = {k: f.get_tensor(k) for k in keys if wanted is None or k in wanted}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        return f"it is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+    try:
+        sums = json.loads(meta.get(CHECKSUMS, ""))
+    except json.JSONDecodeError:
+        return "it has no checksums (written by an older pairscout or another tool)"
+    if not isinstance(sums, dict):
+        return "its checksums are malformed"
+    for k, t in tensors.items():
+        if sums.get(k) != tensor_digest(t):
+            return f"the checksum of its tensor {k!r} does not match (the file is damaged)"
+    return tensors, meta
+
+
+def _discard(path: Path, what: str, reason: str) -> None:
+    log.warning("%s %s is bad (%s); it is removed and encoded again", what, path, reason)
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 class EmbeddingCache:
     """Stores and finds embeddings by content. See the module docstring for the layout."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"the cache path {self.root} is a file, not a folder.", fix="pass a folder as --cache-dir (or $PAIRSCOUT_CACHE).")
+        self._digests = DigestStore(self.root / "file-digests.json")
 
     # --- keys ------------------------------------------------------------------------------------
     @staticmethod
-    def key(spec: EncoderSpec, dataset_fingerprint: str, precision: str = "fp32") -> str:
-        blob = json.dumps(
-            {"format": CACHE_FORMAT, "spec": spec.cache_identity(), "data": dataset_fingerprint, "precision": precision},
-            sort_keys=True,
-            default=str,
-        ).encode()
+    def key(spec: EncoderSpec, dataset_fingerprint: str, precision: str = "fp32", inputs: str | None = None) -> str:
+        """Hash of the spec, the dataset, the precision and (when the spec reads local files) their content."""
+        d = {"format": CACHE_FORMAT, "spec": spec.cache_identity(), "data": dataset_fingerprint, "precision": precision}
+        if inputs is not None:
+            d["inputs"] = inputs
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
     def entry_path(self, spec: EncoderSpec, dataset_fingerprint: str, precision: str = "fp32") -> Path:
-        return self.root / _slug(spec.id) / f"{self.key(spec, dataset_fingerprint, precision)}.safetensors"
+        key = self.key(spec, dataset_fingerprint, precision, inputs_digest(spec, self._digests))
+        return self.root / _slug(spec.id) / f"{key}.safetensors"
 
     def parts_dir(self, spec: EncoderSpec, dataset_fingerprint: str, precision: str = "fp32", tokens: bool = False) -> Path:
         """Where the finished chunks of a run in progress live (runs with token features keep their own)."""
@@ -118,18 +192,26 @@ class EmbeddingCache:
     ) -> Embeddings | None:
         """The cached embeddings, or ``None`` on a miss (also when tokens are wanted but not stored)."""
         path = self.entry_path(spec, dataset_fingerprint, precision)
+        if not path.exists():
+            return None
         if not path.is_file():
+            raise CacheError(f"the cache entry {path} of {spec.id} is not a regular file.", fix="remove it; it is encoded again.")
+        if tokens:
+            try:
+                with safe_open(path, framework="pt") as f:
+                    if "tokens" not in f.keys():
+                        return None  # a pooled-only entry: encode again with tokens
+            except (SafetensorError, OSError, ValueError, RuntimeError):
+                pass  # reported below
+        wanted = None if tokens else {"pooled", "row_index"}
+        got = read_verified(path, wanted, required=("pooled", "row_index"))
+        if isinstance(got, str):
+            _discard(path, f"cache entry of {spec.id}", got)
             return None
-        try:
-            with safe_open(path, framework="pt") as f:
-                raw_meta = f.metadata() or {}
-                wanted = [k for k in f.keys() if tokens or k not in ("tokens", "token_mask")]
-                tensors = {k: f.get_tensor(k) for k in wanted}
-                has_tokens = "tokens" in f.keys()
-        except (SafetensorError, OSError, ValueError) as e:
-            log.warning("cache entry %s is unreadable (%s); it will be recomputed", path, e)
-            return None
-        if tokens and not has_tokens:
+        tensors, raw_meta = got
+        raw_meta.pop(CHECKSUMS, None)
+        if tensors["pooled"].ndim != 2 or tensors["row_index"].shape != tensors["pooled"].shape[:1]:
+            _discard(path, f"cache entry of {spec.id}", f"its tensors have shapes {tuple(tensors['pooled'].shape)} and {tuple(tensors['row_index'].shape)}")
             return None
         meta = {k: _maybe_json(v) for k, v in raw_meta.items()}
         return Embeddings(
@@ -163,6 +245,20 @@ class EmbeddingCache:
                     out[(int(m.group(1)), int(m.group(2)))] = p
         return out
 
+    @staticmethod
+    def read_part(path: Path) -> dict[str, torch.Tensor] | None:
+        """A finished chunk, or ``None`` (after removing it) when it is truncated, damaged or incomplete."""
+        got = read_verified(path, required=("index", "pooled"))
+        if isinstance(got, str):
+            _discard(path, "chunk", got)
+            return None
+        tensors, _ = got
+        n = tensors["index"].shape[0]
+        if any(t.shape[:1] != (n,) for t in tensors.values()):
+            _discard(path, "chunk", "its tensors disagree in rows")
+            return None
+        return tensors
+
     def write_part(
         self,
         spec: EncoderSpec,
@@ -187,8 +283,8 @@ class EmbeddingCache:
         for p in sorted(self.root.glob("*/*.safetensors")):
             try:
                 with safe_open(p, framework="pt") as f:
-                    meta = {k: _maybe_json(v) for k, v in (f.metadata() or {}).items()}
-            except (SafetensorError, OSError):
+                    meta = {k: _maybe_json(v) for k, v in (f.metadata() or {}).items() if k != CHECKSUMS}
+            except (SafetensorError, OSError, ValueError, RuntimeError):
                 continue
             rows.append({"path": str(p), "size_mb": p.stat().st_size / 2**20, **meta})
         return rows

@@ -24,7 +24,7 @@ import pairscout
 from pairscout import distributed
 from pairscout.encode.cache import EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
-from pairscout.errors import DataError, PairscoutError, ZooError
+from pairscout.errors import DataError, EmbeddingError, PairscoutError, ZooError
 from pairscout.zoo.spec import EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,24 @@ def _merge(parts: Sequence[dict[str, torch.Tensor]], n: int) -> dict[str, torch.
     return out
 
 
+def check_embeddings(spec: EncoderSpec, pooled: torch.Tensor) -> None:
+    """Refuse embeddings no metric can compare: not (rows, d >= 1), NaN/inf, or the same vector for every row.
+
+    Raises:
+        EmbeddingError: naming the model (a model failure: the others carry on).
+    """
+    if pooled.ndim != 2 or pooled.shape[1] == 0:
+        raise EmbeddingError(f"encoder {spec.id} produced features of shape {tuple(pooled.shape)}, not (rows, dim >= 1).",
+                             fix="check the encoder's output (pooling, layer, options.key).")
+    if not torch.is_floating_point(pooled) or not torch.isfinite(pooled).all():
+        bad = torch.nonzero(~torch.isfinite(pooled).all(dim=1)).flatten()[:5].tolist() if torch.is_floating_point(pooled) else []
+        raise EmbeddingError(f"encoder {spec.id} produced NaN/inf features (rows {bad}).", fix="check its weights and preprocessing, or run it in fp32 (--no-amp).")
+    if pooled.shape[0] >= 2 and bool((pooled == pooled[:1]).all()):
+        what = "all-zero" if not bool(pooled[:1].any()) else "constant (the same vector for every row)"
+        raise EmbeddingError(f"encoder {spec.id} produced {what} embeddings; no metric can compare them.",
+                             fix="check that the model's weights loaded and that its output depends on the input; it is left out.")
+
+
 def encode(
     spec_or_encoder: EncoderSpec | Encoder,
     dataset: Any,
@@ -206,6 +224,7 @@ def encode(
         hit = cache.load(spec, fp, precision=precision, tokens=tok)
         if hit is not None:
             log.info("cache hit for %s", spec.id)
+            check_embeddings(spec, hit.pooled)
             if progress:
                 progress(spec.name, len(hit.pooled), len(hit.pooled))
             return hit
@@ -239,10 +258,9 @@ def encode(
         todo: list[tuple[int, int]] = []
         for a, b in _chunks(order, chunk):
             p = done.get((a, b))
-            if p is not None:
-                from safetensors.torch import load_file
-
-                parts.append(load_file(p))
+            part = cache.read_part(p) if p is not None else None  # a damaged chunk is removed and redone
+            if part is not None:
+                parts.append(part)
             else:
                 todo.append((a, b))
         n_done = sum(b - a for a, b in _chunks(order, chunk)) - sum(b - a for a, b in todo)
@@ -283,16 +301,13 @@ def encode(
                         a, b = nxt
         if world > 1:  # gather the other processes' chunks from the shared cache
             distributed.barrier()
-            from safetensors.torch import load_file
-
             wanted = set(_chunks(order, chunk))
-            parts = [load_file(p) for key, p in sorted(cache.finished_parts(spec, fp, precision, tok).items()) if key in wanted]
+            parts = [q for key, p in sorted(cache.finished_parts(spec, fp, precision, tok).items())
+                     if key in wanted and (q := cache.read_part(p)) is not None]
         merged = _merge(parts, n)
 
     pooled = merged["pooled"]
-    if not torch.isfinite(pooled).all():
-        bad = torch.nonzero(~torch.isfinite(pooled).all(dim=1)).flatten()[:5].tolist()
-        raise PairscoutError(f"encoder {spec.id} produced NaN/inf features (rows {bad}).", fix="check its weights and preprocessing, or run it in fp32 (--no-amp).")
+    check_embeddings(spec, pooled)
     if spec.dim is not None and pooled.shape[1] != spec.dim:
         raise ZooError(f"encoder {spec.id} produced {pooled.shape[1]}-d features but its zoo entry says dim = {spec.dim}.", fix="correct the zoo entry's dim.")
 

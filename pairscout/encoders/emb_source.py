@@ -25,29 +25,51 @@ from pairscout.zoo.spec import EncoderSpec
 SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 
 
+def _as_tensor(value: Any, path: Path, key: str) -> torch.Tensor:
+    """A real-valued tensor from a numpy array / tensor; complex, string, object or bool data is refused."""
+    where = f"embeddings file {path}" + (f" (tensor {key!r})" if key else "")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "fiu":
+            raise DataError(f"{where} holds {value.dtype} data ({_KIND.get(value.dtype.kind, value.dtype.kind)}), not real numbers.",
+                            fix="save the embeddings as a float array (e.g. numpy.float32).")
+        if not value.dtype.isnative:  # big-endian files: torch.from_numpy refuses them
+            value = value.astype(value.dtype.newbyteorder("="))
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if value.is_complex() or value.dtype == torch.bool:
+        raise DataError(f"{where} holds {value.dtype} data, not real numbers (an imaginary part would be dropped silently).",
+                        fix="save real-valued float embeddings (e.g. concatenate real and imaginary parts).")
+    if value.is_meta:
+        raise DataError(f"{where} holds a meta tensor without data.", fix="save the tensor's values, not a meta tensor.")
+    return value
+
+
+_KIND = {"c": "complex", "U": "text", "S": "bytes", "O": "Python objects", "b": "booleans", "V": "raw records", "M": "dates", "m": "time spans"}
+
+
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            return {"": torch.from_numpy(np.load(path, allow_pickle=False))}
+            return {"": _as_tensor(np.load(path, allow_pickle=False), path, "")}
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
-                return {k: torch.from_numpy(z[k]) for k in z.files}
+                return {k: _as_tensor(z[k], path, k) for k in z.files}
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            return {k: _as_tensor(v, path, k) for k, v in load_file(str(path)).items()}
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError) as e:
-        raise DataError(f"embeddings file {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}).",
-                        fix=f"write it with numpy.save, safetensors or torch.save ({', '.join(SUFFIXES)}).") from None
-    if isinstance(obj, torch.Tensor):
-        return {"": obj}
-    if isinstance(obj, np.ndarray):
-        return {"": torch.from_numpy(obj)}
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy, safetensors and torch.load (UnpicklingError for a pickle with code) raise many types
+        reason = str(e).splitlines()[0][:160] if str(e) else ""
+        blocked = " (it holds Python objects that torch.load refuses to unpickle for safety)" if "Weights only load failed" in str(e) else ""
+        raise DataError(f"embeddings file {path} cannot be read{blocked} ({type(e).__name__}: {reason}).",
+                        fix=f"write it with numpy.save, safetensors or torch.save of plain tensors ({', '.join(SUFFIXES)}).") from None
+    if isinstance(obj, torch.Tensor | np.ndarray):
+        return {"": _as_tensor(obj, path, "")}
     if isinstance(obj, dict):
-        return {str(k): (v if isinstance(v, torch.Tensor) else torch.as_tensor(v)) for k, v in obj.items()
-                if isinstance(v, (torch.Tensor, np.ndarray))}
+        return {str(k): _as_tensor(v, path, str(k)) for k, v in obj.items() if isinstance(v, torch.Tensor | np.ndarray)}
     raise DataError(f"embeddings file {path} holds a {type(obj).__name__}, not a tensor or a dict of tensors.",
                     fix="save a (rows, dim) tensor or a dict of them.")
 
@@ -58,6 +80,9 @@ class EmbeddingFileEncoder(PrecomputedEncoder):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__(spec)
         self.path = Path(spec.weights or spec.target).expanduser()
+        if self.path.exists() and not self.path.is_file():
+            raise DataError(f"embeddings path {self.path} (encoder {spec.id}) is not a regular file.",
+                            fix="point the emb: id at a .npy/.npz/.safetensors/.pt file.")
         if not self.path.is_file():
             raise DataError(f"embeddings file {self.path} (encoder {spec.id}) does not exist.",
                             fix="export the embeddings to that path, or correct the id.")
