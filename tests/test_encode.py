@@ -10,7 +10,7 @@ from pairscout.encode import cache as cache_mod
 from pairscout.encode.cache import EmbeddingCache, Embeddings, atomic_save
 from pairscout.encode.runner import EncodeSettings, encode, encode_zoo
 from pairscout.encoders import build_encoder
-from pairscout.errors import DataError
+from pairscout.errors import CacheError, DataError
 from pairscout.zoo.spec import EncoderSpec
 
 PIXELS = EncoderSpec(id="baseline:pixels", modality="vision", options={"size": 8})
@@ -105,7 +105,7 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(cache_mod, "save_file", half_write)
-    with pytest.raises(OSError):
+    with pytest.raises(CacheError, match="disk full"):  # one line naming the file and the fix
         atomic_save({"a": torch.zeros(2)}, path)
     assert not path.exists()
     assert list(path.parent.iterdir()) == []
