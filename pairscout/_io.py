@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,3 +59,38 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+class NotRegularFileError(OSError):
+    """The path is a FIFO, a device, a socket or a folder: reading it could hang or never end."""
+
+
+class FileTooLargeError(OSError):
+    """The file is larger than the limit given for its kind."""
+
+
+def open_regular(path: str | Path, max_bytes: int | None = None) -> Any:
+    """Open ``path`` for binary reading only if it is a regular file (at most ``max_bytes``).
+
+    Opened with ``O_NONBLOCK`` and checked with ``fstat`` on the open descriptor, so a FIFO never blocks
+    the open and a file swapped in between check and open is still caught. Raises ``FileNotFoundError``,
+    :class:`NotRegularFileError` or :class:`FileTooLargeError` (all ``OSError``).
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
+            raise NotRegularFileError(f"{path} is {kind}, not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise FileTooLargeError(f"{path} is {st.st_size / 2**20:.0f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_text(path: str | Path, encoding: str = "utf-8", max_bytes: int | None = None) -> str:
+    """The text of a regular file (see :func:`open_regular`); ``UnicodeDecodeError`` on bad bytes."""
+    with open_regular(path, max_bytes) as f:
+        return f.read().decode(encoding)

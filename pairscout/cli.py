@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -61,7 +62,7 @@ def _user_errors():
     try:
         yield
     except PairscoutError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # '[a, b]' in a message is text
         raise typer.Exit(e.exit_code) from None
 
 
@@ -88,7 +89,7 @@ def _load_data(data: str, n: int | None, seed: int, skip_bad: bool):
     from pairscout.data import load_dataset
 
     # generated data: n rows rendered from seed; files: a fixed-seed subset of n rows
-    ds = load_dataset(data, n=n, seed=seed)
+    ds = load_dataset(data, n=n, seed=seed, skip_bad=skip_bad)
     if skip_bad:
         bad = ds.find_bad_images()
         if bad:
@@ -192,7 +193,7 @@ def encode(
         for name, e in res.embeddings.items():
             table.add_row(name, e.meta.get("modality", ""), str(e.pooled.shape[0]), str(e.dim), f"{e.meta.get('encode_seconds', 0):.1f}", "ok")
         for name, msg in res.failures.items():
-            table.add_row(name, "", "", "", "", f"[red]{msg}[/]")
+            table.add_row(name, "", "", "", "", f"[red]{escape(msg)}[/]")
         err.print(table)
         if as_json:
             summary = {
@@ -271,7 +272,7 @@ def rank(
             out_console.print_json(json.dumps(payload, default=str))
         if res.meta["failures"]:
             err.print(f"[bold red]error:[/] {len(res.meta['failures'])} model(s) failed and were left out: "
-                      + "; ".join(f"{k}: {v}" for k, v in res.meta["failures"].items()), highlight=False, soft_wrap=True)
+                      + escape("; ".join(f"{k}: {v}" for k, v in res.meta["failures"].items())), highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 
 
@@ -360,7 +361,7 @@ def main() -> None:
     try:
         app()
     except PairscoutError as e:  # raised outside a command body (should not happen, but never a traceback)
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
 
 

@@ -378,7 +378,7 @@ def bad_spec(tmp_path: Path, case: str) -> tuple[Path | str, str]:
         return tmp_path / "m.csv", r"m\.csv.*picture, words.*needs an image column"
     if case == "missing caption column jsonl":
         (tmp_path / "m.jsonl").write_text('{"image": "a.png"}\n')
-        return tmp_path / "m.jsonl", r"m\.jsonl.*\[image\].*caption"
+        return tmp_path / "m.jsonl", r"m\.jsonl.*\(image\).*caption"
     if case == "empty caption coco":
         (tmp_path / "c.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": []}))
         return tmp_path / "c.json", r"a\.png.*c\.json.*no non-empty caption"

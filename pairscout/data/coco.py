@@ -47,6 +47,9 @@ def read_coco(path: Path, data: dict[str, Any], *, images_root: Path | None = No
     for k, im in enumerate(images):
         if not isinstance(im, dict) or "id" not in im or not str(im.get("file_name", "")).strip():
             raise DataError(f"Entry {k} of 'images' in {path} lacks 'id' or 'file_name'.", fix="give every image an id and a file_name.")
+        if not isinstance(im["id"], int | str) or isinstance(im["id"], bool):
+            raise DataError(f"Entry {k} of 'images' in {path} has id {json.dumps(im['id'], default=str)[:60]}, not an integer or a string.",
+                            fix="give every image a scalar id (COCO uses integers).")
         if im["id"] in files:
             raise DataError(f"Image id {im['id']} appears twice in 'images' of {path}.", fix="make image ids unique.")
         files[im["id"]] = str(im["file_name"]).strip()
@@ -56,10 +59,16 @@ def read_coco(path: Path, data: dict[str, Any], *, images_root: Path | None = No
     for k, a in enumerate(anns):
         if not isinstance(a, dict) or "image_id" not in a:
             raise DataError(f"Annotation {k} in {path} lacks 'image_id'.", fix="give every annotation an image_id and a caption.")
+        if not isinstance(a["image_id"], int | str) or isinstance(a["image_id"], bool):
+            raise DataError(f"Annotation {k} in {path} has image_id {json.dumps(a['image_id'], default=str)[:60]}, not an integer or a string.",
+                            fix="use the id of an entry of 'images'.")
         if a["image_id"] not in caps:
             raise DataError(f"Annotation {k} in {path} refers to image id {a['image_id']}, which is not in 'images'.", fix="add that image or drop the annotation.")
-        if a.get("caption") is not None:
-            caps[a["image_id"]].append(str(a["caption"]))
+        cap = a.get("caption")
+        if cap is not None and not isinstance(cap, str):
+            raise DataError(f"Annotation {k} in {path} has a caption that is a {type(cap).__name__}, not text.", fix="write captions as strings.")
+        if cap is not None:
+            caps[a["image_id"]].append(cap)
     records = [
         Record(os.path.normpath(folder / files[i]), caps[i], None, f"image id {i} ({files[i]})")
         for i in order
@@ -74,9 +83,10 @@ def read_coco(path: Path, data: dict[str, Any], *, images_root: Path | None = No
 
 
 def load_json(path: Path) -> Any:
+    from pairscout._io import read_regular_text
+
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
+        return json.loads(read_regular_text(path, "utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"JSON file {path} does not parse ({e}).", fix="fix the JSON.") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import numpy as np
 from PIL import Image
+
+from pairscout._io import open_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _MISSING = b"pairscout:missing-image:"
+MAX_IMAGE_BYTES = int(float(os.environ.get("PAIRSCOUT_MAX_IMAGE_MB", "256")) * 2**20)
+"""Largest image file read (``$PAIRSCOUT_MAX_IMAGE_MB``, default 256 MiB); larger ones are bad images."""
 
 
 class ImageReadError(Exception):
@@ -34,11 +40,37 @@ class ImageSource(Protocol):
     def digest(self, j: int) -> bytes: ...
 
 
+def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit (``I;16*``, or ``I`` with values over 255) greyscale scaled to 8 bits (``/257``), never clipped at 255.
+
+    PNG and TIFF decode 16-bit greyscale as ``I;16`` or ``I`` (values 0..65535); ``convert("RGB")`` clips
+    every value above 255 to white. ``F`` (float) images are scaled by their own maximum when it exceeds 1.
+    """
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = a.astype(np.float64)
+        top = float(np.nanmax(a)) if a.size else 0.0
+        a = a * (255.0 if 0 < top <= 1.0 else 255.0 / top if top > 1.0 else 0.0)
+    elif im.mode.startswith("I;16") or (a.size and int(a.max()) > 255):
+        a = a.astype(np.float64) / 257.0
+    else:  # 32-bit integer mode holding 8-bit values
+        a = a.astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(fp: str | Path | BinaryIO) -> Image.Image:
-    """Decode fully into an RGB image (transparent pixels over white); raise ImageReadError."""
+    """Decode fully into an RGB image (transparent pixels over white); raise ImageReadError.
+
+    A path is opened only if it is a regular file of at most :data:`MAX_IMAGE_BYTES` (a FIFO or
+    ``/dev/zero`` in a manifest is a bad image, not a hang).
+    """
     try:
-        with Image.open(fp) as im:
+        if isinstance(fp, str | Path):
+            fp = open_regular(fp, MAX_IMAGE_BYTES)
+        with fp, Image.open(fp) as im:
             im.load()
+            if im.mode.startswith("I") or im.mode == "F":
+                return _high_depth_to_8bit(im).convert("RGB")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -47,6 +79,10 @@ def decode_image(fp: str | Path | BinaryIO) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise ImageReadError("does not exist") from None
+    except OSError as e:
+        if type(e).__name__ in ("NotRegularFileError", "FileTooLargeError", "IsADirectoryError", "PermissionError"):
+            raise ImageReadError(f"cannot be read ({' '.join(str(e).split())})") from None
+        raise ImageReadError(f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())})") from None
     except Image.UnidentifiedImageError:
         raise ImageReadError("is not a readable image (unknown or corrupt format)") from None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
@@ -87,7 +123,7 @@ class FileImages:
     def digest(self, j: int) -> bytes:
         """blake2b-128 of the file bytes; a marker naming the error when the file cannot be read."""
         try:
-            with open(self.paths[j], "rb") as f:
+            with open_regular(self.paths[j], MAX_IMAGE_BYTES) as f:  # never a FIFO or /dev/zero
                 return _hash_stream(f)
         except OSError as e:
             return _MISSING + type(e).__name__.encode()

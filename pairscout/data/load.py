@@ -85,6 +85,7 @@ def load_dataset(
     name: str | None = None,
     n: int | None = None,
     seed: int | None = None,
+    skip_bad: bool = False,
 ) -> PairedDataset:
     """Load a paired image-caption dataset; the format is detected from ``spec``.
 
@@ -114,6 +115,8 @@ def load_dataset(
         name: display name (default: from the file or folder name).
         n: generated data: number of rows; other formats: a fixed-seed random subset of ``n`` rows.
         seed: generated data: the generation seed; other formats: the subset seed (default 0).
+        skip_bad: skip malformed manifest lines (counted in ``describe()["skipped_lines"]``) instead
+            of raising. Bad images are found separately (:meth:`PairedDataset.find_bad_images`).
 
     Raises:
         DataError: the spec does not exist, its format is unknown, or its content is malformed.
@@ -159,7 +162,7 @@ def load_dataset(
         from pairscout.data.manifest import read_manifest
 
         ds = read_manifest(path, fmt=fmt, images_root=root, image_column=image_column, caption_column=caption_column,
-                           label_column=label_column, classnames=names, name=name)  # fmt: skip
+                           label_column=label_column, classnames=names, name=name, skip_bad=skip_bad)  # fmt: skip
     elif fmt == "folder":
         from pairscout.data.folder import read_folder
 

@@ -15,12 +15,15 @@ Columns (matched case-insensitively; the first present wins; override with ``ima
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pairscout._io import read_regular_text
 from pairscout.data.dataset import PairedDataset
 from pairscout.data.images import FileImages
 from pairscout.data.rows import Record, group_records, map_labels
@@ -29,6 +32,10 @@ from pairscout.errors import DataError
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "img")
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")
 LABEL_COLUMNS = ("label", "class", "class_name", "category")
+MAX_MANIFEST_BYTES = 4 * 2**30
+"""Largest manifest read into memory (4 GiB)."""
+
+log = logging.getLogger(__name__)
 
 
 def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | None, what: str, path: Path, required: bool) -> str | None:
@@ -44,35 +51,86 @@ def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | No
             return lower[w]
     if required:
         raise DataError(
-            f"Manifest {path} has columns [{', '.join(found) or 'none'}] but needs an image column (one of {', '.join(IMAGE_COLUMNS)}) "
+            f"Manifest {path} has columns ({', '.join(found) or 'none'}) but needs an image column (one of {', '.join(IMAGE_COLUMNS)}) "
             f"and a caption column (one of {', '.join(CAPTION_COLUMNS)}); {what} column missing.",
             fix="rename the columns, or pass image_column= / caption_column= to load_dataset.",
         )
     return None
 
 
-def _read_csv(path: Path) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    f = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - closed by the generator
-    reader = csv.DictReader(f, delimiter=delimiter)
-    columns = [c for c in (reader.fieldnames or []) if c is not None]
+class _Bad:
+    """Malformed lines: an error naming the first one, or (``skip_bad``) skipped and counted."""
 
-    def rows() -> Iterator[tuple[str, dict[str, Any]]]:
-        with f:
-            for rec in reader:
-                if not any((v or "").strip() for v in rec.values() if isinstance(v, str)):
-                    continue  # blank line
-                yield f"line {reader.line_num}", rec
+    def __init__(self, path: Path, skip: bool) -> None:
+        self.path, self.skip = path, skip
+        self.skipped: list[str] = []
 
-    return columns, rows()
+    def __call__(self, where: str, problem: str, fix: str) -> None:
+        if not self.skip:
+            raise DataError(f"{where[:1].upper()}{where[1:]} of {self.path} {problem}.", fix=f"{fix}, or pass --skip-bad to skip such lines.")
+        self.skipped.append(f"{where}: {problem}")
 
 
-def _read_json_records(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
-    records: list[tuple[str, dict[str, Any]]] = []
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"Cannot read manifest {path}: {e}.", fix="check the path and that it is UTF-8 text.") from None
+        return read_regular_text(path, "utf-8-sig", MAX_MANIFEST_BYTES)
+    except UnicodeDecodeError as e:
+        raise DataError(f"Manifest {path} is not UTF-8 text (byte {e.start}: {e.reason}).", fix="save it as UTF-8.") from None
+    except OSError as e:
+        raise DataError(f"Cannot read manifest {path}: {e}.", fix="pass a regular, readable manifest file.") from None
+
+
+def _csv_records(text: str, delimiter: str, first_line: int = 1) -> Iterator[tuple[int, list[str]]]:
+    """(line where the record starts, fields); ``csv.Error`` on a malformed record (strict quoting)."""
+    lines = iter(io.StringIO(text, newline=""))
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    start = first_line
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise csv.Error(f"line {start}: {e}") from None
+        yield start, fields
+        start = first_line + reader.line_num
+
+
+def _read_csv(path: Path, bad: _Bad) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """Rows of a CSV/TSV manifest, strictly: a stray quote, a record with the wrong number of fields or
+    a quoted field that never closes is an error naming its line (never a silent merge of lines)."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    text = _read_text(path)
+    try:
+        records = list(_csv_records(text, delimiter))
+    except csv.Error as e:
+        where, _, reason = str(e).partition(": ")
+        if not bad.skip:
+            raise DataError(f"{where[:1].upper()}{where[1:]} of {path} is malformed CSV ({reason}; a stray '\"' opens a quoted field that swallows the lines after it).",
+                            fix="fix the quoting on that line (write a literal quote as \"\"), or pass --skip-bad to skip such lines.") from None
+        records = []  # parse line by line: every line that is not a complete record on its own is skipped
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            try:
+                records += list(_csv_records(line, delimiter, lineno))
+            except csv.Error as e2:
+                bad(f"line {lineno}", f"is malformed CSV ({str(e2).partition(': ')[2]})", "fix the quoting")
+    if not records:
+        return [], []
+    header = records[0][1]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for lineno, fields in records[1:]:
+        if not any(f.strip() for f in fields):
+            continue  # blank line
+        if len(fields) != len(header):
+            bad(f"line {lineno}", f"has {len(fields)} fields but the header has {len(header)}", "quote fields that contain the delimiter")
+            continue
+        rows.append((f"line {lineno}", dict(zip(header, fields, strict=True))))
+    return header, rows
+
+
+def _read_json_records(path: Path, bad: _Bad) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    records: list[tuple[str, dict[str, Any]]] = []
+    text = _read_text(path)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -88,9 +146,11 @@ def _read_json_records(path: Path) -> tuple[list[str], list[tuple[str, dict[str,
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"Line {lineno} of {path} is not valid JSON ({e.msg}).", fix="write one JSON object per line.") from None
+                bad(f"line {lineno}", f"is not valid JSON ({e.msg})", "write one JSON object per line")
+                continue
             if not isinstance(rec, dict):
-                raise DataError(f"Line {lineno} of {path} is not a JSON object.", fix="write one JSON object per line.")
+                bad(f"line {lineno}", f"is a JSON {type(rec).__name__}, not an object", "write one JSON object per line")
+                continue
             records.append((f"line {lineno}", rec))
     columns: dict[str, None] = {}
     for _, rec in records:
@@ -99,10 +159,15 @@ def _read_json_records(path: Path) -> tuple[list[str], list[tuple[str, dict[str,
 
 
 def _captions(value: Any, column: str, where: str, path: Path) -> list[str]:
+    """A cell's captions; anything but text (or a list of text) is an error naming the line."""
     if value is None:
         return []
     if isinstance(value, list):
-        return [str(v) for v in value if v is not None]
+        odd = [v for v in value if v is not None and not isinstance(v, str)]
+        if odd:
+            raise DataError(f"The '{column}' list at {where} of {path} holds a {type(odd[0]).__name__} ({json.dumps(odd[0], default=str)[:60]}), not text.",
+                            fix="write captions as strings.")
+        return [v for v in value if v is not None]
     if isinstance(value, str):
         s = value.strip()
         if column.strip().lower() == "captions" and s.startswith("[") and s.endswith("]"):
@@ -111,9 +176,10 @@ def _captions(value: Any, column: str, where: str, path: Path) -> list[str]:
             except json.JSONDecodeError:
                 raise DataError(f"The captions cell at {where} of {path} looks like a JSON list but does not parse.", fix='write it as ["caption one", "caption two"].') from None
             if isinstance(parsed, list):
-                return [str(v) for v in parsed if v is not None]
+                return _captions(parsed, column, where, path)
         return [value]
-    return [str(value)]
+    raise DataError(f"The '{column}' value at {where} of {path} is a {type(value).__name__} ({json.dumps(value, default=str)[:60]}), not text.",
+                    fix="write captions as strings (a JSON string or a list of strings).")
 
 
 def read_manifest(
@@ -126,16 +192,17 @@ def read_manifest(
     label_column: str | None = None,
     classnames: Sequence[str] | None = None,
     name: str | None = None,
+    skip_bad: bool = False,
 ) -> PairedDataset:
     """Read a CSV/TSV (``.csv``, ``.tsv``), JSON-lines (``.jsonl``, ``.ndjson``) or JSON-array (``.json``) manifest.
 
-    ``fmt`` (``csv`` or ``jsonl``) overrides the choice by suffix.
+    ``fmt`` (``csv`` or ``jsonl``) overrides the choice by suffix. A malformed line (bad quoting, wrong
+    number of fields, invalid JSON, a caption that is not text) is an error naming it; with ``skip_bad``
+    it is skipped, logged, and counted in ``describe()["skipped_lines"]``.
     """
     fmt = fmt or ("csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl")
-    try:
-        columns, records = _read_csv(path) if fmt == "csv" else _read_json_records(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"Cannot read manifest {path}: {e}.", fix="check the path and that it is UTF-8 text.") from None
+    bad = _Bad(path, skip_bad)
+    columns, records = _read_csv(path, bad) if fmt == "csv" else _read_json_records(path, bad)
     img_col = _find_column(columns, IMAGE_COLUMNS, image_column, "image", path, True)
     cap_col = _find_column(columns, CAPTION_COLUMNS, caption_column, "caption", path, True)
     lab_col = _find_column(columns, LABEL_COLUMNS, label_column, "label", path, False)
@@ -143,20 +210,30 @@ def read_manifest(
 
     def gen() -> Iterator[Record]:
         for where, rec in records:
-            value = rec.get(img_col)
-            if value is None or not str(value).strip():
-                raise DataError(f"The row at {where} of {path} has an empty '{img_col}' (image path).", fix="fill in the image path or remove the row.")
-            p = Path(str(value).strip())
-            key = os.path.normpath(p if p.is_absolute() else root / p)
-            label = rec.get(lab_col) if lab_col else None
-            if label is not None and not isinstance(label, int | str):
-                label = str(label)
-            yield Record(key, _captions(rec.get(cap_col), cap_col, where, path), label, where)
+            try:
+                value = rec.get(img_col)
+                if value is None or not str(value).strip():
+                    raise DataError(f"The row at {where} of {path} has an empty '{img_col}' (image path).", fix="fill in the image path or remove the row.")
+                if not isinstance(value, str) or "\n" in value:
+                    raise DataError(f"The '{img_col}' value at {where} of {path} is not a one-line path ({json.dumps(value, default=str)[:60]}).",
+                                    fix="write the image path as a string.")
+                p = Path(value.strip())
+                key = os.path.normpath(p if p.is_absolute() else root / p)
+                label = rec.get(lab_col) if lab_col else None
+                if label is not None and not isinstance(label, int | str) or isinstance(label, bool):
+                    raise DataError(f"The '{lab_col}' value at {where} of {path} is a {type(label).__name__}, not a class id or name.",
+                                    fix="write labels as integers or strings.")
+                caps = _captions(rec.get(cap_col), cap_col, where, path)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                bad.skipped.append(f"{where}: {e}")
+                continue
+            yield Record(key, caps, label, where)
 
-    try:
-        rows = group_records(gen(), path)
-    except csv.Error as e:
-        raise DataError(f"Manifest {path} is not valid CSV ({e}).", fix="fix the quoting or the delimiter.") from None
+    rows = group_records(gen(), path)
+    if bad.skipped:
+        log.warning("%s: skipped %d malformed line(s), e.g. %s", path, len(bad.skipped), bad.skipped[0])
     if not rows.keys:
         raise DataError(f"Manifest {path} has no rows.", fix="add at least one (image, caption) line.")
     labels, names = map_labels(rows.labels, path, rows.where, classnames)
@@ -164,4 +241,5 @@ def read_manifest(
     return PairedDataset(
         name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys]),
         captions=rows.captions, labels=labels, classnames=names,
+        meta={"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else None,
     )  # fmt: skip
