@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from pairscout._io import atomic_path  # noqa: E402
+
 MODALITY_COLORS = {"vision": "#86bbd8", "text": "#f6ae2d"}
 plt.rcParams["svg.fonttype"] = "none"  # text stays text in SVG: small files, selectable labels
 
@@ -38,7 +40,8 @@ def render(fig: Figure, out: Path | None, stem: str) -> Plot:
         out.mkdir(parents=True, exist_ok=True)
         for ext in ("png", "svg"):
             p = out / f"{stem}.{ext}"
-            fig.savefig(p, dpi=130, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+            with atomic_path(p) as tmp:  # a full disk leaves the old plot or none, never a truncated one
+                fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
             paths.append(p)
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})

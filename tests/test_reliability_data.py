@@ -152,3 +152,26 @@ def test_oversized_image_file_is_a_bad_image(tmp_path, monkeypatch):
     monkeypatch.setattr(images_mod, "MAX_IMAGE_BYTES", 10)
     with pytest.raises(images_mod.ImageReadError, match="over the limit"):
         decode_image(p)
+
+
+def test_plots_go_through_the_atomic_writer(tmp_path, monkeypatch):
+    """A full disk mid-save leaves no truncated PNG under the real name."""
+    import matplotlib.figure
+
+    from pairscout import plots
+
+    fig = plots.heatmap(__import__("pandas").DataFrame([[0.1, 0.2]], index=["v"], columns=["a", "b"]), "t")
+    real = matplotlib.figure.Figure.savefig
+
+    def full_disk(self, fname, *a, **k):
+        if not hasattr(fname, "write"):
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG trunc")
+            raise OSError(28, "No space left on device")
+        return real(self, fname, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(OSError):
+        plots.render(fig, tmp_path / "plots", "heat")
+    assert not (tmp_path / "plots" / "heat.png").exists()
+    assert list((tmp_path / "plots").iterdir()) == []
