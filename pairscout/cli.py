@@ -83,6 +83,7 @@ NOpt = Annotated[int | None, typer.Option("--n", help="Use a fixed-seed random s
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for subsets and splits.")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Embedding cache folder (default: $PAIRSCOUT_CACHE or ~/.cache/pairscout).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Let zoo entries with trust_remote_code run Python code from their model repository.")]
 
 
 def _load_data(data: str, n: int | None, seed: int, skip_bad: bool):
@@ -171,6 +172,7 @@ def encode(
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log cache hits and resumes.")] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Encode a paired dataset with every model of two zoos (cached, resumable)."""
     _setup_logging(verbose)
@@ -182,7 +184,8 @@ def encode(
         vz, tz = resolve_zoo(vision_zoo, "vision"), resolve_zoo(text_zoo, "text")
         ds = _load_data(data, n, seed, skip_bad)
         cache = EmbeddingCache(cache_dir)
-        settings = EncodeSettings(device=device, batch_size=batch_size, num_workers=workers, amp=amp, tokens=tokens)
+        settings = EncodeSettings(device=device, batch_size=batch_size, num_workers=workers, amp=amp, tokens=tokens,
+                                  trust_remote_code=trust_remote_code)
         dev = pick_device(device)
         err.print(f"[bold]{ds.name}[/]: {len(ds)} images, fingerprint {ds.fingerprint}; device {dev}; cache {cache.root}", highlight=False)
         with _progress() as progress:
@@ -235,6 +238,7 @@ def rank(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (everything human goes to stderr).")] = False,
     with_report: Annotated[bool, typer.Option("--report", help="Also write (or refresh) <out>/report.html.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log cache hits and resumes.")] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
     _setup_logging(verbose)
@@ -255,7 +259,7 @@ def rank(
         with _progress() as progress:
             res = run_rank(
                 vision_zoo, text_zoo, ds, settings=settings,
-                encode_settings=EncodeSettings(device=device, batch_size=batch_size, num_workers=workers),
+                encode_settings=EncodeSettings(device=device, batch_size=batch_size, num_workers=workers, trust_remote_code=trust_remote_code),
                 cache_dir=cache_dir, out=out, force=force, plots=plots, progress=_progress_callback(progress),
                 command=" ".join(["pairscout", *sys.argv[1:]]),
             )

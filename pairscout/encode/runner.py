@@ -70,6 +70,8 @@ class EncodeSettings:
     """bf16 autocast on CUDA (recorded as precision ``bf16``); ignored on CPU."""
     tokens: bool = False
     """Also encode token-level features (needed by the local+global projector)."""
+    trust_remote_code: bool = False
+    """Let zoo entries with ``options.trust_remote_code`` run their repository's code (``--trust-remote-code``)."""
 
 
 class _ImageRows(TorchDataset):
@@ -233,7 +235,10 @@ def encode(
 
     t0 = time.perf_counter()
     if enc is None:
-        enc = build_encoder(spec)
+        from pairscout.encoders.hf_source import allow_remote_code
+
+        with allow_remote_code(settings.trust_remote_code):
+            enc = build_encoder(spec)
     enc.to(device)
 
     if spec.modality == "vision":
@@ -358,7 +363,8 @@ def encode_zoo(
     """Encode with every spec; a model that fails is recorded in ``failures`` and the rest go on.
 
     Bad data (:class:`DataError`) is not a model failure: it stops the run, since every model would
-    meet it.
+    meet it. Any other exception raised by a model's own code (a ``ValueError`` of a tokenizer, a shape
+    error in a custom model) fails that model, with its type and message; the others carry on.
     """
     result = ZooEncoding()
     for spec in specs:
@@ -369,4 +375,12 @@ def encode_zoo(
         except PairscoutError as e:
             log.error("%s failed: %s", spec.id, e)
             result.failures[spec.name] = str(e)
+        except (MemoryError, torch.cuda.OutOfMemoryError) as e:
+            log.error("%s failed: %s", spec.id, type(e).__name__)
+            result.failures[spec.name] = f"encoder {spec.id} ran out of memory ({type(e).__name__}); try a smaller --batch-size."
+        except Exception as e:  # noqa: BLE001 - a model raising inside its own code fails that model only (README)
+            reason = " ".join(str(e).split())[:200]
+            log.error("%s failed inside the model's code: %s: %s", spec.id, type(e).__name__, reason)
+            log.info("where %s failed:", spec.id, exc_info=True)  # shown with --verbose
+            result.failures[spec.name] = f"encoder {spec.id} raised {type(e).__name__}: {reason} (run with --verbose for where)."
     return result

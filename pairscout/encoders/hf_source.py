@@ -20,8 +20,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,8 @@ from pairscout.encoders._common import (
 from pairscout.encoders.base import Encoder, EncoderOutput
 from pairscout.errors import ModelLoadError, ZooError
 from pairscout.zoo.spec import EncoderSpec
+
+log = logging.getLogger(__name__)
 
 VISION_POOLINGS = ("default", "cls", "mean", "cls+mean", "pooler")
 TEXT_POOLINGS = ("default", "mean", "cls", "last")
@@ -66,8 +71,35 @@ def load_kwargs(spec: EncoderSpec, local: bool, offline: bool) -> dict[str, Any]
     if offline:
         kw["local_files_only"] = True
     if spec.options.get("trust_remote_code"):
+        check_remote_code_allowed(spec)
         kw["trust_remote_code"] = True
     return kw
+
+
+_REMOTE_CODE_ALLOWED = contextvars.ContextVar("pairscout_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def allow_remote_code(allowed: bool) -> Iterator[None]:
+    """Within this block, entries with ``options.trust_remote_code`` may load (``--trust-remote-code``)."""
+    token = _REMOTE_CODE_ALLOWED.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _REMOTE_CODE_ALLOWED.reset(token)
+
+
+def check_remote_code_allowed(spec: EncoderSpec) -> None:
+    """A zoo entry alone never runs a model repository's Python: the user must ask on the command line."""
+    if not _REMOTE_CODE_ALLOWED.get():
+        raise ModelLoadError(
+            f"{spec.id} sets trust_remote_code: loading it runs Python code from the model's repository"
+            f" (revision {spec.revision or 'unpinned'}), which pairscout does not do unless asked.",
+            fix="pass --trust-remote-code if you trust that code (pin revision to a commit sha), or leave the model out.",
+        )
+    if not (spec.revision and len(spec.revision) == 40 and all(c in "0123456789abcdef" for c in spec.revision)):
+        log.warning("%s runs remote code at revision %r, which is not a commit sha: the code can change under you",
+                    spec.id, spec.revision or "main")
 
 
 def _layer_index(layer: int) -> int:
@@ -233,6 +265,8 @@ def _dtype(spec: EncoderSpec) -> torch.dtype | None:
 def build(spec: EncoderSpec) -> Encoder:
     from transformers import AutoModel
 
+    if spec.options.get("trust_remote_code"):
+        check_remote_code_allowed(spec)  # before any download
     src, local = resolve_source(spec)
     dtype = _dtype(spec)
     with hub_guard(spec, local=local, what=src) as offline:

@@ -16,7 +16,7 @@ import torch
 
 from pairscout.encoders._common import finish, hub_guard, pad_tokens, text_token_length
 from pairscout.encoders.base import Encoder, EncoderOutput
-from pairscout.encoders.hf_source import load_kwargs, resolve_source
+from pairscout.encoders.hf_source import check_remote_code_allowed, load_kwargs, resolve_source
 from pairscout.errors import ZooError
 from pairscout.zoo.spec import EncoderSpec
 
@@ -61,5 +61,7 @@ def load_sentence_transformer(spec: EncoderSpec, path_or_id: str, *, local: bool
 
 
 def build(spec: EncoderSpec) -> STEncoder:
+    if spec.options.get("trust_remote_code"):
+        check_remote_code_allowed(spec)  # before any download
     src, local = resolve_source(spec)
     return STEncoder(spec, load_sentence_transformer(spec, src, local=local))

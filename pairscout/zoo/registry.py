@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from pairscout._io import read_regular_text
 from pairscout.errors import ZooError
 from pairscout.zoo.spec import EncoderSpec, Modality
 
@@ -49,21 +50,38 @@ def _parse(text: str, where: str) -> tuple[str, str, list[EncoderSpec]]:
     entries = data.get("encoder")
     if not isinstance(entries, list) or not entries:
         raise ZooError(f"{where} defines no encoders.", fix="add at least one [[encoder]] table with id and modality.")
+    for k, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ZooError(f"{where}: encoder entry {k + 1} is a {type(e).__name__} ({str(e)[:40]}), not a table.",
+                           fix="write each encoder as an [[encoder]] table with id and modality.")
     specs = [EncoderSpec.from_dict(dict(e), where=where) for e in entries]
+    _check_unique(specs, where)
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise ZooError(f"{where}: the zoo's {key} is a {type(data[key]).__name__}, not a string.", fix=f'write {key} = "..." in quotes.')
+    return str(data.get("name", Path(where).stem)), str(data.get("description", "")), specs
+
+
+def _check_unique(specs: list[EncoderSpec], where: str) -> None:
     ids = [s.id for s in specs]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     names = [s.name for s in specs]
     dupe_names = sorted({n for n in names if names.count(n) > 1})
     if dupes or dupe_names:
         raise ZooError(f"{where} lists {', '.join(dupes or dupe_names)} twice.", fix="give each encoder a unique id and name.")
-    return str(data.get("name", Path(where).stem)), str(data.get("description", "")), specs
 
 
 def load_zoo_file(path: str | Path) -> Zoo:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ZooError(f"zoo file {path} does not exist.", fix=f"pass a TOML path or one of the named zoos: {', '.join(available_zoos())}.")
-    name, desc, specs = _parse(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = read_regular_text(path, "utf-8", 16 * 2**20)
+    except UnicodeDecodeError as e:
+        raise ZooError(f"zoo file {path} is not UTF-8 text (byte {e.start}: {e.reason}).", fix="save it as UTF-8 (TOML files must be UTF-8).") from None
+    except OSError as e:
+        raise ZooError(f"cannot read zoo file {path} ({e}).", fix="pass a readable TOML file.") from None
+    name, desc, specs = _parse(text, str(path))
     return Zoo(name, desc, tuple(specs), str(path))
 
 
@@ -96,13 +114,15 @@ def resolve_zoo(arg: str | Path, modality: Modality) -> Zoo:
     text = str(arg).strip()
     if not text:
         raise ZooError(f"the {modality} zoo is empty.", fix="pass a zoo name, a TOML path or a comma list of ids.")
-    if text.endswith(".toml") or Path(text).is_file():
+    if text.endswith(".toml") or Path(text).exists():
         zoo = load_zoo_file(text)
     elif ":" not in text and "," not in text:
         zoo = get_zoo(text)
     else:
         ids = [t.strip() for t in text.split(",") if t.strip()]
-        zoo = Zoo("custom", "encoders given on the command line", tuple(_spec_from_id(i, modality) for i in ids), "ids")
+        specs = [_spec_from_id(i, modality) for i in ids]
+        _check_unique(specs, f"--{modality}-zoo {text!r}")
+        zoo = Zoo("custom", "encoders given on the command line", tuple(specs), "ids")
     chosen = zoo.of(modality)
     if not chosen:
         raise ZooError(f"zoo {zoo.name!r} ({zoo.source}) has no {modality} encoders.", fix=f"add [[encoder]] entries with modality = \"{modality}\".")

@@ -56,6 +56,9 @@ class EncoderSpec:
     notes: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise ZooError(f"an encoder has id {self.id!r}, not a non-empty string.", fix='write id = "<source>:<name>" in quotes.')
+        self._check_types()
         if ":" not in self.id:
             raise ZooError(
                 f"encoder id {self.id!r} has no source prefix.",
@@ -70,6 +73,32 @@ class EncoderSpec:
             raise ZooError(f"encoder {self.id!r}: modality {self.modality!r} is neither 'vision' nor 'text'.")
         if not self.name:
             object.__setattr__(self, "name", self.id.split(":", 1)[1])
+
+    def _check_types(self) -> None:
+        """Every field has its declared type and a possible value; errors name the encoder and the field."""
+        def bad(fname: str, want: str, fix: str | None = None) -> ZooError:
+            value = getattr(self, fname)
+            return ZooError(f"encoder {self.id!r}: {fname} = {value!r} ({type(value).__name__}) is not {want}.",
+                            fix=fix or f"set {fname} to {want}, or remove it for the default.")
+
+        for fname in ("modality", "name", "pooling", "preprocess", "notes"):
+            if not isinstance(getattr(self, fname), str):
+                raise bad(fname, "a string", f'write {fname} = "..." in quotes.')
+        for fname in ("revision", "license", "weights"):
+            if getattr(self, fname) is not None and not isinstance(getattr(self, fname), str):
+                raise bad(fname, "a string", f'write {fname} = "..." in quotes.')
+        for fname in ("image_size", "max_length", "dim"):
+            v = getattr(self, fname)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise bad(fname, "a positive integer")
+        if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
+            raise bad("layer", "an integer (negative counts from the last layer)")
+        if self.params_m is not None and (not isinstance(self.params_m, int | float) or isinstance(self.params_m, bool) or self.params_m < 0):
+            raise bad("params_m", "a number >= 0")
+        if not isinstance(self.normalize, bool):
+            raise bad("normalize", "true or false")
+        if not isinstance(self.options, dict):
+            raise bad("options", "a table", 'write options as a table, e.g. options = { size = 16 }.')
 
     @property
     def source(self) -> str:
@@ -106,4 +135,7 @@ class EncoderSpec:
         for req in ("id", "modality"):
             if req not in d:
                 raise ZooError(f"{where}: an encoder entry lacks the required field {req!r}.", fix="add it.")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ZooError as e:
+            raise ZooError(f"{where}: {e}") from None

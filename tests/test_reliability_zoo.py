@@ -1,0 +1,116 @@
+"""Issue 14, zoos and trust: values checked when the zoo is read, errors name the model; remote code only
+on request; a model raising inside its own code fails alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from pairscout.errors import ModelLoadError, ZooError
+from pairscout.zoo.registry import get_zoo, load_zoo_file, resolve_zoo
+from pairscout.zoo.spec import EncoderSpec
+
+
+def _zoo(tmp_path, body: str, encoding: str = "utf-8"):
+    p = tmp_path / "z.toml"
+    p.write_bytes(("[[encoder]]\n" + body).encode(encoding))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ('id = "baseline:pixels"\nmodality = "vision"\nimage_size = -5\n', r"'baseline:pixels'.*image_size = -5.*positive integer"),
+        ('id = "baseline:pixels"\nmodality = "vision"\nimage_size = "big"\n', r"'baseline:pixels'.*image_size.*positive integer"),
+        ('id = "baseline:pixels"\nmodality = "vision"\noptions = "size=16"\n', r"'baseline:pixels'.*options.*table"),
+        ('id = 5\nmodality = "vision"\n', r"id 5.*string"),
+        ('id = "baseline:pixels"\nmodality = "vision"\nname = 5\n', r"'baseline:pixels'.*name = 5.*string"),
+        ('id = "baseline:pixels"\nmodality = "vision"\nnormalize = "yes"\n', r"normalize.*true or false"),
+    ],
+)
+def test_bad_zoo_values_name_the_model_when_read(tmp_path, body, match):
+    with pytest.raises(ZooError, match=match) as e:
+        load_zoo_file(_zoo(tmp_path, body))
+    assert "z.toml" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_zoo_encoder_list_of_non_tables(tmp_path):
+    p = tmp_path / "z.toml"
+    p.write_text("encoder = [1, 2]\n")
+    with pytest.raises(ZooError, match="entry 1 is a int.*not a table"):
+        load_zoo_file(p)
+
+
+def test_latin1_zoo_file_is_one_line_error(tmp_path):
+    p = _zoo(tmp_path, 'id = "baseline:pixels"\nmodality = "vision"\nnotes = "caf\u00e9"\n', encoding="latin-1")
+    with pytest.raises(ZooError, match="not UTF-8"):
+        load_zoo_file(p)
+
+
+def test_duplicate_ids_on_the_command_line_are_refused():
+    with pytest.raises(ZooError, match="baseline:pixels twice"):
+        resolve_zoo("baseline:pixels,baseline:pixels", "vision")
+
+
+def test_standard_zoo_pins_what_it_can_and_says_what_it_does_not():
+    z = get_zoo("standard")
+    text = [e for e in z.encoders if e.modality == "text"]
+    pinned = [e for e in text if e.revision and len(e.revision) == 40]
+    unpinned = {e.name for e in text if e.revision == "main"}
+    assert len(pinned) == 5
+    assert unpinned == {"all-roberta-large-v1", "gte-large", "bge-large-en-v1.5"}
+
+
+def test_remote_code_never_runs_without_the_command_line_flag(tmp_path):
+    from pairscout.encoders import build_encoder
+    from pairscout.encoders.hf_source import allow_remote_code
+
+    spec = EncoderSpec(id="hf:some-org/custom-code-model", modality="text", options={"trust_remote_code": True})
+    with pytest.raises(ModelLoadError, match="runs Python code.*--trust-remote-code"):
+        build_encoder(spec)
+    st = EncoderSpec(id="st:some-org/custom-st", modality="text", options={"trust_remote_code": True})
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        build_encoder(st)
+    with allow_remote_code(True), pytest.raises(ModelLoadError) as e:  # allowed: now it tries (and cannot) load
+        build_encoder(spec)
+    assert "--trust-remote-code" not in str(e.value)
+
+
+def test_cli_refuses_remote_code_model_and_ranks_the_rest(tmp_path):
+    import subprocess
+    import sys
+
+    zoo = _zoo(tmp_path, 'id = "hf:some-org/custom-code-model"\nmodality = "text"\noptions = { trust_remote_code = true }\n'
+               '[[encoder]]\nid = "baseline:tfidf"\nmodality = "text"\n')
+    r = subprocess.run([sys.executable, "-c", "from pairscout.cli import main; main()", "encode", "-v", "baseline:pixels", "-t", str(zoo), "--data",
+                        "generated:n=16,size=16", "--cache-dir", str(tmp_path / "c"), "--workers", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "--trust-remote-code" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_model_raising_inside_its_own_code_fails_alone(tmp_path, monkeypatch):
+    from pairscout.data import load_dataset
+    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.encode.runner import EncodeSettings, encode_zoo
+
+    data = load_dataset("generated:n=12,size=16")
+    spec = EncoderSpec(id="baseline:random", modality="text", options={"dim": 4})
+    ok = EncoderSpec(id="baseline:tfidf", modality="text")
+
+    def boom(self, texts, *, tokens=False):
+        raise ValueError("inside the model")
+
+    import pairscout.encoders as encs
+
+    real = encs.build_encoder
+
+    def build(s):
+        enc = real(s)
+        if s.id == spec.id:
+            enc.encode_texts = lambda texts, tokens=False: boom(enc, texts)
+        return enc
+
+    monkeypatch.setattr(encs, "build_encoder", build)
+    res = encode_zoo([spec, ok], data, cache=EmbeddingCache(tmp_path), settings=EncodeSettings(device="cpu", num_workers=0))
+    assert set(res.embeddings) == {"tfidf"}
+    assert "ValueError: inside the model" in res.failures["random"] and "baseline:random" in res.failures["random"]
