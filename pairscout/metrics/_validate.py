@@ -20,10 +20,19 @@ def as_matrix(x: ArrayLike, name: str, device: torch.device | None = None) -> to
         MetricError: not 2-D, no rows/columns, non-floating-point, NaN or inf (naming ``name``).
     """
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiub":
+            raise MetricError(f"{name} is a numpy array of {x.dtype} ({'complex' if x.dtype.kind == 'c' else 'not real numbers'}).",
+                              fix="pass real-valued float embeddings.")
+        if not x.dtype.isnative:  # big-endian arrays: torch.from_numpy refuses them
+            x = x.astype(x.dtype.newbyteorder("="))
         x = torch.from_numpy(np.ascontiguousarray(x))
     elif not isinstance(x, torch.Tensor):
         raise MetricError(f"{name} is a {type(x).__name__}, not a tensor or numpy array.",
                           fix="pass an (n, d) torch.Tensor or numpy array.")
+    if x.is_meta:
+        raise MetricError(f"{name} is a meta tensor (shape only, no values).", fix="pass a tensor with data (e.g. on cpu or cuda).")
+    if x.is_complex():
+        raise MetricError(f"{name} is complex ({x.dtype}); its imaginary part would be dropped.", fix="pass real-valued float embeddings.")
     if device is not None and x.device != device:
         x = x.to(device)
     if x.ndim != 2:
@@ -74,8 +83,41 @@ def check_same_rows(groups: dict[str, list[torch.Tensor]], min_rows: int = 1, wh
     return n
 
 
+SAFE_F32 = (2.0**-16, 2.0**16)
+"""Largest |x| range whose fourth powers (HSIC of a linear kernel, summed over rows) stay normal float32."""
+
+
 def compute_dtype(mats: Sequence[torch.Tensor], dtype: torch.dtype | None) -> torch.dtype:
-    """float64 if asked or if any input is float64, else float32 (half precision is promoted)."""
+    """float64 if asked or if any input is float64, else float32 (half precision is promoted).
+
+    Also float64 when any matrix's largest |x| is outside :data:`SAFE_F32`: products of data scaled
+    by 1e20 overflow float32 and those of data scaled by 1e-20 underflow to 0, so a scale-invariant
+    measure (CKA) would read 0.0. In float64 the whole float32 range is safe.
+    """
     if dtype is not None:
         return dtype
-    return torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32
+    if any(m.dtype == torch.float64 for m in mats):
+        return torch.float64
+    for m in mats:
+        top = float(m.abs().max()) if m.numel() else 1.0
+        if top != 0.0 and not SAFE_F32[0] <= top <= SAFE_F32[1]:
+            return torch.float64
+    return torch.float32
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows, safe over the whole float range: each row is first scaled by a power of two
+    (exact) so its largest |x| is in [0.5, 1), then normalised; zero rows stay zero."""
+    top = x.abs().amax(dim=1, keepdim=True)
+    _, exp = torch.frexp(top)
+    scale = torch.where(top > 0, torch.ldexp(torch.ones_like(top), -exp), torch.ones_like(top))
+    return torch.nn.functional.normalize(x * scale, p=2, dim=1)
+
+
+def check_not_constant(mats: Sequence[torch.Tensor], names: Sequence[str], what: str) -> None:
+    """Raise MetricError naming the first matrix whose rows are all the same vector (all-zero included)."""
+    for m, name in zip(mats, names, strict=True):
+        if m.shape[0] >= 2 and bool((m == m[:1]).all()):
+            kind = "all-zero" if not bool(m[:1].any()) else "constant (every row the same vector)"
+            raise MetricError(f"{name} is {kind}; {what} is undefined for it.",
+                              fix="leave that model out, or check that its encoder produced real embeddings.")

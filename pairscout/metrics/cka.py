@@ -386,6 +386,8 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
     """
     if kernel not in ("linear", "rbf"):
         raise MetricError(f"unknown kernel {kernel!r}.", fix="use kernel='linear' or kernel='rbf'.")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+        raise MetricError(f"tile={tile!r} must be an integer >= 1 (rows per Gram tile).", fix="pass tile=None for the default.")
     xs_t, ys_t, n = _prepare(xs, ys, debiased)
     m, t = len(xs_t), len(ys_t)
     if weights is not None and debiased:
@@ -406,8 +408,8 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
             if sigmas is None:
                 used_sigmas = tuple(_median_sigma(z, sigma_frac) for z in [*xs_t, *ys_t])
             else:
-                if len(sigmas) != m + t or not all(s > 0 for s in sigmas):
-                    raise MetricError(f"sigmas has {len(sigmas)} values; need {m + t} positive ones (xs then ys).",
+                if len(sigmas) != m + t or not all(math.isfinite(s) and s > 0 for s in sigmas):  # inf: every K = 1
+                    raise MetricError(f"sigmas has {len(sigmas)} values; need {m + t} finite positive ones (xs then ys).",
                                       fix="pass one bandwidth per model or sigmas=None for the median heuristic.")
                 used_sigmas = tuple(float(s) for s in sigmas)
             gammas = [1.0 / (2.0 * s * s) for s in used_sigmas]

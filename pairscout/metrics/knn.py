@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_same_rows
+from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_not_constant, check_same_rows, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Preprocess:
                 thr = _row_quantile(x.abs(), q).mean()
                 x = x.clamp(-thr, thr)
         if self.l2_normalize:
-            x = torch.nn.functional.normalize(x, p=2, dim=1)
+            x = unit_rows(x)  # exact power-of-two rescale first: 1e20 or 1e-20 rows neither overflow nor underflow
         return x
 
 
@@ -98,6 +98,9 @@ def nearest_neighbours(x: ArrayLike, k: int = 10, preprocess: Preprocess = Prepr
     Raises:
         MetricError: k < 1 or k > n - 1; NaN/inf in x.
     """
+    _check_int("k", k)
+    if tile is not None:
+        _check_int("tile", tile)
     x = preprocess(as_matrix(x, "x"))
     n = x.shape[0]
     if not 1 <= k <= n - 1:
@@ -113,6 +116,12 @@ def nearest_neighbours(x: ArrayLike, k: int = 10, preprocess: Preprocess = Prepr
         v, i = torch.topk(sim, k, dim=1)
         idx[s:e], val[s:e] = i, v
     return Neighbours(idx, val)
+
+
+def _check_int(name: str, value: object, low: int = 1) -> None:
+    """Integer parameters (k, tile) must be ints >= ``low``: 2.5, 0, -1 or True are errors, never rounded."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise MetricError(f"{name}={value!r} must be an integer >= {low}.", fix=f"pass a whole number >= {low} as {name}.")
 
 
 def _match(a: torch.Tensor, b: torch.Tensor, tile: int = 4096) -> torch.Tensor:
@@ -138,9 +147,12 @@ def mutual_knn(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess =
 
 def _neighbours_all(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], k: int,
                     preprocess: Preprocess, min_rows: int) -> tuple[list[Neighbours], list[Neighbours], int]:
+    _check_int("k", k)
     xs_t = as_matrices(xs, "xs")
     ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
     n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=max(min_rows, k + 1), why=f"k={k} neighbours")
+    names = [f"xs[{i}]" for i in range(len(xs_t))] + [f"ys[{j}]" for j in range(len(ys_t))]
+    check_not_constant([*xs_t, *ys_t], names, "a neighbourhood (every row ties with every other)")
     return [nearest_neighbours(x, k, preprocess) for x in xs_t], [nearest_neighbours(y, k, preprocess) for y in ys_t], n
 
 

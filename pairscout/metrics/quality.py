@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrix
+from pairscout.metrics._validate import ArrayLike, as_matrix, unit_rows
 
 F64 = torch.float64
 
@@ -66,12 +66,12 @@ def knn_accuracy(x: ArrayLike, labels: ArrayLike | Sequence[Any], *, bank: Array
         MetricError: k larger than the bank, mismatched labels, NaN/inf.
     """
     xq = as_matrix(x, "x")
-    xq = torch.nn.functional.normalize(xq.to(F64 if xq.dtype == F64 else torch.float32), dim=1)
+    xq = unit_rows(xq.to(F64 if xq.dtype == F64 else torch.float32))
     n = xq.shape[0]
     if (bank is None) != (bank_labels is None):
         raise MetricError("bank and bank_labels must be given together.", fix="pass both, or neither to cross-validate.")
     if bank is not None:
-        b = torch.nn.functional.normalize(as_matrix(bank, "bank").to(xq.dtype).to(xq.device), dim=1)
+        b = unit_rows(as_matrix(bank, "bank").to(xq.dtype).to(xq.device))
         if b.shape[1] != xq.shape[1]:
             raise MetricError(f"bank has {b.shape[1]} dims, x has {xq.shape[1]}.", fix="use the same encoder for both.")
         all_y, n_cls = _labels(np.concatenate([np.asarray(_np(labels)), np.asarray(_np(bank_labels))]),
@@ -124,7 +124,7 @@ def clustering_quality(x: ArrayLike, labels: ArrayLike | Sequence[Any] | None = 
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
     xt = as_matrix(x, "x")
-    feats = torch.nn.functional.normalize(xt.to(F64), dim=1).cpu().numpy()
+    feats = unit_rows(xt.to(F64)).cpu().numpy()
     n = feats.shape[0]
     y = None
     if labels is not None:
