@@ -114,3 +114,32 @@ def test_model_raising_inside_its_own_code_fails_alone(tmp_path, monkeypatch):
     res = encode_zoo([spec, ok], data, cache=EmbeddingCache(tmp_path), settings=EncodeSettings(device="cpu", num_workers=0))
     assert set(res.embeddings) == {"tfidf"}
     assert "ValueError: inside the model" in res.failures["random"] and "baseline:random" in res.failures["random"]
+
+
+def test_zero_encoders_are_failed_models_and_the_rest_are_ranked(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from pairscout.data import load_dataset
+
+    n = 40
+    ds = load_dataset(f"generated:n={n},size=16")
+    np.save(tmp_path / "zeros_a.npy", np.zeros((n, 8), np.float32))
+    np.save(tmp_path / "zeros_b.npy", np.zeros((len(ds.flat_captions()[0]), 8), np.float32))
+    r = subprocess.run(
+        [sys.executable, "-c", "from pairscout.cli import main; main()", "rank",
+         "-v", f"baseline:pixels,emb:{tmp_path / 'zeros_a.npy'}", "-t", f"baseline:tfidf,emb:{tmp_path / 'zeros_b.npy'}",
+         "--data", f"generated:n={n},size=16", "--cache-dir", str(tmp_path / "c"), "--workers", "0", "--knn-k", "5",
+         "--permutations", "0", "--ci-groups", "0", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    import json
+
+    payload = json.loads(r.stdout)
+    assert [(p["vision"], p["text"]) for p in payload["pairs"]] == [("pixels", "tfidf")]
+    fails = payload["meta"]["failures"]
+    assert {k.rsplit("/", 1)[-1] for k in fails} == {"zeros_a.npy", "zeros_b.npy"}
+    assert all("all-zero" in v and "emb:" in v for v in fails.values())

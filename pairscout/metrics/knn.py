@@ -23,7 +23,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_not_constant, check_same_rows, unit_rows
+from pairscout.metrics._validate import (
+    ArrayLike,
+    as_matrices,
+    as_matrix,
+    check_not_constant,
+    check_same_rows,
+    unit_rows,
+)
 
 log = logging.getLogger(__name__)
 
