@@ -65,8 +65,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_skip_bad_reports_and_continues(tmp_path):
     from PIL import Image
 
-    for name in ("a", "b"):
-        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
+    for name, colour in (("a", "red"), ("b", "blue")):  # two different images: constant pixels are a failed model
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{name}.png")
     (tmp_path / "c.png").write_bytes(b"broken")
     (tmp_path / "m.csv").write_text("image,caption\na.png,one\nb.png,two\nc.png,three\n")
     base = ["encode", "--vision-zoo", "baseline:pixels", "--text-zoo", "baseline:random", "--data", str(tmp_path / "m.csv"),

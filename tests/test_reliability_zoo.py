@@ -3,6 +3,8 @@ on request; a model raising inside its own code fails alone."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pairscout.errors import ModelLoadError, ZooError
@@ -143,3 +145,82 @@ def test_zero_encoders_are_failed_models_and_the_rest_are_ranked(tmp_path):
     fails = payload["meta"]["failures"]
     assert {k.rsplit("/", 1)[-1] for k in fails} == {"zeros_a.npy", "zeros_b.npy"}
     assert all("all-zero" in v and "emb:" in v for v in fails.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"batch_size": -4}, "--batch-size -4"), ({"num_workers": -1}, "--workers -1"), ({"batch_size": 0}, "--batch-size 0")],
+)
+def test_impossible_encode_settings_are_errors_up_front(kwargs, match):
+    from pairscout.encode.runner import EncodeSettings
+    from pairscout.errors import PairscoutError
+
+    with pytest.raises(PairscoutError, match=match):
+        EncodeSettings(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"permutations": -1}, "--permutations"), ({"ci_groups": -2}, "--ci-groups"), ({"knn_k": 2.5}, "--knn-k"),
+     ({"caption_reduce": "median"}, "--caption-reduce")],
+)
+def test_impossible_rank_settings_are_errors_up_front(kwargs, match):
+    from pairscout.errors import PairscoutError
+    from pairscout.ranking import RankSettings
+
+    with pytest.raises(PairscoutError, match=match):
+        RankSettings(**kwargs)
+
+
+def test_unknown_device_is_one_line_error():
+    from pairscout.encode.runner import pick_device
+    from pairscout.errors import PairscoutError
+
+    with pytest.raises(PairscoutError, match="'gpu0' is not a device name"):
+        pick_device("gpu0")
+
+
+def test_rank_out_that_is_a_file_fails_before_encoding(tmp_path, monkeypatch):
+    from pairscout.errors import PairscoutError
+    from pairscout.ranking import rank
+
+    out = tmp_path / "runs"
+    out.write_text("x")
+    monkeypatch.setattr("pairscout.ranking.core.encode_zoo", lambda *a, **k: pytest.fail("encoded before checking --out"))
+    with pytest.raises(PairscoutError, match="existing file"):
+        rank("baseline:pixels", "baseline:tfidf", "generated:n=16,size=16", out=out)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root can write anywhere")
+def test_read_only_cache_fails_before_encoding(tmp_path):
+    from pairscout.data import load_dataset
+    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.errors import CacheError
+
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        with pytest.raises(CacheError, match="not writable"):
+            encode(EncoderSpec(id="baseline:pixels", modality="vision"), load_dataset("generated:n=8,size=16"),
+                   cache=EmbeddingCache(root), settings=EncodeSettings(device="cpu", num_workers=0))
+    finally:
+        root.chmod(0o755)
+
+
+def test_unwritable_cache_fails_before_encoding(tmp_path, monkeypatch):
+    from pairscout import _io
+    from pairscout.data import load_dataset
+    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.errors import CacheError
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_io.tempfile, "mkstemp", full)
+    monkeypatch.setattr("pairscout.encoders.build_encoder", lambda spec: pytest.fail("built before checking the cache"))
+    with pytest.raises(CacheError, match="No space left"):
+        encode(EncoderSpec(id="baseline:pixels", modality="vision"), load_dataset("generated:n=8,size=16"),
+               cache=EmbeddingCache(tmp_path), settings=EncodeSettings(device="cpu", num_workers=0))

@@ -79,12 +79,12 @@ def decode_image(fp: str | Path | BinaryIO) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise ImageReadError("does not exist") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("is not a readable image (unknown or corrupt format)") from None
     except OSError as e:
         if type(e).__name__ in ("NotRegularFileError", "FileTooLargeError", "IsADirectoryError", "PermissionError"):
             raise ImageReadError(f"cannot be read ({' '.join(str(e).split())})") from None
         raise ImageReadError(f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageReadError("is not a readable image (unknown or corrupt format)") from None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
         raise ImageReadError(f"cannot be decoded ({type(e).__name__}: {' '.join(str(e).split())})") from None
 

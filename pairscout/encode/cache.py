@@ -186,6 +186,20 @@ class EmbeddingCache:
         """Where the finished chunks of a run in progress live (runs with token features keep their own)."""
         return self.entry_path(spec, dataset_fingerprint, precision).with_suffix(".tok.parts" if tokens else ".parts")
 
+    def check_writable(self, spec: EncoderSpec) -> None:
+        """Raise :class:`CacheError` unless a new entry of ``spec`` can be written (checked before encoding)."""
+        folder = self.root / _slug(spec.id)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / ".write-check"):
+                pass
+            (folder / ".write-check").unlink(missing_ok=True)
+        except OSError as e:
+            raise CacheError(
+                f"the cache folder {folder} is not writable ({type(e).__name__}: {e.strerror or e}).",
+                fix="make it writable, free disk space, or pass another --cache-dir (or set $PAIRSCOUT_CACHE).",
+            ) from None
+
     # --- finished entries -----------------------------------------------------------------------
     def load(
         self, spec: EncoderSpec, dataset_fingerprint: str, *, precision: str = "fp32", tokens: bool = False

@@ -39,7 +39,12 @@ def pick_device(requested: str | None = None) -> torch.device:
     if local is not None and requested in (None, "auto", "cuda"):
         return local  # one GPU per process under torchrun
     if requested and requested != "auto":
-        dev = torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except (RuntimeError, ValueError, TypeError):
+            raise PairscoutError(f"device {requested!r} is not a device name.", fix="pass --device auto, cpu, cuda, cuda:N or mps.") from None
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise PairscoutError(f"device {requested!r} is not supported.", fix="pass --device auto, cpu, cuda, cuda:N or mps.")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise PairscoutError(f"device {requested!r} was asked for but CUDA is not available.", fix="pass --device cpu or auto.")
         return dev
@@ -72,6 +77,13 @@ class EncodeSettings:
     """Also encode token-level features (needed by the local+global projector)."""
     trust_remote_code: bool = False
     """Let zoo entries with ``options.trust_remote_code`` run their repository's code (``--trust-remote-code``)."""
+
+    def __post_init__(self) -> None:
+        """Impossible values are one-line errors naming the option, before any work."""
+        for name, value, low in (("--batch-size", self.batch_size, 1), ("--workers", self.num_workers, 0),
+                                 ("chunk_batches", self.chunk_batches, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {max(low, 1)} or more.")
 
 
 class _ImageRows(TorchDataset):
@@ -232,6 +244,9 @@ def encode(
             return hit
 
     from pairscout.encoders import build_encoder  # imported late: sources pull heavy packages
+
+    if rank == 0:
+        cache.check_writable(spec)  # a read-only or unusable cache fails now, not after the encoding
 
     t0 = time.perf_counter()
     if enc is None:

@@ -54,6 +54,15 @@ class RankSettings:
     """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Impossible settings are one-line errors naming the option, before any encoding."""
+        for name, value, low in (("--permutations", self.permutations, 0), ("--ci-groups", self.ci_groups, 0),
+                                 ("--knn-k", self.knn_k, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {low} or more.")
+        if self.caption_reduce not in ("first", "mean"):
+            raise PairscoutError(f"--caption-reduce {self.caption_reduce!r} is unknown.", fix="use 'first' or 'mean'.")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["metrics"] = list(self.metrics)
@@ -129,6 +138,8 @@ def rank(
         "dataset_fingerprint": ds.fingerprint,
         "n": n_rows,
     }
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise PairscoutError(f"--out {out} is an existing file, not a folder.", fix="pass a folder path for the results.")
     if out is not None and not force:
         diff = settings_conflict(Path(out), run_settings)
         if diff is not None:
