@@ -340,3 +340,23 @@ def test_precision_argument_errors():
         all_pairs_cka([x], [x], precision="float16")
     with pytest.raises(MetricError, match="either precision= or dtype="):
         all_pairs_cka([x], [x], precision="float32", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_scale_invariant_over_the_float_range(precision, kernel):
+    """Issue 14: data scaled by 1e-20 / 1e20 gave 0.0 in float32 products; each model is now scaled by a power
+    of two before the products, so CKA is the same at any magnitude."""
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(300, 3, generator=g)
+    x = s @ torch.randn(3, 20, generator=g) + torch.randn(300, 20, generator=g)
+    y = s @ torch.randn(3, 30, generator=g) + 2 * torch.randn(300, 30, generator=g)
+    base = all_pairs_cka([x], [y], kernel, precision=precision)
+    assert 0.05 < float(base[0, 0]) < 0.95
+    for sx, sy in ((1e-20, 1.0), (1e20, 1e-20), (1.0, 3e15)):
+        got = all_pairs_cka([x * sx], [y * sy], kernel, precision=precision)
+        assert float((got - base).abs().max()) < 1e-6
+    # and HSIC itself keeps its scale (K = X X^T grows by the square of the data's scale)
+    h1 = all_pairs_hsic([x], [y], precision="float64")
+    h2 = all_pairs_hsic([x * 1024.0], [y], precision="float64")
+    assert float(h2.cross[0, 0]) == pytest.approx(float(h1.cross[0, 0]) * 1024.0**2, rel=1e-12)

@@ -252,6 +252,18 @@ def _center_into(mats: Sequence[torch.Tensor], dtype: torch.dtype, names: Sequen
     return buf, views
 
 
+def _power_of_two_scale(views: Sequence[torch.Tensor]) -> list[int]:
+    """Scale each (centred) view in place by 2^e so that its max |value| lies in [0.5, 1); return the e's."""
+    out = []
+    for v in views:
+        peak = float(v.abs().max())
+        e = 0 if peak == 0.0 or not math.isfinite(peak) else -math.frexp(peak)[1]
+        if e:
+            v.mul_(2.0**e)
+        out.append(e)
+    return out
+
+
 def _feature_stats(xc: Sequence[torch.Tensor], yc: Sequence[torch.Tensor], ybuf: torch.Tensor) -> _Stats:
     """Linear-kernel statistics from centred features: <K_i, L_j> = ||X_i^T Y_j||_F^2, no n x n matrix."""
     n = xc[0].shape[0]
@@ -399,6 +411,9 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
     _, xc = _center_into(xs_t, cdt, names[:m], w)
     ybuf, yc = _center_into(ys_t, cdt, names[m:], w)
     zc = xc + yc
+    # each model scaled by an exact power of two to max |value| in [0.5, 1): float32 products neither under- nor
+    # overflow for data of any magnitude (1e-20 or 1e20); undone exactly on the linear HSIC values below
+    expo = _power_of_two_scale(zc)
     used_sigmas: tuple[float, ...] | None = None
     with _matmul_precision(precision, xs_t[0].device):
         if kernel == "rbf":
@@ -412,7 +427,8 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
                     raise MetricError(f"sigmas has {len(sigmas)} values; need {m + t} finite positive ones (xs then ys).",
                                       fix="pass one bandwidth per model or sigmas=None for the median heuristic.")
                 used_sigmas = tuple(float(s) for s in sigmas)
-            gammas = [1.0 / (2.0 * s * s) for s in used_sigmas]
+            # the RBF kernel of the scaled data with gamma / 4^e is the kernel of the data with gamma
+            gammas = [1.0 / (2.0 * s * s) * 4.0 ** -e for s, e in zip(used_sigmas, expo, strict=True)]
             st = _gram_stats(zc, m, "rbf", gammas, tile)
         else:
             if method == "auto":
@@ -437,6 +453,10 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
         base = st.self_
     tol = 1e-10 if cdt == F64 else 1e-5
     selfs = torch.where(selfs <= tol * base.abs() / (n * n), torch.zeros_like(selfs), selfs)
+    if kernel == "linear":  # K of the scaled data is 4^e K: undo it (exact, float64, no overflow for |e| < 250)
+        f = torch.tensor([4.0 ** -e for e in expo], dtype=F64, device=cross.device)
+        cross = cross * f[:m, None] * f[None, m:]
+        selfs = selfs * f * f
     return HSICResult(cross.cpu(), selfs[:m].cpu(), selfs[m:].cpu(), n, kernel, debiased, method, used_sigmas)
 
 
