@@ -16,12 +16,10 @@ from typing import BinaryIO, Protocol
 
 from PIL import Image
 
+from pairscout.errors import ImageReadError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _MISSING = b"pairscout:missing-image:"
-
-
-class ImageReadError(Exception):
-    """An image could not be read or decoded; ``str(err)`` is the reason."""
 
 
 class ImageSource(Protocol):

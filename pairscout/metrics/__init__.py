@@ -4,6 +4,8 @@
 - :mod:`.knn` - mutual k-NN and CKNNA with explicit, recorded :class:`Preprocess`.
 - :mod:`.quality` - weighted k-NN accuracy (DINO protocol) and k-means clustering quality.
 - :mod:`.published` - published MTEB / ImageNet scores with their sources.
+- :mod:`.registry` - :data:`MEASURES`: one record per pair measure (label, range, cost, null, interval,
+  reference) and :func:`measure` to compute one by name.
 - :mod:`.stats` - permutation null and bootstrap confidence intervals.
 
 Degenerate input raises :class:`pairscout.errors.MetricError` with a one-line message and fix.
@@ -43,8 +45,8 @@ from pairscout.metrics.published import (
     published_vision,
 )
 from pairscout.metrics.quality import clustering_quality, knn_accuracy
+from pairscout.metrics.registry import MEASURES, Measure, measure
 from pairscout.metrics.stats import (
-    PAIR_METRICS,
     BootstrapCI,
     NullResult,
     bootstrap_ci,
@@ -54,9 +56,10 @@ from pairscout.metrics.stats import (
 )
 
 __all__ = [
-    "PAIR_METRICS",
+    "MEASURES",
     "BootstrapCI",
     "HSICResult",
+    "Measure",
     "Neighbours",
     "NullResult",
     "Preprocess",
@@ -75,6 +78,7 @@ __all__ = [
     "linear_cka",
     "linear_cka_null_mean",
     "linear_gram",
+    "measure",
     "median_sigma",
     "mteb_tasks",
     "mutual_knn",
