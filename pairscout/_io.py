@@ -108,3 +108,10 @@ def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, wha
     except (OSError, ValueError) as e:
         raise PairscoutError(f"the {what} in {out} is unreadable ({e}).", fix="run the command that wrote it again (with --force).") from None
     return meta, frames
+
+
+def records(df: Any) -> list[dict[str, Any]]:
+    """A frame as JSON-ready records (NaN -> None)."""
+    import math
+
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in df.to_dict(orient="records")]

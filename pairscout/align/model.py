@@ -128,7 +128,7 @@ class AlignedModel:
 
     def embed_classes(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
         """(C, dim) class embeddings: every template per class, normalised and averaged."""
-        templates = list(templates or TEMPLATES)
+        templates = _check_templates(templates)
         prompts = self.embed_texts([tpl.format(c=c) for c in classnames for tpl in templates])
         return class_embeddings(prompts.reshape(len(classnames), len(templates), -1))
 
@@ -137,6 +137,7 @@ class AlignedModel:
         """Classify images among ``classnames`` (prompted with ``templates``, default :data:`TEMPLATES`)."""
         if not classnames:
             raise PairscoutError("zero-shot needs at least one class name.", fix="pass --classes a,b,c.")
+        _check_templates(templates)
         img = self.embed_images(images)
         probs = torch.softmax(self.scale * img @ self.embed_classes(classnames, templates).T, dim=-1)
         k = min(top_k, len(classnames))
@@ -200,6 +201,32 @@ class AlignedModel:
         return cls(EncoderSpec.from_dict(cfg["vision"], where=str(cfg_path)), EncoderSpec.from_dict(cfg["text"], where=str(cfg_path)),
                    heads[0], heads[1], scale=cfg["loss"]["scale"], bias=cfg["loss"].get("bias"), meta=meta, fit_texts=fit,
                    device=device)  # fmt: skip
+
+
+def _check_templates(templates: Sequence[str] | None) -> list[str]:
+    """The templates (default :data:`TEMPLATES`); one without ``{c}`` is a one-line error."""
+    templates = list(templates or TEMPLATES)
+    bad = next((t for t in templates if "{c}" not in t), None)
+    if bad is not None:
+        raise PairscoutError(f"template {bad!r} has no {{c}}.", fix="put {c} where the class name goes.")
+    return templates
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files given as files or folders (searched recursively, the dataset readers' extensions)."""
+    from pairscout.data.folder import find_images
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += find_images(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise PairscoutError(f"image {p} does not exist.", fix="pass image files or folders.")
+    if not files:
+        raise PairscoutError("no images given.", fix="pass image files or folders holding .jpg/.png files.")
+    return files
 
 
 def _open(im: Image.Image | str | Path) -> Image.Image:

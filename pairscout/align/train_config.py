@@ -9,14 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from pairscout.align.heads import HeadConfig
-from pairscout.align.losses import build_loss
 from pairscout.errors import TrainError
+
+if TYPE_CHECKING:  # torch stays out of `import pairscout.cli` (the CLI reads its defaults from here)
+    import torch
+    from torch import nn
+
+    from pairscout.align.heads import HeadConfig
 
 OPTIMIZERS = ("adamw", "lion")
 DEFAULT_STEPS = 200
@@ -113,12 +114,16 @@ class TrainConfig:
         return DEFAULT_STEPS
 
     def head_config(self, in_dim: int, token_dim: int | None = None) -> HeadConfig:
+        from pairscout.align.heads import HeadConfig
+
         opts = dict(self.head_options)
         if token_dim is not None:
             opts.setdefault("token_dim", token_dim)
         return HeadConfig(kind=self.head, in_dim=int(in_dim), out_dim=self.out_dim, hidden_mult=self.hidden_mult, **opts)
 
     def build_loss(self) -> nn.Module:
+        from pairscout.align.losses import build_loss
+
         if self.loss.lower() in ("infonce", "clip"):
             return build_loss("infonce", init_temperature=self.temperature)
         return build_loss(self.loss, init_scale=self.init_scale, init_bias=self.init_bias, norm=self.loss_norm, chunk=self.chunk)
@@ -177,6 +182,8 @@ class TrainResult:
 
 # --- optimiser and schedule -----------------------------------------------------------------------
 def build_optimizer(config: TrainConfig, modules: list[nn.Module]) -> torch.optim.Optimizer:
+    import torch
+
     decay, no_decay = [], []
     for m in modules:
         for p in m.parameters():

@@ -16,16 +16,17 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from pairscout.errors import MetricError
-from pairscout.metrics import cka, knn
 
-AllPairs = Callable[..., torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+AllPairs = Callable[..., "torch.Tensor"]
 SinglePair = Callable[..., float]
 
 
@@ -67,18 +68,23 @@ class Measure:
         return {k: v for k, v in opts.items() if k in self.options}
 
 
-def _cka(kernel: str, debiased: bool) -> AllPairs:
-    def f(xs: Any, ys: Any, **kw: Any) -> torch.Tensor:
-        return cka.all_pairs_cka(xs, ys, kernel, debiased, **kw)  # type: ignore[arg-type]
+def _fn(module: str, name: str, *bound: Any) -> Callable[..., Any]:
+    """``pairscout.metrics.<module>.<name>`` with leading arguments ``bound`` after the data; imported on
+    first call, so reading the registry (CLI help, settings) does not import torch."""
 
+    def f(a: Any, b: Any, *args: Any, **kw: Any) -> Any:
+        return getattr(importlib.import_module(f"pairscout.metrics.{module}"), name)(a, b, *bound, *args, **kw)
+
+    f.__qualname__ = f.__name__ = name
     return f
+
+
+def _cka(kernel: str, debiased: bool) -> AllPairs:
+    return _fn("cka", "all_pairs_cka", kernel, debiased)
 
 
 def _single_cka(kernel: str, debiased: bool) -> SinglePair:
-    def f(x: Any, y: Any, **kw: Any) -> float:
-        return cka.linear_cka(x, y, debiased) if kernel == "linear" else cka.rbf_cka(x, y, debiased, **kw)
-
-    return f
+    return _fn("cka", "linear_cka", debiased) if kernel == "linear" else _fn("cka", "rbf_cka", debiased)
 
 
 KORNBLITH = "Kornblith et al. 2019, Similarity of Neural Network Representations Revisited (ICML)"
@@ -100,11 +106,11 @@ MEASURES: dict[str, Measure] = {
         Measure("cka_rbf_debiased", "RBF CKA (debiased)", _cka("rbf", True), _single_cka("rbf", True), range=(-1.0, 1.0),
                 cost="moderate", cost_note=RBF_COST, options=("sigma_frac",), min_rows=4, default=False,
                 reference=f"{KORNBLITH}; {SONG}"),
-        Measure("mutual_knn", "mutual k-NN", knn.all_pairs_mutual_knn, knn.mutual_knn, cost="moderate", cost_note=KNN_COST,
+        Measure("mutual_knn", "mutual k-NN", _fn("knn", "all_pairs_mutual_knn"), _fn("knn", "mutual_knn"), cost="moderate", cost_note=KNN_COST,
                 options=("k", "preprocess"), null="permutation of the neighbour lists (exact, O(n k) each)",
                 null_kind="neighbours", bootstrap=True, reference=HUH),
-        Measure("cknna", "CKNNA", knn.all_pairs_cknna, knn.cknna, range=(-1.0, 1.0), cost="moderate",
-                cost_note=f"{KNN_COST} k", options=("k", "preprocess"), min_rows=4,
+        Measure("cknna", "CKNNA", _fn("knn", "all_pairs_cknna"), _fn("knn", "cknna"), range=(-1.0, 1.0), cost="moderate",
+                cost_note="O(n^2 d) neighbour search, then O(n k^2) per pair", options=("k", "preprocess"), min_rows=4,
                 null="permutation of the neighbour lists (exact, O(n k^2) each)", null_kind="neighbours", reference=HUH),
     )
 }
