@@ -43,7 +43,7 @@ def _check_source(run: Path | None, vision_zoo: str | None, text_zoo: str | None
     from pairscout.errors import PairscoutError
 
     if run is not None and (vision_zoo or text_zoo):
-        raise PairscoutError("got both a RUN folder and --vision-zoo/--text-zoo.", fix="pass either a rank run (RUN) or zoos and --data.")
+        raise PairscoutError("got both --run and --vision-zoo/--text-zoo (a RUN folder and zoos).", fix="pass either a rank run (RUN) or zoos and --data.")
 
 
 # --- probe ---------------------------------------------------------------------------------------
