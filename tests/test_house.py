@@ -195,3 +195,14 @@ def test_training_defaults_are_one_set():
     from pairscout.align.model import align
 
     assert inspect.signature(align).parameters["keep_checkpoint"].default is False
+
+
+def test_readme_measures_table_matches_the_registry():
+    from pathlib import Path
+
+    from pairscout.metrics import MEASURES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, rec in MEASURES.items():
+        assert f"| `{name}` | {rec.label} |" in readme, name
+    assert "-v standard" not in readme and "--run runs/demo" not in readme

@@ -128,6 +128,9 @@ UNIMODAL_LABELS: dict[str, str] = {
 }
 """Per-model quality columns of a rank run (``models.csv``) and their human names."""
 
+PROBE_TARGET = "mean_r1"
+"""The probe read-out the measures are correlated with (``probe.json`` ``target``; the report's default)."""
+
 PROBE_LABELS: dict[str, str] = {
     "mean_r1": "probe R@1 (mean of both directions)",
     "i2t_r1": "image->text R@1",
