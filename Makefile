@@ -16,8 +16,8 @@ install: $(BIN)/activate
 ## the top and bottom pairs, align the best pair, and write the report (reports/demo.html).
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/pairscout rank --out runs/demo --force
-	HF_HUB_OFFLINE=1 $(BIN)/pairscout probe --run runs/demo
-	HF_HUB_OFFLINE=1 $(BIN)/pairscout align --run runs/demo --out runs/demo/align --force
+	HF_HUB_OFFLINE=1 $(BIN)/pairscout probe runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/pairscout align runs/demo --out runs/demo/align --force
 	$(BIN)/pairscout report runs/demo runs/demo/align -o reports/demo.html --title "pairscout demo: offline zoos on the generated dataset"
 
 ## The README's picture of the report (needs Debian's chromium).

@@ -94,3 +94,60 @@ def read_regular_text(path: str | Path, encoding: str = "utf-8", max_bytes: int 
     """The text of a regular file (see :func:`open_regular`); ``UnicodeDecodeError`` on bad bytes."""
     with open_regular(path, max_bytes) as f:
         return f.read().decode(encoding)
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first key (sorted) whose JSON value differs between two settings dicts, as
+    ``"key: OLD there, NEW now"``; None when they agree. Values are compared as JSON (paths, tuples...)."""
+    import json
+
+    old, new = json.loads(json.dumps(old, default=str)), json.loads(json.dumps(new, default=str))
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+    return None
+
+
+def save_result(out: str | Path, tables: dict[str, Any], meta_file: str, meta: dict[str, Any],
+                formats: tuple[str, ...] = (".parquet", ".csv")) -> Path:
+    """Write a result folder: each frame of ``tables`` as ``<name><ext>`` for every format, then the JSON
+    ``meta_file`` (last, so a folder with it is complete). Every file atomically."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        for ext in formats:
+            atomic_frame(df, out / f"{name}{ext}")
+    atomic_write_text(out / meta_file, json.dumps(meta, indent=2, default=str) + "\n")
+    return out
+
+
+def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, what: str, fix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read what :func:`save_result` wrote: ``(meta, {name: frame})`` from ``<name>.parquet`` files.
+
+    Raises:
+        PairscoutError: ``meta_file`` is missing (``fix`` says how to make it) or a file is unreadable.
+    """
+    import json
+
+    import pandas as pd
+
+    from pairscout.errors import PairscoutError
+
+    out = Path(out)
+    if not (out / meta_file).is_file():
+        raise PairscoutError(f"{out} holds no {what} ({meta_file} is missing).", fix=fix)
+    try:
+        meta = json.loads((out / meta_file).read_text(encoding="utf-8"))
+        frames = {name: pd.read_parquet(out / f"{name}.parquet") for name in tables}
+    except (OSError, ValueError) as e:
+        raise PairscoutError(f"the {what} in {out} is unreadable ({e}).", fix="run the command that wrote it again (with --force).") from None
+    return meta, frames
+
+
+def records(df: Any) -> list[dict[str, Any]]:
+    """A frame as JSON-ready records (NaN -> None)."""
+    import math
+
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in df.to_dict(orient="records")]

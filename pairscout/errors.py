@@ -20,6 +20,10 @@ class PairscoutError(Exception):
         super().__init__(message)
 
 
+class ImageReadError(Exception):
+    """An image could not be read or decoded; ``str(err)`` is the reason (internal: readers turn it into a :class:`DataError`)."""
+
+
 class DataError(PairscoutError):
     """A dataset, manifest, image or caption is missing, corrupt or malformed."""
 
@@ -47,3 +51,19 @@ class EmbeddingError(PairscoutError):
     """
 
     exit_code = 1
+
+
+class TrainError(PairscoutError):
+    """A training run cannot start or continue (bad config, checkpoint from other settings, ...)."""
+
+
+class DivergenceError(TrainError):
+    """The loss or a gradient became NaN/inf."""
+
+
+class HeadError(PairscoutError):
+    """A head config is malformed, or a head was called without the inputs it needs."""
+
+
+class LossError(PairscoutError):
+    """A loss was named or configured wrongly (unknown name, norm or chunk size)."""

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pairscout.errors import PairscoutError
+from pairscout._tensor import masked_mean
+from pairscout.errors import HeadError
 
 __all__ = [
     "HEAD_KINDS",
@@ -51,10 +51,6 @@ __all__ = [
 ]
 
 HEAD_KINDS = ("linear", "mlp", "glu", "local_global")
-
-
-class HeadError(PairscoutError):
-    """A head config is malformed, or a head was called without the inputs it needs."""
 
 
 @dataclass
@@ -123,22 +119,6 @@ class HeadConfig:
                 f"head config has unknown keys {unknown}", fix=f"keep only {', '.join(sorted(known))}"
             )
         return cls(**data)
-
-
-def masked_mean(tokens: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Mean over the token axis of (B, T, d), counting only tokens where token_mask (B, T) is true.
-
-    A row with no valid token gives zeros.
-    """
-    if token_mask is None:
-        return tokens.mean(dim=1)
-    if token_mask.shape != tokens.shape[:2]:
-        raise ValueError(
-            f"token_mask shape {tuple(token_mask.shape)} != tokens (B, T) {tuple(tokens.shape[:2])}"
-        )
-    keep = token_mask.to(device=tokens.device, dtype=torch.bool)
-    summed = tokens.masked_fill(~keep[..., None], 0.0).sum(dim=1)  # padding (even NaN/inf) never counts
-    return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).to(tokens.dtype)
 
 
 class _Head(nn.Module):

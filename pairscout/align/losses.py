@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pairscout.errors import PairscoutError
+from pairscout.errors import LossError
 
 __all__ = [
     "LossError",
@@ -41,10 +41,6 @@ __all__ = [
 
 Norm = Literal["batch", "pairs"]
 NORMS = ("batch", "pairs")
-
-
-class LossError(PairscoutError):
-    """A loss was named or configured wrongly (unknown name, norm or chunk size)."""
 
 
 def default_txt_image_index(n_img: int, n_txt: int, device: torch.device | str | None = None) -> Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +31,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from pairscout._io import atomic_write_text
+from pairscout.align.checkpoints import CKPT_DIR, load_head_state, save_heads
 from pairscout.align.evaluate import TEMPLATES, class_embeddings
 from pairscout.align.heads import HeadConfig, build_head
 from pairscout.align.train import TrainConfig, TrainResult, train
-from pairscout.encode.cache import atomic_save
 from pairscout.errors import DataError, PairscoutError
+from pairscout.provenance import provenance
 from pairscout.zoo.spec import EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class AlignedModel:
 
     def embed_classes(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
         """(C, dim) class embeddings: every template per class, normalised and averaged."""
-        templates = list(templates or TEMPLATES)
+        templates = _check_templates(templates)
         prompts = self.embed_texts([tpl.format(c=c) for c in classnames for tpl in templates])
         return class_embeddings(prompts.reshape(len(classnames), len(templates), -1))
 
@@ -137,6 +137,7 @@ class AlignedModel:
         """Classify images among ``classnames`` (prompted with ``templates``, default :data:`TEMPLATES`)."""
         if not classnames:
             raise PairscoutError("zero-shot needs at least one class name.", fix="pass --classes a,b,c.")
+        _check_templates(templates)
         img = self.embed_images(images)
         probs = torch.softmax(self.scale * img @ self.embed_classes(classnames, templates).T, dim=-1)
         k = min(top_k, len(classnames))
@@ -161,9 +162,7 @@ class AlignedModel:
         """Write the heads (safetensors), the fit corpus if any, then ``config.json`` (atomically, last)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"vision.{k}": v for k, v in self.vision_head.state_dict().items()}
-        tensors.update({f"text.{k}": v for k, v in self.text_head.state_dict().items()})
-        atomic_save({k: v.detach().cpu() for k, v in tensors.items()}, out / WEIGHTS)
+        save_heads(out / WEIGHTS, self.vision_head, self.text_head)
         if self.fit_texts is not None:
             atomic_write_text(out / FIT_TEXTS, json.dumps(self.fit_texts, ensure_ascii=False))
         config = {
@@ -193,11 +192,8 @@ class AlignedModel:
             raise PairscoutError(f"the aligned model in {path} is unreadable ({e}).", fix="run `pairscout align` again.") from None
         if cfg.get("kind") != "pairscout.aligned_model" or int(cfg.get("format", 0)) > FORMAT:
             raise PairscoutError(f"{cfg_path} is not an aligned model this pairscout can read.", fix="upgrade pairscout or re-run `pairscout align`.")
-        heads = []
-        for side in ("vision", "text"):
-            head = build_head(HeadConfig.from_dict(cfg[f"{side}_head"]))
-            head.load_state_dict({k[len(side) + 1 :]: v for k, v in weights.items() if k.startswith(side + ".")})
-            heads.append(head)
+        heads = [build_head(HeadConfig.from_dict(cfg[f"{side}_head"])) for side in ("vision", "text")]
+        load_head_state(weights, *heads)
         fit = None
         if cfg.get("fit_texts"):
             fit = json.loads((path / cfg["fit_texts"]).read_text(encoding="utf-8"))
@@ -205,6 +201,32 @@ class AlignedModel:
         return cls(EncoderSpec.from_dict(cfg["vision"], where=str(cfg_path)), EncoderSpec.from_dict(cfg["text"], where=str(cfg_path)),
                    heads[0], heads[1], scale=cfg["loss"]["scale"], bias=cfg["loss"].get("bias"), meta=meta, fit_texts=fit,
                    device=device)  # fmt: skip
+
+
+def _check_templates(templates: Sequence[str] | None) -> list[str]:
+    """The templates (default :data:`TEMPLATES`); one without ``{c}`` is a one-line error."""
+    templates = list(templates or TEMPLATES)
+    bad = next((t for t in templates if "{c}" not in t), None)
+    if bad is not None:
+        raise PairscoutError(f"template {bad!r} has no {{c}}.", fix="put {c} where the class name goes.")
+    return templates
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files given as files or folders (searched recursively, the dataset readers' extensions)."""
+    from pairscout.data.folder import find_images
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += find_images(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise PairscoutError(f"image {p} does not exist.", fix="pass image files or folders.")
+    if not files:
+        raise PairscoutError("no images given.", fix="pass image files or folders holding .jpg/.png files.")
+    return files
 
 
 def _open(im: Image.Image | str | Path) -> Image.Image:
@@ -226,6 +248,14 @@ class AlignResult:
     out: Path | None = None
 
 
+def default_out(run: str | Path, pair: tuple[str, str] | None = None) -> Path:
+    """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best)."""
+    from pairscout.ranking import RankResult
+
+    v, t = pair or RankResult.load(run).best()
+    return Path(run) / "align" / f"{v}__{t}"
+
+
 def align(
     pair: tuple[str, str] | None = None,
     *,
@@ -243,7 +273,7 @@ def align(
     out: str | Path | None = None,
     resume: bool = False,
     force: bool = False,
-    keep_checkpoint: bool = True,
+    keep_checkpoint: bool = False,
     progress: Any = None,
     command: str | None = None,
 ) -> AlignResult:
@@ -276,8 +306,6 @@ def align(
     tokens = config.head == "local_global"
     data_ = pair_data(src, pair[0], pair[1], test_fraction=test_fraction, seed=split_seed, tokens=tokens, zero_shot=zero_shot, templates=templates)
     out = Path(out) if out is not None else None
-    from pairscout.align.train import CKPT_DIR
-
     # never overwrite finished work silently (with checkpoints present, train() refuses and says how to resume)
     if out is not None and (out / CONFIG).is_file() and not (out / "train" / CKPT_DIR).exists() and not (force or resume):
         raise PairscoutError(f"{out} already holds an aligned model ({CONFIG}).",
@@ -303,9 +331,7 @@ def align(
         "samples_per_s": res.samples_per_s,
         "timings_s": res.timings,
         "rank_run": None if src.run_dir is None else str(src.run_dir),
-        "command": command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {"torch": torch.__version__},
+        **provenance(command, ("torch",)),
     }  # fmt: skip
     model = AlignedModel(data_.vision_spec, data_.text_spec, res.vision_head.cpu(), res.text_head.cpu(), scale=params["scale"],
                          bias=params.get("bias"), meta=meta, fit_texts=fit_texts, text_encoder=enc)  # fmt: skip
@@ -313,8 +339,6 @@ def align(
         model.save(out)
         if not keep_checkpoint:
             import shutil
-
-            from pairscout.align.train import CKPT_DIR
 
             shutil.rmtree(out / "train" / CKPT_DIR, ignore_errors=True)
     return AlignResult(model=model, train=res, metrics=res.metrics, out=out)

@@ -109,12 +109,10 @@ def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None
 def source_from_zoos(vision_zoo: Any, text_zoo: Any, data: Any, *, n: int | None = None, seed: int = 0,
                      cache_dir: str | Path | None = None) -> PairSource:  # fmt: skip
     """Encoders of two zoos on a dataset; missing embeddings are encoded (and cached) on demand."""
-    from pairscout.data import load_dataset
-    from pairscout.zoo.registry import Zoo, resolve_zoo
+    from pairscout.resolve import resolve_data, resolve_zoos
 
-    vz = vision_zoo if isinstance(vision_zoo, Zoo) else resolve_zoo(vision_zoo, "vision")
-    tz = text_zoo if isinstance(text_zoo, Zoo) else resolve_zoo(text_zoo, "text")
-    ds = load_dataset(data, n=n, seed=seed) if isinstance(data, str | Path) else data
+    vz, tz = resolve_zoos(vision_zoo, text_zoo)
+    ds = resolve_data(data, n=n, seed=seed)
     return PairSource(vision={s.name: s for s in vz.encoders}, text={s.name: s for s in tz.encoders}, dataset=ds,
                       cache=EmbeddingCache(cache_dir), encode_missing=True, data_arg=_data_arg(ds))  # fmt: skip
 

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from pairscout.align.pairdata import PairData, PairSource, pair_data, source_from_rank
-from pairscout.align.train import TrainConfig, train
+from pairscout.align.probe_settings import ProbeSettings
+from pairscout.align.train import train
 from pairscout.errors import PairscoutError
 
 log = logging.getLogger(__name__)
@@ -41,34 +42,6 @@ ProgressFn = Callable[[str, int, int], None]
 
 PROBE_JSON, PROBE_TABLE, CORR_TABLE = "probe.json", "probe", "probe_correlations.csv"
 TARGET = "mean_r1"
-
-
-@dataclass
-class ProbeSettings:
-    """The probe's budget and split (the same for every pair)."""
-
-    top_k: int = 5
-    bottom_k: int = 2
-    middle_k: int = 3
-    """Pairs evenly spaced between the top and the bottom ones."""
-    steps: int = 300
-    """Optimiser steps per pair. About 25 s per pair at 1,000 rows x 1,280-d on 2 CPU cores."""
-    batch_size: int = 256
-    out_dim: int = 512
-    """Probe output dimension (SAIL: 2048)."""
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-7
-    """SAIL's probing weight decay."""
-    loss_norm: str = "batch"
-    test_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(head="linear", out_dim=self.out_dim, loss="sigmoid", loss_norm=self.loss_norm, optimizer=self.optimizer,
-                           lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size, steps=self.steps,
-                           seed=self.seed, device=self.device, log_every=max(1, self.steps // 10))  # fmt: skip
 
 
 def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = TARGET) -> pd.DataFrame:

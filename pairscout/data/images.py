@@ -19,15 +19,12 @@ import numpy as np
 from PIL import Image
 
 from pairscout._io import open_regular
+from pairscout.errors import ImageReadError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _MISSING = b"pairscout:missing-image:"
 MAX_IMAGE_BYTES = int(float(os.environ.get("PAIRSCOUT_MAX_IMAGE_MB", "256")) * 2**20)
 """Largest image file read (``$PAIRSCOUT_MAX_IMAGE_MB``, default 256 MiB); larger ones are bad images."""
-
-
-class ImageReadError(Exception):
-    """An image could not be read or decoded; ``str(err)`` is the reason."""
 
 
 class ImageSource(Protocol):

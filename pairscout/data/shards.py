@@ -57,10 +57,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for opt in options for x in expand_braces(head + opt + tail)]
 
 
-def looks_like_shards(spec: str) -> bool:
-    return ".tar" in spec and any(ch in spec for ch in "{*?[")
-
-
 def resolve_shards(spec: str | Path) -> list[Path]:
     """The shard files a tar spec names, in order; DataError naming a missing one."""
     s = str(spec)

@@ -16,13 +16,13 @@ prefix                module                                what it loads
 ====================  ====================================  ==========================================
 
 Adding a source is one new module with a ``build(spec) -> Encoder`` function and one line in
-``SOURCE_MODULES`` (plus the prefix in :data:`pairscout.zoo.spec.SOURCES`). Modules are imported
+:data:`pairscout.zoo.spec.SOURCE_MODULES` (the one list of sources), or at run time :func:`register_source`. Modules are imported
 lazily: importing this package does not import torch models, transformers or onnxruntime.
 
 Example::
 
     from pairscout.encoders import build_encoder
-    from pairscout.zoo.spec import EncoderSpec
+    from pairscout.zoo.spec import SOURCE_MODULES, EncoderSpec, add_source
 
     enc = build_encoder(EncoderSpec(id="pack:all-MiniLM-L6-v2", modality="text"))
     out = enc.encode_texts(["a dog on a beach"])   # out.pooled: (1, 384)
@@ -35,26 +35,17 @@ from collections.abc import Callable
 
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import ZooError
-from pairscout.zoo.spec import EncoderSpec
+from pairscout.zoo.spec import SOURCE_MODULES, EncoderSpec, add_source
 
 __all__ = ["Encoder", "EncoderOutput", "PrecomputedEncoder", "SOURCE_MODULES", "build_encoder", "register_source"]
-
-SOURCE_MODULES: dict[str, str] = {
-    "timm": "pairscout.encoders.timm_source",
-    "hf": "pairscout.encoders.hf_source",
-    "st": "pairscout.encoders.st_source",
-    "onnx": "pairscout.encoders.onnx_source",
-    "emb": "pairscout.encoders.emb_source",
-    "pack": "pairscout.encoders.packs",
-    "baseline": "pairscout.encoders.baselines",
-}
-"""Source prefix -> module exposing ``build(spec: EncoderSpec) -> Encoder``."""
 
 _BUILDERS: dict[str, Callable[[EncoderSpec], Encoder]] = {}
 
 
 def register_source(prefix: str, builder: Callable[[EncoderSpec], Encoder]) -> None:
-    """Register a builder for ``prefix`` at run time (plugins, tests). Overrides ``SOURCE_MODULES``."""
+    """Register a builder for ``prefix`` at run time (plugins, tests): ids ``<prefix>:...`` become valid in
+    zoos and specs, and are built by ``builder``. Overrides the module of a shipped prefix."""
+    add_source(prefix)
     _BUILDERS[prefix] = builder
 
 
@@ -62,7 +53,7 @@ def _builder(prefix: str) -> Callable[[EncoderSpec], Encoder]:
     if prefix in _BUILDERS:
         return _BUILDERS[prefix]
     module = SOURCE_MODULES.get(prefix)
-    if module is None:
+    if not module:
         raise ZooError(f"no encoder source is registered for the prefix {prefix!r}.",
                        fix=f"use one of {', '.join(p + ':' for p in SOURCE_MODULES)}.")
     return importlib.import_module(module).build

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pairscout._tensor import masked_mean  # noqa: F401 - re-exported for the sources
 from pairscout.encoders.base import EncoderOutput
 from pairscout.errors import ModelLoadError, ZooError
 from pairscout.zoo.spec import EncoderSpec
@@ -164,12 +165,6 @@ def finish(spec: EncoderSpec, out: EncoderOutput) -> EncoderOutput:
     if spec.normalize:
         pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
     return EncoderOutput(pooled, out.tokens, out.token_mask)
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens: ``sum_t m_t h_t / max(1, sum_t m_t)`` for (B, T, d) ``hidden``."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

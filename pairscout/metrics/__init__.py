@@ -4,59 +4,62 @@
 - :mod:`.knn` - mutual k-NN and CKNNA with explicit, recorded :class:`Preprocess`.
 - :mod:`.quality` - weighted k-NN accuracy (DINO protocol) and k-means clustering quality.
 - :mod:`.published` - published MTEB / ImageNet scores with their sources.
+- :mod:`.registry` - :data:`MEASURES`: one record per pair measure (label, range, cost, null, interval,
+  reference) and :func:`measure` to compute one by name.
 - :mod:`.stats` - permutation null and bootstrap confidence intervals.
 
-Degenerate input raises :class:`pairscout.errors.MetricError` with a one-line message and fix.
+Names are imported lazily (PEP 562). Degenerate input raises :class:`pairscout.errors.MetricError` with a one-line message and fix.
 """
 
 from __future__ import annotations
 
-from pairscout.metrics.cka import (
-    HSICResult,
-    StreamingCKA,
-    all_pairs_cka,
-    all_pairs_hsic,
-    cka_from_grams,
-    hsic,
-    linear_cka,
-    linear_gram,
-    median_sigma,
-    pair_cka,
-    rbf_cka,
-    rbf_gram,
-)
-from pairscout.metrics.knn import (
-    Neighbours,
-    Preprocess,
-    all_pairs_cknna,
-    all_pairs_mutual_knn,
-    cknna,
-    mutual_knn,
-    mutual_knn_rows,
-    nearest_neighbours,
-)
-from pairscout.metrics.published import (
-    PublishedScore,
-    mteb_tasks,
-    published_mteb,
-    published_scores,
-    published_vision,
-)
-from pairscout.metrics.quality import clustering_quality, knn_accuracy
-from pairscout.metrics.stats import (
-    PAIR_METRICS,
-    BootstrapCI,
-    NullResult,
-    bootstrap_ci,
-    linear_cka_null_mean,
-    pair_metric,
-    permutation_null,
-)
+import importlib
+
+_EXPORTS = {
+    "BootstrapCI": "stats",
+    "HSICResult": "cka",
+    "MEASURES": "registry",
+    "Measure": "registry",
+    "Neighbours": "knn",
+    "NullResult": "stats",
+    "Preprocess": "knn",
+    "PublishedScore": "published",
+    "StreamingCKA": "cka",
+    "all_pairs_cka": "cka",
+    "all_pairs_cknna": "knn",
+    "all_pairs_hsic": "cka",
+    "all_pairs_mutual_knn": "knn",
+    "bootstrap_ci": "stats",
+    "cka_from_grams": "cka",
+    "cknna": "knn",
+    "clustering_quality": "quality",
+    "hsic": "cka",
+    "knn_accuracy": "quality",
+    "linear_cka": "cka",
+    "linear_cka_null_mean": "stats",
+    "linear_gram": "cka",
+    "measure": "registry",
+    "median_sigma": "cka",
+    "mteb_tasks": "published",
+    "mutual_knn": "knn",
+    "mutual_knn_rows": "knn",
+    "nearest_neighbours": "knn",
+    "pair_cka": "cka",
+    "pair_metric": "stats",
+    "permutation_null": "stats",
+    "published_mteb": "published",
+    "published_scores": "published",
+    "published_vision": "published",
+    "rbf_cka": "cka",
+    "rbf_gram": "cka",
+}
+"""Name -> submodule. Imported lazily (PEP 562): reading the registry does not import torch."""
 
 __all__ = [
-    "PAIR_METRICS",
+    "MEASURES",
     "BootstrapCI",
     "HSICResult",
+    "Measure",
     "Neighbours",
     "NullResult",
     "Preprocess",
@@ -75,6 +78,7 @@ __all__ = [
     "linear_cka",
     "linear_cka_null_mean",
     "linear_gram",
+    "measure",
     "median_sigma",
     "mteb_tasks",
     "mutual_knn",
@@ -89,3 +93,14 @@ __all__ = [
     "rbf_cka",
     "rbf_gram",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pairscout.metrics' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pairscout.metrics.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -244,3 +244,22 @@ def all_pairs_cknna(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequenc
         for j, b in enumerate(nys):
             out[i, j] = _ratio(_cknna_terms(n, a, b), sx[i], sy[j], f"xs[{i}], ys[{j}]")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks for the permutation null and the bootstrap (:mod:`pairscout.metrics.stats`)
+# ----------------------------------------------------------------------------------------------------------
+def neighbour_lists(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], k: int = 10,
+                    preprocess: Preprocess = Preprocess(), min_rows: int = 2) -> tuple[list[Neighbours], list[Neighbours], int]:
+    """Neighbour lists of every model of both sides (checked: same rows, n > k): ``(nxs, nys, n)``."""
+    return _neighbours_all(xs, ys, k, preprocess, min_rows)
+
+
+def cknna_self_term(n: int, nx: Neighbours) -> float:
+    """``HSIC_1(M_X*K, M_X*K)``: one model's CKNNA self term (invariant under a permutation of the pairing)."""
+    return _cknna_self(n, nx)
+
+
+def cknna_from_neighbours(n: int, nx: Neighbours, ny: Neighbours, self_x: float, self_y: float, label: str = "") -> float:
+    """CKNNA of one pair from its neighbour lists and both self terms (:func:`cknna_self_term`)."""
+    return _ratio(_cknna_terms(n, nx, ny), self_x, self_y, label)

@@ -1,7 +1,7 @@
 """Chance level and uncertainty for the pair metrics: permutation null and bootstrap confidence intervals.
 
-Metric names (shared with the CLI): ``cka_linear``, ``cka_linear_debiased``, ``cka_rbf``, ``cka_rbf_debiased``,
-``mutual_knn``, ``cknna``. Every function works on all (vision, text) pairs at once and is seeded.
+Metric names are those of :data:`pairscout.metrics.registry.MEASURES` (each record says which null and
+interval applies to it). Every function works on all (vision, text) pairs at once and is seeded.
 
 * Permutation null: shuffle the pairing of rows (one permutation applied to every text model, so the text
   models keep their rows together) and recompute; ``p = (1 + #{null >= observed}) / (1 + n_perm)``.
@@ -25,41 +25,19 @@ from typing import Any
 
 import torch
 
-import pairscout.metrics.cka as _cka
-import pairscout.metrics.knn as _knn
 from pairscout.errors import MetricError
+from pairscout.metrics import cka as _cka
+from pairscout.metrics import knn as _knn
+from pairscout.metrics import registry
 from pairscout.metrics._validate import ArrayLike, as_matrices, check_same_rows, compute_dtype
 
 F64 = torch.float64
 Matrices = ArrayLike | Sequence[ArrayLike]
 
 
-def _cka_metric(kernel: str, debiased: bool) -> Callable[..., torch.Tensor]:
-    def f(xs: Matrices, ys: Matrices, **kw: Any) -> torch.Tensor:
-        return _cka.all_pairs_cka(xs, ys, kernel, debiased, **kw)  # type: ignore[arg-type]
-    return f
-
-
-#: name -> all-pairs function ``f(xs, ys, **kwargs) -> (m, t) float64``.
-PAIR_METRICS: dict[str, Callable[..., torch.Tensor]] = {
-    "cka_linear": _cka_metric("linear", False),
-    "cka_linear_debiased": _cka_metric("linear", True),
-    "cka_rbf": _cka_metric("rbf", False),
-    "cka_rbf_debiased": _cka_metric("rbf", True),
-    "mutual_knn": _knn.all_pairs_mutual_knn,
-    "cknna": _knn.all_pairs_cknna,
-}
-
-
 def pair_metric(name: str, xs: Matrices, ys: Matrices, **kwargs: Any) -> torch.Tensor:
-    """All-pairs value of the metric called ``name`` (see :data:`PAIR_METRICS`), (m, t) float64."""
-    return _lookup(name)(xs, ys, **kwargs)
-
-
-def _lookup(name: str) -> Callable[..., torch.Tensor]:
-    if name not in PAIR_METRICS:
-        raise MetricError(f"unknown pair metric {name!r}.", fix=f"use one of {', '.join(PAIR_METRICS)}.")
-    return PAIR_METRICS[name]
+    """All-pairs value of the measure called ``name`` (see :data:`pairscout.metrics.MEASURES`), (m, t) float64."""
+    return registry.get(name).all_pairs(xs, ys, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,14 +66,16 @@ def _permuted_neighbours(nb: _knn.Neighbours, perm: torch.Tensor, inv: torch.Ten
 
 
 def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_perm: int = 100, seed: int = 0,
-                     **kwargs: Any) -> NullResult:
+                     progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> NullResult:
     """Permutation null of a pair metric for all pairs (formula and p-value in the module docstring).
 
     Args:
-        metric: a name from :data:`PAIR_METRICS`. kwargs go to that metric (e.g. ``k``, ``preprocess``).
+        metric: a name from :data:`pairscout.metrics.MEASURES`. kwargs go to that metric (e.g. ``k``, ``preprocess``).
         n_perm: permutations (each one costs one metric evaluation for CKA, O(n k) for neighbour metrics).
+        progress: ``progress(done, n_perm)`` after each permutation.
     """
-    fn = _lookup(metric)
+    rec = registry.get(metric)
+    fn = rec.all_pairs
     if n_perm < 1:
         raise MetricError(f"n_perm={n_perm} must be >= 1.", fix="use e.g. n_perm=100.")
     xs_t = as_matrices(xs, "xs")
@@ -103,21 +83,21 @@ def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_p
     n = check_same_rows({"xs": xs_t, "ys": ys_t})
     g = torch.Generator().manual_seed(seed)
     perms = [torch.randperm(n, generator=g) for _ in range(n_perm)]
-    if metric in ("mutual_knn", "cknna"):
+    if rec.null_kind == "neighbours":
         k = kwargs.get("k", 10)
         pre = kwargs.get("preprocess", _knn.Preprocess())
         if metric == "cknna" and k < 2:
             raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
-        nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
+        nxs, nys, _ = _knn.neighbour_lists(xs_t, ys_t, k, pre, rec.min_rows)
         if metric == "mutual_knn":
             def score(nys_p: list[_knn.Neighbours]) -> torch.Tensor:
                 return torch.tensor([[float(_knn.mutual_knn_rows(a, b).mean()) for b in nys_p] for a in nxs], dtype=F64)
         else:
-            sx = [_knn._cknna_self(n, a) for a in nxs]
-            sy = [_knn._cknna_self(n, b) for b in nys]  # self terms are permutation invariant
+            sx = [_knn.cknna_self_term(n, a) for a in nxs]
+            sy = [_knn.cknna_self_term(n, b) for b in nys]  # self terms are permutation invariant
 
             def score(nys_p: list[_knn.Neighbours]) -> torch.Tensor:
-                return torch.tensor([[_knn._ratio(_knn._cknna_terms(n, a, b), sx[i], sy[j], f"xs[{i}], ys[{j}]")
+                return torch.tensor([[_knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
                                       for j, b in enumerate(nys_p)] for i, a in enumerate(nxs)], dtype=F64)
         observed = score(nys)
         null = []
@@ -126,12 +106,16 @@ def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_p
             inv = torch.empty_like(p)
             inv[p] = torch.arange(n, device=p.device)
             null.append(score([_permuted_neighbours(b, p, inv) for b in nys]))
+            if progress is not None:
+                progress(len(null), n_perm)
     else:
         observed = fn(xs_t, ys_t, **kwargs)
         null = []
         for p in perms:
             p = p.to(ys_t[0].device)
             null.append(fn(xs_t, [y[p] for y in ys_t], **kwargs))
+            if progress is not None:
+                progress(len(null), n_perm)
     stack = torch.stack(null)
     p_value = (1 + (stack >= observed).sum(0)).to(F64) / (1 + n_perm)
     return NullResult(metric, observed, stack.mean(0), stack.std(0) if n_perm > 1 else torch.zeros_like(observed),
@@ -192,6 +176,15 @@ def bootstrap_weights(n: int, n_boot: int, seed: int = 0) -> torch.Tensor:
     return w.T.contiguous()
 
 
+def _centre(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Column-centred copy (float64 means) in ``dtype``; constant features are a MetricError (CKA undefined)."""
+    lo, hi = torch.aminmax(x, dim=0)
+    if bool((lo == hi).all()):
+        raise MetricError(f"{name} has constant features (every column has zero variance); CKA is undefined.",
+                          fix="drop that model or check that its encoder produced real embeddings.")
+    return (x.to(dtype) - (x.sum(0, dtype=F64) / x.shape[0]).to(dtype)).contiguous()
+
+
 def _bootstrap_cka(xs_t: list[torch.Tensor], ys_t: list[torch.Tensor], kernel: str, w: torch.Tensor,
                    sigma_frac: float = 1.0, sigmas: Sequence[float] | None = None, dtype: torch.dtype | None = None,
                    tile: int | None = None) -> torch.Tensor:
@@ -202,21 +195,24 @@ def _bootstrap_cka(xs_t: list[torch.Tensor], ys_t: list[torch.Tensor], kernel: s
     w = w.to(dev)
     cdt = compute_dtype([*xs_t, *ys_t], dtype)
     names = [f"xs[{i}]" for i in range(m)] + [f"ys[{j}]" for j in range(t)]
-    _, xc = _cka._center_into(xs_t, cdt, names[:m])
-    _, yc = _cka._center_into(ys_t, cdt, names[m:])
-    zc = xc + yc
+    zc = [_centre(z, cdt, name) for z, name in zip([*xs_t, *ys_t], names, strict=True)]
     nz = m + t
-    gammas = None
-    centre = None
-    if kernel == "rbf":
-        sig = sigmas if sigmas is not None else [_cka._median_sigma(z, sigma_frac) for z in [*xs_t, *ys_t]]
-        gammas = [1.0 / (2.0 * s * s) for s in sig]
-        st = _cka._gram_stats(zc, m, "rbf", gammas, tile)
-        r = st.rows / n  # row means of each K; centre tiles exactly: K~ = K - r 1^T - 1 r^T + mean(r)
-        centre = (r, r.mean(1))
     if tile is None:
         tile = max(128, int(math.sqrt(_cka.TILE_BYTES / (8 * (nz + 2)))) // 128 * 128)
     tile = min(tile, n)
+    gammas = None
+    centre = None
+    if kernel == "rbf":
+        sig = sigmas if sigmas is not None else [_cka.median_sigma(z, sigma_frac) for z in [*xs_t, *ys_t]]
+        gammas = [1.0 / (2.0 * s * s) for s in sig]
+        rows = torch.zeros(nz, n, dtype=F64, device=dev)
+        for a, ea, b, eb, raw in _cka.kernel_tiles(zc, "rbf", gammas, tile):
+            for k, g in enumerate(raw):
+                rows[k, a:ea] += g.sum(1, dtype=F64)
+                if a != b:
+                    rows[k, b:eb] += g.sum(0, dtype=F64)
+        r = rows / n  # row means of each K; centre tiles exactly: K~ = K - r 1^T - 1 r^T + mean(r)
+        centre = (r, r.mean(1))
     pairs = [(i, m + j) for i in range(m) for j in range(t)] + [(k, k) for k in range(nz)]
     t1 = torch.zeros(len(pairs), nb, dtype=F64, device=dev)
     u = torch.zeros(nz, n, nb, dtype=F64, device=dev)
@@ -261,8 +257,7 @@ def bootstrap_ci(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_boot:
     Raises:
         MetricError: a debiased CKA or CKNNA (not bootstrappable by row resampling), bad level / n_boot.
     """
-    _lookup(metric)
-    if metric not in ("cka_linear", "cka_rbf", "mutual_knn"):
+    if not registry.get(metric).bootstrap:
         raise MetricError(f"no bootstrap for {metric!r}: resampled (duplicated) rows break that estimator.",
                           fix="bootstrap cka_linear, cka_rbf or mutual_knn; use permutation_null for the rest.")
     if not 0 < level < 1 or n_boot < 2:
@@ -274,7 +269,7 @@ def bootstrap_ci(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_boot:
     w = bootstrap_weights(n, n_boot, seed)
     if metric == "mutual_knn":
         k = kwargs.get("k", 10)
-        nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, kwargs.get("preprocess", _knn.Preprocess()), 2)
+        nxs, nys, _ = _knn.neighbour_lists(xs_t, ys_t, k, kwargs.get("preprocess", _knn.Preprocess()), 2)
         rows = torch.stack([torch.stack([_knn.mutual_knn_rows(a, b).cpu() for b in nys]) for a in nxs])  # (m, t, n)
         estimate = rows.mean(-1)
         reps = torch.einsum("mtn,nb->bmt", rows, w) / n

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -17,67 +14,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-import pairscout
 from pairscout.encode.cache import EmbeddingCache
 from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
+from pairscout.metrics import registry
+from pairscout.provenance import provenance
 from pairscout.ranking import compute
 from pairscout.ranking.result import RankResult, settings_conflict
-from pairscout.zoo.registry import Zoo, resolve_zoo
+from pairscout.ranking.settings import DEBIASED_BELOW, RankSettings
+from pairscout.resolve import resolve_data, resolve_zoos
+from pairscout.zoo.registry import Zoo
 
 log = logging.getLogger(__name__)
-
-DEBIASED_BELOW = 10_000
-"""Below this many rows the default primary metric is debiased linear CKA: biased CKA is inflated at
-small n (two independent random 384-d embeddings of 1,000 rows read 0.26; the debiased estimator 0.00)."""
-
-
-@dataclass
-class RankSettings:
-    """Everything that changes the numbers of a ranking (saved in the result's JSON)."""
-
-    metrics: Sequence[str] = compute.DEFAULT_METRICS
-    primary: str | None = None
-    """Metric the pairs are ranked by; default: ``cka_linear``, ``cka_linear_debiased`` when n < 10,000."""
-    score: str = "primary"
-    """``primary`` ranks by the primary metric; ``combined`` by the mean of each metric's within-run z-score."""
-    knn_k: int = 10
-    """k of mutual k-NN / CKNNA."""
-    clip_quantile: float | None = None
-    """Clip each embedding at this quantile of |x| before the neighbourhood metrics (platonic-rep uses 0.95)."""
-    rbf_sigma_frac: float = 1.0
-    ci_groups: int = 10
-    """Groups of the delete-a-group jackknife behind every confidence interval (0 turns them off)."""
-    permutations: int = 20
-    """Shuffled pairings for the primary metric's chance level and p-value (0 turns it off)."""
-    caption_reduce: str = "first"
-    """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        """Impossible settings are one-line errors naming the option, before any encoding."""
-        for name, value, low in (("--permutations", self.permutations, 0), ("--ci-groups", self.ci_groups, 0),
-                                 ("--knn-k", self.knn_k, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {low} or more.")
-        if self.caption_reduce not in ("first", "mean"):
-            raise PairscoutError(f"--caption-reduce {self.caption_reduce!r} is unknown.", fix="use 'first' or 'mean'.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["metrics"] = list(self.metrics)
-        return d
-
-
-def _versions() -> dict[str, str]:
-    out = {"pairscout": pairscout.__version__}
-    for pkg in ("torch", "timm", "transformers", "sentence-transformers", "numpy", "scikit-learn", "pandas"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
 
 def rank(
     vision_zoo: str | Zoo = "offline",
@@ -93,18 +41,22 @@ def rank(
     plots: bool = True,
     progress: ProgressFn | None = None,
     command: str | None = None,
+    skip_bad: bool = False,
 ) -> RankResult:
     """Rank every vision x text pair of two zoos on a paired dataset.
 
     Args:
         vision_zoo, text_zoo: zoo names, TOML paths, comma lists of ids, or :class:`Zoo` objects.
         data: a dataset spec (``generated``, a manifest path, ...) or a loaded ``PairedDataset``.
-        n: fixed-seed subset size.
+        n: rows: the generated dataset renders ``n`` rows, a file dataset gives a fixed-seed subset of ``n``
+            (:func:`pairscout.resolve.resolve_data`, the same as ``pairscout rank --n``).
         settings: metrics, primary metric, confidence-interval and null settings.
         encode_settings: device, batch size, workers.
         cache_dir: the embedding cache (default ``~/.cache/pairscout``).
         out: folder for the result files and plots; refused if it holds a run with other settings
             unless ``force``.
+        progress: ``progress(phase, done, total)`` for every phase (encoding per model, each metric, null, plots).
+        skip_bad: drop rows whose image is missing or corrupt.
 
     Returns:
         A :class:`RankResult` (pairs ranked best first, unimodal quality per model, metadata).
@@ -113,15 +65,10 @@ def rank(
         >>> res = pairscout.rank("offline", "offline", "generated:n=400")  # doctest: +SKIP
         >>> res.best()
     """
-    from pairscout.data import load_dataset
-
     t_start = time.perf_counter()
     settings = settings or RankSettings()
-    vz = vision_zoo if isinstance(vision_zoo, Zoo) else resolve_zoo(vision_zoo, "vision")
-    tz = text_zoo if isinstance(text_zoo, Zoo) else resolve_zoo(text_zoo, "text")
-    ds = load_dataset(data) if isinstance(data, str | Path) else data
-    if n is not None:
-        ds = ds.subset(n, seed=settings.seed)
+    vz, tz = resolve_zoos(vision_zoo, text_zoo)
+    ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad)
     n_rows = len(ds)
     primary = settings.primary or ("cka_linear_debiased" if n_rows < DEBIASED_BELOW else "cka_linear")
     metrics = list(dict.fromkeys([primary, *settings.metrics]))
@@ -167,7 +114,7 @@ def rank(
     xs = [v_enc.embeddings[k].pooled for k in v_names]
     ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
     t1 = time.perf_counter()
-    pair_values = compute.pair_metrics(xs, ys, metrics, settings, primary)
+    pair_values = compute.pair_metrics(xs, ys, metrics, settings, primary, progress=progress)
     metrics_s = time.perf_counter() - t1
 
     specs = {s.name: s for s in (*vz.encoders, *tz.encoders)}
@@ -206,11 +153,9 @@ def rank(
             "text_order": t_names,
             "failures": failures,
             "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "total": round(time.perf_counter() - t_start, 3)},
-            "versions": _versions(),
             "device": str(enc_settings.device or "auto"),
             "torch_threads": torch.get_num_threads(),
-            "command": command,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **provenance(command),
         },
     )
     from pairscout import distributed
@@ -218,25 +163,27 @@ def rank(
     if out is not None and distributed.is_main():  # under torchrun every process ranks, rank 0 writes
         result.save(out)
         if plots:
-            result.meta["plots"] = [str(p.relative_to(out)) for p in write_plots(result, Path(out))]
+            result.meta["plots"] = [str(p.relative_to(out)) for p in write_plots(result, Path(out), progress=progress)]
             result.save(out)
     return result
 
 
-def write_plots(result: RankResult, out: Path) -> list[Path]:
+def write_plots(result: RankResult, out: Path, progress: ProgressFn | None = None) -> list[Path]:
     """Heatmap per metric, each metric against the primary one, unimodal quality (PNG + SVG)."""
     from pairscout import plots
 
     pdir = out / "plots"
-    paths: list[Path] = []
-    for m in result.metrics:
-        paths += plots.render(plots.heatmap(result.matrix(m), compute.LABELS.get(m, m)), pdir, f"heatmap_{m}").paths
     primary = result.primary
-    for m in result.metrics:
-        if m != primary:
-            fig = plots.metric_scatter(result.pairs, primary, m, xlabel=compute.LABELS.get(primary), ylabel=compute.LABELS.get(m))
-            paths += plots.render(fig, pdir, f"scatter_{primary}_vs_{m}").paths
-    fig = plots.unimodal_bars(result.models, compute.UNIMODAL_COLUMNS)
-    if fig is not None:
-        paths += plots.render(fig, pdir, "unimodal_quality").paths
+    jobs: list[tuple[str, Any]] = [(f"heatmap_{m}", lambda m=m: plots.heatmap(result.matrix(m), registry.label(m))) for m in result.metrics]
+    jobs += [(f"scatter_{primary}_vs_{m}",
+              lambda m=m: plots.metric_scatter(result.pairs, primary, m, xlabel=registry.label(primary), ylabel=registry.label(m)))
+             for m in result.metrics if m != primary]  # fmt: skip
+    jobs.append(("unimodal_quality", lambda: plots.unimodal_bars(result.models, compute.UNIMODAL_COLUMNS)))
+    paths: list[Path] = []
+    for i, (stem, make) in enumerate(jobs):
+        fig = make()
+        if fig is not None:
+            paths += plots.render(fig, pdir, stem).paths
+        if progress is not None:
+            progress("plots", i + 1, len(jobs))
     return paths

@@ -18,8 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from pairscout._io import atomic_frame, atomic_write_text
-from pairscout.errors import PairscoutError
+from pairscout._io import first_difference, load_result, save_result
 
 PAIRS = "pairs"
 MODELS = "models"
@@ -56,27 +55,13 @@ class RankResult:
 
     # --- files -------------------------------------------------------------------------------------
     def save(self, out: str | Path) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, df in ((PAIRS, self.pairs), (MODELS, self.models)):
-            atomic_frame(df, out / f"{name}.parquet")
-            atomic_frame(df, out / f"{name}.csv")
-        atomic_write_text(out / META, json.dumps(self.meta, indent=2, default=str) + "\n")
-        return out
+        return save_result(out, {PAIRS: self.pairs, MODELS: self.models}, META, self.meta)
 
     @classmethod
     def load(cls, out: str | Path) -> RankResult:
-        out = Path(out)
-        meta_path = out / META
-        if not meta_path.is_file():
-            raise PairscoutError(f"{out} holds no rank result ({META} is missing).", fix="run `pairscout rank --out DIR` first, or point at that DIR.")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            pairs = pd.read_parquet(out / f"{PAIRS}.parquet")
-            models = pd.read_parquet(out / f"{MODELS}.parquet")
-        except (OSError, ValueError) as e:
-            raise PairscoutError(f"the rank result in {out} is unreadable ({e}).", fix="run `pairscout rank` again with --force.") from None
-        return cls(pairs=pairs, models=models, meta=meta)
+        meta, frames = load_result(out, (PAIRS, MODELS), META, what="rank result",
+                                   fix="run `pairscout rank --out DIR` first, or point at that DIR.")
+        return cls(pairs=frames[PAIRS], models=frames[MODELS], meta=meta)
 
 
 def settings_conflict(out: Path, settings: dict[str, Any]) -> str | None:
@@ -88,9 +73,5 @@ def settings_conflict(out: Path, settings: dict[str, Any]) -> str | None:
         old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings", {})
     except (OSError, ValueError):
         return "unreadable rank.json"
-    old = json.loads(json.dumps(old, default=str))
-    new = json.loads(json.dumps(settings, default=str))
-    for k in sorted(set(old) | set(new)):
-        if old.get(k) != new.get(k):
-            return k
-    return None
+    diff = first_difference(old, settings)
+    return None if diff is None else diff.split(":", 1)[0]

@@ -23,6 +23,7 @@ import pairscout
 from pairscout import plots
 from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
+from pairscout.metrics.registry import PROBE_TARGET, label
 
 TEMPLATE = "report.html.j2"
 FINAL_CARDS = (("i2t_r1", "image->text R@1"), ("t2i_r1", "text->image R@1"), ("mean_r5", "mean R@5"),
@@ -91,20 +92,20 @@ def _table(df: pd.DataFrame, columns: list[str], headers: dict[str, str] | None 
 
 
 def _rank_section(run: RunFiles) -> dict[str, Any]:
-    from pairscout.ranking.compute import LABELS, UNIMODAL_COLUMNS
+    from pairscout.ranking.compute import UNIMODAL_COLUMNS
 
     res = run.rank
     pdir = run.path / "plots"
     figs = []
     for m in res.metrics:
-        figs.append(("heatmap", LABELS.get(m, m), plots.render(plots.heatmap(res.matrix(m), LABELS.get(m, m)), pdir, f"heatmap_{m}")))
+        figs.append(("heatmap", label(m), plots.render(plots.heatmap(res.matrix(m), label(m)), pdir, f"heatmap_{m}")))
     fig = plots.unimodal_bars(res.models, UNIMODAL_COLUMNS)
     unimodal = plots.render(fig, pdir, "unimodal_quality") if fig is not None else None
     cols = ["rank", "vision", "text"]
     headers = {}
     for m in [res.primary, *[x for x in res.metrics if x != res.primary]]:
         cols += [m, f"{m}_lo", f"{m}_hi"]
-        headers.update({m: LABELS.get(m, m), f"{m}_lo": "95% lo", f"{m}_hi": "95% hi"})
+        headers.update({m: label(m), f"{m}_lo": "95% lo", f"{m}_hi": "95% hi"})
         if f"{m}_p" in res.pairs:
             cols.append(f"{m}_p")
             headers[f"{m}_p"] = "p"
@@ -113,7 +114,7 @@ def _rank_section(run: RunFiles) -> dict[str, Any]:
     return {
         "path": str(run.path),
         "best": res.best(),
-        "primary": LABELS.get(res.primary, res.primary),
+        "primary": label(res.primary),
         "score": st.get("score"),
         "n": st.get("n"),
         "dataset": res.meta.get("dataset", {}),
@@ -139,23 +140,23 @@ def _probe_section(run: RunFiles) -> dict[str, Any]:
     pdir = run.path / "plots"
     pairs = pd.DataFrame(probe.get("pairs", []))
     corr = pd.DataFrame(probe.get("correlations", []))
-    target = probe.get("target", "r1_mean")
+    target = probe.get("target", PROBE_TARGET)
     figs = []
     if not pairs.empty and target in pairs:
         for m in probe.get("metrics", []):
             if m in pairs:
-                fig = plots.metric_scatter(pairs, m, target, xlabel=m, ylabel=f"probe {target}")
+                fig = plots.metric_scatter(pairs, m, target, xlabel=label(m), ylabel=label(target))
                 figs.append((m, plots.render(fig, pdir, f"probe_{target}_vs_{m}")))
     quality = []
     if run.rank is not None and not pairs.empty and target in pairs:
         models = run.rank.models.set_index("name")
-        for side, col, label in (("vision", "knn_acc", "vision k-NN accuracy"), ("text", "published_score", "text MTEB average (published)"),
+        for side, col, qlabel in (("vision", "knn_acc", "vision k-NN accuracy"), ("text", "published_score", "text MTEB average (published)"),
                                  ("text", "knn_acc", "text k-NN accuracy")):
             if col in models and side in pairs:
                 df = pairs.assign(quality=pairs[side].map(models[col]))
                 if df["quality"].notna().sum() >= 2:
-                    fig = plots.metric_scatter(df, "quality", target, xlabel=label, ylabel=f"probe {target}")
-                    quality.append((label, plots.render(fig, pdir, f"probe_{target}_vs_{side}_{col}")))
+                    fig = plots.metric_scatter(df, "quality", target, xlabel=qlabel, ylabel=label(target))
+                    quality.append((qlabel, plots.render(fig, pdir, f"probe_{target}_vs_{side}_{col}")))
     return {
         "path": str(run.path),
         "target": target,
@@ -187,7 +188,7 @@ def _align_section(run: RunFiles) -> dict[str, Any]:
         "path": str(run.path),
         "config": log.get("config", {}),
         "model": {k: cfg.get(k) for k in ("vision", "text", "vision_head", "text_head", "loss", "dataset_fingerprint", "command", "versions") if k in cfg},
-        "final": [(label, (log.get("metrics") or {}).get(k)) for k, label in FINAL_CARDS if (log.get("metrics") or {}).get(k) is not None],
+        "final": [(name, (log.get("metrics") or {}).get(k)) for k, name in FINAL_CARDS if (log.get("metrics") or {}).get(k) is not None],
         "pair": f"{(cfg.get('vision') or {}).get('name', '?')} + {(cfg.get('text') or {}).get('name', '?')}" if cfg else "",
         "figures": figs,
     }

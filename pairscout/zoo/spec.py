@@ -16,7 +16,44 @@ from pairscout.errors import ZooError
 
 Modality = Literal["vision", "text"]
 
-SOURCES = ("timm", "hf", "st", "onnx", "emb", "pack", "baseline")
+SOURCE_MODULES: dict[str, str] = {
+    "timm": "pairscout.encoders.timm_source",
+    "hf": "pairscout.encoders.hf_source",
+    "st": "pairscout.encoders.st_source",
+    "onnx": "pairscout.encoders.onnx_source",
+    "emb": "pairscout.encoders.emb_source",
+    "pack": "pairscout.encoders.packs",
+    "baseline": "pairscout.encoders.baselines",
+}
+"""The one list of encoder sources: id prefix -> module exposing ``build(spec) -> Encoder``.
+:func:`pairscout.encoders.register_source` adds to it (a prefix with a builder and no module: ``""``)."""
+
+
+class _Sources:
+    """A live, read-only view of the prefixes in :data:`SOURCE_MODULES` (``in``, iteration, ``len``)."""
+
+    def __contains__(self, prefix: object) -> bool:
+        return prefix in SOURCE_MODULES
+
+    def __iter__(self):
+        return iter(list(SOURCE_MODULES))
+
+    def __len__(self) -> int:
+        return len(SOURCE_MODULES)
+
+    def __repr__(self) -> str:
+        return repr(tuple(SOURCE_MODULES))
+
+
+SOURCES = _Sources()
+"""The known source prefixes (follows :data:`SOURCE_MODULES`, so registered sources are valid in zoos)."""
+
+
+def add_source(prefix: str, module: str = "") -> None:
+    """Make ``prefix`` a valid id prefix (``module``: where its ``build`` lives, "" when a builder is registered)."""
+    if not prefix or ":" in prefix or not prefix.replace("_", "").replace("-", "").isalnum():
+        raise ZooError(f"source prefix {prefix!r} is not a plain word.", fix="use letters, digits, '-' or '_' (no ':').")
+    SOURCE_MODULES.setdefault(prefix, module)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,5 @@
+"""``python -m pairscout``: the command line."""
+
+from pairscout.cli import main
+
+main()

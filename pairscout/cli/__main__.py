@@ -1,0 +1,5 @@
+"""``python -m pairscout.cli``."""
+
+from pairscout.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""Options shared by several commands. Defaults come from the core's dataclasses (read here, never restated)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pairscout.metrics.registry import MEASURES, names_help
+from pairscout.ranking.settings import RankSettings
+
+RANK = RankSettings()
+
+VisionZoo = Annotated[str, typer.Option("--vision-zoo", help="Zoo name, TOML path, or comma list of vision encoder ids.")]
+TextZoo = Annotated[str, typer.Option("--text-zoo", help="Zoo name, TOML path, or comma list of text encoder ids.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="'generated[:n=..,seed=..]', a CSV/JSONL manifest, COCO caption JSON, image folder, or WebDataset tar(s).")]
+NOpt = Annotated[int | None, typer.Option("--n", help="Rows: the generated dataset renders N rows; a file dataset gives a fixed-seed random subset of N.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated data (unless its spec sets one), subsets and splits.")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Embedding cache folder (default: $PAIRSCOUT_CACHE or ~/.cache/pairscout).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Let zoo entries with trust_remote_code run Python code from their model repository.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps [default: auto].")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images or captions per batch [default: 64 images, 256 captions].")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Image-loading processes [default: CPU count - 1, at most 8].")]
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip rows whose image is missing or corrupt, and report the count.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (everything human goes to stderr).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log cache hits, resumes and each result.")]
+ReportOpt = Annotated[bool, typer.Option("--report", help="Also write (or refresh) report.html in the output folder.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace earlier results in the output folder.")]
+RunArg = Annotated[Path | None, typer.Argument(help="Folder of a `pairscout rank --out` run (its pairs, zoos, data and cache).", show_default=False)]
+RunAlias = Annotated[Path | None, typer.Option("--run", "-r", hidden=True, help="Old spelling of the RUN argument.")]
+MetricsHelp = f"Comma list of pair metrics from {names_help()} [default: {','.join(RANK.metrics)}]."
+PrimaryHelp = "Metric that ranks the pairs [default: cka_linear; cka_linear_debiased below 10,000 rows]."
+
+
+def given(cls: type, **values: Any) -> Any:
+    """``cls(**values)`` without the values the user did not give (None): the dataclass owns those defaults."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if v is not None and k in names})
+
+
+def pick_run(run: Path | None, alias: Path | None) -> Path | None:
+    """The run folder from the argument or the hidden ``--run`` option (old commands keep working)."""
+    from pairscout.errors import PairscoutError
+
+    if run is not None and alias is not None and run != alias:
+        raise PairscoutError(f"got two run folders ({run} and --run {alias}).", fix="pass the run folder once, as the first argument.")
+    return run if run is not None else alias
+
+
+assert set(RANK.metrics) <= set(MEASURES)

@@ -1,0 +1,193 @@
+"""What the CLI shows: consoles, one-line errors, logging, progress and number formatting.
+
+Everything meant for a human goes to stderr, so stdout stays machine-readable (``--json``). Text from
+users, files and errors is printed literally: rich markup never sees it (``[brackets]`` stay).
+
+Progress: on a terminal, rich progress bars; otherwise (a log file, a cluster job, a pipe) plain
+timestamped lines: one when a phase starts, one when it ends, and one at most every
+``PAIRSCOUT_PROGRESS_EVERY`` seconds (default 10) in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from pairscout.errors import PairscoutError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+WIDE_PIPE = 160
+"""Console width when output is not a terminal (files, CI logs): tables keep full ids."""
+
+
+def say(message: str, style: str | None = None) -> None:
+    """One literal line for the user on stderr (no markup, no highlighting)."""
+    err.print(Text(message, style=style or ""), soft_wrap=True)
+
+
+def error(message: str) -> None:
+    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err.print(Text.assemble(("warning: ", "yellow"), message), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a :class:`PairscoutError` as one red line (literally) and exit with its code; no traceback."""
+    for console in (err, out):
+        if not console.is_terminal:
+            console.width = max(console.width, WIDE_PIPE)
+    try:
+        yield
+    except PairscoutError as e:
+        error(str(e))
+        raise typer.Exit(e.exit_code) from None
+
+
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"{stamp} {level}{record.getMessage()}"
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO with ``--verbose``, else WARNING; rich on a terminal, timestamped plain lines elsewhere."""
+    if err.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(_ErrStream())
+        handler.setFormatter(_PlainFormatter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
+
+
+class _ErrStream:
+    """A file-like view of the stderr console (so CliRunner and redirected stderr both see the lines)."""
+
+    def write(self, s: str) -> int:
+        err.file.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        with contextlib.suppress(Exception):
+            err.file.flush()
+
+
+# --- progress -------------------------------------------------------------------------------------
+class Reporter:
+    """One progress display for every long phase: ``update(name, done, total, note="")``."""
+
+    def update(self, name: str, done: int, total: int | None, note: str = "") -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # adapters for the core's callback signatures
+    def phases(self):
+        """``progress(name, done, total)`` (encoding, ranking phases, probes)."""
+        return self.update
+
+    def training(self, label: str):
+        """``progress(step, total, info)`` of :func:`pairscout.align.train.train`."""
+
+        def cb(step: int, total: int, info: dict[str, float]) -> None:
+            self.update(label, step, total, f"loss {info.get('loss', float('nan')):.3f}, {info.get('samples_per_s', 0):.0f} img/s")
+
+        return cb
+
+
+class _RichReporter(Reporter):
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[note]}", markup=False),
+                                 console=err, transient=False)  # fmt: skip
+        self.tasks: dict[str, Any] = {}
+
+    def update(self, name: str, done: int, total: int | None, note: str = "") -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name[:48], total=total, note=note)
+        self.progress.update(self.tasks[name], completed=done, total=total, note=note)
+
+
+class _PlainReporter(Reporter):
+    def __init__(self, every: float | None = None) -> None:
+        self.every = float(os.environ.get("PAIRSCOUT_PROGRESS_EVERY", "10")) if every is None else every
+        self.state: dict[str, dict[str, Any]] = {}
+
+    def update(self, name: str, done: int, total: int | None, note: str = "") -> None:
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = {"start": now, "last": now, "done": False}
+            if not finished:
+                self._line(name, done, total, 0.0, note, " started")
+                return
+        if st["done"]:
+            return
+        if finished or now - st["last"] >= self.every:
+            st["last"], st["done"] = now, finished
+            self._line(name, done, total, now - st["start"], note, " done" if finished else "")
+
+    @staticmethod
+    def _line(name: str, done: int, total: int | None, elapsed: float, note: str, tag: str) -> None:
+        frac = f"{done}/{total} ({100 * done / total:.0f}%)" if total else str(done)
+        say(f"{time.strftime('%H:%M:%S')} {name}: {frac}, {elapsed:.0f} s" + (f", {note}" if note else "") + tag)
+
+
+@contextlib.contextmanager
+def progress() -> Iterator[Reporter]:
+    """The progress display for this output: rich bars on a terminal, timestamped lines otherwise."""
+    if err.is_terminal:
+        rep = _RichReporter()
+        with rep.progress:
+            yield rep
+    else:
+        yield _PlainReporter()
+
+
+# --- numbers ---------------------------------------------------------------------------------------
+def num(x: Any, digits: int = 3) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def with_interval(row: Any, m: str) -> str:
+    """``0.143 ± 0.011`` (value and half-width of its 95 % interval) or just the value."""
+    v = row.get(m)
+    if v is None or v != v:
+        return "-"
+    lo, hi = row.get(f"{m}_lo"), row.get(f"{m}_hi")
+    if lo is not None and hi is not None and lo == lo and hi == hi:
+        return f"{v:.3f} ± {(hi - lo) / 2:.3f}"
+    return f"{v:.3f}"
+
+
+def literal(s: Any) -> Text:
+    """A table cell or title that is printed as is (no markup)."""
+    return s if isinstance(s, Text) else Text(str(s))
+
+
+def command_line() -> str:
+    return " ".join(["pairscout", *sys.argv[1:]])

@@ -1,0 +1,270 @@
+"""``pairscout probe``, ``pairscout align`` and ``pairscout zero-shot``.
+
+They parse, call the core (:mod:`pairscout.align.probe`, :mod:`pairscout.align.model`) and print. Defaults
+come from :class:`~pairscout.align.probe_settings.ProbeSettings` and :class:`~pairscout.align.train_config.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pairscout.align.probe_settings import ProbeSettings
+from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
+from pairscout.cli import _ui as ui
+from pairscout.cli._options import (
+    CacheOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    ReportOpt,
+    RunAlias,
+    RunArg,
+    VerboseOpt,
+    pick_run,
+)
+from pairscout.cli._ui import literal as L
+from pairscout.cli._ui import num
+
+PROBE = ProbeSettings()
+TRAIN = TrainConfig()
+
+VisionOpt = Annotated[str | None, typer.Option("--vision-zoo", help="Without RUN: vision zoo (name, TOML or comma list of ids).")]
+TextOpt = Annotated[str | None, typer.Option("--text-zoo", help="Without RUN: text zoo.")]
+DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Without RUN: the dataset [default: generated]; with RUN: where the run's data lives now.")]
+NOpt = Annotated[int | None, typer.Option("--n", help="Without RUN: rows (generated) or a fixed-seed subset of N rows (files).")]
+
+
+def _check_source(run: Path | None, vision_zoo: str | None, text_zoo: str | None) -> None:
+    from pairscout.errors import PairscoutError
+
+    if run is not None and (vision_zoo or text_zoo):
+        raise PairscoutError("got both --run and --vision-zoo/--text-zoo (a RUN folder and zoos).", fix="pass either a rank run (RUN) or zoos and --data.")
+
+
+# --- probe ---------------------------------------------------------------------------------------
+def probe(
+    run: RunArg = None,
+    run_alias: RunAlias = None,
+    vision_zoo: VisionOpt = None,
+    text_zoo: TextOpt = None,
+    data: DataOpt = None,
+    n: NOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Probe the K best-ranked pairs.")] = PROBE.top_k,
+    bottom_k: Annotated[int, typer.Option("--bottom-k", help="... and the K worst-ranked ones.")] = PROBE.bottom_k,
+    middle_k: Annotated[int, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.")] = PROBE.middle_k,
+    pairs: Annotated[str | None, typer.Option("--pairs", help="Probe these pairs instead: 'v1,t1;v2,t2'.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps per probe (the same for every pair).")] = PROBE.steps,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = PROBE.batch_size,
+    out_dim: Annotated[int, typer.Option(help="Probe output dimension (SAIL: 2048).")] = PROBE.out_dim,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = PROBE.lr,
+    optimizer: Annotated[str, typer.Option(help="adamw or lion.")] = PROBE.optimizer,
+    test_fraction: Annotated[float, typer.Option(help="Held-out share of the images.")] = PROBE.test_fraction,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the probes.")] = PROBE.seed,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv [default: the RUN folder].", show_default=False)] = None,
+    cache_dir: CacheOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+    with_report: ReportOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Short linear probes on the top, middle and bottom pairs of a ranking: did the metrics predict alignment?"""
+    ui.setup_logging(verbose)
+    from pairscout.align.probe import probe as run_probe
+    from pairscout.align.probe import verdict
+    from pairscout.errors import PairscoutError
+
+    with ui.user_errors():
+        run = pick_run(run, run_alias)
+        _check_source(run, vision_zoo, text_zoo)
+        chosen = None
+        if pairs:
+            chosen = [tuple(p.split(",", 1)) for p in pairs.split(";") if p.strip()]
+            if any(len(p) != 2 for p in chosen):
+                raise PairscoutError(f"--pairs {pairs!r} is malformed.", fix="write it as 'vision1,text1;vision2,text2'.")
+        settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
+                                 optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device)  # fmt: skip
+        with ui.progress() as rep:
+            res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
+                            cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
+        ui.err.print(_probe_table(res))
+        ui.err.print(_corr_table(res))
+        primary = res.meta.get("primary")
+        if primary:
+            ui.say(verdict(res.correlations, primary))
+        if res.meta.get("out"):
+            ui.say(f"results in {res.meta['out']}/ (probe.json, probe.csv, probe.parquet, probe_correlations.csv)")
+            if with_report:
+                from pairscout.report import build_report
+
+                ui.say(f"report: {build_report([res.meta['out']])}")
+        if as_json:
+            from pairscout._io import records
+
+            payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta}
+            ui.out.print_json(json.dumps(payload, default=str))
+
+
+def _probe_table(res) -> Table:
+    from pairscout.metrics.registry import label
+
+    metrics = [m for m in res.metrics if m != "score"]
+    t = Table(title=f"linear probes ({res.meta['settings']['steps']} steps each), held-out retrieval",
+              caption="R@1 i2t: image -> its captions; t2i: caption -> its image")  # fmt: skip
+    t.add_column("#", justify="right", no_wrap=True)
+    t.add_column("group", no_wrap=True)
+    t.add_column("vision", overflow="fold")
+    t.add_column("text", overflow="fold")
+    for m in metrics:
+        t.add_column(L(label(m)), justify="right")
+    for col in ("R@1 i2t", "R@1 t2i", "R@5 mean", "loss", "s"):
+        t.add_column(col, justify="right")
+    for _, r in res.pairs.iterrows():
+        t.add_row(str(r.get("rank", "")), L(r.get("group", "")), L(r["vision"]), L(r["text"]), *[num(r.get(m)) for m in metrics],
+                  num(r["i2t_r1"]), num(r["t2i_r1"]), num(r["mean_r5"]), num(r["final_loss"]), f"{r['train_s']:.1f}")  # fmt: skip
+    return t
+
+
+def _corr_table(res) -> Table:
+    from pairscout.metrics.registry import label
+
+    t = Table(title="did the metric predict the probe? correlation with probe R@1 (mean of both directions)")
+    for col in ("metric", "pairs", "Spearman rho", "p", "Kendall tau", "p "):
+        t.add_column(col, justify="right" if col != "metric" else "left")
+    for _, r in res.correlations.iterrows():
+        t.add_row(L(label(r["metric"])), str(int(r["n_pairs"])), num(r["spearman"]), num(r["spearman_p"]), num(r["kendall"]), num(r["kendall_p"]))
+    return t
+
+
+# --- align ---------------------------------------------------------------------------------------
+def align(
+    run: RunArg = None,
+    run_alias: RunAlias = None,
+    pair: Annotated[str | None, typer.Option("--pair", "-p", help="VISION,TEXT encoder names [default: the best pair of RUN].", show_default=False)] = None,
+    vision_zoo: VisionOpt = None,
+    text_zoo: TextOpt = None,
+    data: DataOpt = None,
+    n: NOpt = None,
+    head: Annotated[str, typer.Option(help="linear, mlp, glu (SAIL) or local_global (freeze-align; needs `encode --tokens`).")] = TRAIN.head,
+    out_dim: Annotated[int, typer.Option(help="Shared space dimension (SAIL: 1024).")] = TRAIN.out_dim,
+    hidden_mult: Annotated[int, typer.Option(help="GLU hidden width / input dim (SAIL: 8).")] = TRAIN.hidden_mult,
+    loss: Annotated[str, typer.Option(help="sigmoid (SigLIP/SAIL) or infonce (CLIP).")] = TRAIN.loss,
+    loss_norm: Annotated[str, typer.Option(help="Sigmoid loss normaliser: batch (SigLIP) or pairs (SAIL).")] = TRAIN.loss_norm,
+    chunk: Annotated[int | None, typer.Option(help="Sigmoid loss: captions per logit block (memory O(batch x chunk)).")] = TRAIN.chunk,
+    optimizer: Annotated[str, typer.Option(help="adamw or lion.")] = TRAIN.optimizer,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 1e-3 AdamW, 3e-4 Lion].", show_default=False)] = TRAIN.lr,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay on weight matrices.")] = TRAIN.weight_decay,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = TRAIN.batch_size,
+    steps: Annotated[int | None, typer.Option(help=f"Optimiser steps [default: {DEFAULT_STEPS} unless --epochs; ~2 min for the default demo pair on 2 CPU cores].", show_default=False)] = TRAIN.steps,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training images (instead of --steps).")] = TRAIN.epochs,
+    warmup: Annotated[float, typer.Option(help="Warm-up fraction of the steps.")] = TRAIN.warmup,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")] = TRAIN.grad_clip,
+    captions: Annotated[str, typer.Option(help="sample one caption per image per step, or all as multi-positives.")] = TRAIN.captions,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = TRAIN.seed,
+    test_fraction: Annotated[float, typer.Option(help="Held-out share of the images.")] = PROBE.test_fraction,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end).")] = TRAIN.eval_every,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: at the end).")] = 100,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Zero-shot classification read-out when the data has labels.")] = True,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model [default: RUN/align/VISION__TEXT].", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    force: ForceOpt = False,
+    keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint/--drop-checkpoint",
+                                                  help="Keep the final checkpoint (heads + optimiser state, ~4x the model) to continue the run later.")] = False,
+    cache_dir: CacheOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+    with_report: ReportOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train projector heads for one vision x text pair on its cached embeddings and save the aligned model."""
+    ui.setup_logging(verbose)
+    from pairscout.align.model import align as run_align
+    from pairscout.align.model import default_out
+    from pairscout.errors import PairscoutError
+
+    with ui.user_errors():
+        run = pick_run(run, run_alias)
+        _check_source(run, vision_zoo, text_zoo)
+        chosen = None
+        if pair:
+            parts = [p.strip() for p in pair.split(",")]
+            if len(parts) != 2 or not all(parts):
+                raise PairscoutError(f"--pair {pair!r} is malformed.", fix="write it as VISION,TEXT, e.g. --pair efficientnet-lite2,all-MiniLM-L6-v2.")
+            chosen = (parts[0], parts[1])
+        if chosen is None and run is None:
+            raise PairscoutError("align needs a RUN folder or --pair.", fix="pass RUN (its best pair is aligned) or --pair VISION,TEXT.")
+        config = TrainConfig(head=head, out_dim=out_dim, hidden_mult=hidden_mult, loss=loss, loss_norm=loss_norm, chunk=chunk,
+                             optimizer=optimizer, lr=lr, weight_decay=weight_decay, batch_size=batch_size, steps=steps, epochs=epochs,
+                             warmup=warmup, grad_clip=grad_clip or None, captions=captions, seed=seed, device=device or TRAIN.device,
+                             eval_every=eval_every, checkpoint_every=checkpoint_every)  # fmt: skip
+        if out_dir is None and run is not None:
+            out_dir = default_out(run, chosen)
+        with ui.progress() as rep:
+            label = f"align {chosen[0]} x {chosen[1]}" if chosen else "align best pair"
+            res = run_align(chosen, run=run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, config=config,
+                            test_fraction=test_fraction, split_seed=seed, zero_shot=zero_shot, cache_dir=cache_dir, out=out_dir,
+                            resume=resume, force=force, keep_checkpoint=keep_checkpoint, progress=rep.training(label),
+                            command=ui.command_line())  # fmt: skip
+        ui.err.print(_align_table(res))
+        if res.out is not None:
+            ui.say(f"aligned model in {res.out}/ (config.json, heads.safetensors, train/train_log.json); "
+                   f"use it: pairscout zero-shot --model {res.out} IMAGE... --classes a,b,c")  # fmt: skip
+            if with_report:
+                from pairscout.report import build_report
+
+                ui.say(f"report: {build_report([run, res.out] if run is not None else [res.out])}")
+        else:
+            ui.warn("no --out: the aligned model was not saved")
+        if as_json:
+            payload = {"model": str(res.out) if res.out else None, "vision": res.model.vision_spec.name, "text": res.model.text_spec.name,
+                       "metrics": res.metrics, "train": res.train.summary()}  # fmt: skip
+            ui.out.print_json(json.dumps(payload, default=str))
+
+
+def _align_table(res) -> Table:
+    m, tr = res.metrics, res.train
+    t = Table(title=L(f"aligned {res.model.vision_spec.name} x {res.model.text_spec.name}: {tr.config.head} heads -> {tr.config.out_dim}-d, "
+                      f"{tr.steps} steps, {tr.samples_per_s:.0f} images/s on {tr.device}"))  # fmt: skip
+    for col in ("held-out read-out", "image -> text", "text -> image", "mean"):
+        t.add_column(col, justify="right" if col != "held-out read-out" else "left")
+    for k in (1, 5, 10):
+        t.add_row(f"Recall@{k}", num(m.get(f"i2t_r{k}")), num(m.get(f"t2i_r{k}")), num(m.get(f"mean_r{k}")))
+    if "zs_top1" in m:
+        t.add_row("zero-shot top-1 / top-5 (per class)", num(m.get("zs_top1")), num(m.get("zs_top5")), "")
+    lp = tr.loss_parameters()
+    t.add_row("final loss / scale t / bias b", num(tr.final_loss), f"{lp['scale']:.2f}", f"{lp.get('bias', float('nan')):.2f}")
+    return t
+
+
+# --- zero-shot -----------------------------------------------------------------------------------
+def zero_shot(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Folder of an aligned model (`pairscout align --out`).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    classes: Annotated[str, typer.Option("--classes", "-c", help="Comma list of class names.")],
+    templates: Annotated[str | None, typer.Option(help="'|'-separated prompt templates with {c} [default: 6 built-in ones].", show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per image.")] = 3,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Classify images among class names with a saved aligned model."""
+    from pairscout.align.model import AlignedModel, image_files
+
+    with ui.user_errors():
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        files = image_files(images)
+        tpl = [t for t in templates.split("|") if t.strip()] if templates else None
+        m = AlignedModel.load(model, device="cpu" if device == "auto" else device)
+        pred = m.zero_shot(files, names, tpl, top_k=top_k)
+        t = Table(title=L(f"zero-shot with {m}"))
+        t.add_column("image", overflow="fold")
+        for i in range(min(top_k, len(names))):
+            t.add_column(f"#{i + 1}")
+        for f, top in zip(files, pred.top, strict=True):
+            t.add_row(L(f), *[L(f"{c} ({p:.2f})") for c, p in top])
+        ui.err.print(t)
+        if as_json:
+            ui.out.print_json(json.dumps([{"image": str(f), "top": [{"class": c, "p": p} for c, p in top]} for f, top in zip(files, pred.top, strict=True)]))

@@ -1,0 +1,143 @@
+"""``pairscout rank`` and ``pairscout report``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pairscout.cli import _ui as ui
+from pairscout.cli._options import (
+    RANK,
+    BatchOpt,
+    CacheOpt,
+    DataOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    MetricsHelp,
+    NOpt,
+    PrimaryHelp,
+    SeedOpt,
+    SkipBadOpt,
+    TextZoo,
+    TrustOpt,
+    VerboseOpt,
+    VisionZoo,
+    WorkersOpt,
+)
+from pairscout.cli._ui import literal as L
+
+
+def rank(
+    vision_zoo: VisionZoo = "offline",
+    text_zoo: TextZoo = "offline",
+    data: DataOpt = "generated",
+    n: NOpt = None,
+    seed: SeedOpt = RANK.seed,
+    metrics: Annotated[str | None, typer.Option(help=MetricsHelp, show_default=False)] = None,
+    primary: Annotated[str | None, typer.Option(help=PrimaryHelp, show_default=False)] = None,
+    score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = RANK.score,
+    ci_groups: Annotated[int, typer.Option(help="Jackknife groups behind the 95% confidence intervals (0: off).")] = RANK.ci_groups,
+    permutations: Annotated[int, typer.Option(help="Shuffled pairings for the primary metric's chance level and p-value (0: off).")] = RANK.permutations,
+    knn_k: Annotated[int, typer.Option("--knn-k", help="k of mutual k-NN and CKNNA.")] = RANK.knn_k,
+    clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = RANK.clip_quantile,
+    caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = RANK.caption_reduce,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots.")] = None,
+    force: ForceOpt = False,
+    top: Annotated[int, typer.Option(help="Rows of the table printed.")] = 10,
+    wide: Annotated[bool, typer.Option("--wide", help="Print every metric, not only the primary one.")] = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG and SVG plots to --out.")] = True,
+    cache_dir: CacheOpt = None,
+    device: DeviceOpt = None,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    skip_bad: SkipBadOpt = False,
+    as_json: JsonOpt = False,
+    with_report: Annotated[bool, typer.Option("--report", help="Also write (or refresh) <out>/report.html.")] = False,
+    verbose: VerboseOpt = False,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
+    ui.setup_logging(verbose)
+    from pairscout.cli._options import given
+    from pairscout.encode.runner import EncodeSettings
+    from pairscout.errors import PairscoutError
+    from pairscout.ranking import RankSettings
+    from pairscout.ranking import rank as run_rank
+
+    with ui.user_errors():
+        if with_report and out is None:
+            raise PairscoutError("--report needs --out: the report is rebuilt from the saved results.", fix="add --out DIR.")
+        settings = RankSettings(
+            metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else RANK.metrics,
+            primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
+            permutations=permutations, caption_reduce=caption_reduce, seed=seed,
+        )  # fmt: skip
+        with ui.progress() as rep:
+            res = run_rank(vision_zoo, text_zoo, data, n=n, settings=settings, skip_bad=skip_bad,
+                           encode_settings=given(EncodeSettings, device=device, batch_size=batch_size, num_workers=workers,
+                                                        trust_remote_code=trust_remote_code),
+                           cache_dir=cache_dir, out=out, force=force, plots=plots, progress=rep.phases(), command=ui.command_line())  # fmt: skip
+        ui.err.print(rank_table(res, top, wide))
+        if out is not None:
+            ui.say(f"results in {out}/ (pairs.parquet, pairs.csv, models.csv, rank.json, plots/)")
+        if with_report and out is not None:
+            from pairscout.report import build_report
+
+            ui.say(f"report: {build_report([out])}")
+        if as_json:
+            payload = {"pairs": res.pairs.to_dict(orient="records"), "models": res.models.to_dict(orient="records"), "meta": res.meta}
+            ui.out.print_json(json.dumps(payload, default=str))
+        if res.meta["failures"]:
+            ui.error(f"{len(res.meta['failures'])} model(s) failed and were left out: "
+                     + "; ".join(f"{k}: {v}" for k, v in res.meta["failures"].items()))  # fmt: skip
+            raise typer.Exit(1)
+
+
+def rank_table(res, top: int, wide: bool = False) -> Table:
+    """Rank, full model names, the primary value ± its interval and p; every metric with ``wide``.
+    Fits 100 columns for names up to ~30 characters (longer names fold, never cut)."""
+    from pairscout.metrics.registry import label
+
+    ds, st = res.meta["dataset"], res.meta["settings"]
+    has_p = f"{res.primary}_p" in res.pairs
+    caption = "value ± half-width of the 95 % jackknife interval"
+    if st.get("permutations") and has_p:
+        caption += f"; p: permutation p-value over {st['permutations']} shuffled pairings (smallest possible 1/{st['permutations'] + 1})"
+    if not wide and len(res.metrics) > 1:
+        caption += "; --wide (or pairs.csv) for the other metrics"
+    table = Table(title=L(f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {label(res.primary)}"), caption=L(caption))
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("vision", overflow="fold")
+    table.add_column("text", overflow="fold")
+    shown = [res.primary, *([m for m in res.metrics if m != res.primary] if wide else [])]
+    for m in shown:
+        table.add_column(L(label(m)), justify="right", no_wrap=True)
+        if m == res.primary and has_p:
+            table.add_column("p", justify="right", no_wrap=True)
+    for _, row in res.pairs.head(top).iterrows():
+        cells = []
+        for m in shown:
+            cells.append(ui.with_interval(row, m))
+            if m == res.primary and has_p:
+                cells.append(f"{row[f'{m}_p']:.3f}")
+        table.add_row(str(row["rank"]), L(row["vision"]), L(row["text"]), *cells)
+    return table
+
+
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written by rank / probe / align --out.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file [default: <first run>/report.html].", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", hidden=True, help="Old spelling of --out.")] = None,
+    title: Annotated[str, typer.Option(help="Page title.")] = "pairscout report",
+) -> None:
+    """One self-contained HTML page (inline CSS and SVG, no external URL) rebuilt from saved results."""
+    from pairscout.report import build_report
+
+    with ui.user_errors():
+        path = build_report(runs, out if out is not None else output, title=title)
+        ui.say(f"report written to {path} ({path.stat().st_size / 1024:.0f} KiB)")

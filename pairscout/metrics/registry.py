@@ -1,0 +1,172 @@
+"""The measures pairscout ranks pairs by: one record per measure, the one place that names them.
+
+Rank (which measures, the default primary), probe (which columns it correlates), the report and the plots
+(labels), the CLI help and the README read :data:`MEASURES`. Adding a measure is one :class:`Measure`
+record here and its functions (an all-pairs ``f(xs, ys, **opts) -> (m, t) float64`` and a single-pair
+``f(x, y, **opts) -> float``).
+
+Example:
+    >>> from pairscout.metrics import MEASURES, measure
+    >>> MEASURES["cka_linear"].label
+    'linear CKA'
+    >>> import torch; x = torch.randn(50, 4, dtype=torch.float64)
+    >>> round(measure("cka_linear", x, 2 * x), 6)
+    1.0
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pairscout.errors import MetricError
+
+if TYPE_CHECKING:
+    import torch
+
+AllPairs = Callable[..., "torch.Tensor"]
+SinglePair = Callable[..., float]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One pair measure: what it is called, what its values mean, how it is computed and tested against chance."""
+
+    name: str
+    """Key in result columns, ``--metrics`` and ``--primary``."""
+    label: str
+    """Human name for tables, plots and the report."""
+    all_pairs: AllPairs = field(repr=False)
+    """``f(xs, ys, **opts) -> (m, t) float64``: every (vision, text) pair at once."""
+    single: SinglePair = field(repr=False)
+    """``f(x, y, **opts) -> float``: one pair."""
+    range: tuple[float, float] = (0.0, 1.0)
+    """Values it takes (debiased estimators can dip slightly below 0)."""
+    direction: Literal["higher", "lower"] = "higher"
+    """Which way means more aligned."""
+    cost: Literal["cheap", "moderate", "expensive"] = "cheap"
+    """Cost class for n rows, d dims, k neighbours (details in ``cost_note``)."""
+    cost_note: str = ""
+    options: tuple[str, ...] = ()
+    """Keyword options it takes (``k``, ``preprocess``, ``sigma_frac``)."""
+    min_rows: int = 2
+    null: str = "permutation: rows of the text side shuffled, the measure recomputed"
+    """How its chance level and p-value are computed (:func:`pairscout.metrics.stats.permutation_null`)."""
+    null_kind: Literal["recompute", "neighbours"] = "recompute"
+    interval: str = "delete-a-group jackknife (no duplicated rows)"
+    """How ``pairscout rank`` computes its 95 % interval (:func:`pairscout.ranking.compute.jackknife_ci`)."""
+    bootstrap: bool = False
+    """Whether :func:`pairscout.metrics.stats.bootstrap_ci` supports it (row resampling)."""
+    default: bool = True
+    """Computed by ``pairscout rank`` unless ``--metrics`` says otherwise."""
+    reference: str = ""
+
+    def kwargs(self, opts: dict[str, Any]) -> dict[str, Any]:
+        """The subset of ``opts`` this measure takes."""
+        return {k: v for k, v in opts.items() if k in self.options}
+
+
+def _fn(module: str, name: str, *bound: Any) -> Callable[..., Any]:
+    """``pairscout.metrics.<module>.<name>`` with leading arguments ``bound`` after the data; imported on
+    first call, so reading the registry (CLI help, settings) does not import torch."""
+
+    def f(a: Any, b: Any, *args: Any, **kw: Any) -> Any:
+        return getattr(importlib.import_module(f"pairscout.metrics.{module}"), name)(a, b, *bound, *args, **kw)
+
+    f.__qualname__ = f.__name__ = name
+    return f
+
+
+def _cka(kernel: str, debiased: bool) -> AllPairs:
+    return _fn("cka", "all_pairs_cka", kernel, debiased)
+
+
+def _single_cka(kernel: str, debiased: bool) -> SinglePair:
+    return _fn("cka", "linear_cka", debiased) if kernel == "linear" else _fn("cka", "rbf_cka", debiased)
+
+
+KORNBLITH = "Kornblith et al. 2019, Similarity of Neural Network Representations Revisited (ICML)"
+SONG = "Song et al. 2012, Feature Selection via Dependence Maximization (JMLR): unbiased HSIC"
+HUH = "Huh et al. 2024, The Platonic Representation Hypothesis (ICML)"
+LINEAR_COST = "O(n (Dx Dy + sum d^2)) feature form or O(n^2 d) Gram tiles, whichever is cheaper"
+RBF_COST = "O(n^2 d) Gram tiles, memory bounded"
+KNN_COST = "O(n^2 d) neighbour search, then O(n k) per pair"
+
+MEASURES: dict[str, Measure] = {
+    m.name: m
+    for m in (
+        Measure("cka_linear", "linear CKA", _cka("linear", False), _single_cka("linear", False), cost="cheap",
+                cost_note=LINEAR_COST, bootstrap=True, reference=KORNBLITH),
+        Measure("cka_linear_debiased", "linear CKA (debiased)", _cka("linear", True), _single_cka("linear", True),
+                range=(-1.0, 1.0), cost="cheap", cost_note=LINEAR_COST, min_rows=4, reference=f"{KORNBLITH}; {SONG}"),
+        Measure("cka_rbf", "RBF CKA", _cka("rbf", False), _single_cka("rbf", False), cost="moderate", cost_note=RBF_COST,
+                options=("sigma_frac",), bootstrap=True, reference=KORNBLITH),
+        Measure("cka_rbf_debiased", "RBF CKA (debiased)", _cka("rbf", True), _single_cka("rbf", True), range=(-1.0, 1.0),
+                cost="moderate", cost_note=RBF_COST, options=("sigma_frac",), min_rows=4, default=False,
+                reference=f"{KORNBLITH}; {SONG}"),
+        Measure("mutual_knn", "mutual k-NN", _fn("knn", "all_pairs_mutual_knn"), _fn("knn", "mutual_knn"), cost="moderate", cost_note=KNN_COST,
+                options=("k", "preprocess"), null="permutation of the neighbour lists (exact, O(n k) each)",
+                null_kind="neighbours", bootstrap=True, reference=HUH),
+        Measure("cknna", "CKNNA", _fn("knn", "all_pairs_cknna"), _fn("knn", "cknna"), range=(-1.0, 1.0), cost="moderate",
+                cost_note="O(n^2 d) neighbour search, then O(n k^2) per pair", options=("k", "preprocess"), min_rows=4,
+                null="permutation of the neighbour lists (exact, O(n k^2) each)", null_kind="neighbours", reference=HUH),
+    )
+}
+"""Every pair measure by name, in display order."""
+
+DEFAULT_MEASURES: tuple[str, ...] = tuple(name for name, m in MEASURES.items() if m.default)
+"""What ``pairscout rank`` computes by default."""
+
+UNIMODAL_LABELS: dict[str, str] = {
+    "knn_acc": "k-NN accuracy",
+    "nmi": "clustering NMI",
+    "ari": "clustering ARI",
+    "silhouette": "silhouette",
+    "published_score": "published score",
+}
+"""Per-model quality columns of a rank run (``models.csv``) and their human names."""
+
+PROBE_TARGET = "mean_r1"
+"""The probe read-out the measures are correlated with (``probe.json`` ``target``; the report's default)."""
+
+PROBE_LABELS: dict[str, str] = {
+    "mean_r1": "probe R@1 (mean of both directions)",
+    "i2t_r1": "image->text R@1",
+    "t2i_r1": "text->image R@1",
+    "mean_r5": "mean R@5",
+    "score": "combined score",
+}
+
+
+def get(name: str) -> Measure:
+    """The record of ``name``; an unknown name is a :class:`MetricError` listing the known ones."""
+    try:
+        return MEASURES[name]
+    except KeyError:
+        raise MetricError(f"unknown pair metric {name!r}.", fix=f"use one of {', '.join(MEASURES)}.") from None
+
+
+def label(name: str) -> str:
+    """Human name of a measure or of a unimodal / probe column (the name itself when unknown)."""
+    if name in MEASURES:
+        return MEASURES[name].label
+    return UNIMODAL_LABELS.get(name, PROBE_LABELS.get(name, name))
+
+
+def measure(name: str, x: Any, y: Any, **opts: Any) -> float:
+    """The value of measure ``name`` for one pair (x, y) of (n, d) embeddings; ``opts`` it does not take are ignored."""
+    m = get(name)
+    return float(m.single(x, y, **m.kwargs(opts)))
+
+
+def all_pairs(name: str, xs: Any, ys: Any, **opts: Any) -> torch.Tensor:
+    """The (m, t) float64 values of measure ``name`` for every pair; ``opts`` it does not take are ignored."""
+    m = get(name)
+    return m.all_pairs(xs, ys, **m.kwargs(opts))
+
+
+def names_help(names: Sequence[str] | None = None) -> str:
+    """``"cka_linear, cka_linear_debiased, ..."``: for CLI help and messages."""
+    return ", ".join(names if names is not None else MEASURES)

@@ -1,0 +1,53 @@
+"""The settings of a ranking (:class:`RankSettings`): every default of ``pairscout rank`` lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pairscout.metrics.registry import DEFAULT_MEASURES
+
+DEBIASED_BELOW = 10_000
+"""Below this many rows the default primary metric is debiased linear CKA: biased CKA is inflated at
+small n (two independent random 384-d embeddings of 1,000 rows read 0.26; the debiased estimator 0.00)."""
+
+
+@dataclass
+class RankSettings:
+    """Everything that changes the numbers of a ranking (saved in the result's JSON)."""
+
+    metrics: Sequence[str] = DEFAULT_MEASURES
+    """Pair measures to compute (names of :data:`pairscout.metrics.MEASURES`)."""
+    primary: str | None = None
+    """Metric the pairs are ranked by; default: ``cka_linear``, ``cka_linear_debiased`` when n < 10,000."""
+    score: str = "primary"
+    """``primary`` ranks by the primary metric; ``combined`` by the mean of each metric's within-run z-score."""
+    knn_k: int = 10
+    """k of mutual k-NN / CKNNA."""
+    clip_quantile: float | None = None
+    """Clip each embedding at this quantile of |x| before the neighbourhood metrics (platonic-rep uses 0.95)."""
+    rbf_sigma_frac: float = 1.0
+    ci_groups: int = 10
+    """Groups of the delete-a-group jackknife behind every confidence interval (0 turns them off)."""
+    permutations: int = 20
+    """Shuffled pairings for the primary metric's chance level and p-value (0 turns it off)."""
+    caption_reduce: str = "first"
+    """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Impossible settings are one-line errors naming the option, before any encoding."""
+        from pairscout.errors import PairscoutError
+
+        for name, value, low in (("--permutations", self.permutations, 0), ("--ci-groups", self.ci_groups, 0),
+                                 ("--knn-k", self.knn_k, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {low} or more.")
+        if self.caption_reduce not in ("first", "mean"):
+            raise PairscoutError(f"--caption-reduce {self.caption_reduce!r} is unknown.", fix="use 'first' or 'mean'.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["metrics"] = list(self.metrics)
+        return d

@@ -1,0 +1,208 @@
+"""The house: API == CLI, the metric registry, sources, output conventions (help, version, tables, progress, errors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_DATA, TINY_TEXT, TINY_VISION
+
+import pairscout
+from pairscout.cli import app
+from pairscout.ranking import RankSettings
+
+COMMANDS = [["encode"], ["rank"], ["probe"], ["align"], ["report"], ["zero-shot"], ["zoo", "list"], ["zoo", "show"], ["cache", "list"], ["cache", "clear"]]
+
+
+def test_api_and_cli_give_the_same_dataset_cache_and_results(runner, cpu, tmp_path):
+    cache = tmp_path / "cache"
+    settings = RankSettings(ci_groups=3, permutations=3)
+    api = pairscout.rank(TINY_VISION, TINY_TEXT, TINY_DATA, n=30, settings=settings, encode_settings=cpu, cache_dir=cache)
+    entries = sorted(p.relative_to(cache) for p in cache.rglob("*.safetensors"))
+    stamps = {p: (cache / p).stat().st_mtime_ns for p in entries}
+    r = runner.invoke(app, ["rank", "--vision-zoo", TINY_VISION, "--text-zoo", TINY_TEXT, "--data", TINY_DATA, "--n", "30",
+                            "--ci-groups", "3", "--permutations", "3", "--cache-dir", str(cache), "--device", "cpu", "--workers", "0",
+                            "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cli = json.loads(r.stdout)
+    assert cli["meta"]["settings"]["dataset_fingerprint"] == api.meta["settings"]["dataset_fingerprint"]
+    assert cli["meta"]["dataset"]["n"] == 30 == len(api.pairs) // len(api.pairs) * api.meta["settings"]["n"]
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*.safetensors")) == entries  # no new cache entry
+    assert {p: (cache / p).stat().st_mtime_ns for p in entries} == stamps  # served from the cache
+    primary = api.primary
+    assert [(p["vision"], p["text"]) for p in cli["pairs"]] == list(zip(api.pairs["vision"], api.pairs["text"], strict=True))
+    assert [p[primary] for p in cli["pairs"]] == pytest.approx(api.pairs[primary].tolist(), rel=1e-12)
+
+
+def test_generated_n_renders_n_rows_and_a_spec_seed_wins():
+    from pairscout.resolve import resolve_data
+
+    a = resolve_data("generated", n=25)
+    assert len(a) == 25 and a.describe()["format"] == "generated" and "n=25" in a.source
+    assert resolve_data("generated:seed=3", n=5, seed=0).fingerprint == resolve_data("generated:seed=3,n=5").fingerprint
+    assert resolve_data("generated", n=5, seed=1).fingerprint != resolve_data("generated", n=5, seed=0).fingerprint
+
+
+def test_registry_is_the_one_vocabulary():
+    from pairscout.metrics import MEASURES, measure
+    from pairscout.metrics.registry import DEFAULT_MEASURES, label
+    from pairscout.metrics.stats import pair_metric
+
+    assert RankSettings().metrics == DEFAULT_MEASURES
+    assert set(DEFAULT_MEASURES) <= set(MEASURES)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 6, generator=g, dtype=torch.float64), torch.randn(60, 5, generator=g, dtype=torch.float64)
+    for name, rec in MEASURES.items():
+        assert rec.label and rec.reference and rec.direction in ("higher", "lower") and rec.cost in ("cheap", "moderate", "expensive")
+        assert label(name) == rec.label
+        opts = {"k": 5, "sigma_frac": 1.0}
+        single = measure(name, x, y, **opts)
+        allp = float(pair_metric(name, [x], [y], **rec.kwargs(opts))[0, 0])
+        assert single == pytest.approx(allp, abs=1e-9), name
+        lo, hi = rec.range
+        assert lo - 1e-9 <= single <= hi + 1e-9
+    assert measure("cka_linear", x, 2 * x) == pytest.approx(1.0)
+    from pairscout.errors import MetricError
+
+    with pytest.raises(MetricError, match="unknown pair metric"):
+        measure("nope", x, y)
+
+
+def test_register_source_extends_the_one_list():
+    from pairscout.encoders import build_encoder, register_source
+    from pairscout.errors import ZooError
+    from pairscout.zoo.spec import SOURCES, EncoderSpec
+
+    with pytest.raises(ZooError, match="unknown source prefix"):
+        EncoderSpec(id="house-test:x", modality="text")
+    register_source("house-test", lambda spec: ("built", spec.id))
+    assert "house-test" in SOURCES
+    assert build_encoder(EncoderSpec(id="house-test:x", modality="text")) == ("built", "house-test:x")
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_every_command_has_short_help(runner, cmd):
+    r = runner.invoke(app, [*cmd, "-h"])
+    assert r.exit_code == 0, r.output
+    assert "Usage" in r.output
+
+
+def test_version_and_verbose_convention(runner):
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"pairscout {pairscout.__version__}"
+    r = runner.invoke(app, ["rank", "-h"])
+    assert "--verbose" in r.output and "-v" in r.output and "--vision-zoo" in r.output
+    r = runner.invoke(app, ["rank", "-v", "baseline:pixels", "--n", "0"])
+    assert r.exit_code != 0  # -v is --verbose (a flag): 'baseline:pixels' is then an unexpected argument
+
+
+def test_error_text_keeps_brackets(runner, tmp_path):
+    zoo = tmp_path / "z.toml"
+    zoo.write_text('name = "z"\n')
+    r = runner.invoke(app, ["zoo", "show", str(zoo)])
+    assert r.exit_code == 2
+    assert "[[encoder]]" in r.output  # rich markup would have eaten it
+    assert sum(line.startswith("error:") for line in r.output.splitlines()) == 1
+
+
+def test_rank_table_fits_100_columns_with_full_names(tiny_run):
+    from rich.console import Console
+
+    from pairscout.cli.rank import rank_table
+    from pairscout.ranking import RankResult
+
+    res = RankResult.load(tiny_run[0])
+    console = Console(width=100, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(rank_table(res, 10))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    for name in ("random-vision", "random-text", "tfidf"):
+        assert name in text
+    assert " p " in text or "│ p" in text or " p\n" in text
+    assert "±" in text
+    wide = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    wide.print(rank_table(res, 10, wide=True))
+    assert "mutual k-NN" in wide.export_text() and "mutual k-NN" not in text
+
+
+def test_progress_lines_when_not_a_terminal(runner, tiny_run):
+    run, cache = tiny_run
+    r = runner.invoke(app, ["rank", "--vision-zoo", TINY_VISION, "--text-zoo", TINY_TEXT, "--data", TINY_DATA, "--n", "40",
+                            "--cache-dir", str(cache), "--ci-groups", "3", "--permutations", "3", "--device", "cpu", "--workers", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    import re
+
+    stamped = [line for line in lines if re.match(r"^\d\d:\d\d:\d\d ", line)]
+    assert any("value + interval" in line and line.endswith("done") for line in stamped)
+    assert any(": null" in line for line in stamped)
+    assert not any("\r" in line for line in lines)  # no progress bars redrawn in a log
+
+
+def test_run_folder_argument_and_old_run_option(runner, tiny_run, tmp_path):
+    run, cache = tiny_run
+    common = ["--cache-dir", str(cache), "--top-k", "1", "--bottom-k", "1", "--middle-k", "0", "--steps", "5", "--out-dim", "8",
+              "--batch-size", "8", "--device", "cpu"]  # fmt: skip
+    r = runner.invoke(app, ["probe", str(run), *common, "--out", str(tmp_path / "p1")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["probe", "--run", str(run), *common, "--out", str(tmp_path / "p2")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "p1" / "probe.json").read_text())["pairs"]
+    b = json.loads((tmp_path / "p2" / "probe.json").read_text())["pairs"]
+    assert [(x["vision"], x["text"], x["mean_r1"]) for x in a] == [(x["vision"], x["text"], x["mean_r1"]) for x in b]
+    r = runner.invoke(app, ["probe", str(run), "--run", str(tmp_path)])
+    assert r.exit_code == 2 and "two run folders" in r.output
+    r = runner.invoke(app, ["align", str(run), "--pair", "pixels,tfidf", "--steps", "3", "--batch-size", "8", "--out-dim", "8", "--head", "linear",
+                            "--cache-dir", str(cache), "--device", "cpu", "--no-zero-shot", "-o", str(tmp_path / "m")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / "config.json").is_file() and not (tmp_path / "m" / "train" / "checkpoints").exists()
+
+
+def test_report_out_and_old_output_spelling(runner, tiny_run, tmp_path):
+    run, _ = tiny_run
+    for flag, name in (("-o", "a.html"), ("--out", "b.html"), ("--output", "c.html")):
+        r = runner.invoke(app, ["report", str(run), flag, str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / name).read_text().startswith("<!")
+
+
+def test_cache_clear(runner, tmp_path, cpu):
+    cache = tmp_path / "cache"
+    pairscout.rank("baseline:pixels", "baseline:random-text,baseline:tfidf", TINY_DATA, n=20, settings=RankSettings(ci_groups=0, permutations=0),
+                   encode_settings=cpu, cache_dir=cache)  # fmt: skip
+    assert len(list(cache.glob("*/*.safetensors"))) == 3
+    r = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache), "--model", "baseline:tfidf"])
+    assert r.exit_code == 0, r.output
+    assert "removed 1 entry" in r.output and len(list(cache.glob("*/*.safetensors"))) == 2
+    r = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
+    assert r.exit_code == 2 and "--yes" in r.output and len(list(cache.glob("*/*.safetensors"))) == 2  # a log cannot confirm
+    r = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache), "--dry-run"])
+    assert r.exit_code == 0 and "would remove 2 entries" in r.output and len(list(cache.glob("*/*.safetensors"))) == 2
+    r = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache), "--yes"])
+    assert r.exit_code == 0 and not list(cache.glob("*/*.safetensors"))
+
+
+def test_training_defaults_are_one_set():
+    from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
+    from pairscout.cli.align import TRAIN
+
+    cfg = TrainConfig()
+    assert (cfg.batch_size, cfg.total_steps(10_000), DEFAULT_STEPS) == (256, 200, 200)
+    assert TRAIN == cfg
+    import inspect
+
+    from pairscout.align.model import align
+
+    assert inspect.signature(align).parameters["keep_checkpoint"].default is False
+
+
+def test_readme_measures_table_matches_the_registry():
+    from pathlib import Path
+
+    from pairscout.metrics import MEASURES
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, rec in MEASURES.items():
+        assert f"| `{name}` | {rec.label} |" in readme, name
+    assert "-v standard" not in readme and "--run runs/demo" not in readme
