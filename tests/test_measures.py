@@ -143,3 +143,17 @@ def test_bad_parameters_are_one_line_errors():
                  lambda: matching(x, y, max_rows=1), lambda: procrustes(x, torch.zeros(40, 3))):
         with pytest.raises(MetricError):
             call()
+
+
+def test_registered_by_name_with_all_pairs_forms():
+    from pairscout.metrics import MEASURES, measure
+    from pairscout.metrics.registry import all_pairs
+
+    x, y = signal(120, 6, 0.8, seed=10)
+    for name, fn in ALL.items():
+        assert name in MEASURES and not MEASURES[name].default
+        if name == "matching":
+            continue  # same code path, slower: checked through matching() above
+        assert measure(name, x, y) == pytest.approx(fn(x, y), abs=1e-12)
+        grid = all_pairs(name, [x, y], [y])
+        assert grid.shape == (2, 1) and grid[1, 0] == pytest.approx(fn(y, y), abs=1e-9)

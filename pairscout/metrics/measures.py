@@ -25,6 +25,7 @@ rsa about 0, cycle_knn about k^2/n, matching about 1/n. The permutation nulls of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -75,11 +76,14 @@ def _check_keep(keep: float) -> None:
         raise MetricError(f"keep={keep!r} must be a fraction of variance in (0, 1].", fix="use keep=0.99 (SVCCA).")
 
 
-def _cca(x: ArrayLike, y: ArrayLike, keep: float, max_dims: int | None, what: str):
+def _cca(x: ArrayLike, y: ArrayLike, keep: float, max_dims: int | str | None, what: str):
     _check_keep(keep)
-    if max_dims is not None and (isinstance(max_dims, bool) or not isinstance(max_dims, int) or max_dims < 1):
-        raise MetricError(f"max_dims={max_dims!r} must be a positive int or None.", fix="use e.g. max_dims=10.")
+    if max_dims != "auto" and max_dims is not None and (
+            isinstance(max_dims, bool) or not isinstance(max_dims, int) or max_dims < 1):
+        raise MetricError(f"max_dims={max_dims!r} must be a positive int, 'auto' or None.", fix="use e.g. max_dims=10.")
     xt, yt, n = _pair(x, y, 4, what)
+    if max_dims == "auto":
+        max_dims = max(1, n // 10)
     xc, yc = _centred(xt, "x"), _centred(yt, "y")
     ux, _ = _svd_basis(xc, keep, "x")
     uy, _ = _svd_basis(yc, keep, "y")
@@ -96,11 +100,12 @@ def _cca(x: ArrayLike, y: ArrayLike, keep: float, max_dims: int | None, what: st
     return xc, ux, a, rho.clamp(0.0, 1.0)
 
 
-def svcca(x: ArrayLike, y: ArrayLike, keep: float = 0.99, max_dims: int | None = None) -> float:
+def svcca(x: ArrayLike, y: ArrayLike, keep: float = 0.99, max_dims: int | str | None = "auto") -> float:
     """SVCCA (Raghu et al. 2017): mean canonical correlation after reducing each side by SVD.
 
     ``x, y`` are column-centred; each keeps its leading singular directions that explain ``keep`` of its
-    variance (0.99 in the paper), at most ``max_dims`` of them (platonic-rep keeps 10); the canonical correlations ``rho_1 >= ... >= rho_m`` (m = min(kx, ky)) are the
+    variance (0.99 in the paper), at most ``max_dims`` of them (``"auto"``: n // 10, so that CCA cannot
+    over-fit; platonic-rep keeps 10; None: no cap, and an error if 2 (kx + ky) > n); the canonical correlations ``rho_1 >= ... >= rho_m`` (m = min(kx, ky)) are the
     singular values of ``Ux^T Uy`` for orthonormal bases Ux, Uy of the kept subspaces; SVCCA = mean(rho).
 
     Range [0, 1]; 1 when one space is an invertible linear map of the other.
@@ -112,7 +117,7 @@ def svcca(x: ArrayLike, y: ArrayLike, keep: float = 0.99, max_dims: int | None =
     return float(rho.mean())
 
 
-def pwcca(x: ArrayLike, y: ArrayLike, keep: float = 0.99, max_dims: int | None = None) -> float:
+def pwcca(x: ArrayLike, y: ArrayLike, keep: float = 0.99, max_dims: int | str | None = "auto") -> float:
     """Projection-weighted CCA (Morcos et al. 2018): canonical correlations weighted by how much of x they carry.
 
     With canonical variates ``h_i = Ux a_i`` (unit n-vectors) of x from the SVCCA step, the weight of
@@ -296,3 +301,15 @@ def chance_level(name: str, n: int, k: int = 10, max_rows: int = 200) -> float |
     if name == "cycle_knn":
         return 1.0 - math.exp(-k * k / max(n - 1, 1))
     return None
+
+
+def all_pairs(fn):
+    """``f(xs, ys, **opts) -> (m, t) float64`` from a single-pair measure (a loop: these have no shared work)."""
+
+    def run(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], **opts) -> torch.Tensor:
+        xl = [xs] if isinstance(xs, torch.Tensor | np.ndarray) else list(xs)
+        yl = [ys] if isinstance(ys, torch.Tensor | np.ndarray) else list(ys)
+        return torch.tensor([[fn(x, y, **opts) for y in yl] for x in xl], dtype=F64)
+
+    run.__name__ = run.__qualname__ = f"all_pairs_{fn.__name__}"
+    return run

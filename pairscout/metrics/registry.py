@@ -87,6 +87,21 @@ def _single_cka(kernel: str, debiased: bool) -> SinglePair:
     return _fn("cka", "linear_cka", debiased) if kernel == "linear" else _fn("cka", "rbf_cka", debiased)
 
 
+def _more(name: str) -> tuple[AllPairs, SinglePair]:
+    """All-pairs and single-pair functions of ``pairscout.metrics.measures.<name>`` (imported on first call)."""
+
+    def single(a: Any, b: Any, **kw: Any) -> float:
+        return getattr(importlib.import_module("pairscout.metrics.measures"), name)(a, b, **kw)
+
+    def every(xs: Any, ys: Any, **kw: Any) -> Any:
+        mod = importlib.import_module("pairscout.metrics.measures")
+        return mod.all_pairs(getattr(mod, name))(xs, ys, **kw)
+
+    single.__name__ = single.__qualname__ = name
+    every.__name__ = every.__qualname__ = f"all_pairs_{name}"
+    return every, single
+
+
 KORNBLITH = "Kornblith et al. 2019, Similarity of Neural Network Representations Revisited (ICML)"
 SONG = "Song et al. 2012, Feature Selection via Dependence Maximization (JMLR): unbiased HSIC"
 HUH = "Huh et al. 2024, The Platonic Representation Hypothesis (ICML)"
@@ -112,6 +127,25 @@ MEASURES: dict[str, Measure] = {
         Measure("cknna", "CKNNA", _fn("knn", "all_pairs_cknna"), _fn("knn", "cknna"), range=(-1.0, 1.0), cost="moderate",
                 cost_note="O(n^2 d) neighbour search, then O(n k^2) per pair", options=("k", "preprocess"), min_rows=4,
                 null="permutation of the neighbour lists (exact, O(n k^2) each)", null_kind="neighbours", reference=HUH),
+        Measure("svcca", "SVCCA", *_more("svcca"), cost="moderate", cost_note="two SVDs O(n d^2), then O(k^3)",
+                options=("keep", "max_dims"), min_rows=4, default=False,
+                reference="Raghu et al. 2017, SVCCA (NeurIPS)"),
+        Measure("pwcca", "PWCCA", *_more("pwcca"), cost="moderate", cost_note="two SVDs O(n d^2), then O(k^3)",
+                options=("keep", "max_dims"), min_rows=4, default=False,
+                reference="Morcos et al. 2018, Insights on representational similarity with CCA (NeurIPS)"),
+        Measure("procrustes", "Procrustes similarity", *_more("procrustes"), cost="moderate",
+                cost_note="two thin SVDs O(n d^2)", default=False,
+                reference="Ding et al. 2021 (NeurIPS); Williams et al. 2021, Generalized shape metrics (NeurIPS)"),
+        Measure("rsa", "RSA (RDM Spearman)", *_more("rsa"), range=(-1.0, 1.0), cost="moderate",
+                cost_note="O(n^2 d) distances on at most max_rows rows, O(n^2 log n) ranks",
+                options=("distance", "method", "max_rows"), min_rows=3, default=False,
+                reference="Kriegeskorte et al. 2008, Representational similarity analysis (Front. Syst. Neurosci.)"),
+        Measure("cycle_knn", "cycle k-NN", *_more("cycle_knn"), cost="moderate", cost_note=KNN_COST,
+                options=("k", "preprocess"), min_rows=3, default=False, reference=HUH),
+        Measure("matching", "matching accuracy (QAP)", *_more("matching"), cost="expensive",
+                cost_note="QAP (FAQ) O(m^3) per iteration on at most max_rows rows, repeats draws",
+                options=("max_rows", "repeats"), min_rows=3, default=False,
+                reference="Maniparambil et al. 2024, Do Vision and Language Encoders Represent the World Similarly? (CVPR)"),
     )
 }
 """Every pair measure by name, in display order."""
