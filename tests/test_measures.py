@@ -136,7 +136,8 @@ def test_matching_recovers_a_rotated_copy_and_reports_chance():
 def test_bad_parameters_are_one_line_errors():
     x, y = signal(40, 30, seed=0)
     with pytest.raises(MetricError, match="over-fits"):
-        svcca(x, y)
+        svcca(x, y, max_dims=None)
+    assert 0 < svcca(x, y) <= 1  # "auto" caps the kept directions at n // 10
     assert 0 < svcca(x, y, max_dims=5) <= 1
     for call in (lambda: svcca(x, y, keep=0), lambda: cycle_knn(x, y, k=2.5), lambda: cycle_knn(x, y, k=40),
                  lambda: rsa(x, y, method="kendall"), lambda: rsa(x, y, distance="l7"),
