@@ -16,7 +16,7 @@ RANK = RankSettings()
 VisionZoo = Annotated[str, typer.Option("--vision-zoo", help="Zoo name, TOML path, or comma list of vision encoder ids.")]
 TextZoo = Annotated[str, typer.Option("--text-zoo", help="Zoo name, TOML path, or comma list of text encoder ids.")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="'generated[:n=..,seed=..]', a CSV/JSONL manifest, COCO caption JSON, image folder, or WebDataset tar(s).")]
-NOpt = Annotated[int | None, typer.Option("--n", help="Rows: the generated dataset renders N rows; a file dataset gives a fixed-seed random subset of N.")]
+NOpt = Annotated[int | None, typer.Option("--rows", "--n", help="Rows: the generated dataset renders N rows; a file dataset gives a fixed-seed random subset of N (--n is the same; under torchrun write --rows, which torchrun's own parser leaves alone).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated data (unless its spec sets one), subsets and splits.")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Embedding cache folder (default: $PAIRSCOUT_CACHE or ~/.cache/pairscout).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Let zoo entries with trust_remote_code run Python code from their model repository.")]
