@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics.cka import all_pairs_cka, linear_cka
+from pairscout.metrics import all_pairs_cka, linear_cka
 from pairscout.metrics.knn import all_pairs_mutual_knn, cknna, mutual_knn, nearest_neighbours
 from pairscout.metrics.quality import clustering_quality, knn_accuracy
 

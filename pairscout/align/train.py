@@ -122,7 +122,7 @@ def train(
         HeadError: the head needs token features the embeddings lack.
         DivergenceError: the loss or a gradient became NaN/inf (the last good checkpoint is kept).
     """
-    from pairscout.encode.runner import pick_device
+    from pairscout.runtime import pick_device
 
     config = config or TrainConfig()
     if text_image_index is None:

@@ -85,8 +85,9 @@ def encode(
     ui.setup_logging(verbose)
     from pairscout.cli._options import given
     from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo, pick_device
+    from pairscout.encode.runner import EncodeSettings, encode_zoo
     from pairscout.resolve import drop_bad_images, resolve_data, resolve_zoos
+    from pairscout.runtime import pick_device
 
     with ui.user_errors():
         vz, tz = resolve_zoos(vision_zoo, text_zoo)

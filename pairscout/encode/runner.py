@@ -9,7 +9,6 @@ chunk so an interrupted run resumes where it stopped, then merged into one cache
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,39 +24,13 @@ from pairscout import distributed
 from pairscout.encode.cache import EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, EmbeddingError, PairscoutError, ZooError
+from pairscout.runtime import default_workers, pick_device  # noqa: F401 - re-exported
 from pairscout.zoo.spec import EncoderSpec
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(model_name, rows_done, rows_total)``; called after every batch."""
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    """``requested`` if given (``cpu``, ``cuda``, ``cuda:1``, ``mps``), else cuda > mps > cpu."""
-    local = distributed.local_device()
-    if local is not None and requested in (None, "auto", "cuda"):
-        return local  # one GPU per process under torchrun
-    if requested and requested != "auto":
-        try:
-            dev = torch.device(requested)
-        except (RuntimeError, ValueError, TypeError):
-            raise PairscoutError(f"device {requested!r} is not a device name.", fix="pass --device auto, cpu, cuda, cuda:N or mps.") from None
-        if dev.type not in ("cpu", "cuda", "mps"):
-            raise PairscoutError(f"device {requested!r} is not supported.", fix="pass --device auto, cpu, cuda, cuda:N or mps.")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise PairscoutError(f"device {requested!r} was asked for but CUDA is not available.", fix="pass --device cpu or auto.")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_workers() -> int:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, n - 1))
 
 
 @dataclass

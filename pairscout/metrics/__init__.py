@@ -1,6 +1,7 @@
 """Similarity and quality metrics on embeddings: pure, device-agnostic functions on torch tensors (numpy too).
 
-- :mod:`.cka` - linear / RBF CKA, biased and debiased, all pairs in one call, streaming (minibatch) CKA.
+- :mod:`.cka` - linear / RBF CKA, biased and debiased, all pairs in one call; :mod:`.cka_pair` - one pair,
+  Gram form, streaming (minibatch) CKA.
 - :mod:`.knn` - mutual k-NN and CKNNA with explicit, recorded :class:`Preprocess`.
 - :mod:`.quality` - weighted k-NN accuracy (DINO protocol) and k-means clustering quality.
 - :mod:`.published` - published MTEB / ImageNet scores with their sources.
@@ -24,18 +25,18 @@ _EXPORTS = {
     "NullResult": "stats",
     "Preprocess": "knn",
     "PublishedScore": "published",
-    "StreamingCKA": "cka",
+    "StreamingCKA": "cka_pair",
     "all_pairs_cka": "cka",
     "all_pairs_cknna": "knn",
     "all_pairs_hsic": "cka",
     "all_pairs_mutual_knn": "knn",
     "bootstrap_ci": "stats",
-    "cka_from_grams": "cka",
+    "cka_from_grams": "cka_pair",
     "cknna": "knn",
     "clustering_quality": "quality",
-    "hsic": "cka",
+    "hsic": "cka_pair",
     "knn_accuracy": "quality",
-    "linear_cka": "cka",
+    "linear_cka": "cka_pair",
     "linear_cka_null_mean": "stats",
     "linear_gram": "cka",
     "measure": "registry",
@@ -44,13 +45,13 @@ _EXPORTS = {
     "mutual_knn": "knn",
     "mutual_knn_rows": "knn",
     "nearest_neighbours": "knn",
-    "pair_cka": "cka",
+    "pair_cka": "cka_pair",
     "pair_metric": "stats",
     "permutation_null": "stats",
     "published_mteb": "published",
     "published_scores": "published",
     "published_vision": "published",
-    "rbf_cka": "cka",
+    "rbf_cka": "cka_pair",
     "rbf_gram": "cka",
 }
 """Name -> submodule. Imported lazily (PEP 562): reading the registry does not import torch."""

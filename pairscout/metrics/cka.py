@@ -35,6 +35,16 @@ from typing import Literal
 import torch
 
 from pairscout.errors import MetricError
+from pairscout.metrics._cka_stats import (  # noqa: F401 - TILE_BYTES, CHUNK_ROWS, kernel_tiles are public here
+    CHUNK_ROWS,
+    TILE_BYTES,
+    _center_into,
+    _feature_stats,
+    _gram_stats,
+    _pick_method,
+    _power_of_two_scale,
+    kernel_tiles,
+)
 from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_same_rows
 
 log = logging.getLogger(__name__)
@@ -42,10 +52,6 @@ log = logging.getLogger(__name__)
 Kernel = Literal["linear", "rbf"]
 F64 = torch.float64
 
-#: Bytes the float64 stack of Gram tiles may use in the tiled path (all models at once).
-TILE_BYTES = 512 * 2**20
-#: Rows per chunk when accumulating feature-space products.
-CHUNK_ROWS = 16384
 
 Precision = Literal["float64", "float32", "tf32"]
 #: The precisions of the large products (see :func:`all_pairs_cka`). Reductions are float64 in every case.
@@ -201,181 +207,6 @@ class HSICResult:
         return _cka_from_hsic(self.cross, self.self_x, self.self_y)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sufficient statistics: feature space (linear) and tiled Gram form (any kernel)
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class _Stats:
-    cross: torch.Tensor  # (m, t) <K_i, L_j>
-    self_: torch.Tensor  # (m + t,) <K_k, K_k>
-    rows: torch.Tensor  # (m + t, n) K_k 1
-    diag: torch.Tensor  # (m + t, n) diag(K_k)
-    # the same over off-diagonal entries, where accumulated directly (Gram tiles): <K~_i, L~_j>, <K~, K~>, K~1
-    cross_off: torch.Tensor | None = None
-    self_off: torch.Tensor | None = None
-    rows_off: torch.Tensor | None = None
-
-
-def _center_into(mats: Sequence[torch.Tensor], dtype: torch.dtype, names: Sequence[str],
-                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Column-centre each matrix with float64 means into one (n, sum d) buffer; return it and per-model views.
-
-    With row ``weights`` w (sum n), centre with the weighted mean and scale row a by sqrt(w_a), so that
-    ``Xw^T Yw = X^T (W - w w^T / n) Y`` (a bootstrap resample as a reweighting).
-
-    Raises:
-        MetricError: a model's features are constant (every column has zero variance).
-    """
-    n = mats[0].shape[0]
-    dims = [m.shape[1] for m in mats]
-    buf = torch.empty(n, sum(dims), dtype=dtype, device=mats[0].device)
-    views, off = [], 0
-    for x, d, name in zip(mats, dims, names, strict=True):
-        lo, hi = torch.aminmax(x, dim=0)
-        if bool((lo == hi).all()):
-            raise MetricError(f"{name} has constant features (every column has zero variance); CKA is undefined.",
-                              fix="drop that model or check that its encoder produced real embeddings.")
-        view = buf[:, off:off + d]
-        if weights is None:
-            # float64 means; x - mu is exact where it matters (Sterbenz) and any sub-ulp residual mean is
-            # handled exactly by the HSIC formula, which does not assume K is centred.
-            mu = x.sum(0, dtype=F64) / n
-            view.copy_(x).sub_(mu.to(dtype))
-        else:
-            w64 = weights.to(F64)
-            mu = (w64 @ x.to(F64)) / w64.sum()
-            sw = w64.sqrt()[:, None]
-            for s in range(0, n, CHUNK_ROWS):
-                view[s:s + CHUNK_ROWS] = (x[s:s + CHUNK_ROWS].to(F64) - mu) * sw[s:s + CHUNK_ROWS]
-        views.append(buf[:, off:off + d])
-        off += d
-    return buf, views
-
-
-def _power_of_two_scale(views: Sequence[torch.Tensor]) -> list[int]:
-    """Scale each (centred) view in place by 2^e so that its max |value| lies in [0.5, 1); return the e's."""
-    out = []
-    for v in views:
-        peak = float(v.abs().max())
-        e = 0 if peak == 0.0 or not math.isfinite(peak) else -math.frexp(peak)[1]
-        if e:
-            v.mul_(2.0**e)
-        out.append(e)
-    return out
-
-
-def _feature_stats(xc: Sequence[torch.Tensor], yc: Sequence[torch.Tensor], ybuf: torch.Tensor) -> _Stats:
-    """Linear-kernel statistics from centred features: <K_i, L_j> = ||X_i^T Y_j||_F^2, no n x n matrix."""
-    n = xc[0].shape[0]
-    m, t = len(xc), len(yc)
-    # yc are column slices of ybuf (n, Dy): one product per vision model covers every text model
-    yoff = [0]
-    for y in yc:
-        yoff.append(yoff[-1] + y.shape[1])
-    dev = xc[0].device
-    cross = torch.zeros(m, t, dtype=F64, device=dev)
-    self_ = torch.zeros(m + t, dtype=F64, device=dev)
-
-    def gram_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Elementwise square of a^T b, the product accumulated over row chunks in float64."""
-        if n <= CHUNK_ROWS:
-            return (a.T @ b).square_()
-        acc = torch.zeros(a.shape[1], b.shape[1], dtype=F64, device=dev)
-        for s in range(0, n, CHUNK_ROWS):
-            acc += (a[s:s + CHUNK_ROWS].T @ b[s:s + CHUNK_ROWS]).to(F64)
-        return acc.square_()
-
-    for i, x in enumerate(xc):
-        colsq = gram_sq(x, ybuf).sum(0, dtype=F64)
-        for j in range(t):
-            cross[i, j] = colsq[yoff[j]:yoff[j + 1]].sum()
-    for k, z in enumerate([*xc, *yc]):
-        self_[k] = gram_sq(z, z).sum(dtype=F64)
-    mats = [*xc, *yc]
-    rows = torch.stack([(z @ z.sum(0, dtype=z.dtype)).to(F64) for z in mats])
-    diag = torch.stack([z.square().sum(1, dtype=F64) for z in mats])
-    return _Stats(cross, self_, rows, diag)
-
-
-def kernel_tiles(zc: Sequence[torch.Tensor], kernel: Kernel, gammas: Sequence[float] | None,
-                 tile: int) -> Iterator[tuple[int, int, int, int, list[torch.Tensor]]]:
-    """Upper-triangle Gram tiles of every model: yields ``(a, ea, b, eb, [K_k[a:ea, b:eb] for k])``, b >= a.
-
-    Linear kernel: ``z_a z_b^T``; RBF: ``exp(-gamma_k ||z_i - z_j||^2)`` with an exact 1 on the diagonal.
-    Tiles stay in the features' dtype; callers promote to float64 before reducing. Never n x n.
-    """
-    n = zc[0].shape[0]
-    sq = [z.square().sum(1) for z in zc] if kernel == "rbf" else None
-    starts = list(range(0, n, tile))
-    for a in starts:
-        ea = min(a + tile, n)
-        for b in starts:
-            if b < a:
-                continue
-            eb = min(b + tile, n)
-            tiles = []
-            for k, z in enumerate(zc):
-                g = z[a:ea] @ z[b:eb].T
-                if kernel == "rbf":
-                    assert sq is not None and gammas is not None
-                    g.mul_(-2.0).add_(sq[k][a:ea, None]).add_(sq[k][None, b:eb]).clamp_min_(0)
-                    if a == b:
-                        g.fill_diagonal_(0)
-                    g.mul_(-gammas[k]).exp_()
-                tiles.append(g)
-            yield a, ea, b, eb, tiles
-
-
-def _gram_stats(zc: Sequence[torch.Tensor], m: int, kernel: Kernel, gammas: Sequence[float] | None,
-                tile: int | None) -> _Stats:
-    """Statistics from Gram tiles: only upper-triangle tiles are formed (K is symmetric), never n x n.
-
-    ``zc``: centred features of all models (xs first, m of them). Tile products run in the features' dtype;
-    every tile is promoted to float64 before it is paired, so <K, L> sums and row sums are exact to float64
-    and the centring cancellation in the formula is harmless.
-    """
-    n = zc[0].shape[0]
-    nz = len(zc)
-    dev = zc[0].device
-    if tile is None:
-        tile = max(256, int(math.sqrt(TILE_BYTES / (8 * nz))) // 128 * 128)
-    tile = min(tile, n)
-    gsum = torch.zeros(nz, nz, dtype=F64, device=dev)  # off-diagonal <K~_k, K~_l>
-    rows_off = torch.zeros(nz, n, dtype=F64, device=dev)
-    for a, ea, b, eb, tiles in kernel_tiles(zc, kernel, gammas, tile):
-        stack = torch.empty(nz, (ea - a) * (eb - b), dtype=F64, device=dev)
-        for k, g in enumerate(tiles):
-            if a == b:
-                g.fill_diagonal_(0)  # the diagonal is added back exactly below
-            if kernel == "rbf":
-                rows_off[k, a:ea] += g.sum(1, dtype=F64)
-                if a != b:
-                    rows_off[k, b:eb] += g.sum(0, dtype=F64)
-            stack[k] = g.view(-1)
-        del tiles
-        # one float64 product gives every <K~_k, K~_l> on this tile (cross pairs and self terms)
-        gsum.addmm_(stack, stack.T, alpha=1.0 if a == b else 2.0)
-        del stack
-    if kernel == "linear":
-        diag = torch.stack([z.square().sum(1, dtype=F64) for z in zc])
-        rows = torch.stack([(z @ z.sum(0)).to(F64) for z in zc])  # K1 = X (X^T 1), ~0 for centred X
-        rows_off = rows - diag
-    else:
-        diag = torch.ones(nz, n, dtype=F64, device=dev)
-        rows = rows_off + diag
-    full = gsum + diag @ diag.T
-    return _Stats(full[:m, m:].clone(), full.diagonal().clone(), rows, diag,
-                  gsum[:m, m:].clone(), gsum.diagonal().clone(), rows_off)
-
-
-def _pick_method(n: int, dx: Sequence[int], dy: Sequence[int]) -> str:
-    """Feature form costs n (Dx Dy + sum d^2) multiply-adds; Gram tiles n^2/2 sum d (+ float64 pairing)."""
-    dsum = sum(dx) + sum(dy)
-    feature = n * (sum(dx) * sum(dy) + sum(d * d for d in [*dx, *dy]))
-    gram = 0.5 * n * n * dsum + n * n * (len(dx) * len(dy) + len(dx) + len(dy))
-    return "feature" if feature <= gram else "gram"
-
-
 def _prepare(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike],
              debiased: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     xs_t = as_matrices(xs, "xs")
@@ -507,125 +338,3 @@ def all_pairs_cka(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[
     """
     return all_pairs_hsic(xs, ys, kernel, debiased, sigma_frac=sigma_frac, sigmas=sigmas, method=method,
                           dtype=dtype, tile=tile, precision=precision).cka()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Single pair
-# ----------------------------------------------------------------------------------------------------------
-def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
-    """Linear CKA in feature space, ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` (biased), or with the
-    debiased HSIC_1 in its feature-space form (Kornblith et al.'s reference notebook):
-    ``n(n-3) HSIC_1 = ||Xc^T Yc||^2 - n/(n-2) r_x.r_y + (sum r_x)(sum r_y)/((n-1)(n-2))`` with r = row squared norms.
-    """
-    return float(all_pairs_cka([x], [y], "linear", debiased, method="feature")[0, 0])
-
-
-def rbf_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False, sigma_frac: float = 1.0,
-            sigma_x: float | None = None, sigma_y: float | None = None) -> float:
-    """RBF CKA with bandwidth ``sigma = sigma_frac * sqrt(median non-zero squared distance)`` per side
-    (or explicit ``sigma_x`` / ``sigma_y``); HSIC as in the module docstring, O(n^2) time, tiled memory."""
-    sig = None
-    if sigma_x is not None or sigma_y is not None:
-        sig = [sigma_x if sigma_x is not None else median_sigma(x, sigma_frac),
-               sigma_y if sigma_y is not None else median_sigma(y, sigma_frac)]
-    return float(all_pairs_cka([x], [y], "rbf", debiased, sigma_frac=sigma_frac, sigmas=sig)[0, 0])
-
-
-def pair_cka(x: ArrayLike, y: ArrayLike, kernel: Kernel = "linear", debiased: bool = False,
-        sigma_frac: float = 1.0) -> float:
-    """CKA of one pair: :func:`linear_cka` or :func:`rbf_cka`."""
-    if kernel == "linear":
-        return linear_cka(x, y, debiased)
-    return rbf_cka(x, y, debiased, sigma_frac)
-
-
-def _check_gram(k: ArrayLike, name: str) -> torch.Tensor:
-    k = as_matrix(k, name)
-    if k.shape[0] != k.shape[1]:
-        raise MetricError(f"{name} has shape {tuple(k.shape)}; a Gram matrix is square.", fix="pass k(X, X), n x n.")
-    return k
-
-
-def hsic(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E741
-    """HSIC of two n x n Gram matrices in O(n^2) (formulas in the module docstring; no centring matrix)."""
-    kt = _check_gram(k, "K")
-    lt = _check_gram(l, "L").to(kt.device)
-    n = check_same_rows({"K": [kt], "L": [lt]}, min_rows=4 if debiased else 2,
-                        why="the debiased estimator" if debiased else "HSIC")
-    kt, lt = kt.to(F64), lt.to(F64)
-    s = (kt * lt).sum().reshape(1, 1)
-    ko, lo = kt.clone().fill_diagonal_(0), lt.clone().fill_diagonal_(0)  # off-diagonal sums, no cancellation
-    out = _hsic_from_stats(s, kt.sum(1)[None], lt.sum(1)[None], kt.diagonal()[None], lt.diagonal()[None],
-                           n, debiased, True, (ko * lo).sum().reshape(1, 1), ko.sum(1)[None], lo.sum(1)[None])
-    return float(out[0, 0])
-
-
-def cka_from_grams(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E741
-    """CKA in Gram form, ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``, for any kernel's Gram matrices.
-
-    Raises:
-        MetricError: HSIC(K, K) or HSIC(L, L) is 0 with the biased estimator (a constant kernel).
-    """
-    hkl, hkk, hll = hsic(k, l, debiased), hsic(k, k, debiased), hsic(l, l, debiased)
-    if not debiased and (hkk <= 0 or hll <= 0):
-        raise MetricError("a Gram matrix is constant after centring (HSIC(K, K) = 0); CKA is undefined.",
-                          fix="check for constant features.")
-    return float(_cka_from_hsic(torch.tensor([[hkl]], dtype=F64), torch.tensor([hkk], dtype=F64),
-                                torch.tensor([hll], dtype=F64))[0, 0])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Minibatch / streaming CKA
-# ----------------------------------------------------------------------------------------------------------
-class StreamingCKA:
-    """Minibatch CKA (Nguyen et al. 2021) for n beyond memory, all pairs at once.
-
-    ``CKA = sum_b HSIC_1(K_b, L_b) / sqrt(sum_b HSIC_1(K_b, K_b) * sum_b HSIC_1(L_b, L_b))`` over minibatches b
-    (the debiased HSIC_1 makes the average over batches unbiased). Each batch needs >= 4 rows. It estimates
-    the same population quantity as full-data CKA but is not numerically equal to it.
-
-    Args:
-        kernel: "linear" or "rbf". For "rbf" give fixed ``sigmas`` (xs then ys) for a batch-independent kernel;
-            with ``sigmas=None`` each batch uses its own median-heuristic bandwidth.
-
-    Example:
-        >>> acc = StreamingCKA()
-        >>> for xb, yb in batches:          # doctest: +SKIP
-        ...     acc.update([xb], [yb])
-        >>> acc.compute()                    # doctest: +SKIP
-    """
-
-    def __init__(self, kernel: Kernel = "linear", *, sigmas: Sequence[float] | None = None,
-                 sigma_frac: float = 1.0, dtype: torch.dtype | None = None) -> None:
-        self.kernel = kernel
-        self.sigmas = sigmas
-        self.sigma_frac = sigma_frac
-        self.dtype = dtype
-        self.cross: torch.Tensor | None = None
-        self.self_x: torch.Tensor | None = None
-        self.self_y: torch.Tensor | None = None
-        self.n_batches = 0
-        self.n_rows = 0
-
-    def update(self, xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike]) -> None:
-        """Add one minibatch (the same rows of every model)."""
-        h = all_pairs_hsic(xs, ys, self.kernel, True, sigma_frac=self.sigma_frac, sigmas=self.sigmas,
-                           dtype=self.dtype)
-        if self.cross is None:
-            self.cross, self.self_x, self.self_y = h.cross.clone(), h.self_x.clone(), h.self_y.clone()
-        else:
-            if h.cross.shape != self.cross.shape:
-                raise MetricError(f"batch has {tuple(h.cross.shape)} model pairs, earlier batches "
-                                  f"{tuple(self.cross.shape)}.", fix="pass the same models in every update().")
-            self.cross += h.cross
-            self.self_x += h.self_x
-            self.self_y += h.self_y
-        self.n_batches += 1
-        self.n_rows += h.n
-
-    def compute(self) -> torch.Tensor:
-        """(m, t) float64 minibatch CKA over all batches so far."""
-        if self.cross is None:
-            raise MetricError("StreamingCKA.compute() called before any update().", fix="call update() first.")
-        assert self.self_x is not None and self.self_y is not None
-        return _cka_from_hsic(self.cross, self.self_x, self.self_y)

@@ -84,7 +84,7 @@ def _cka(kernel: str, debiased: bool) -> AllPairs:
 
 
 def _single_cka(kernel: str, debiased: bool) -> SinglePair:
-    return _fn("cka", "linear_cka", debiased) if kernel == "linear" else _fn("cka", "rbf_cka", debiased)
+    return _fn("cka_pair", "linear_cka", debiased) if kernel == "linear" else _fn("cka_pair", "rbf_cka", debiased)
 
 
 def _more(name: str) -> tuple[AllPairs, SinglePair]:
