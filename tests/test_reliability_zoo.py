@@ -83,7 +83,7 @@ def test_cli_refuses_remote_code_model_and_ranks_the_rest(tmp_path):
 
     zoo = _zoo(tmp_path, 'id = "hf:some-org/custom-code-model"\nmodality = "text"\noptions = { trust_remote_code = true }\n'
                '[[encoder]]\nid = "baseline:tfidf"\nmodality = "text"\n')
-    r = subprocess.run([sys.executable, "-c", "from pairscout.cli import main; main()", "encode", "-v", "baseline:pixels", "-t", str(zoo), "--data",
+    r = subprocess.run([sys.executable, "-c", "from pairscout.cli import main; main()", "encode", "--vision-zoo", "baseline:pixels", "--text-zoo", str(zoo), "--data",
                         "generated:n=16,size=16", "--cache-dir", str(tmp_path / "c"), "--workers", "0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stderr
@@ -132,7 +132,7 @@ def test_zero_encoders_are_failed_models_and_the_rest_are_ranked(tmp_path):
     np.save(tmp_path / "zeros_b.npy", np.zeros((len(ds.flat_captions()[0]), 8), np.float32))
     r = subprocess.run(
         [sys.executable, "-c", "from pairscout.cli import main; main()", "rank",
-         "-v", f"baseline:pixels,emb:{tmp_path / 'zeros_a.npy'}", "-t", f"baseline:tfidf,emb:{tmp_path / 'zeros_b.npy'}",
+         "--vision-zoo", f"baseline:pixels,emb:{tmp_path / 'zeros_a.npy'}", "--text-zoo", f"baseline:tfidf,emb:{tmp_path / 'zeros_b.npy'}",
          "--data", f"generated:n={n},size=16", "--cache-dir", str(tmp_path / "c"), "--workers", "0", "--knn-k", "5",
          "--permutations", "0", "--ci-groups", "0", "--json"],
         capture_output=True, text=True, timeout=300)
