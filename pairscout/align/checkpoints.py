@@ -108,8 +108,12 @@ def restore_checkpoint(out: Path, ckpt: dict[str, Any], modules: list[nn.Module]
     from safetensors.torch import load_file
 
     cdir = out / CKPT_DIR
-    load_head_state(load_file(cdir / ckpt["weights"]), *modules)
-    state = torch.load(cdir / ckpt["state"], map_location="cpu", weights_only=True)
+    try:
+        load_head_state(load_file(cdir / ckpt["weights"]), *modules)
+        state = torch.load(cdir / ckpt["state"], map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged file: safetensors, pickle, zip errors alike
+        raise TrainError(f"the checkpoint in {cdir} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:160]}).",
+                         fix="delete that checkpoints folder, or pass --force to start over.") from None
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
     if device.type == "cuda" and state.get("rng_cuda") is not None:

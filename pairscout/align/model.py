@@ -137,6 +137,8 @@ class AlignedModel:
         """Classify images among ``classnames`` (prompted with ``templates``, default :data:`TEMPLATES`)."""
         if not classnames:
             raise PairscoutError("zero-shot needs at least one class name.", fix="pass --classes a,b,c.")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise PairscoutError(f"--top-k {top_k!r} is not an integer >= 1.", fix="pass --top-k 1 or more.")
         _check_templates(templates)
         img = self.embed_images(images)
         probs = torch.softmax(self.scale * img @ self.embed_classes(classnames, templates).T, dim=-1)
@@ -185,18 +187,27 @@ class AlignedModel:
         cfg_path = path / CONFIG
         if not cfg_path.is_file():
             raise PairscoutError(f"{path} holds no aligned model ({CONFIG} is missing).", fix="point at the --out folder of `pairscout align`.")
+        again = "run `pairscout align` again (with --force)."
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
             weights = load_file(path / WEIGHTS)
-        except (OSError, ValueError) as e:
-            raise PairscoutError(f"the aligned model in {path} is unreadable ({e}).", fix="run `pairscout align` again.") from None
-        if cfg.get("kind") != "pairscout.aligned_model" or int(cfg.get("format", 0)) > FORMAT:
+        except Exception as e:  # noqa: BLE001 - JSON, OS and safetensors (SafetensorError) errors alike
+            raise PairscoutError(f"the aligned model in {path} is unreadable ({type(e).__name__}: {e}).", fix=again) from None
+        if not isinstance(cfg, dict) or cfg.get("kind") != "pairscout.aligned_model" or int(cfg.get("format", 0)) > FORMAT:
             raise PairscoutError(f"{cfg_path} is not an aligned model this pairscout can read.", fix="upgrade pairscout or re-run `pairscout align`.")
-        heads = [build_head(HeadConfig.from_dict(cfg[f"{side}_head"])) for side in ("vision", "text")]
-        load_head_state(weights, *heads)
-        fit = None
-        if cfg.get("fit_texts"):
-            fit = json.loads((path / cfg["fit_texts"]).read_text(encoding="utf-8"))
+        missing = [k for k in ("vision", "text", "vision_head", "text_head", "loss") if k not in cfg]
+        if missing:
+            raise PairscoutError(f"{cfg_path} lacks {', '.join(missing)}.", fix=again)
+        try:
+            heads = [build_head(HeadConfig.from_dict(cfg[f"{side}_head"])) for side in ("vision", "text")]
+            load_head_state(weights, *heads)
+            fit = None
+            if cfg.get("fit_texts"):
+                fit = json.loads((path / cfg["fit_texts"]).read_text(encoding="utf-8"))
+        except PairscoutError:
+            raise
+        except Exception as e:  # noqa: BLE001 - heads that do not match their weights, a damaged fit_texts file
+            raise PairscoutError(f"the aligned model in {path} does not load ({type(e).__name__}: {e}).", fix=again) from None
         meta = {k: v for k, v in cfg.items() if k not in ("vision", "text", "vision_head", "text_head", "loss", "fit_texts")}
         return cls(EncoderSpec.from_dict(cfg["vision"], where=str(cfg_path)), EncoderSpec.from_dict(cfg["text"], where=str(cfg_path)),
                    heads[0], heads[1], scale=cfg["loss"]["scale"], bias=cfg["loss"].get("bias"), meta=meta, fit_texts=fit,
@@ -230,13 +241,16 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _open(im: Image.Image | str | Path) -> Image.Image:
+    """An RGB image through the datasets' one reader (regular files only, size limits, 16-bit scaling)."""
     if isinstance(im, Image.Image):
         return im.convert("RGB")
+    from pairscout.data.images import decode_image
+    from pairscout.errors import ImageReadError
+
     try:
-        with Image.open(im) as f:
-            return f.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise DataError(f"image {im} could not be read ({e}).", fix="pass a readable image file.") from None
+        return decode_image(im)
+    except ImageReadError as e:
+        raise DataError(f"image {im} {e}.", fix="pass a readable image file (at most PIL's pixel limit).") from None
 
 
 # --- align: train one pair and wrap it as a model -------------------------------------------------

@@ -97,6 +97,8 @@ class TrainConfig:
             raise TrainError(f"schedule={self.schedule!r} is unknown.", fix="use 'cosine' or 'constant'.")
         if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
             raise TrainError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1.", fix="pass positive numbers.")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not self.epochs > 0):
+            raise TrainError(f"--epochs {self.epochs!r} must be > 0.", fix="pass a positive number of epochs, or --steps.")
         if not 0.0 <= self.warmup < 1.0:
             raise TrainError(f"warmup={self.warmup} must be a fraction in [0, 1).", fix="use e.g. 0.1.")
         if self.lr is not None and not self.lr > 0:
