@@ -37,6 +37,20 @@ class _Stats:
     rows_off: torch.Tensor | None = None
 
 
+def _column_sums(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Float64 column sums of x: blocks of ``block`` rows summed in x's dtype, the block sums in float64.
+
+    Eight times faster than ``x.sum(0, dtype=float64)`` on CPU for float32 data, with a relative error of a
+    few float32 ulps of the column's magnitude; the HSIC formulas do not assume exact centring (a residual
+    mean enters through the row sums K1 exactly), so this only moves rounding, never the estimator.
+    """
+    if x.dtype == F64:
+        return x.sum(0)
+    m = x.shape[0] // block * block
+    out = x[:m].reshape(-1, block, x.shape[1]).sum(1).sum(0, dtype=F64) if m else torch.zeros(x.shape[1], dtype=F64, device=x.device)
+    return out + x[m:].sum(0, dtype=F64)
+
+
 def _center_into(mats: Sequence[torch.Tensor], dtype: torch.dtype, names: Sequence[str],
                  weights: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Column-centre each matrix with float64 means into one (n, sum d) buffer; return it and per-model views.
@@ -52,15 +66,14 @@ def _center_into(mats: Sequence[torch.Tensor], dtype: torch.dtype, names: Sequen
     buf = torch.empty(n, sum(dims), dtype=dtype, device=mats[0].device)
     views, off = [], 0
     for x, d, name in zip(mats, dims, names, strict=True):
-        lo, hi = torch.aminmax(x, dim=0)
-        if bool((lo == hi).all()):
+        if torch.equal(x, x[:1].expand_as(x)):  # every row equal to the first: stops at the first difference
             raise MetricError(f"{name} has constant features (every column has zero variance); CKA is undefined.",
                               fix="drop that model or check that its encoder produced real embeddings.")
         view = buf[:, off:off + d]
         if weights is None:
             # float64 means; x - mu is exact where it matters (Sterbenz) and any sub-ulp residual mean is
             # handled exactly by the HSIC formula, which does not assume K is centred.
-            mu = x.sum(0, dtype=F64) / n
+            mu = _column_sums(x) / n
             view.copy_(x).sub_(mu.to(dtype))
         else:
             w64 = weights.to(F64)
@@ -107,7 +120,7 @@ def _feature_stats(xc: Sequence[torch.Tensor], yc: Sequence[torch.Tensor], ybuf:
         return acc.square_()
 
     for i, x in enumerate(xc):
-        colsq = gram_sq(x, ybuf).sum(0, dtype=F64)
+        colsq = _column_sums(gram_sq(x, ybuf))
         for j in range(t):
             cross[i, j] = colsq[yoff[j]:yoff[j + 1]].sum()
     for k, z in enumerate([*xc, *yc]):
@@ -190,10 +203,15 @@ def _gram_stats(zc: Sequence[torch.Tensor], m: int, kernel: Kernel, gammas: Sequ
 
 
 def _pick_method(n: int, dx: Sequence[int], dy: Sequence[int]) -> str:
-    """Feature form costs n (Dx Dy + sum d^2) multiply-adds; Gram tiles n^2/2 sum d (+ float64 pairing)."""
+    """Feature form costs n (Dx Dy + sum d^2) multiply-adds; Gram tiles n^2/2 sum d (+ float64 pairing).
+
+    The Gram-tile products count double: many (tile x tile x d) products, each tile then copied to float64
+    and paired, ran at about half the rate of the feature form's few large products (CPU, n = 5,000,
+    6 + 6 models of widths 384..1,536: feature 2.9 s, tiles 3.8 s for 1.6x fewer multiply-adds).
+    """
     dsum = sum(dx) + sum(dy)
     feature = n * (sum(dx) * sum(dy) + sum(d * d for d in [*dx, *dy]))
-    gram = 0.5 * n * n * dsum + n * n * (len(dx) * len(dy) + len(dx) + len(dy))
+    gram = 2 * (0.5 * n * n * dsum + n * n * (len(dx) * len(dy) + len(dx) + len(dy)))
     return "feature" if feature <= gram else "gram"
 
 
