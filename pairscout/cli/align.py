@@ -247,7 +247,7 @@ def zero_shot(
     classes: Annotated[str, typer.Option("--classes", "-c", help="Comma list of class names.")],
     templates: Annotated[str | None, typer.Option(help="'|'-separated prompt templates with {c} [default: 6 built-in ones].", show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per image.")] = 3,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images among class names with a saved aligned model."""
@@ -257,7 +257,9 @@ def zero_shot(
         names = [c.strip() for c in classes.split(",") if c.strip()]
         files = image_files(images)
         tpl = [t for t in templates.split("|") if t.strip()] if templates else None
-        m = AlignedModel.load(model, device="cpu" if device == "auto" else device)
+        from pairscout.runtime import pick_device
+
+        m = AlignedModel.load(model, device=pick_device(device))
         pred = m.zero_shot(files, names, tpl, top_k=top_k)
         t = Table(title=L(f"zero-shot with {m}"))
         t.add_column("image", overflow="fold")
