@@ -208,3 +208,14 @@ def test_probe_on_repeated_captions_is_well_above_chance():
     assert res.metrics["class_mean_r1"] > 0.8
     inst_chance = keyed_chance(ev.text_image_index, ev.text_keys, len(te))["mean_r1"]
     assert res.metrics["mean_r1"] > inst_chance + 0.3
+
+
+def test_cycle_knn_with_tied_neighbours_is_valid_and_shuffle_invariant():
+    from pairscout.metrics.measures import cycle_knn
+
+    g = torch.Generator().manual_seed(0)
+    lab = torch.randint(0, 5, (100,), generator=g)
+    x, y = torch.randn(100, 8, generator=g), torch.randn(5, 4, generator=g)[lab]  # y: identical rows per class
+    v = cycle_knn(x, y, 5)
+    p = torch.randperm(100, generator=g)
+    assert 0 <= v <= 1 and cycle_knn(x[p], y[p], 5) == pytest.approx(v)
