@@ -67,16 +67,21 @@ def metric_kwargs(metric: str, settings: RankSettings) -> dict[str, Any]:
 
 
 def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings,
-                       values: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                       values: dict[str, np.ndarray], progress: Any = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``<m>_null``, ``<m>_null_sd``, ``<m>_z``, ``<m>_p``, ``<m>_p_holm`` for every metric, and how each null was made.
 
     ``settings.permutations`` is the Monte-Carlo budget of the metrics that need one (0 turns calibration off).
+    ``progress(phase, done, total)`` with phase ``"<label>: null"``.
     """
+    from pairscout.metrics import registry
+
     out: dict[str, np.ndarray] = {}
     how: dict[str, str] = {}
     if settings.permutations <= 0:
         return out, how
     for i, m in enumerate(metrics):
+        if progress is not None:
+            progress(f"{registry.label(m)}: null", 0, 1)
         if m not in (*CKA_METRICS, *NEIGHBOUR_METRICS):
             how[m] = "not calibrated (no null for this measure yet)"
             continue
@@ -85,6 +90,8 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
         out[f"{m}_null"], out[f"{m}_null_sd"], out[f"{m}_z"] = cal.null_mean.numpy(), cal.null_sd.numpy(), cal.z.numpy()
         out[f"{m}_p"], out[f"{m}_p_holm"] = cal.p_value.numpy(), cal.p_holm.numpy()
         how[m] = cal.method
+        if progress is not None:
+            progress(f"{registry.label(m)}: null", 1, 1)
     return out, how
 
 

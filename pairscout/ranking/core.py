@@ -117,7 +117,7 @@ def rank(
     ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
     t1 = time.perf_counter()
     pair_values = compute.pair_metrics(xs, ys, metrics, dataclasses.replace(used, permutations=0), primary, progress=progress)
-    cal_values, null_methods = calibrated.calibrated_columns(xs, ys, metrics, used, pair_values)
+    cal_values, null_methods = calibrated.calibrated_columns(xs, ys, metrics, used, pair_values, progress=progress)
     pair_values.update(cal_values)
     metrics_s = time.perf_counter() - t1
 
