@@ -106,7 +106,7 @@ def test_a_model_failing_mid_run_is_reported_and_the_rest_ranked(tmp_path):
         (["--vision-zoo", "baseline:random-text"], "is a text encoder"),
         (["--metrics", "cka_cubic"], "unknown metric"),
         (["--data", "generated:n=3,seed=0,size=32", "--metrics", "cka_linear_debiased"], "at least 4 rows"),
-        (["--data", "generated:n=8,seed=0,size=32", "--metrics", "mutual_knn"], "needs more than 11 rows"),
+        (["--data", "generated:n=4,seed=0,size=32", "--metrics", "cknna"], "CKNNA needs k >= 2 neighbours"),
         (["--score", "best"], "score 'best' is unknown"),
     ],
 )
@@ -114,6 +114,19 @@ def test_rank_errors_are_one_line(tmp_path, extra, needle):
     r = runner.invoke(app, ["rank", *SMALL, "--cache-dir", str(tmp_path), *extra])
     assert r.exit_code == 2, r.output
     assert needle in r.output and "Traceback" not in r.output
+
+
+def test_small_data_runs_with_k_and_groups_adapted_and_said(tmp_path):
+    """12 rows (issue 9): k and the jackknife groups adapt, the output says so, and CKNNA stays in range."""
+    r = runner.invoke(app, ["rank", *SMALL, "--cache-dir", str(tmp_path), "--data", "generated:n=12,seed=0,size=32",
+                            "--metrics", "mutual_knn,cknna", "--out", str(tmp_path / "run"), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert "small data: --knn-k 10 -> 2" in r.output and "--ci-groups" in r.output
+    res = RankResult.load(tmp_path / "run")
+    assert res.meta["adapted"]["knn_k"]["used"] == 2
+    vals = res.pairs["cknna"].dropna()
+    assert ((vals >= -1) & (vals <= 1)).all()
+    assert "verdict" in res.meta and res.meta["verdict"]["pair"] == [res.pairs["vision"][0], res.pairs["text"][0]]
 
 
 def test_empty_zoo_file(tmp_path):

@@ -3,6 +3,7 @@ a real headless browser (Debian chromium; skipped where it is absent, installed 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,7 +107,9 @@ def test_probe_and_align_refresh_the_report_with_their_sections(rank_run, tmp_pa
     assert r.exit_code == 0, r.output
     page = (rank_run / "report.html").read_text()
     assert 'id="probe"' in page and "spearman" in page and 'id="training"' not in page
-    assert (rank_run / "plots" / "probe_mean_r1_vs_cka_linear_debiased.svg").is_file()
+    target = json.loads((rank_run / "probe.json").read_text())["target"]  # zero-shot: the generated data has labels
+    assert target == "zs_top1" and (rank_run / "plots" / f"probe_{target}_vs_cka_linear_debiased.svg").is_file()
+    assert "verdict" in json.loads((rank_run / "rank.json").read_text())
     r = runner.invoke(app, ["align", "--run", str(rank_run), "--cache-dir", cache, "--steps", "12", "--eval-every", "6", "--out-dim", "16",
                             "--hidden-mult", "1", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "model"), "--report"])
     assert r.exit_code == 0, r.output

@@ -80,23 +80,82 @@ def retrieval_ranks(img: Tensor, txt: Tensor, txt_image_index: Tensor, *, chunk:
     return i2t.cpu(), t2i.cpu()
 
 
-def retrieval_metrics(sim_or_img: Tensor, txt_image_index: Tensor, txt: Tensor | None = None, ks: Sequence[int] = KS) -> dict[str, float]:
+def retrieval_metrics(sim_or_img: Tensor, txt_image_index: Tensor, txt: Tensor | None = None, ks: Sequence[int] = KS,
+                      txt_keys: Tensor | None = None, prefix: str = "") -> dict[str, float]:
     """Recall@K both ways, from a similarity matrix (N, M) or from embeddings ``(img, ..., txt=txt)``.
 
-    Returns keys ``i2t_r{k}``, ``t2i_r{k}`` for each k, and ``mean_r{k}`` (their mean).
+    ``txt_keys`` (M,): match by key (:func:`keyed_retrieval_ranks`: identical captions, or classes).
+    Returns keys ``{prefix}i2t_r{k}``, ``{prefix}t2i_r{k}`` for each k, and ``{prefix}mean_r{k}`` (their mean).
     """
     if txt is None:  # a precomputed (N, M) similarity matrix: rows are images, columns captions
         sim = sim_or_img
         n = sim.shape[0]
-        eye = torch.eye(n, dtype=sim.dtype, device=sim.device)
-        i2t, t2i = retrieval_ranks(eye, sim.T.contiguous(), txt_image_index)  # eye @ sim = sim
+        img, txt = torch.eye(n, dtype=sim.dtype, device=sim.device), sim.T.contiguous()  # eye @ sim = sim
     else:
-        i2t, t2i = retrieval_ranks(sim_or_img, txt, txt_image_index)
+        img = sim_or_img
+    if txt_keys is None:
+        i2t, t2i = retrieval_ranks(img, txt, txt_image_index)
+    else:
+        i2t, t2i = keyed_retrieval_ranks(img, txt, txt_image_index, txt_keys)
     out: dict[str, float] = {}
     for k in ks:
         a, b = float((i2t < k).float().mean()), float((t2i < k).float().mean())
-        out[f"i2t_r{k}"], out[f"t2i_r{k}"], out[f"mean_r{k}"] = a, b, (a + b) / 2
+        out[f"{prefix}i2t_r{k}"], out[f"{prefix}t2i_r{k}"], out[f"{prefix}mean_r{k}"] = a, b, (a + b) / 2
     return out
+
+
+def keyed_retrieval_ranks(img: Tensor, txt: Tensor, txt_image_index: Tensor, txt_keys: Tensor, *,
+                          chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Ranks when captions carry keys: image i and caption j match when j's key is the key of any caption of i.
+
+    Keys are caption-text ids (identical captions are interchangeable: a hit on any of them counts) or class
+    labels (class-aware retrieval: any caption of the same class is a hit). With every key distinct this is
+    :func:`retrieval_ranks`. image -> text: non-matching captions scoring at least as high as the best
+    matching one; text -> image: non-matching images scoring at least as high as the best matching one.
+    """
+    idx = txt_image_index.to(img.device, torch.long)
+    keys = torch.unique(txt_keys.long(), return_inverse=True)[1].to(img.device)
+    txt = txt.to(img.device, img.dtype)
+    n, m = img.shape[0], txt.shape[0]
+    inc = torch.zeros(n, int(keys.max()) + 1 if m else 1, dtype=torch.bool, device=img.device)
+    inc[idx, keys] = True
+    i2t = torch.full((n,), m, dtype=torch.long, device=img.device)
+    best_t = torch.full((m,), float("-inf"), dtype=img.dtype, device=img.device)
+    for a in range(0, n, chunk):  # pass 1: each caption's best matching image score, image -> text ranks
+        b = min(a + chunk, n)
+        sim = img[a:b] @ txt.T
+        pos = inc[a:b][:, keys]
+        best = sim.masked_fill(~pos, float("-inf")).amax(1)
+        ahead = ((sim >= best[:, None]) & ~pos).sum(1)
+        i2t[a:b] = torch.where(pos.any(1), ahead, torch.full_like(ahead, m))
+        best_t = torch.maximum(best_t, sim.masked_fill(~pos, float("-inf")).amax(0))
+    t2i = torch.zeros(m, dtype=torch.long, device=img.device)
+    for a in range(0, n, chunk):  # pass 2: non-matching images at least as high
+        b = min(a + chunk, n)
+        sim = img[a:b] @ txt.T
+        pos = inc[a:b][:, keys]
+        t2i += ((sim >= best_t[None, :]) & ~pos).sum(0)
+    return i2t.cpu(), t2i.cpu()
+
+
+def keyed_chance(txt_image_index: Tensor, txt_keys: Tensor, n_img: int, k: int = 1) -> dict[str, float]:
+    """Expected R@k of random scores (no ties) under keyed matching: per query, 1 - C(neg, k) / C(all, k)."""
+    keys = torch.unique(txt_keys.long(), return_inverse=True)[1]
+    inc = torch.zeros(n_img, int(keys.max()) + 1, dtype=torch.bool)
+    inc[txt_image_index.long(), keys] = True
+    pos = inc[:, keys]  # (N, M)
+    n, m = pos.shape
+
+    def hit(npos: Tensor, total: int) -> Tensor:
+        neg = total - npos.double()
+        out = torch.ones_like(neg)
+        for r in range(min(k, total)):
+            out = out * ((neg - r).clamp_min(0) / (total - r))
+        return 1 - out
+
+    i2t = float(hit(pos.sum(1), m).mean())
+    t2i = float(hit(pos.sum(0), n).mean())
+    return {f"i2t_r{k}": i2t, f"t2i_r{k}": t2i, f"mean_r{k}": (i2t + t2i) / 2}
 
 
 def class_embeddings(prompt_emb: Tensor) -> Tensor:
@@ -151,6 +210,8 @@ class EvalSet:
     text_token_mask: Tensor | None = None
     class_prompt_tokens: Tensor | None = None
     class_prompt_token_mask: Tensor | None = None
+    text_keys: Tensor | None = None
+    """(M,) caption-text ids: identical captions share one, and a hit on any of them counts (None: all distinct)."""
 
 
 @torch.no_grad()
@@ -169,7 +230,9 @@ def project(head: nn.Module, x: Tensor, tokens: Tensor | None = None, mask: Tens
 def evaluate(vision_head: nn.Module, text_head: nn.Module, data: EvalSet, *, device: torch.device | str = "cpu") -> dict[str, float]:
     """Retrieval (and zero-shot, when ``data`` has labels and class prompts) of two heads on held-out data.
 
-    Returns a flat dict: ``i2t_r1 .. mean_r10`` and, with labels, ``zs_top1``, ``zs_top5`` (+ ``_micro``).
+    Returns a flat dict: ``i2t_r1 .. mean_r10`` (identical captions interchangeable when ``data.text_keys``) and,
+    with labels, class-aware ``class_i2t_r1 .. class_mean_r10`` and, with class prompts too, ``zs_top1``,
+    ``zs_top5`` (+ ``_micro``).
     The heads are put in eval mode and restored to their previous mode.
     """
     modes = (vision_head.training, text_head.training)
@@ -178,7 +241,10 @@ def evaluate(vision_head: nn.Module, text_head: nn.Module, data: EvalSet, *, dev
     try:
         img = project(vision_head, data.vision, data.vision_tokens, data.vision_token_mask, device=device)
         txt = project(text_head, data.text, data.text_tokens, data.text_token_mask, device=device)
-        out = retrieval_metrics(img, data.text_image_index, txt=txt)
+        out = retrieval_metrics(img, data.text_image_index, txt=txt, txt_keys=data.text_keys)
+        if data.labels is not None:  # class-aware retrieval: any caption of the same class is a hit
+            cls = data.labels.long()[data.text_image_index.long()]
+            out.update(retrieval_metrics(img, data.text_image_index, txt=txt, txt_keys=cls, prefix="class_"))
         if data.labels is not None and data.class_prompts is not None:
             c, p, d = data.class_prompts.shape
             prom = project(text_head, data.class_prompts.reshape(c * p, d), data.class_prompt_tokens,

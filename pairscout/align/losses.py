@@ -244,9 +244,15 @@ class SigmoidLoss(nn.Module):
     def _normaliser(self, n_img: int, n_txt: int) -> float:
         return float(n_img) if self.norm == "batch" else float(n_img) * float(n_txt)
 
-    def forward(self, img: Tensor, txt: Tensor, txt_image_index: Tensor | None = None) -> Tensor:
-        """Loss (0-d float32) of image embeddings (B, d) against caption embeddings (B', d); not normalised."""
+    def forward(self, img: Tensor, txt: Tensor, txt_image_index: Tensor | None = None, pos_mask: Tensor | None = None) -> Tensor:
+        """Loss (0-d float32) of image embeddings (B, d) against caption embeddings (B', d); not normalised.
+
+        ``pos_mask`` (B, B') bool, optional: every True entry is a positive (e.g. identical captions of other
+        images, or same-class captions), overriding ``txt_image_index``; it should include each caption's own image.
+        """
         idx = _check_pair(img, txt, txt_image_index)
+        if pos_mask is not None and pos_mask.shape != (img.shape[0], txt.shape[0]):
+            raise ValueError(f"pos_mask must be ({img.shape[0]}, {txt.shape[0]}), got {tuple(pos_mask.shape)}")
         with torch.autocast(device_type=img.device.type, enabled=False):
             dt = _compute_dtype(img)
             x = F.normalize(img.to(dt), dim=-1)
@@ -254,13 +260,20 @@ class SigmoidLoss(nn.Module):
             norm = self._normaliser(x.shape[0], y.shape[0])
             if self.chunk is None:
                 logits = self.get_logits(x, y)
-                labels = self.get_ground_truth(idx, x.shape[0], logits.dtype)
+                if pos_mask is None:
+                    labels = self.get_ground_truth(idx, x.shape[0], logits.dtype)
+                else:
+                    labels = pos_mask.to(logits.device, logits.dtype) * 2 - 1
                 return -F.logsigmoid(labels * logits).sum() / norm
             t = self.logit_scale.to(dt).exp()
             b = self.logit_bias.to(dt)
             negatives = chunked_sigmoid_negatives(x, y, t, b, self.chunk, recompute=self.recompute)
-            has_img = idx >= 0
-            pos_cos = (x[idx[has_img]] * y[has_img]).sum(-1)
+            if pos_mask is None:
+                has_img = idx >= 0
+                pos_cos = (x[idx[has_img]] * y[has_img]).sum(-1)
+            else:
+                pi, pj = pos_mask.to(x.device).nonzero(as_tuple=True)
+                pos_cos = (x[pi] * y[pj]).sum(-1)
             positives = t * pos_cos.sum() + b * pos_cos.shape[0]  # sum of positive logits
             return (negatives - positives) / norm
 
@@ -305,8 +318,12 @@ class InfoNCELoss(nn.Module):
     def extra_repr(self) -> str:
         return f"max_scale={self.max_scale}, chunk={self.chunk}"
 
-    def forward(self, img: Tensor, txt: Tensor, txt_image_index: Tensor | None = None) -> Tensor:
-        """Loss (0-d float32) of image embeddings (B, d) against caption embeddings (B', d); not normalised."""
+    def forward(self, img: Tensor, txt: Tensor, txt_image_index: Tensor | None = None, pos_mask: Tensor | None = None) -> Tensor:
+        """Loss (0-d float32) of image embeddings (B, d) against caption embeddings (B', d); not normalised.
+
+        ``pos_mask`` (B, B') bool, optional: several positives per caption too; each side's target is uniform
+        over its positives.
+        """
         idx = _check_pair(img, txt, txt_image_index)
         with torch.autocast(device_type=img.device.type, enabled=False):
             dt = _compute_dtype(img)
@@ -318,6 +335,12 @@ class InfoNCELoss(nn.Module):
 
                 return tiled_infonce(x, y, t, idx, self.chunk)
             logits = t * x @ y.T  # (B, B')
+            if pos_mask is not None:
+                pm = pos_mask.to(logits.device, dt)
+                r, c = pm.sum(1) > 0, pm.sum(0) > 0
+                li2t = F.cross_entropy(logits[r], pm[r] / pm[r].sum(1, keepdim=True))
+                lt2i = F.cross_entropy(logits.T[c], pm.T[c] / pm.T[c].sum(1, keepdim=True))
+                return (li2t + lt2i) / 2
             has_img = idx >= 0
             loss_t2i = F.cross_entropy(logits.T[has_img], idx[has_img])
             pos = (torch.arange(x.shape[0], device=x.device)[:, None] == idx[None, :]).to(dt)

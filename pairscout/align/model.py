@@ -266,7 +266,7 @@ def default_out(run: str | Path, pair: tuple[str, str] | None = None) -> Path:
     """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best)."""
     from pairscout.ranking import RankResult
 
-    v, t = pair or RankResult.load(run).best()
+    v, t = pair or RankResult.load(run).recommended()[0]
     return Path(run) / "align" / f"{v}__{t}"
 
 
@@ -294,7 +294,7 @@ def align(
     """Train projector heads for one vision x text pair on its cached embeddings.
 
     Args:
-        pair: (vision, text) encoder names; default: the best pair of ``run``.
+        pair: (vision, text) encoder names; default: the verdict's pair of ``run`` (``rank.json["verdict"]``).
         run: a rank result or its folder (the pair's embeddings must be cached: a miss names the
             command that makes them). Without it, ``vision_zoo`` / ``text_zoo`` / ``data`` name the
             encoders and data, and missing embeddings are encoded (cached).
@@ -316,7 +316,7 @@ def align(
     if pair is None:
         if src.rank is None:
             raise PairscoutError("align needs a pair when there is no rank run.", fix="pass --pair VISION,TEXT or --run DIR.")
-        pair = src.rank.best()
+        pair = src.rank.recommended()[0]
     tokens = config.head == "local_global"
     data_ = pair_data(src, pair[0], pair[1], test_fraction=test_fraction, seed=split_seed, tokens=tokens, zero_shot=zero_shot, templates=templates)
     out = Path(out) if out is not None else None
@@ -325,7 +325,7 @@ def align(
         raise PairscoutError(f"{out} already holds an aligned model ({CONFIG}).",
                              fix="choose another --out, or pass --force to train again and replace it.")
     res = train(data_.vision, data_.text, data_.text_image_index, config, out_dir=None if out is None else out / "train",
-                eval_data=data_.eval, progress=progress, resume=resume, force=force, **data_.tokens)  # fmt: skip
+                eval_data=data_.eval, progress=progress, resume=resume, force=force, caption_keys=data_.text_keys, **data_.tokens)  # fmt: skip
     enc = data_.text_encoder
     if enc is None:
         from pairscout.encoders import build_encoder

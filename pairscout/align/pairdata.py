@@ -170,6 +170,8 @@ class PairData:
     """Every caption of the dataset: the corpus the cache fitted a corpus-fitted text encoder (TF-IDF) on."""
     text_encoder: Any = None
     """The text encoder built (and fitted on ``corpus``) for the class prompts, or None."""
+    text_keys: Tensor | None = None
+    """(M_train,) key per training caption: caption-text id, or the class label with ``class_level``."""
 
 
 def encode_class_prompts(spec: EncoderSpec, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES, *,
@@ -203,7 +205,7 @@ def fits_on_corpus(encoder: Any) -> bool:
 
 
 def pair_data(src: PairSource, vision: str, text: str, *, test_fraction: float = 0.2, seed: int = 0, tokens: bool = False,
-              zero_shot: bool = False, templates: Sequence[str] = TEMPLATES) -> PairData:  # fmt: skip
+              zero_shot: bool = False, templates: Sequence[str] = TEMPLATES, class_level: bool = False) -> PairData:  # fmt: skip
     """Load a pair's embeddings from the cache and split them (train / held-out) with a fixed seed.
 
     Args:
@@ -212,6 +214,7 @@ def pair_data(src: PairSource, vision: str, text: str, *, test_fraction: float =
         test_fraction, seed: the dataset's label-stratified split (:meth:`PairedDataset.split`).
         tokens: also load token features (the ``local_global`` head).
         zero_shot: embed the class names through ``templates`` with the text encoder (needs labels).
+        class_level: training keys are the class labels (same-class captions are positives), not caption texts.
     """
     vs, ts = src.spec(vision, "vision"), src.spec(text, "text")
     v = load_embeddings(src, vs, tokens=tokens, partner=ts)
@@ -221,12 +224,32 @@ def pair_data(src: PairSource, vision: str, text: str, *, test_fraction: float =
     xv, xt, idx, toks = split_pair(v, t, train_rows)
     ev, et, eidx, etoks = split_pair(v, t, test_rows)
     labels = None if ds.labels is None else torch.from_numpy(ds.labels)[test_rows]
-    eval_set = EvalSet(ev, et, eidx, labels=labels, **etoks)
     corpus = ds.flat_captions()[0]
+    keys = caption_keys(corpus) if len(corpus) == t.pooled.shape[0] else None
+    eval_keys = train_keys = None
+    if keys is not None:
+        eval_keys = keys[_caption_rows(t, test_rows, v.pooled.shape[0])]
+        train_keys = keys[_caption_rows(t, train_rows, v.pooled.shape[0])]
+    if class_level and ds.labels is not None:
+        train_keys = torch.from_numpy(ds.labels)[train_rows][idx]
+    eval_set = EvalSet(ev, et, eidx, labels=labels, text_keys=eval_keys, **etoks)
     enc = None
     if zero_shot and ds.labels is not None and ds.classnames:
         prompts, ptok, pmask, enc = encode_class_prompts(ts, ds.classnames, templates, fit_texts=corpus, tokens=tokens)
         eval_set.class_prompts, eval_set.class_prompt_tokens, eval_set.class_prompt_token_mask = prompts, ptok, pmask
     return PairData(vision_spec=vs, text_spec=ts, vision=xv, text=xt, text_image_index=idx, eval=eval_set,
                     train_rows=train_rows, test_rows=test_rows, dataset_fingerprint=ds.fingerprint, tokens=toks,
-                    corpus=corpus, text_encoder=enc)  # fmt: skip
+                    corpus=corpus, text_encoder=enc, text_keys=train_keys)  # fmt: skip
+
+
+def caption_keys(captions: Sequence[str]) -> Tensor:
+    """(M,) int64 id per caption: identical texts (after stripping and case-folding) share an id."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(" ".join(c.split()).casefold(), len(ids)) for c in captions], dtype=torch.long)
+
+
+def _caption_rows(t: Embeddings, rows: Tensor, n: int) -> Tensor:
+    """Caption indices (into the cached text embeddings) of the given image rows, in split_pair's order."""
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.as_tensor(rows, dtype=torch.long)] = True
+    return torch.nonzero(keep[t.row_index]).flatten()

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pairscout.align.pairdata import PairData, PairSource, pair_data, source_from_rank
 from pairscout.align.probe_settings import ProbeSettings
@@ -42,6 +43,49 @@ ProgressFn = Callable[[str, int, int], None]
 
 PROBE_JSON, PROBE_TABLE, CORR_TABLE = "probe.json", "probe", "probe_correlations.csv"
 TARGET = "mean_r1"
+"""Read-out of data without labels: instance retrieval R@1, mean of both directions (identical captions interchangeable)."""
+TARGETS = ("zs_top1", "class_mean_r1", "mean_r1", "mean_r5", "mean_r10", "class_mean_r5", "zs_top5")
+
+
+@dataclass(frozen=True)
+class ReadOut:
+    """Which held-out read-out the probe correlates the metrics with, and why (recorded in ``probe.json``).
+
+    Rule (:func:`choose_readout`): labels and class names -> ``zs_top1`` (zero-shot top-1 over the classes, class
+    prompts through the probe heads, per-class balanced); labels without names -> ``class_mean_r1`` (class-aware
+    retrieval: any caption of the same class is a hit); no labels -> ``mean_r1`` (instance retrieval; identical
+    captions are interchangeable, so a hit on any of them counts). ``--target`` overrides.
+    """
+
+    target: str
+    why: str
+    zero_shot: bool = False
+    class_level: bool = False
+
+
+def choose_readout(dataset: Any, target: str | None = None, class_level: bool = False) -> ReadOut:
+    """The probe's read-out for ``dataset`` (rule in :class:`ReadOut`)."""
+    labels = getattr(dataset, "labels", None)
+    names = getattr(dataset, "classnames", None)
+    texts = dataset.flat_captions()[0]
+    distinct = len({" ".join(t.split()).casefold() for t in texts})
+    rep = f"{distinct} distinct captions of {len(texts)}"
+    zs = labels is not None and bool(names)
+    if target is not None:
+        if target not in TARGETS:
+            raise PairscoutError(f"--target {target!r} is unknown.", fix=f"use one of {', '.join(TARGETS)}.")
+        if (target.startswith("zs_") and not zs) or (target.startswith("class_") and labels is None):
+            raise PairscoutError(f"--target {target} needs class labels{' and names' if target.startswith('zs_') else ''}; this dataset has none.",
+                                 fix="use --target mean_r1.")
+        return ReadOut(target, f"chosen with --target ({rep})", zero_shot=zs, class_level=class_level)
+    if zs:
+        return ReadOut("zs_top1", f"the dataset has labels ({len(names)} classes; {rep}): zero-shot top-1 on held-out images, "
+                       "class prompts through the probe heads, is what an aligned pair is for; class-aware retrieval is recorded too",
+                       zero_shot=True, class_level=class_level)
+    if labels is not None:
+        return ReadOut("class_mean_r1", f"the dataset has labels but no class names ({rep}): class-aware retrieval "
+                       "(any caption of the same class is a hit)", class_level=class_level)
+    return ReadOut(TARGET, f"the dataset has no labels ({rep}): instance retrieval R@1, identical captions interchangeable")
 
 
 def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = TARGET) -> pd.DataFrame:
@@ -132,14 +176,23 @@ def probe_pairs(
     metrics: Sequence[str],
     settings: ProbeSettings | None = None,
     progress: ProgressFn | None = None,
+    readout: ReadOut | None = None,
 ) -> ProbeResult:
     """Probe the pairs in ``chosen`` (columns ``vision``, ``text`` and the metric columns) and correlate.
 
     ``load(vision, text)`` returns the pair's :class:`PairData`. This is the core of :func:`probe`,
-    usable on embeddings that never went through a rank run.
+    usable on embeddings that never went through a rank run. ``readout``: the target (default instance
+    retrieval ``mean_r1``). The chance level of the target is recorded; when the best probed pair is not
+    clearly above it (by two binomial standard errors on the held-out items), no correlation is computed.
     """
+    from pairscout.align.evaluate import keyed_chance
+    from pairscout.ranking.verdict import binomial_se
+
     settings = settings or ProbeSettings()
+    readout = readout or ReadOut(settings.target or TARGET, "instance retrieval (default)")
     cfg = settings.train_config()
+    chance: float | None = None
+    n_items = 0
     rows = []
     for _, row in chosen.iterrows():
         v, t = str(row["vision"]), str(row["text"])
@@ -147,7 +200,19 @@ def probe_pairs(
         data = load(v, t)
         cb = (lambda s, total, info, label=label: progress(label, s, total)) if progress else None
         t0 = time.perf_counter()
-        res = train(data.vision, data.text, data.text_image_index, cfg, eval_data=data.eval, progress=cb, **data.tokens)
+        res = train(data.vision, data.text, data.text_image_index, cfg, eval_data=data.eval, progress=cb,
+                    caption_keys=data.text_keys, **data.tokens)  # fmt: skip
+        if chance is None:
+            ev = data.eval
+            n_items = int(ev.vision.shape[0])
+            if readout.target.startswith("zs_"):
+                chance = min(1.0, int(readout.target[-1]) / ev.class_prompts.shape[0]) if ev.class_prompts is not None else float("nan")
+            else:
+                k = int(readout.target.rsplit("_r", 1)[1])
+                keys = ev.text_keys if ev.text_keys is not None else torch.arange(ev.text.shape[0])
+                if readout.target.startswith("class_"):
+                    keys = ev.labels.long()[ev.text_image_index.long()]
+                chance = keyed_chance(ev.text_image_index, keys, n_items, k)[f"mean_r{k}"]
         rec = row.to_dict()
         rec.update(res.metrics)
         rec.update({"final_loss": res.final_loss, "train_s": round(time.perf_counter() - t0, 3), "samples_per_s": res.samples_per_s,
@@ -158,8 +223,16 @@ def probe_pairs(
     metric_cols = [m for m in metrics if m in pairs]
     if "score" in pairs and "score" not in metric_cols:
         metric_cols.append("score")
-    corr = correlations(pairs, metric_cols)
-    meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols, "target": TARGET}
+    if readout.target not in pairs:
+        raise PairscoutError(f"the probe read no {readout.target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
+    best = float(pairs[readout.target].max())
+    above = bool(chance is not None and not math.isnan(chance) and best - chance > 2 * binomial_se(chance, n_items))
+    corr = correlations(pairs, metric_cols, readout.target)
+    if not above:  # correlating noise would read as evidence: leave the table empty and say why
+        corr[["spearman", "spearman_p", "kendall", "kendall_p"]] = float("nan")
+    meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
+            "target": readout.target, "target_why": readout.why, "chance": chance, "n_test_items": n_items,
+            "best_target": best, "above_chance": above}  # fmt: skip
     return ProbeResult(pairs=pairs, correlations=corr, meta=meta)
 
 
@@ -215,10 +288,20 @@ def probe(
     # every pair's cache entry is checked before any training starts: a miss fails fast
     _check_cached(src, chosen)
 
-    def load(v: str, t: str) -> PairData:
-        return pair_data(src, v, t, test_fraction=settings.test_fraction, seed=settings.seed)
+    readout = choose_readout(src.dataset, settings.target, settings.class_level)
+    prompts: dict[str, Any] = {}
 
-    result = probe_pairs(chosen, load, src.rank.metrics, settings, progress)
+    def load(v: str, t: str) -> PairData:
+        from pairscout.align.pairdata import encode_class_prompts
+
+        d = pair_data(src, v, t, test_fraction=settings.test_fraction, seed=settings.seed, class_level=readout.class_level)
+        if readout.zero_shot:  # one prompt encoding per text encoder, shared by its pairs
+            if t not in prompts:
+                prompts[t] = encode_class_prompts(d.text_spec, src.dataset.classnames, fit_texts=d.corpus)[0]
+            d.eval.class_prompts = prompts[t]
+        return d
+
+    result = probe_pairs(chosen, load, src.rank.metrics, settings, progress, readout)
     result.meta.update({
         "rank_run": None if src.run_dir is None else str(src.run_dir),
         "primary": src.rank.primary,
@@ -229,11 +312,34 @@ def probe(
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })  # fmt: skip
+    result.meta["verdict"] = _update_verdict(src, result)
     target = out if out is not None else src.run_dir
     if target is not None:
         result.save(target)
         result.meta["out"] = str(target)
     return result
+
+
+def _update_verdict(src: PairSource, result: ProbeResult) -> dict[str, Any] | None:
+    """The rank run's verdict revisited with the probe's read-out; written back into the run's ``rank.json``."""
+    from pairscout._io import atomic_write_text
+    from pairscout.ranking.result import META
+    from pairscout.ranking.verdict import Verdict, update_from_probe
+
+    meta = src.rank.meta
+    old = meta.get("verdict_rank") or meta.get("verdict")
+    if not old:
+        return None
+    if not result.meta.get("above_chance"):
+        v = Verdict.from_dict(old)
+        v.reason += (f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {result.meta['target']}, "
+                     f"not clearly above chance ({result.meta.get('chance', float('nan')):.3f}): it cannot revisit the verdict.")
+    else:
+        v = update_from_probe(Verdict.from_dict(old), result.pairs, result.meta["target"], int(result.meta["n_test_items"]))
+    meta["verdict_rank"], meta["verdict"] = old, v.to_dict()
+    if src.run_dir is not None and (src.run_dir / META).is_file():
+        atomic_write_text(src.run_dir / META, json.dumps(meta, indent=2, default=str) + "\n")
+    return v.to_dict()
 
 
 def _check_cached(src: PairSource, chosen: pd.DataFrame) -> None:
@@ -248,11 +354,15 @@ def _check_cached(src: PairSource, chosen: pd.DataFrame) -> None:
                 seen.add(spec.id)
 
 
-def verdict(corr: pd.DataFrame, metric: str) -> str:
-    """One line: did ``metric`` predict the probe's R@1?"""
+def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None) -> str:
+    """One line: did ``metric`` predict the probe's read-out?"""
+    meta = meta or {}
+    if meta.get("above_chance") is False:
+        return (f"the probe's best pair reads {meta.get('best_target', float('nan')):.3f} {meta.get('target')}, not clearly above chance "
+                f"({meta.get('chance', float('nan')):.3f}): no correlation computed, it would correlate noise.")
     row = corr[corr["metric"] == metric]
     if row.empty or np.isnan(row["spearman"].iloc[0]):
         return f"{metric}: too few distinct pairs to tell."
     rho, p = float(row["spearman"].iloc[0]), float(row["spearman_p"].iloc[0])
     answer = "yes" if rho > 0 and p < 0.05 else ("in the right direction, not significantly" if rho > 0 else "no")
-    return f"did {metric} predict the probe's R@1? {answer} (Spearman rho {rho:+.2f}, p = {p:.3g}, {int(row['n_pairs'].iloc[0])} pairs)."
+    return f"did {metric} predict the probe's {meta.get('target', TARGET)}? {answer} (Spearman rho {rho:+.2f}, p = {p:.3g}, {int(row['n_pairs'].iloc[0])} pairs)."

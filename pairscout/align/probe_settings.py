@@ -28,6 +28,10 @@ class ProbeSettings:
     test_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
+    target: str | None = None
+    """Read-out the metrics are correlated with; None: chosen from the data (``pairscout.align.probe.choose_readout``)."""
+    class_level: bool = False
+    """Train with every caption of the same class as a positive (identical captions always are)."""
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(head="linear", out_dim=self.out_dim, loss="sigmoid", loss_norm=self.loss_norm, optimizer=self.optimizer,

@@ -100,6 +100,7 @@ def train(
     text_token_mask: Tensor | None = None,
     resume: bool = False,
     force: bool = False,
+    caption_keys: Tensor | None = None,
 ) -> TrainResult:
     """Train a vision head and a text head so that matching image and caption features meet.
 
@@ -116,6 +117,9 @@ def train(
             ``local_global`` head.
         resume: continue from the latest checkpoint in ``out_dir`` (a fresh start when there is none).
         force: start over even though ``out_dir`` holds checkpoints (they are deleted).
+        caption_keys: (M,) optional key per caption (caption-text id, or class label for class-level training):
+            an image and a caption are positives when the caption's key is the key of any caption of the image,
+            so identical captions of other images are never negatives.
 
     Raises:
         TrainError: bad inputs, or a checkpoint from other settings / data on resume.
@@ -138,6 +142,11 @@ def train(
     if len(tii) and (int(tii.min()) < 0 or int(tii.max()) >= n_img):
         raise TrainError(f"text_image_index must lie in [0, {n_img}), got {int(tii.min())}..{int(tii.max())}.", fix="give each caption's image row.")
     batches = Batches(tii, n_img, config.batch_size, config.seed, config.captions)
+    key_of, key_inc = None, None
+    if caption_keys is not None:  # image x key incidence: positives of a batch are inc[images][:, keys[captions]]
+        key_of = torch.unique(torch.as_tensor(caption_keys).long().cpu(), return_inverse=True)[1]
+        key_inc = torch.zeros(n_img, int(key_of.max()) + 1, dtype=torch.bool)
+        key_inc[tii, key_of] = True
     if len(batches.pool) < 2:
         raise TrainError(f"only {len(batches.pool)} image(s) have captions; contrastive training needs >= 2.", fix="use more data.")
 
@@ -224,7 +233,8 @@ def train(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 zi = vision_head(xb, gather(vt, img_idx, device, torch.float32), gather(vm, img_idx, device))
                 zt = text_head(yb, gather(tt, cap_idx, device, torch.float32), gather(tm, cap_idx, device))
-                loss = loss_fn(zi, zt, None if cap_row is None else cap_row.to(device))
+                pos = None if key_inc is None else key_inc[img_idx][:, key_of[cap_idx]].to(device)
+                loss = loss_fn(zi, zt, None if cap_row is None else cap_row.to(device), **({} if pos is None else {"pos_mask": pos}))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else None

@@ -65,6 +65,8 @@ def probe(
     optimizer: Annotated[str, typer.Option(help="adamw or lion.")] = PROBE.optimizer,
     test_fraction: Annotated[float, typer.Option(help="Held-out share of the images.")] = PROBE.test_fraction,
     seed: Annotated[int, typer.Option(help="Seed of the split and the probes.")] = PROBE.seed,
+    target: Annotated[str | None, typer.Option(help="Read-out to correlate with: zs_top1, class_mean_r1, mean_r1, ... [default: chosen from the data].", show_default=False)] = None,
+    class_level: Annotated[bool, typer.Option("--class-level", help="Train with same-class captions as positives (identical captions always are).")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv [default: the RUN folder].", show_default=False)] = None,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
@@ -87,7 +89,8 @@ def probe(
             if any(len(p) != 2 for p in chosen):
                 raise PairscoutError(f"--pairs {pairs!r} is malformed.", fix="write it as 'vision1,text1;vision2,text2'.")
         settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
-                                 optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device)  # fmt: skip
+                                 optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device,
+                                 target=target, class_level=class_level)  # fmt: skip
         with ui.progress() as rep:
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
@@ -95,7 +98,10 @@ def probe(
         ui.err.print(_corr_table(res))
         primary = res.meta.get("primary")
         if primary:
-            ui.say(verdict(res.correlations, primary))
+            ui.say(verdict(res.correlations, primary, res.meta))
+        ui.say(f"read-out: {res.meta['target']} (chance {res.meta['chance']:.3f}): {res.meta['target_why']}")
+        if res.meta.get("verdict"):
+            ui.say(f"verdict: {res.meta['verdict']['reason']}")
         if res.meta.get("out"):
             ui.say(f"results in {res.meta['out']}/ (probe.json, probe.csv, probe.parquet, probe_correlations.csv)")
             if with_report:
@@ -121,11 +127,12 @@ def _probe_table(res) -> Table:
     t.add_column("text", overflow="fold")
     for m in metrics:
         t.add_column(L(label(m)), justify="right")
-    for col in ("R@1 i2t", "R@1 t2i", "R@5 mean", "loss", "s"):
+    tgt = res.meta.get("target", "mean_r1")
+    for col in (f"{tgt} (target)", "R@1 i2t", "R@1 t2i", "R@5 mean", "loss", "s"):
         t.add_column(col, justify="right")
     for _, r in res.pairs.iterrows():
         t.add_row(str(r.get("rank", "")), L(r.get("group", "")), L(r["vision"]), L(r["text"]), *[num(r.get(m)) for m in metrics],
-                  num(r["i2t_r1"]), num(r["t2i_r1"]), num(r["mean_r5"]), num(r["final_loss"]), f"{r['train_s']:.1f}")  # fmt: skip
+                  num(r.get(tgt)), num(r["i2t_r1"]), num(r["t2i_r1"]), num(r["mean_r5"]), num(r["final_loss"]), f"{r['train_s']:.1f}")  # fmt: skip
     return t
 
 
@@ -201,6 +208,11 @@ def align(
                              optimizer=optimizer, lr=lr, weight_decay=weight_decay, batch_size=batch_size, steps=steps, epochs=epochs,
                              warmup=warmup, grad_clip=grad_clip or None, captions=captions, seed=seed, device=device or TRAIN.device,
                              eval_every=eval_every, checkpoint_every=checkpoint_every)  # fmt: skip
+        if chosen is None and run is not None:
+            from pairscout.ranking import RankResult
+
+            (v, t), why = RankResult.load(run).recommended()
+            ui.say(f"aligning the verdict's pair {v} x {t}: {why}")
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
         with ui.progress() as rep:

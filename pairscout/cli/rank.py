@@ -42,7 +42,7 @@ def rank(
     primary: Annotated[str | None, typer.Option(help=PrimaryHelp, show_default=False)] = None,
     score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = RANK.score,
     ci_groups: Annotated[int, typer.Option(help="Jackknife groups behind the 95% confidence intervals (0: off).")] = RANK.ci_groups,
-    permutations: Annotated[int, typer.Option(help="Shuffled pairings for the primary metric's chance level and p-value (0: off).")] = RANK.permutations,
+    permutations: Annotated[int, typer.Option(help="Shuffled pairings behind the calibrated scores of mutual k-NN / CKNNA (CKA: exact, closed form; 0: no calibration).")] = RANK.permutations,
     knn_k: Annotated[int, typer.Option("--knn-k", help="k of mutual k-NN and CKNNA.")] = RANK.knn_k,
     clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = RANK.clip_quantile,
     caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = RANK.caption_reduce,
@@ -83,6 +83,10 @@ def rank(
                                                         trust_remote_code=trust_remote_code),
                            cache_dir=cache_dir, out=out, force=force, plots=plots, progress=rep.phases(), command=ui.command_line())  # fmt: skip
         ui.err.print(rank_table(res, top, wide))
+        for key, note in res.meta.get("adapted", {}).items():
+            ui.say(f"small data: --{key.replace('_', '-')} {note['asked']} -> {note['used']} ({note['why']})")
+        if res.meta.get("verdict"):
+            ui.say(f"verdict: {res.meta['verdict']['reason']}")
         if out is not None:
             ui.say(f"results in {out}/ (pairs.parquet, pairs.csv, models.csv, rank.json, plots/)")
         if with_report and out is not None:
@@ -107,7 +111,7 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
     has_p = f"{res.primary}_p" in res.pairs
     caption = "value ± half-width of the 95 % jackknife interval"
     if st.get("permutations") and has_p:
-        caption += f"; p: permutation p-value over {st['permutations']} shuffled pairings (smallest possible 1/{st['permutations'] + 1})"
+        caption += "; p: Holm-corrected p-value against shuffled pairings (how: rank.json null_methods)"
     if not wide and len(res.metrics) > 1:
         caption += "; --wide (or pairs.csv) for the other metrics"
     table = Table(title=L(f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {label(res.primary)}"), caption=L(caption))
@@ -124,7 +128,8 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
         for m in shown:
             cells.append(ui.with_interval(row, m))
             if m == res.primary and has_p:
-                cells.append(f"{row[f'{m}_p']:.3f}")
+                p = row.get(f"{m}_p_holm", row[f"{m}_p"])
+                cells.append("<1e-3" if p < 1e-3 else f"{p:.3f}")
         table.add_row(str(row["rank"]), L(row["vision"]), L(row["text"]), *cells)
     return table
 

@@ -7,7 +7,16 @@
   ``CKNNA = HSIC_1(M*K, M*L) / sqrt(HSIC_1(M_X*K, M_X*K) HSIC_1(M_Y*L, M_Y*L))`` where M_X (M_Y) is X's (Y's)
   own k-NN mask and ``HSIC_1(A, B) = [tr(A B) + (1^T A 1)(1^T B 1)/((n-1)(n-2)) - 2/(n-2) 1^T A B 1]/(n(n-3))``.
   Computed sparsely from the n x k neighbour lists (O(n k^2), no n x n mask). platonic-rep adds 1e-6 to the
-  denominator; we do not: a self term <= 0 gives 0.0 with a logged warning, as in :mod:`.cka`.
+  denominator; we do not: a self term <= 0 gives 0.0 with a logged warning, as in :mod:`.cka`. The sparse
+  unbiased ratio is not bounded by Cauchy-Schwarz; at small n with few distinct rows it can leave [-1, 1]
+  (e.g. 11.96 on 12 rows, k = 10): such a value is reported as NaN with a warning, never as a number.
+
+Ties (identical rows, e.g. duplicate captions) follow one documented, deterministic rule that does not depend
+on row order: a row's neighbour set is every row strictly closer than its k-th nearest one, plus the rows tied
+with the k-th (similarity within ``TIE_TOL`` times max(1, |s_k|)), which **share the remaining slots equally**
+(weight ``(k - #strict) / #tied`` each; weight 1 without ties). This is the expected value of the metric under
+uniformly random tie-breaking, so a row shuffle cannot change mutual k-NN or CKNNA. Mutual k-NN then counts
+``sum_j w_X(i, j) w_Y(i, j) / k`` and CKNNA uses the soft mask ``M_ij = w_X(i, j) w_Y(i, j)`` (1/0 without ties).
 
 Preprocessing is explicit: a :class:`Preprocess` record (clip at a quantile of |x|, then L2-normalise rows)
 whose ``to_dict()`` belongs in every result. platonic-rep's pipeline is ``Preprocess.platonic()``.
@@ -37,6 +46,8 @@ log = logging.getLogger(__name__)
 F64 = torch.float64
 #: Bytes one tile of similarities may use when finding neighbours.
 SIM_TILE_BYTES = 256 * 2**20
+#: Relative tolerance under which two similarities count as tied (float32 rounding of identical rows).
+TIE_TOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -89,14 +100,61 @@ def _row_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Neighbours:
-    """k nearest neighbours of every row (self excluded): ``indices`` (n, k) int64, ``sims`` (n, k) float."""
+    """k nearest neighbours of every row (self excluded): ``indices`` (n, w) int64, ``sims`` (n, w) float.
+
+    Without ties w = k and ``weights`` is None. With ties (module docstring) w >= k holds the strict
+    neighbours and every tied candidate, ``weights`` (n, w) float64 their share of the k slots, and unused
+    positions have index -1 and weight 0.
+    """
 
     indices: torch.Tensor
     sims: torch.Tensor
+    weights: torch.Tensor | None = None
+    n_neighbours: int | None = None
 
     @property
     def k(self) -> int:
-        return self.indices.shape[1]
+        return self.n_neighbours if self.n_neighbours is not None else self.indices.shape[1]
+
+    def weight_matrix(self) -> torch.Tensor:
+        """(n, w) float64 weights (ones without ties)."""
+        if self.weights is not None:
+            return self.weights
+        return torch.ones(self.indices.shape, dtype=F64, device=self.indices.device)
+
+
+def to_cpu(nb: Neighbours) -> Neighbours:
+    return Neighbours(nb.indices.cpu(), nb.sims.cpu(), None if nb.weights is None else nb.weights.cpu(), nb.n_neighbours)
+
+
+def permute_neighbours(nb: Neighbours, perm: torch.Tensor, inv: torch.Tensor) -> Neighbours:
+    """Neighbours of Y[perm] from those of Y: row i is old row perm[i]; old index j becomes inv[j] (-1 kept)."""
+    ind = nb.indices[perm]
+    ind = torch.where(ind >= 0, inv[ind.clamp_min(0)], ind)
+    return Neighbours(ind, nb.sims[perm], None if nb.weights is None else nb.weights[perm], nb.n_neighbours)
+
+
+def weighted_overlap(ia: torch.Tensor, wa: torch.Tensor | None, ib: torch.Tensor, wb: torch.Tensor | None,
+                     tile: int = 4096) -> torch.Tensor:
+    """``sum_{p,q} [ia[..., i, p] == ib[..., i, q]] wa wb`` per row (float64), -1 entries never match.
+
+    Leading batch dimensions broadcast (permutation batches in the null).
+    """
+    n = ia.shape[-2]
+    out = torch.empty(torch.broadcast_shapes(ia.shape[:-1], ib.shape[:-1]), dtype=F64, device=ia.device)
+    for s in range(0, n, tile):
+        a, b = ia[..., s:s + tile, :, None], ib[..., s:s + tile, None, :]
+        eq = (a == b) & (a >= 0)
+        if wa is None and wb is None:
+            out[..., s:s + tile] = eq.sum((-1, -2)).to(F64)
+        else:
+            w = eq.to(F64)
+            if wa is not None:
+                w = w * wa[..., s:s + tile, :, None]
+            if wb is not None:
+                w = w * wb[..., s:s + tile, None, :]
+            out[..., s:s + tile] = w.sum((-1, -2))
+    return out
 
 
 def nearest_neighbours(x: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess(), tile: int | None = None) -> Neighbours:
@@ -114,15 +172,44 @@ def nearest_neighbours(x: ArrayLike, k: int = 10, preprocess: Preprocess = Prepr
         raise MetricError(f"k={k} neighbours requested but there are only {n} rows.", fix=f"use 1 <= k <= {n - 1}.")
     if tile is None:
         tile = max(1, min(n, SIM_TILE_BYTES // (x.element_size() * n)))
-    idx = torch.empty(n, k, dtype=torch.long, device=x.device)
-    val = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    rel = TIE_TOL if x.dtype != F64 else 1e-10
+    idx_t, val_t, w_t = [], [], []
+    any_tie = False
     for s in range(0, n, tile):
         e = min(s + tile, n)
         sim = x[s:e] @ x.T
         sim[torch.arange(e - s, device=x.device), torch.arange(s, e, device=x.device)] = float("-inf")
         v, i = torch.topk(sim, k, dim=1)
-        idx[s:e], val[s:e] = i, v
-    return Neighbours(idx, val)
+        kth = v[:, -1:]
+        tol = rel * kth.abs().clamp_min(1.0)
+        strict = (sim > kth + tol).sum(1)
+        cand = (sim >= kth - tol).sum(1)  # strict + tied
+        if bool((cand == k).all()):
+            idx_t.append(i)
+            val_t.append(v)
+            w_t.append(None)
+            continue
+        any_tie = True
+        width = int(cand.max())
+        v, i = torch.topk(sim, width, dim=1)
+        pos = torch.arange(width, device=x.device)[None, :]
+        inside = pos < cand[:, None]
+        tied = inside & (v <= kth + tol)
+        share = ((k - strict).to(F64) / (cand - strict).to(F64))[:, None]
+        w = torch.where(tied, share, torch.ones_like(share)).where(inside, torch.zeros((), dtype=F64, device=x.device))
+        idx_t.append(torch.where(inside, i, torch.full_like(i, -1)))
+        val_t.append(torch.where(inside, v, torch.zeros_like(v)))
+        w_t.append(w)
+    if not any_tie:
+        return Neighbours(torch.cat(idx_t), torch.cat(val_t))
+    width = max(t.shape[1] for t in idx_t)
+
+    def pad(t: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+
+    weights = torch.cat([pad(w if w is not None else torch.ones(t.shape, dtype=F64, device=x.device), 0.0)
+                         for t, w in zip(idx_t, w_t, strict=True)])
+    return Neighbours(torch.cat([pad(t, -1) for t in idx_t]), torch.cat([pad(t, 0.0) for t in val_t]), weights, k)
 
 
 def _check_int(name: str, value: object, low: int = 1) -> None:
@@ -131,20 +218,13 @@ def _check_int(name: str, value: object, low: int = 1) -> None:
         raise MetricError(f"{name}={value!r} must be an integer >= {low}.", fix=f"pass a whole number >= {low} as {name}.")
 
 
-def _match(a: torch.Tensor, b: torch.Tensor, tile: int = 4096) -> torch.Tensor:
-    """(n, k) bool: is a[i, p] among b[i, :]? Row-tiled so the (tile, k, k) comparison stays small."""
-    out = torch.empty(a.shape, dtype=torch.bool, device=a.device)
-    for s in range(0, a.shape[0], tile):
-        out[s:s + tile] = (a[s:s + tile, :, None] == b[s:s + tile, None, :]).any(-1)
-    return out
-
-
 def mutual_knn_rows(nx: Neighbours, ny: Neighbours) -> torch.Tensor:
-    """Per-row overlap ``|N_X(i) & N_Y(i)| / k`` (n,) float64; its mean is :func:`mutual_knn`."""
-    if nx.indices.shape != ny.indices.shape:
-        raise MetricError(f"neighbour lists differ in shape {tuple(nx.indices.shape)} vs {tuple(ny.indices.shape)}.",
+    """Per-row overlap ``|N_X(i) & N_Y(i)| / k`` (n,) float64 (tie weights as in the module docstring);
+    its mean is :func:`mutual_knn`."""
+    if nx.indices.shape[0] != ny.indices.shape[0] or nx.k != ny.k:
+        raise MetricError(f"neighbour lists differ: n = {nx.indices.shape[0]} vs {ny.indices.shape[0]}, k = {nx.k} vs {ny.k}.",
                           fix="compute both with the same n and k.")
-    return _match(nx.indices, ny.indices).sum(1).to(F64) / nx.k
+    return weighted_overlap(nx.indices, nx.weights, ny.indices, ny.weights) / nx.k
 
 
 def mutual_knn(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess()) -> float:
@@ -202,26 +282,42 @@ def _sparse_hsic1(n: int, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tenso
 def _cknna_terms(n: int, nx: Neighbours, ny: Neighbours) -> float:
     """HSIC_1(M*K, M*L) with M = N_X & N_Y. K values come from nx.sims; L values from ny.sims at the matches."""
     ia, ib = nx.indices, ny.indices
-    eq = ia[:, :, None] == ib[:, None, :]  # (n, k, k): entry p of X's list equals entry q of Y's list
+    eq = (ia[:, :, None] == ib[:, None, :]) & (ia[:, :, None] >= 0)  # entry p of X's list equals entry q of Y's
     r, p, q = eq.nonzero(as_tuple=True)
     rows, cols = r, ia[r, p]
     a = nx.sims[r, p].to(F64)
     b = ny.sims[r, q].to(F64)
+    if nx.weights is not None or ny.weights is not None:  # soft mask M = w_X w_Y on both sides
+        m = nx.weight_matrix()[r, p] * ny.weight_matrix()[r, q]
+        a, b = a * m, b * m
     return _sparse_hsic1(n, rows, cols, a, b)
 
 
 def _cknna_self(n: int, nx: Neighbours) -> float:
-    rows = torch.arange(n, device=nx.indices.device).repeat_interleave(nx.k)
-    cols = nx.indices.reshape(-1)
-    v = nx.sims.reshape(-1).to(F64)
-    return _sparse_hsic1(n, rows, cols, v, v)
+    keep = nx.indices.reshape(-1) >= 0
+    rows = torch.arange(n, device=nx.indices.device).repeat_interleave(nx.indices.shape[1])[keep]
+    cols = nx.indices.reshape(-1)[keep]
+    v = nx.sims.reshape(-1).to(F64)[keep]
+    if nx.weights is not None:
+        v = v * nx.weights.reshape(-1)[keep]
+    h = _sparse_hsic1(n, rows, cols, v, v)
+    # a self term lost in rounding (e.g. identical rows: a constant masked kernel) counts as 0, never a tiny
+    # positive that would blow the ratio up
+    return 0.0 if h <= 1e-9 * float((v * v).sum()) / (n * (n - 3)) else h
 
 
-def _ratio(cross: float, sx: float, sy: float, label: str) -> float:
+def _ratio(cross: float, sx: float, sy: float, label: str, quiet: bool = False) -> float:
     if sx <= 0 or sy <= 0:
-        log.warning("CKNNA self term <= 0 for %s (too few rows or k too small?); value set to 0.0", label)
+        if not quiet:
+            log.warning("CKNNA self term <= 0 for %s (too few rows or k too small?); value set to 0.0", label)
         return 0.0
-    return cross / (sx * sy) ** 0.5
+    v = cross / (sx * sy) ** 0.5
+    if abs(v) > 1.0 + 1e-9:  # the sparse unbiased estimator is not bounded by Cauchy-Schwarz: no value, not a wrong one
+        if not quiet:
+            log.warning("CKNNA of %s is %.3f, outside [-1, 1] (unstable at this n and k: few distinct rows?); "
+                        "reported as NaN", label, v)
+        return float("nan")
+    return v
 
 
 def cknna(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess()) -> float:

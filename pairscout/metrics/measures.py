@@ -231,6 +231,11 @@ def cycle_knn(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = 
     # scaled to max |value| 1 first: neighbours do not depend on scale, and 1e-20-sized rows then normalise
     nx = nearest_neighbours(xt / xt.abs().max().clamp_min(torch.finfo(xt.dtype).tiny), k, preprocess).indices
     ny = nearest_neighbours(yt / yt.abs().max().clamp_min(torch.finfo(yt.dtype).tiny), k, preprocess).indices
+    # with tied neighbours the lists hold every tied candidate, padded with -1: padding in N_x never matches,
+    # padding in N_y points at i itself, whose own list never holds i (self excluded)
+    rows = torch.arange(n, device=nx.device)
+    nx = torch.where(nx >= 0, nx, torch.full_like(nx, n))
+    ny = torch.where(ny >= 0, ny, rows[:, None].expand_as(ny))
     back = nx[ny]  # (n, k, k): x-neighbours of each y-neighbour of i
     hit = (back == torch.arange(n, device=back.device)[:, None, None]).flatten(1).any(1)
     return float(hit.to(F64).mean())

@@ -62,7 +62,7 @@ class NullResult:
 
 def _permuted_neighbours(nb: _knn.Neighbours, perm: torch.Tensor, inv: torch.Tensor) -> _knn.Neighbours:
     """Neighbours of Y[perm] from those of Y: row i is old row perm[i]; old index j becomes inv[j]."""
-    return _knn.Neighbours(inv[nb.indices[perm]], nb.sims[perm])
+    return _knn.permute_neighbours(nb, perm, inv)
 
 
 def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_perm: int = 100, seed: int = 0,

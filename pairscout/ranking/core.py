@@ -5,6 +5,7 @@ The CLI command ``pairscout rank`` is a thin wrapper over :func:`rank`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
 from pairscout.metrics import registry
 from pairscout.provenance import provenance
-from pairscout.ranking import compute
+from pairscout.ranking import calibrated, compute
 from pairscout.ranking.result import RankResult, settings_conflict
 from pairscout.ranking.settings import DEBIASED_BELOW, RankSettings
 from pairscout.resolve import resolve_data, resolve_zoos
@@ -72,7 +73,8 @@ def rank(
     n_rows = len(ds)
     primary = settings.primary or ("cka_linear_debiased" if n_rows < DEBIASED_BELOW else "cka_linear")
     metrics = list(dict.fromkeys([primary, *settings.metrics]))
-    compute.check_metrics(metrics, n_rows, settings.knn_k)
+    used, adapted = calibrated.adapt_to_size(settings, n_rows, metrics)  # small data: k and groups adapted, and said
+    compute.check_metrics(metrics, n_rows, used.knn_k)
     if settings.score not in ("primary", "combined"):
         raise PairscoutError(f"score {settings.score!r} is unknown.", fix="use 'primary' or 'combined'.")
 
@@ -114,7 +116,9 @@ def rank(
     xs = [v_enc.embeddings[k].pooled for k in v_names]
     ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
     t1 = time.perf_counter()
-    pair_values = compute.pair_metrics(xs, ys, metrics, settings, primary, progress=progress)
+    pair_values = compute.pair_metrics(xs, ys, metrics, dataclasses.replace(used, permutations=0), primary, progress=progress)
+    cal_values, null_methods = calibrated.calibrated_columns(xs, ys, metrics, used, pair_values, progress=progress)
+    pair_values.update(cal_values)
     metrics_s = time.perf_counter() - t1
 
     specs = {s.name: s for s in (*vz.encoders, *tz.encoders)}
@@ -133,13 +137,16 @@ def rank(
         pairs["score"] = pairs[primary]
     pairs = pairs.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     pairs.insert(0, "rank", np.arange(1, len(pairs) + 1))
+    t2 = time.perf_counter()
+    verdict = calibrated.rank_verdict(pairs, xs, ys, v_names, t_names, used, primary, pair_values)
+    verdict_s = time.perf_counter() - t2
 
     labels = getattr(ds, "labels", None)
     model_rows = []
     for name in v_names:
-        model_rows.append(compute.unimodal(specs[name], v_enc.embeddings[name].pooled, labels, settings))
+        model_rows.append(compute.unimodal(specs[name], v_enc.embeddings[name].pooled, labels, used))
     for name in t_names:
-        model_rows.append(compute.unimodal(specs[name], t_enc.embeddings[name].per_row(n_rows, settings.caption_reduce), labels, settings))
+        model_rows.append(compute.unimodal(specs[name], t_enc.embeddings[name].per_row(n_rows, settings.caption_reduce), labels, used))
     models = pd.DataFrame(model_rows)
 
     result = RankResult(
@@ -152,7 +159,11 @@ def rank(
             "vision_order": v_names,
             "text_order": t_names,
             "failures": failures,
-            "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "total": round(time.perf_counter() - t_start, 3)},
+            "verdict": verdict.to_dict(),
+            "adapted": adapted,
+            "null_methods": null_methods,
+            "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "verdict": round(verdict_s, 3),
+                          "total": round(time.perf_counter() - t_start, 3)},
             "device": str(enc_settings.device or "auto"),
             "torch_threads": torch.get_num_threads(),
             **provenance(command),

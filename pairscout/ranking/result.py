@@ -2,7 +2,9 @@
 
 ``pairs``: one row per vision x text pair, ranked (columns ``vision``, ``text``, ``vision_id``,
 ``text_id``, ``rank``, ``score``, then for each metric ``<m>``, ``<m>_lo``, ``<m>_hi``, ``<m>_se`` (jackknife 95 % CI),
-``<m>_null`` (mean under shuffled pairing) and ``<m>_p`` (permutation p-value), primary metric only).
+``<m>_null`` / ``<m>_null_sd`` (mean and sd under shuffled pairings), ``<m>_z`` (calibrated score in null sds),
+``<m>_p`` and ``<m>_p_holm`` (p-value, Holm-corrected across pairs); see :mod:`pairscout.metrics.calibration`).
+``meta["verdict"]``: the recommended pair, ties, near-duplicates and the reason (:mod:`pairscout.ranking.verdict`).
 ``models``: one row per encoder with its unimodal quality (k-NN accuracy, clustering, published scores).
 ``meta``: settings (zoos with revisions, dataset fingerprint, n, seed, preprocessing, metrics),
 package versions, failures, timings. Saved as parquet + CSV + JSON; :meth:`RankResult.load` reads
@@ -42,6 +44,14 @@ class RankResult:
     def best(self) -> tuple[str, str]:
         row = self.pairs.iloc[0]
         return str(row["vision"]), str(row["text"])
+
+    def recommended(self) -> tuple[tuple[str, str], str]:
+        """The verdict's pair and its reason (``rank.json["verdict"]``, updated by ``probe``); the best-ranked
+        pair for runs made before verdicts existed."""
+        v = self.meta.get("verdict")
+        if v:
+            return (str(v["pair"][0]), str(v["pair"][1])), str(v.get("reason", ""))
+        return self.best(), "the best-ranked pair (this run has no verdict)"
 
     def top(self, k: int) -> pd.DataFrame:
         return self.pairs.head(k)

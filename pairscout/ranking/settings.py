@@ -30,8 +30,12 @@ class RankSettings:
     rbf_sigma_frac: float = 1.0
     ci_groups: int = 10
     """Groups of the delete-a-group jackknife behind every confidence interval (0 turns them off)."""
-    permutations: int = 20
-    """Shuffled pairings for the primary metric's chance level and p-value (0 turns it off)."""
+    permutations: int = 199
+    """Monte-Carlo shuffled pairings behind the calibrated scores and p-values of the neighbour metrics (mutual
+    k-NN; CKNNA uses at most 99); CKA's null moments are exact in closed form (0 turns calibration off;
+    :mod:`pairscout.metrics.calibration`)."""
+    null_method: str = "auto"
+    """``auto``: closed-form null moments for CKA, permutations for neighbour metrics; ``permutation``: all by permutation."""
     caption_reduce: str = "first"
     """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
     seed: int = 0

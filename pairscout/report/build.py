@@ -113,7 +113,8 @@ def _rank_section(run: RunFiles) -> dict[str, Any]:
     st = res.meta["settings"]
     return {
         "path": str(run.path),
-        "best": res.best(),
+        "best": res.recommended()[0],
+        "verdict": res.meta.get("verdict"),
         "primary": label(res.primary),
         "score": st.get("score"),
         "n": st.get("n"),

@@ -1,0 +1,335 @@
+"""Calibrated pair metrics: each raw value beside its chance level under shuffled pairings, a score in null
+standard deviations, and p-values corrected across all pairs.
+
+The null hypothesis is "no pairing": the rows of the text side are shuffled (one permutation applied to every
+text model). For each metric and pair this module gives
+
+* ``null_mean``, ``null_sd``: mean and standard deviation of the metric over row permutations;
+* ``z = (value - null_mean) / null_sd``: the **calibrated score, in null standard deviations** (0 = chance;
+  for independent embeddings z is centred on 0 with unit spread, whatever n, d or the metric);
+* ``p``: one-sided p-value of a value this high under the null; ``p_holm``: Holm's step-down correction
+  across all pairs of that metric (valid under any dependence between pairs, which share encoders).
+
+How the null is obtained (``method="auto"``, the default):
+
+* **CKA, any kernel, debiased** (HSIC_1 of Song et al. 2012): exact permutation moments in closed form.
+  HSIC_1(K, L) = <K', L'> / (n(n-3)) with K' the U-centred Gram matrix (zero diagonal, zero row sums;
+  Szekely & Rizzo 2014), and U-centring commutes with permutations. For zero-diagonal, zero-row-sum
+  matrices Mantel's permutation moments reduce to ``E[<K', P L' P^T>] = 0`` and
+  ``Var = 2 ||K'||^2 ||L'||^2 / (n(n-3))``, so **debiased CKA has null mean 0 and null sd
+  sqrt(2 / (n(n-3))) exactly** (for every pair whose self terms are > 0).
+* **CKA, biased** (linear in feature form, O(n d^2); RBF in two passes over Gram tiles, O(n^2 d)): exact
+  permutation mean and variance of ``T = <Kc, P Lc P^T>`` from Mantel's moments of a quadratic assignment
+  statistic, split into its diagonal and off-diagonal parts (``_quadratic_assignment_moments``; each
+  model contributes its diagonal, off-diagonal row sums and row sums of squares).
+* p-values of the CKA family: the gamma approximation of the HSIC null (Gretton et al. 2008), fitted to
+  the exact moments: biased, ``T ~ Gamma(shape = E^2 / V, scale = V / E)``; debiased (mean 0, can be
+  negative), the same gamma shifted to mean 0, with the biased statistic's mean as shift and the exact
+  debiased variance (the two statistics differ by diagonal terms only). No permutation is run, so it costs
+  a fraction of one metric evaluation and resolves p far below 1e-3. Tested against brute-force
+  permutations (``tests/test_calibration.py``).
+* **Mutual k-NN and CKNNA**: Monte-Carlo permutations of the neighbour lists (exact, no recomputation of
+  features or neighbours): ``p = (1 + #{null >= observed}) / (1 + n_perm)``. Both are vectorised over
+  permutations (sorted entry keys + searchsorted, no n x n matrix), but still cost O(n k log(nk)) per
+  permutation and pair, so the defaults keep the demo's metrics phase fast: 199 permutations for mutual k-NN
+  (p resolved to 0.005), ``min(n_perm, cknna_perm)`` = 99 for CKNNA (0.01). ``n_perm=999`` (``--permutations
+  999``) resolves p to 1e-3 at about 5x the cost (``benchmarks/results/null_cpu.md``).
+
+``method="permutation"`` runs Monte-Carlo permutations for the CKA family too (Gram form is never built;
+each permutation re-evaluates the metric), for checking the approximation on small data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import pairscout.metrics.cka as _cka
+import pairscout.metrics.knn as _knn
+from pairscout.errors import MetricError
+from pairscout.metrics._validate import ArrayLike, as_matrices, check_same_rows
+from pairscout.metrics.neighbour_null import _cknna_null, _from_samples, _mutual_knn_null, _perms
+
+log = logging.getLogger(__name__)
+
+F64 = torch.float64
+CKA_METRICS = ("cka_linear", "cka_linear_debiased", "cka_rbf", "cka_rbf_debiased")
+NEIGHBOUR_METRICS = ("mutual_knn", "cknna")
+#: Default Monte-Carlo permutations of the neighbour metrics (p resolved to 0.005; 999 resolves 1e-3).
+N_PERM = 199
+#: CKNNA recomputes a sparse HSIC per permutation and pair: it gets at most this many permutations.
+CKNNA_PERM = 99
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A metric's values for all (vision, text) pairs with their null, calibrated score and p-values.
+
+    Every tensor is (m, t) float64. ``method`` says how the null was obtained (see the module docstring).
+    """
+
+    metric: str
+    observed: torch.Tensor
+    null_mean: torch.Tensor
+    null_sd: torch.Tensor
+    z: torch.Tensor
+    """Calibrated score: ``(observed - null_mean) / null_sd`` (null standard deviations above chance)."""
+    p_value: torch.Tensor
+    """One-sided p-value (a value this high under shuffled pairings)."""
+    p_holm: torch.Tensor
+    """``p_value`` corrected across all pairs of this metric by Holm's step-down method."""
+    method: str
+    n_perm: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "method": self.method, "n_perm": self.n_perm, "seed": self.seed,
+                **{k: getattr(self, k).tolist() for k in ("observed", "null_mean", "null_sd", "z", "p_value", "p_holm")}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multiple testing
+# ----------------------------------------------------------------------------------------------------------
+def holm(p: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Holm's step-down adjusted p-values (same shape): ``p_(i) -> max_{j<=i} min(1, (m - j + 1) p_(j))``.
+
+    Controls the family-wise error rate under any dependence. NaNs stay NaN and do not count in m.
+    """
+    t = torch.as_tensor(p, dtype=F64)
+    flat = t.reshape(-1)
+    out = torch.full_like(flat, float("nan"))
+    ok = ~torch.isnan(flat)
+    vals = flat[ok]
+    m = vals.numel()
+    if m:
+        order = torch.argsort(vals)
+        adj = (vals[order] * torch.arange(m, 0, -1, dtype=F64)).clamp(max=1.0)
+        adj = torch.cummax(adj, 0).values
+        res = torch.empty_like(vals)
+        res[order] = adj
+        out[ok] = res
+    return out.reshape(t.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact permutation moments of a quadratic assignment statistic
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _GramSummary:
+    """What the permutation moments of ``T = sum_ij A_ij B_pi(i)pi(j)`` need from a symmetric A (float64)."""
+
+    diag: torch.Tensor  # (n,) A_ii
+    rt: torch.Tensor  # (n,) off-diagonal row sums
+    qt: torch.Tensor  # (n,) off-diagonal row sums of squares
+
+    def parts(self) -> dict[str, float]:
+        n = self.diag.numel()
+        d, rt, qt = self.diag, self.rt, self.qt
+        tr, s1, a2 = float(d.sum()), float(rt.sum()), float(qt.sum())
+        a3 = float((rt * rt - qt).sum())
+        p = float((d * rt).sum())
+        rt2 = float((rt * rt).sum())
+        # ||U||^2 of the U-centred matrix (Szekely & Rizzo): n (n - 3) HSIC_1(A, A)
+        u2 = a2 + s1 * s1 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rt2
+        return {"n": n, "tr": tr, "d2": float((d * d).sum()), "s1": s1, "a2": a2, "a3": a3,
+                "a4": s1 * s1 - 2 * a2 - 4 * a3, "p": p, "q": s1 * tr - 2 * p, "u2": u2}
+
+
+def _quadratic_assignment_moments(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:
+    """Exact mean and variance over uniform permutations pi of ``T = sum_ij A_ij B_pi(i)pi(j)``.
+
+    With T = D + Z (D the diagonal part, Z the off-diagonal one) and, per matrix, tr, S1 (off-diagonal sum),
+    A2 = sum_{i!=j} A_ij^2, A3 = sum over distinct i, j, k of A_ij A_ik, A4 = S1^2 - 2 A2 - 4 A3,
+    P = sum_i A_ii rt_i, Q = sum_i A_ii (S1 - 2 rt_i) (Mantel 1967; Hubert's QAP moments)::
+
+        E[T]   = tr_A tr_B / n + S1_A S1_B / (n)_2
+        E[D^2] = d2_A d2_B / n + (tr_A^2 - d2_A)(tr_B^2 - d2_B) / (n)_2
+        E[DZ]  = 2 P_A P_B / (n)_2 + Q_A Q_B / (n)_3
+        E[Z^2] = 2 A2_A A2_B / (n)_2 + 4 A3_A A3_B / (n)_3 + A4_A A4_B / (n)_4
+
+    with (n)_k the falling factorial; Var = E[D^2] + 2 E[DZ] + E[Z^2] - E[T]^2.
+    """
+    n = a["n"]
+    n2, n3, n4 = n * (n - 1), n * (n - 1) * (n - 2), n * (n - 1) * (n - 2) * (n - 3)
+    mean = a["tr"] * b["tr"] / n + a["s1"] * b["s1"] / n2
+    ed2 = a["d2"] * b["d2"] / n + (a["tr"] ** 2 - a["d2"]) * (b["tr"] ** 2 - b["d2"]) / n2
+    edz = 2 * a["p"] * b["p"] / n2 + a["q"] * b["q"] / n3
+    ez2 = 2 * a["a2"] * b["a2"] / n2 + 4 * a["a3"] * b["a3"] / n3 + a["a4"] * b["a4"] / n4
+    var = ed2 + 2 * edz + ez2 - mean * mean
+    return mean, max(var, 0.0)
+
+
+def _linear_summary(z: torch.Tensor) -> tuple[_GramSummary, float]:
+    """Summary of the centred linear Gram ``Xc Xc^T`` from features (O(n d^2)) and ``||Xc Xc^T||_F^2``."""
+    mu = z.sum(0, dtype=F64) / z.shape[0]
+    dt = F64 if z.dtype == F64 else torch.float32
+    x = (z.to(F64) - mu).to(dt)  # products in the features' precision, reductions in float64
+    g = x.T @ x
+    d = x.square().sum(1, dtype=F64)
+    r = (x @ x.sum(0)).to(F64)
+    q = ((x @ g) * x).sum(1, dtype=F64)
+    return _GramSummary(d, r - d, q - d * d), float(g.to(F64).square().sum())
+
+
+def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048) -> tuple[_GramSummary, float]:
+    """Summary of the centred RBF Gram ``Kc = H K H`` in two passes over row tiles (never n x n)."""
+    x = z.to(torch.float32 if z.dtype != F64 else F64)
+    x = x - x.mean(0)
+    n = x.shape[0]
+    gamma = 1.0 / (2.0 * sigma * sigma)
+    sq = x.square().sum(1)
+
+    def rows(a: int, b: int) -> torch.Tensor:
+        g = (x[a:b] @ x.T).mul_(-2.0).add_(sq[a:b, None]).add_(sq[None, :]).clamp_min_(0)
+        g[torch.arange(b - a), torch.arange(a, b)] = 0.0
+        return g.mul_(-gamma).exp_().to(F64)
+
+    r = torch.zeros(n, dtype=F64)
+    for a in range(0, n, tile):
+        r[a:a + tile] = rows(a, min(a + tile, n)).sum(1)
+    s = float(r.sum())
+    mu = r / n
+    q = torch.zeros(n, dtype=F64)
+    d = torch.zeros(n, dtype=F64)
+    for a in range(0, n, tile):
+        b = min(a + tile, n)
+        kc = rows(a, b) - mu[a:b, None] - mu[None, :] + s / (n * n)
+        q[a:b] = kc.square().sum(1)
+        d[a:b] = kc[torch.arange(b - a), torch.arange(a, b)]
+    # a centred Gram matrix has zero row sums, so the off-diagonal row sum is -diag
+    return _GramSummary(d, -d, q - d * d), float(q.sum())
+
+
+def _gamma_sf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """P(G >= x) for G ~ Gamma(shape = mean^2 / var, scale = var / mean); 1 where var <= 0 and x <= mean."""
+    from scipy import stats
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shape = mean * mean / var
+        scale = var / mean
+        p = stats.gamma.sf(x, shape, scale=scale)
+    bad = ~np.isfinite(p)
+    p[bad] = np.where(x[bad] > mean[bad], 0.0, 1.0)
+    return p
+
+
+def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, debiased: bool, sigma_frac: float,
+                 observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(null_mean, null_sd, p) of CKA for all pairs from exact permutation moments + the gamma approximation."""
+    n = xs[0].shape[0]
+    summ, norm2 = [], []
+    for z in [*xs, *ys]:
+        if kernel == "linear":
+            s, f2 = _linear_summary(z)
+        else:
+            s, f2 = _rbf_summary(z, _cka.median_sigma(z, sigma_frac))
+        summ.append(s.parts())
+        norm2.append(f2)
+    m, t = len(xs), len(ys)
+    mean_b = np.zeros((m, t))
+    var_b = np.zeros((m, t))
+    for i in range(m):
+        for j in range(t):
+            mean_b[i, j], var_b[i, j] = _quadratic_assignment_moments(summ[i], summ[m + j])
+    fx = np.sqrt(np.array(norm2[:m]))[:, None]
+    fy = np.sqrt(np.array(norm2[m:]))[None, :]
+    obs = observed.numpy()
+    if not debiased:
+        # CKA_b = T / (||Kc|| ||Lc||): the denominators do not change under permutation
+        scale = fx * fy
+        mean, sd = mean_b / scale, np.sqrt(var_b) / scale
+        p = _gamma_sf(obs, mean, sd * sd)
+    else:
+        u2 = np.array([s["u2"] for s in summ])
+        ok = (u2[:m] > 0)[:, None] & (u2[m:] > 0)[None, :]
+        var = np.full((m, t), 2.0 / (n * (n - 3)))
+        mean = np.zeros((m, t))
+        # shift: the biased statistic's null mean on the debiased CKA scale, ||K'|| ||L'|| = n(n-3) sqrt(HSIC_1 HSIC_1)
+        u = np.sqrt(np.clip(u2[:m, None] * u2[None, m:], 1e-300, None))
+        shift = mean_b / u
+        p = _gamma_sf(obs + shift, shift, var)
+        sd = np.sqrt(var)
+        bad = ~ok
+        mean[bad], sd[bad], p[bad] = np.nan, np.nan, np.nan
+    return torch.from_numpy(mean), torch.from_numpy(sd), torch.from_numpy(np.clip(p, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------
+def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], metric: str,
+              observed: torch.Tensor | None = None, *, method: str = "auto", n_perm: int = N_PERM,
+              cknna_perm: int = CKNNA_PERM, seed: int = 0, **kwargs: Any) -> Calibration:
+    """Null mean and sd, calibrated score z, p-value and Holm-corrected p-value of a pair metric, all pairs.
+
+    Args:
+        xs, ys: the vision and text embeddings ((n, d) each, same rows).
+        metric: a pair metric name (``cka_linear``, ``cka_linear_debiased``, ``cka_rbf``, ``cka_rbf_debiased``,
+            ``mutual_knn``, ``cknna``).
+        observed: the metric's (m, t) values if already computed (else computed here).
+        method: ``auto`` (closed-form moments for CKA, permutations for neighbour metrics) or ``permutation``.
+        n_perm: Monte-Carlo permutations (neighbour metrics; all metrics with ``method="permutation"``).
+        cknna_perm: cap on CKNNA's permutations.
+        kwargs: the metric's own settings (``k``, ``preprocess``, ``sigma_frac``).
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.randn(200, 8), torch.randn(200, 6)
+        >>> c = calibrate([x], [y], "cka_linear_debiased")
+        >>> abs(float(c.z[0, 0])) < 5
+        True
+    """
+    from pairscout.metrics.stats import pair_metric
+
+    if method not in ("auto", "permutation"):
+        raise MetricError(f"null method {method!r} is unknown.", fix="use 'auto' or 'permutation'.")
+    if metric not in (*CKA_METRICS, *NEIGHBOUR_METRICS):
+        raise MetricError(f"no calibration for metric {metric!r}.", fix=f"use one of {', '.join((*CKA_METRICS, *NEIGHBOUR_METRICS))}.")
+    xs_t = as_matrices(xs, "xs")
+    ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
+    n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=5, why="a calibrated null")
+    if observed is None:
+        observed = pair_metric(metric, xs_t, ys_t, **kwargs)
+    observed = observed.to(F64).cpu()
+    used = 0
+    if metric in CKA_METRICS and method == "auto":
+        kernel = "linear" if metric.startswith("cka_linear") else "rbf"
+        mean, sd, p = _cka_moments([x.cpu() for x in xs_t], [y.cpu() for y in ys_t], kernel, metric.endswith("_debiased"),
+                                   float(kwargs.get("sigma_frac", 1.0)), observed)
+        how = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
+    elif metric in NEIGHBOUR_METRICS:
+        k = int(kwargs.get("k", 10))
+        pre = kwargs.get("preprocess", _knn.Preprocess())
+        used = n_perm if metric == "mutual_knn" else min(n_perm, cknna_perm)
+        nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
+        nxs, nys = [_knn.to_cpu(a) for a in nxs], [_knn.to_cpu(b) for b in nys]
+        perms = _perms(n, used, seed)
+        null = _mutual_knn_null(nxs, nys, perms) if metric == "mutual_knn" else _cknna_null(nxs, nys, perms, n)
+        mean, sd, p = _from_samples(observed, null)
+        how = f"{used} Monte-Carlo permutations of the neighbour lists"
+    else:
+        used = n_perm
+        perms = _perms(n, used, seed)
+        null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs) for p in perms])
+        mean, sd, p = _from_samples(observed, null)
+        how = f"{used} Monte-Carlo permutations"
+    with torch.no_grad():
+        z = (observed - mean) / sd
+        z = torch.where(sd > 0, z, torch.full_like(z, float("nan")))
+    return Calibration(metric, observed, mean.to(F64), sd.to(F64), z, p.to(F64), holm(p), how, used, seed)
+
+
+def debiased_cka_null_sd(n: int) -> float:
+    """Exact permutation sd of debiased CKA (any kernel), ``sqrt(2 / (n (n - 3)))``; its null mean is 0."""
+    if n < 5:
+        raise MetricError(f"n = {n} rows: the debiased null needs at least 5.", fix="use more data.")
+    return math.sqrt(2.0 / (n * (n - 3)))
+
+
+__all__ = ["Calibration", "CKA_METRICS", "NEIGHBOUR_METRICS", "N_PERM", "calibrate", "debiased_cka_null_sd", "holm"]

@@ -1,0 +1,133 @@
+"""Permutation nulls of the neighbour metrics (mutual k-NN, CKNNA) without recomputing neighbours.
+
+Each model's neighbour lists become sorted entry keys ``row * n + col``; a permutation of the text rows
+relabels the text model's entries, which are looked up among the vision model's keys with ``searchsorted``
+(no n x n matrix), batched over permutations. Tie weights (:mod:`pairscout.metrics.knn`) are carried along.
+Used by :mod:`pairscout.metrics.calibration`; tested against recomputing the metric on permuted rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import pairscout.metrics.knn as _knn
+
+F64 = torch.float64
+
+
+def _perms(n: int, n_perm: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=g) for _ in range(n_perm)]) if n_perm else torch.zeros(0, n, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class _Sparse:
+    """One model's neighbour entries as sorted keys ``row * n + col`` with their similarity and tie weight."""
+
+    keys: torch.Tensor
+    sims: torch.Tensor
+    weights: torch.Tensor
+
+
+def _sparse(nb: _knn.Neighbours, n: int) -> _Sparse:
+    ok = nb.indices >= 0
+    rows = torch.arange(n)[:, None].expand_as(nb.indices)
+    keys = (rows * n + nb.indices)[ok]
+    order = torch.argsort(keys)
+    return _Sparse(keys[order], nb.sims.to(F64)[ok][order], nb.weight_matrix().to(F64)[ok][order])
+
+
+def _permuted_entries(nb: _knn.Neighbours, perms: torch.Tensor, inv: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """Entries of Y's neighbour lists after each permutation: (rows, cols, sims, weights), each (B, n * w)."""
+    b = perms.shape[0]
+    raw = nb.indices[perms].reshape(b, -1)  # row r of permuted Y is old row perms[r]
+    ok = raw >= 0
+    cols = torch.gather(inv, 1, raw.clamp_min(0))
+    rows = torch.arange(n).repeat_interleave(nb.indices.shape[1])[None, :].expand(b, -1)
+    sims = nb.sims.to(F64)[perms].reshape(b, -1)
+    w = nb.weight_matrix().to(F64)[perms].reshape(b, -1) * ok
+    return rows, cols, sims, w
+
+
+def _lookup(sp: _Sparse, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.searchsorted(sp.keys, q).clamp_max(sp.keys.numel() - 1)
+    return sp.keys[pos] == q, pos
+
+
+def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: torch.Tensor,
+                     batch: int = 64) -> torch.Tensor:
+    """(n_perm, m, t) mutual k-NN of every pair with the text rows permuted: each permuted Y entry (i, j) is
+    looked up among X's sorted entry keys ``i * n + j`` (no n x n matrix, O(n k log(n k)) per permutation)."""
+    n_perm, n = perms.shape
+    out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64)
+    sx = [_sparse(a, n) for a in nxs]
+    for s in range(0, n_perm, batch):
+        p = perms[s:s + batch]
+        inv = torch.empty_like(p)
+        inv.scatter_(1, p, torch.arange(n).expand(len(p), n).contiguous())
+        for j, b in enumerate(nys):
+            rows, cols, _, wb = _permuted_entries(b, p, inv, n)
+            q = rows * n + cols
+            for i, a in enumerate(sx):
+                hit, pos = _lookup(a, q)
+                out[s:s + len(p), i, j] = (hit * a.weights[pos] * wb).sum(1) / (n * nxs[i].k)
+    return out
+
+
+def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: torch.Tensor, n: int,
+                batch: int = 16) -> torch.Tensor:
+    """(n_perm, m, t) CKNNA with the text rows permuted, batched over permutations (keys offset by perm)."""
+    sx_self = [_knn._cknna_self(n, a) for a in nxs]
+    sy_self = [_knn._cknna_self(n, b) for b in nys]
+    n_perm = perms.shape[0]
+    out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64)
+    sx = [_sparse(a, n) for a in nxs]
+    nn = n * n
+    for s in range(0, n_perm, batch):
+        p = perms[s:s + batch]
+        bsz = len(p)
+        inv = torch.empty_like(p)
+        inv.scatter_(1, p, torch.arange(n).expand(bsz, n).contiguous())
+        off = (torch.arange(bsz) * nn)[:, None]
+        for j, b in enumerate(nys):
+            rows, cols, ysim, wb = _permuted_entries(b, p, inv, n)
+            q = rows * n + cols
+            for i, a in enumerate(sx):
+                hit, pos = _lookup(a, q)
+                hit = hit & (wb > 0)
+                bi, e = hit.nonzero(as_tuple=True)
+                m = a.weights[pos[bi, e]] * wb[bi, e]
+                av = a.sims[pos[bi, e]] * m
+                bv = ysim[bi, e] * m
+                r, c = rows[bi, e], cols[bi, e]
+                # tr(AB) = sum over entries whose transpose is an entry too of A_ij B_ji (within one permutation)
+                key = bi * nn + r * n + c
+                order = torch.argsort(key)
+                sk = key[order]
+                tk = bi * nn + c * n + r
+                tp = torch.searchsorted(sk, tk).clamp_max(max(sk.numel() - 1, 0))
+                th = sk[tp] == tk if sk.numel() else torch.zeros(0, dtype=torch.bool)
+                tr = torch.zeros(bsz, dtype=F64).index_add_(0, bi[th], av[th] * bv[order[tp[th]]])
+                sa = torch.zeros(bsz, dtype=F64).index_add_(0, bi, av)
+                sb = torch.zeros(bsz, dtype=F64).index_add_(0, bi, bv)
+                col_a = torch.zeros(bsz * n, dtype=F64).index_add_(0, bi * n + c, av).view(bsz, n)
+                row_b = torch.zeros(bsz * n, dtype=F64).index_add_(0, bi * n + r, bv).view(bsz, n)
+                num = tr + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (col_a * row_b).sum(1)
+                cross = num / (n * (n - 3))
+                if sx_self[i] <= 0 or sy_self[j] <= 0:
+                    out[s:s + bsz, i, j] = 0.0
+                else:
+                    v = cross / (sx_self[i] * sy_self[j]) ** 0.5
+                    out[s:s + bsz, i, j] = torch.where(v.abs() > 1 + 1e-9, torch.full_like(v, float("nan")), v)
+        del off
+    return out
+
+
+def _from_samples(observed: torch.Tensor, null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_perm = null.shape[0]
+    mean = null.mean(0)
+    sd = null.std(0) if n_perm > 1 else torch.full_like(observed, float("nan"))
+    p = (1 + (null >= observed - 1e-12).sum(0)).to(F64) / (1 + n_perm)
+    return mean, sd, p

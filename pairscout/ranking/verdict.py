@@ -1,0 +1,265 @@
+"""The verdict of a ranking: which pair to align, which pairs are not distinguishable from it, which encoders
+are near-duplicates, and why, in words a researcher can act on.
+
+``rank.json["verdict"]`` = ``{"pair": [vision, text], "tied": [[v, t], ...], "duplicates": [[a, b], ...],
+"reason": "...", ...}``.
+
+* **pair**: the best-ranked pair.
+* **tied**: every pair not distinguishable from it by a **paired test on the delete-a-group jackknife
+  replicates of the difference** (not by overlapping intervals): with ``d_g = theta_best(g) - theta_c(g)`` over
+  the G replicates, ``se_d^2 = (G-1)/G sum_g (d_g - mean d)^2``, ``t = d / se_d`` with G - 1 degrees of freedom,
+  two-sided; tied when p > ``alpha`` (0.05). Both pairs are measured on the same rows in every replicate, so
+  the shared noise cancels and the test is much sharper than comparing intervals.
+* **duplicates**: two encoders of the same modality whose embeddings have linear CKA >= 0.99 with each
+  other (e.g. MiniLM and its int8 copy). Each is listed once; both rows stay in the table; a pair that differs
+  from the verdict's pair only by swapping an encoder for its duplicate is always listed as tied, so the
+  verdict prefers neither copy.
+* Above chance: the verdict says so when the best pair's calibrated p-value (Holm-corrected across pairs) is
+  not below ``alpha``: no pair is then distinguishable from shuffled pairings.
+
+After ``pairscout probe``, :func:`update_from_probe` revisits the verdict with the probe's read-out: where the
+probe separates pairs that the metrics left tied (difference of the read-out larger than twice its binomial
+standard error on the held-out images), the verdict moves to the probe's best pair among them
+(``source = "probe"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+DUPLICATE_CKA = 0.99
+"""Linear CKA (biased) between two encoders of one modality at or above which they count as near-duplicates."""
+ALPHA = 0.05
+
+
+@dataclass
+class Verdict:
+    """The recommended pair, the pairs tied with it, near-duplicate encoders, and the reason in words."""
+
+    pair: tuple[str, str]
+    tied: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+    reason: str = ""
+    source: str = "rank"
+    """``rank`` (metrics) or ``probe`` (moved by the probe's read-out)."""
+    metric: str = ""
+    above_chance: bool | None = None
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    """Per compared pair: difference to the best, its jackknife se, t, p, tied or not."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pair"] = list(self.pair)
+        d["tied"] = [list(p) for p in self.tied]
+        d["duplicates"] = [list(p) for p in self.duplicates]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
+        return cls(pair=(d["pair"][0], d["pair"][1]), tied=[(a, b) for a, b in d.get("tied", [])],
+                   duplicates=[(a, b) for a, b in d.get("duplicates", [])], reason=d.get("reason", ""),
+                   source=d.get("source", "rank"), metric=d.get("metric", ""), above_chance=d.get("above_chance"),
+                   tests=list(d.get("tests", [])))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------
+def jackknife_replicates(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metric: str, *, groups: int, seed: int,
+                         **kw: Any) -> torch.Tensor:
+    """(G, m, t) leave-one-group-out values of a pair metric, with the grouping of
+    :func:`pairscout.ranking.compute.jackknife_ci` (same seed, same groups)."""
+    from pairscout import metrics as M
+
+    n = xs[0].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    parts = torch.randperm(n, generator=g).chunk(groups)
+    reps = []
+    for part in parts:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[part] = False
+        reps.append(M.pair_metric(metric, [x[keep] for x in xs], [y[keep] for y in ys], **kw))
+    return torch.stack(reps)
+
+
+def paired_test(est: np.ndarray, reps: np.ndarray, best: tuple[int, int], other: tuple[int, int]) -> dict[str, float]:
+    """Paired jackknife test of ``est[best] - est[other]`` (formula in the module docstring)."""
+    from scipy import stats
+
+    d = float(est[best] - est[other])
+    dg = reps[:, best[0], best[1]] - reps[:, other[0], other[1]]
+    g = dg.shape[0]
+    se = float(math.sqrt((g - 1) / g * float(((dg - dg.mean()) ** 2).sum())))
+    if se == 0.0:
+        p = 1.0 if d == 0.0 else 0.0
+        t = math.copysign(math.inf, d) if d else 0.0
+    else:
+        t = d / se
+        p = float(2 * stats.t.sf(abs(t), df=g - 1))
+    return {"diff": d, "se": se, "t": t, "p": p}
+
+
+def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPLICATE_CKA) -> list[tuple[str, str, float]]:
+    """Pairs of encoders (one modality, in the given order) whose embeddings have linear CKA >= threshold."""
+    from pairscout.metrics import all_pairs_cka
+
+    names = list(embeddings)
+    if len(names) < 2:
+        return []
+    mats = [embeddings[k] for k in names]
+    try:
+        c = all_pairs_cka(mats, mats, "linear", False)
+    except Exception:  # constant features etc.: such an encoder has no duplicate to report
+        return []
+    out = []
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            if float(c[i, j]) >= threshold:
+                out.append((names[i], names[j], float(c[i, j])))
+    return out
+
+
+def _pairs_str(pairs: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"{v} x {t}" for v, t in pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The verdict of a rank run
+# ----------------------------------------------------------------------------------------------------------
+def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.ndarray | None, v_names: Sequence[str],
+           t_names: Sequence[str], duplicates: Sequence[tuple[str, str, float]] = (), *, label: str | None = None,
+           alpha: float = ALPHA) -> Verdict:
+    """The verdict from ranked ``pairs`` (best first), the (m, t) estimates and (G, m, t) jackknife replicates of
+    the ranking metric (None: no test possible), and the near-duplicate encoders."""
+    label = label or metric
+    best = (str(pairs["vision"].iloc[0]), str(pairs["text"].iloc[0]))
+    vi, ti = {v: i for i, v in enumerate(v_names)}, {t: j for j, t in enumerate(t_names)}
+    b = (vi[best[0]], ti[best[1]])
+    tests: list[dict[str, Any]] = []
+    tied: list[tuple[str, str]] = []
+    if est is not None and reps is not None and reps.shape[0] >= 2:
+        for v, t in zip(pairs["vision"].iloc[1:], pairs["text"].iloc[1:], strict=True):
+            r = paired_test(est, reps, b, (vi[v], ti[t]))
+            r.update({"pair": [v, t], "tied": bool(r["p"] > alpha)})
+            tests.append(r)
+            if r["tied"]:
+                tied.append((str(v), str(t)))
+    twin = {}
+    for a, c, _ in duplicates:
+        twin.setdefault(a, set()).add(c)
+        twin.setdefault(c, set()).add(a)
+    dup_pairs = [(v, best[1]) for v in sorted(twin.get(best[0], ()))] + [(best[0], t) for t in sorted(twin.get(best[1], ()))]
+    dup_pairs = [p for p in dup_pairs if p[0] in vi and p[1] in ti]
+    for p in dup_pairs:
+        if p not in tied:
+            tied.append(p)
+    order = {(str(v), str(t)): k for k, (v, t) in enumerate(zip(pairs["vision"], pairs["text"], strict=True))}
+    tied.sort(key=lambda p: order.get(p, 10**9))
+
+    p_col = f"{metric}_p_holm"
+    above = None
+    if p_col in pairs and not pd.isna(pairs[p_col].iloc[0]):
+        above = bool(pairs[p_col].iloc[0] < alpha)
+    value = float(pairs[metric].iloc[0]) if metric in pairs else float("nan")
+    words = [f"{best[0]} x {best[1]} has the highest {label} ({value:.3f})."]
+    if above is False:
+        words.append(f"It is not distinguishable from shuffled pairings (Holm-corrected p = {float(pairs[p_col].iloc[0]):.3g}): "
+                     "no pair here aligns better than chance; do not align on this evidence.")
+    elif above:
+        z_col = f"{metric}_z"
+        if z_col in pairs and not pd.isna(pairs[z_col].iloc[0]):
+            words.append(f"It is {float(pairs[z_col].iloc[0]):.1f} null standard deviations above chance.")
+    if est is None or reps is None:
+        words.append("No jackknife replicates (--ci-groups 0), so ties with the next pairs were not tested.")
+    elif tied:
+        n_t = len([p for p in tied if p not in dup_pairs])
+        if n_t:
+            words.append(f"{n_t} other pair(s) are not distinguishable from it (paired jackknife test, p > {alpha}): "
+                         f"{_pairs_str([p for p in tied if p not in dup_pairs][:6])}{' ...' if n_t > 6 else ''}.")
+    else:
+        words.append(f"Every other pair is distinguishably lower (paired jackknife test, p <= {alpha}).")
+    for a, c, cka in duplicates:
+        words.append(f"{a} and {c} are near-duplicates (linear CKA {cka:.3f} between them): the verdict prefers neither.")
+    if len(tied) > len(dup_pairs) or (tied and est is not None):
+        words.append("To separate the tied pairs, run `pairscout probe` on them; `align` takes this pair unless told otherwise.")
+    return Verdict(pair=best, tied=tied, duplicates=[(a, c) for a, c, _ in duplicates], reason=" ".join(words),
+                   metric=metric, above_chance=above, tests=tests)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# After a probe
+# ----------------------------------------------------------------------------------------------------------
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of a proportion ``p`` measured on ``n`` held-out items (0.5 / n floor away from 0 and 1)."""
+    p = min(max(p, 0.5 / max(n, 1)), 1 - 0.5 / max(n, 1))
+    return math.sqrt(p * (1 - p) / max(n, 1))
+
+
+def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_items: int, *, label: str | None = None) -> Verdict:
+    """Revisit a rank verdict with the probe's read-out ``target`` (a proportion over ``n_items`` held-out items).
+
+    Among the verdict's pair and its tied pairs that were probed, the best by ``target`` becomes the verdict
+    when its read-out exceeds the current pair's by more than twice the standard error of the difference
+    (binomial, unpaired: conservative). Pairs within that margin of it stay tied. Otherwise the verdict stays
+    and says that the probe could not separate them either.
+    """
+    label = label or target
+    group = [verdict.pair, *verdict.tied]
+    got = {(str(v), str(t)): float(x) for v, t, x in zip(probed["vision"], probed["text"], probed[target], strict=True)
+           if not pd.isna(x)}
+    cands = [p for p in group if p in got]
+    new = Verdict(**{**asdict(verdict), "pair": verdict.pair, "tied": list(verdict.tied), "duplicates": list(verdict.duplicates)})
+    new.tests = list(verdict.tests)
+    if len(cands) < 2:
+        missing = [p for p in group if p not in got]
+        if len(group) > 1:
+            new.reason = verdict.reason + (f" The probe measured {len(cands)} of the {len(group)} tied pairs; probe "
+                                           f"{_pairs_str(missing[:4])} to separate them.")
+        return new
+    top = max(cands, key=lambda p: got[p])
+
+    def separated(a: tuple[str, str], b: tuple[str, str]) -> bool:
+        se = math.sqrt(binomial_se(got[a], n_items) ** 2 + binomial_se(got[b], n_items) ** 2)
+        return got[a] - got[b] > 2 * se
+
+    new = _moved(verdict, new, cands, top, got, separated, label, n_items)
+    every = {(str(v), str(t)): float(x) for v, t, x in zip(probed["vision"], probed["text"], probed[target], strict=True) if not pd.isna(x)}
+    outside = [p for p in every if p not in group and every[p] > got[new.pair]]
+    if outside:
+        o = max(outside, key=lambda p: every[p])
+        se = math.sqrt(binomial_se(every[o], n_items) ** 2 + binomial_se(got[new.pair], n_items) ** 2)
+        if every[o] - got[new.pair] > 2 * se:
+            new.reason += (f" Warning: the probe reads {every[o]:.3f} {label} for {o[0]} x {o[1]}, clearly above the verdict's "
+                           f"{got[new.pair]:.3f}: here the metrics ranked against the read-out; consider `align --pair {o[0]},{o[1]}`.")
+    return new
+
+
+def _moved(verdict: Verdict, new: Verdict, cands: list[tuple[str, str]], top: tuple[str, str], got: dict[tuple[str, str], float],
+           separated: Any, label: str, n_items: int) -> Verdict:
+    group = [verdict.pair, *verdict.tied]
+    if top != verdict.pair and verdict.pair in got and separated(top, verdict.pair):
+        still = [p for p in cands if p != top and not separated(top, p)]
+        dup_twins = [p for p in verdict.tied if p not in got]
+        new.pair, new.tied, new.source = top, still + dup_twins, "probe"
+        new.reason = (f"The metrics could not separate {len(group)} pairs; the probe's {label} does: {top[0]} x {top[1]} reads "
+                      f"{got[top]:.3f} against {got[verdict.pair]:.3f} for {verdict.pair[0]} x {verdict.pair[1]} (the metrics' best), "
+                      f"more than twice the standard error of the difference on {n_items} held-out items.")
+        if still:
+            new.reason += f" Not separated from it by the probe either: {_pairs_str(still)}."
+        for a, c in verdict.duplicates:
+            new.reason += f" {a} and {c} are near-duplicates: the verdict prefers neither."
+        return new
+    new.reason = verdict.reason + (f" The probe's {label} on the tied pairs ({', '.join(f'{got[p]:.3f}' for p in cands)}) "
+                                   f"does not separate them either; the metrics' best pair stands.")
+    return new
+
+
+__all__ = ["ALPHA", "DUPLICATE_CKA", "Verdict", "binomial_se", "decide", "jackknife_replicates", "near_duplicates",
+           "paired_test", "update_from_probe"]

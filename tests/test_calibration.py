@@ -1,0 +1,99 @@
+"""Calibrated scores and p-values (pairscout.metrics.calibration): exact null moments, z, Holm."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from pairscout.metrics import calibration as C
+from pairscout.metrics.stats import pair_metric
+
+
+def _summary(a: np.ndarray) -> dict:
+    m = torch.tensor(a)
+    d = m.diagonal().clone()
+    off = m - torch.diag(d)
+    return C._GramSummary(d, off.sum(1), off.square().sum(1)).parts()
+
+
+def test_quadratic_assignment_moments_equal_enumeration():
+    rng = np.random.default_rng(0)
+    n = 6
+    a = rng.normal(size=(n, n))
+    b = rng.normal(size=(n, n))
+    a, b = a + a.T, b + b.T
+    vals = np.array([(a * b[np.ix_(p, p)]).sum() for p in itertools.permutations(range(n))])
+    mean, var = C._quadratic_assignment_moments(_summary(a), _summary(b))
+    assert mean == pytest.approx(vals.mean(), rel=1e-10)
+    assert var == pytest.approx(vals.var(), rel=1e-10)
+
+
+@pytest.mark.parametrize("metric", ["cka_linear", "cka_linear_debiased", "cka_rbf"])
+def test_null_moments_and_p_match_brute_force_permutations(metric):
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    y = 0.5 * x[:, :3] + torch.randn(n, 3, generator=g, dtype=torch.float64)
+    auto = C.calibrate([x], [y], metric)
+    mc = C.calibrate([x], [y], metric, method="permutation", n_perm=1500, seed=3)
+    sd = float(mc.null_sd)
+    assert float(auto.null_mean) == pytest.approx(float(mc.null_mean), abs=4 * sd / 1500**0.5)
+    assert float(auto.null_sd) == pytest.approx(sd, rel=0.08)
+    assert float(auto.p_value) == pytest.approx(float(mc.p_value), abs=0.01)
+    assert float(auto.z) > 2  # a real dependence
+
+
+def test_debiased_null_is_mean_zero_sd_closed_form():
+    n = 50
+    c = C.calibrate([torch.randn(n, 4)], [torch.randn(n, 7)], "cka_linear_debiased")
+    assert float(c.null_mean) == 0.0
+    assert float(c.null_sd) == pytest.approx(C.debiased_cka_null_sd(n))
+    assert C.debiased_cka_null_sd(n) == pytest.approx((2 / (n * (n - 3))) ** 0.5)
+
+
+def test_holm_known_answer():
+    p = torch.tensor([0.01, 0.04, 0.03, 0.2], dtype=torch.float64)
+    # sorted 0.01, 0.03, 0.04, 0.2 -> 0.04, 0.09, 0.09 (cummax of 0.08), 0.2
+    assert C.holm(p).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert torch.isnan(C.holm(torch.tensor([float("nan"), 0.5]))[0])
+
+
+@pytest.mark.parametrize("metric", ["cka_linear_debiased", "cka_linear", "cka_rbf", "mutual_knn", "cknna"])
+def test_independent_embeddings_centre_on_zero_and_p_uniform(metric):
+    """Calibrated scores of independent embeddings centre on 0 with unit spread; p-values are uniform-ish."""
+    from scipy import stats
+
+    zs, ps, holms = [], [], []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(100 + seed)
+        n = 120
+        xs = [torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) for d in (6, 20)]
+        ys = [torch.randn(n, d, generator=g) for d in (3, 12)]
+        kw = {"k": 5} if metric in ("mutual_knn", "cknna") else {}
+        c = C.calibrate(xs, ys, metric, n_perm=99, seed=seed, **kw)
+        zs += c.z.flatten().tolist()
+        ps += c.p_value.flatten().tolist()
+        holms += c.p_holm.flatten().tolist()
+    zs = np.array(zs)
+    assert abs(zs.mean()) < 0.45 and 0.6 < zs.std() < 1.5
+    assert stats.kstest(ps, "uniform").pvalue > 0.01
+    assert np.mean(np.array(holms) < 0.05) <= 0.1  # family-wise: rarely any rejection
+
+
+def test_neighbour_null_equals_recomputation_with_ties():
+    """The permuted neighbour lists (sorted keys) give exactly the recomputed metric, duplicate rows included."""
+    from pairscout.metrics import knn as K
+
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    lab = torch.randint(0, 5, (n,), generator=g)
+    xs = [torch.randn(n, 8, generator=g) + torch.randn(5, 8, generator=g)[lab] for _ in range(2)]
+    ys = [torch.randn(5, 4, generator=g)[lab], torch.randn(n, 6, generator=g)]  # ys[0]: identical rows per class
+    perms = C._perms(n, 4, 1)
+    nxs, nys, _ = K._neighbours_all(xs, ys, 5, K.Preprocess(), 4)
+    for metric, fn in (("mutual_knn", lambda: C._mutual_knn_null(nxs, nys, perms)), ("cknna", lambda: C._cknna_null(nxs, nys, perms, n))):
+        slow = torch.stack([pair_metric(metric, xs, [y[p] for y in ys], k=5) for p in perms])
+        assert torch.allclose(fn(), slow, atol=1e-12)
