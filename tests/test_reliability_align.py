@@ -96,3 +96,21 @@ def test_garbage_timm_weights_fail_that_model_alone(tmp_path):
                      settings=EncodeSettings(device="cpu", num_workers=0))
     assert "pixels" in res.embeddings and "test_vit" in res.failures
     assert "\n" not in res.failures["test_vit"] and "test_vit" in res.failures["test_vit"]
+
+
+def test_report_out_folder_and_missing_folder(tmp_path):
+    """Issue 14: `report -o DIR` crashed in the atomic rename; `report` on an empty rank.json."""
+    from pairscout.ranking import rank
+    from pairscout.report import build_report
+
+    rank("baseline:pixels", "baseline:tfidf,baseline:random", "generated:n=40,size=16", out=tmp_path / "run",
+         cache_dir=tmp_path / "c", plots=False)
+    (tmp_path / "dir").mkdir()
+    assert build_report([tmp_path / "run"], tmp_path / "dir") == tmp_path / "dir" / "report.html"
+    assert (tmp_path / "dir" / "report.html").stat().st_size > 1000
+    with pytest.raises(PairscoutError, match="does not exist"):
+        build_report([tmp_path / "run"], tmp_path / "nope" / "r.html")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "rank.json").write_text("")
+    with pytest.raises(PairscoutError, match="unreadable"):
+        build_report([tmp_path / "empty"])

@@ -201,6 +201,10 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
 
     runs = collect(paths)
     out = Path(out) if out is not None else runs[0].path / "report.html"
+    if out.is_dir():  # `-o somefolder`: the page goes inside it, under the usual name
+        out = out / "report.html"
+    if not out.parent.is_dir():
+        raise PairscoutError(f"the folder of the report file {out} does not exist.", fix="create it, or pass --out FILE in an existing folder.")
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: resources.files("pairscout").joinpath("templates", name).read_text(encoding="utf-8")),
         autoescape=jinja2.select_autoescape(default=True),
