@@ -106,7 +106,7 @@ def null_timings(n: int, seed: int = 0) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", default="b941fa3", help="commit of the 'before' measurement")
+    ap.add_argument("--base", default="4eb0483", help="commit of the 'before' measurement")
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--skip-demo", action="store_true")
     args = ap.parse_args()
