@@ -219,3 +219,20 @@ def test_cycle_knn_with_tied_neighbours_is_valid_and_shuffle_invariant():
     v = cycle_knn(x, y, 5)
     p = torch.randperm(100, generator=g)
     assert 0 <= v <= 1 and cycle_knn(x[p], y[p], 5) == pytest.approx(v)
+
+
+def test_metric_values_equal_pair_metrics_and_keep_primary_replicates():
+    """The rank's values reuse the primary's jackknife replicates for the verdict: same numbers as compute."""
+    from pairscout.ranking import compute
+    from pairscout.ranking.calibrated import metric_values
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(60, 5, generator=g) for _ in range(2)]
+    ys = [xs[0][:, :3] + torch.randn(60, 3, generator=g), torch.randn(60, 4, generator=g)]
+    st = RankSettings(ci_groups=5, permutations=0)
+    metrics = ["cka_linear_debiased", "cka_linear", "mutual_knn"]
+    got, reps = metric_values(xs, ys, metrics, st, "cka_linear_debiased")
+    want = compute.pair_metrics(xs, ys, metrics, st, "cka_linear_debiased")
+    assert set(got) == set(want) and reps is not None and reps.shape == (5, 2, 2)
+    for k in want:
+        assert np.allclose(got[k], want[k], atol=1e-12), k

@@ -220,16 +220,26 @@ def _gamma_sf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
 
 
 def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, debiased: bool, sigma_frac: float,
-                 observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(null_mean, null_sd, p) of CKA for all pairs from exact permutation moments + the gamma approximation."""
+                 observed: torch.Tensor, cache: dict[Any, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(null_mean, null_sd, p) of CKA for all pairs from exact permutation moments + the gamma approximation.
+
+    ``cache``: a dict shared between calls on the same embeddings (biased and debiased CKA of one kernel need
+    the same per-model summaries)."""
     n = xs[0].shape[0]
     summ, norm2 = [], []
-    for z in [*xs, *ys]:
-        if kernel == "linear":
-            s, f2 = _linear_summary(z)
+    for k, z in enumerate([*xs, *ys]):
+        key = (kernel, sigma_frac, k, len(xs))
+        if cache is not None and key in cache:
+            s, f2 = cache[key]
         else:
-            s, f2 = _rbf_summary(z, _cka.median_sigma(z, sigma_frac))
-        summ.append(s.parts())
+            if kernel == "linear":
+                s, f2 = _linear_summary(z)
+            else:
+                s, f2 = _rbf_summary(z, _cka.median_sigma(z, sigma_frac))
+            s = s.parts()
+            if cache is not None:
+                cache[key] = (s, f2)
+        summ.append(s)
         norm2.append(f2)
     m, t = len(xs), len(ys)
     mean_b = np.zeros((m, t))
@@ -265,7 +275,7 @@ def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, de
 # ----------------------------------------------------------------------------------------------------------
 def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], metric: str,
               observed: torch.Tensor | None = None, *, method: str = "auto", n_perm: int = N_PERM,
-              cknna_perm: int = CKNNA_PERM, seed: int = 0, **kwargs: Any) -> Calibration:
+              cknna_perm: int = CKNNA_PERM, seed: int = 0, cache: dict[Any, Any] | None = None, **kwargs: Any) -> Calibration:
     """Null mean and sd, calibrated score z, p-value and Holm-corrected p-value of a pair metric, all pairs.
 
     Args:
@@ -276,6 +286,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         method: ``auto`` (closed-form moments for CKA, permutations for neighbour metrics) or ``permutation``.
         n_perm: Monte-Carlo permutations (neighbour metrics; all metrics with ``method="permutation"``).
         cknna_perm: cap on CKNNA's permutations.
+        cache: a dict to share per-model summaries between calls on the same embeddings (biased + debiased CKA).
         kwargs: the metric's own settings (``k``, ``preprocess``, ``sigma_frac``).
 
     Example:
@@ -301,7 +312,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
     if metric in CKA_METRICS and method == "auto":
         kernel = "linear" if metric.startswith("cka_linear") else "rbf"
         mean, sd, p = _cka_moments([x.cpu() for x in xs_t], [y.cpu() for y in ys_t], kernel, metric.endswith("_debiased"),
-                                   float(kwargs.get("sigma_frac", 1.0)), observed)
+                                   float(kwargs.get("sigma_frac", 1.0)), observed, cache)
         how = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
     elif metric in NEIGHBOUR_METRICS:
         k = int(kwargs.get("k", 10))

@@ -66,6 +66,37 @@ def metric_kwargs(metric: str, settings: RankSettings) -> dict[str, Any]:
     return compute._kwargs(metric, settings)
 
 
+def metric_values(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings, primary: str,
+                  progress: Any = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """:func:`pairscout.ranking.compute.pair_metrics` (values and jackknife intervals, no permutations), except
+    that the primary metric's jackknife replicates are kept for the verdict's paired test, not recomputed.
+
+    Same groups and seeds as ``pair_metrics`` (metric i gets seed ``settings.seed + 1000 i``), same formula
+    ``se^2 = (G-1)/G sum_g (theta_(g) - mean)^2``, interval ``theta +- z_0.975 se``.
+    """
+    from statistics import NormalDist
+
+    from pairscout import metrics as M
+    from pairscout.ranking import compute
+
+    out: dict[str, np.ndarray] = {}
+    reps = None
+    for i, m in enumerate(metrics):
+        st = dataclasses.replace(settings, seed=settings.seed + 1000 * i, permutations=0)
+        if m != primary or settings.ci_groups <= 1:
+            out.update(compute.pair_metrics(xs, ys, [m], st, None, progress=progress))
+            continue
+        kw = metric_kwargs(m, settings)
+        est = M.pair_metric(m, xs, ys, **kw)
+        r = V.jackknife_replicates(xs, ys, m, groups=settings.ci_groups, seed=st.seed, **kw)
+        g = r.shape[0]
+        se = ((g - 1) / g * ((r - r.mean(0)) ** 2).sum(0)).sqrt()
+        z = NormalDist().inv_cdf(0.975)
+        out[m], out[f"{m}_lo"], out[f"{m}_hi"], out[f"{m}_se"] = est.numpy(), (est - z * se).numpy(), (est + z * se).numpy(), se.numpy()
+        reps = r.numpy()
+    return out, reps
+
+
 def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings,
                        values: dict[str, np.ndarray], progress: Any = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``<m>_null``, ``<m>_null_sd``, ``<m>_z``, ``<m>_p``, ``<m>_p_holm`` for every metric, and how each null was made.
@@ -74,6 +105,8 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
     ``progress(phase, done, total)`` with phase ``"<label>: null"``.
     """
     from pairscout.metrics import registry
+
+    cache: dict[Any, Any] = {}
 
     out: dict[str, np.ndarray] = {}
     how: dict[str, str] = {}
@@ -86,7 +119,8 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
             how[m] = "not calibrated (no null for this measure yet)"
             continue
         cal = calibrate(xs, ys, m, torch.from_numpy(np.asarray(values[m], dtype=np.float64)), n_perm=settings.permutations,
-                        seed=settings.seed + 1000 * i, method=getattr(settings, "null_method", "auto"), **metric_kwargs(m, settings))
+                        seed=settings.seed + 1000 * i, method=getattr(settings, "null_method", "auto"), cache=cache,
+                        **metric_kwargs(m, settings))
         out[f"{m}_null"], out[f"{m}_null_sd"], out[f"{m}_z"] = cal.null_mean.numpy(), cal.null_sd.numpy(), cal.z.numpy()
         out[f"{m}_p"], out[f"{m}_p_holm"] = cal.p_value.numpy(), cal.p_holm.numpy()
         how[m] = cal.method
@@ -96,13 +130,14 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
 
 
 def rank_verdict(pairs: pd.DataFrame, xs: list[torch.Tensor], ys: list[torch.Tensor], v_names: Sequence[str],
-                 t_names: Sequence[str], settings: RankSettings, primary: str, values: dict[str, np.ndarray]) -> V.Verdict:
-    """The verdict of a ranking (see :mod:`pairscout.ranking.verdict`), tested on the primary metric."""
+                 t_names: Sequence[str], settings: RankSettings, primary: str, values: dict[str, np.ndarray],
+                 reps: np.ndarray | None = None) -> V.Verdict:
+    """The verdict of a ranking (see :mod:`pairscout.ranking.verdict`), tested on the primary metric's jackknife
+    replicates ``reps`` (G, m, t) (computed here when not given)."""
     from pairscout.metrics import registry
 
-    reps = None
     est = np.asarray(values[primary], dtype=np.float64)
-    if settings.ci_groups > 1:
+    if reps is None and settings.ci_groups > 1:
         reps = V.jackknife_replicates(xs, ys, primary, groups=settings.ci_groups, seed=settings.seed,
                                       **metric_kwargs(primary, settings)).numpy()
     dups = V.near_duplicates(dict(zip(v_names, xs, strict=True))) + V.near_duplicates(dict(zip(t_names, ys, strict=True)))

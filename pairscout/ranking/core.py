@@ -5,7 +5,6 @@ The CLI command ``pairscout rank`` is a thin wrapper over :func:`rank`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -116,7 +115,7 @@ def rank(
     xs = [v_enc.embeddings[k].pooled for k in v_names]
     ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
     t1 = time.perf_counter()
-    pair_values = compute.pair_metrics(xs, ys, metrics, dataclasses.replace(used, permutations=0), primary, progress=progress)
+    pair_values, primary_reps = calibrated.metric_values(xs, ys, metrics, used, primary, progress=progress)
     cal_values, null_methods = calibrated.calibrated_columns(xs, ys, metrics, used, pair_values, progress=progress)
     pair_values.update(cal_values)
     metrics_s = time.perf_counter() - t1
@@ -138,7 +137,7 @@ def rank(
     pairs = pairs.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     pairs.insert(0, "rank", np.arange(1, len(pairs) + 1))
     t2 = time.perf_counter()
-    verdict = calibrated.rank_verdict(pairs, xs, ys, v_names, t_names, used, primary, pair_values)
+    verdict = calibrated.rank_verdict(pairs, xs, ys, v_names, t_names, used, primary, pair_values, primary_reps)
     verdict_s = time.perf_counter() - t2
 
     labels = getattr(ds, "labels", None)
