@@ -56,7 +56,7 @@ else:
     import pandas as pd
     from pairscout.ranking import calibrated
     used, _ = calibrated.adapt_to_size(st, len(ds), metrics)
-    vals = compute.pair_metrics(xs, ys, metrics, dataclasses.replace(used, permutations=0), primary)
+    vals, reps = calibrated.metric_values(xs, ys, metrics, used, primary)  # what rank() runs
     t_cal = time.perf_counter()
     cal, how = calibrated.calibrated_columns(xs, ys, metrics, used, vals)
     vals.update(cal)
@@ -65,7 +65,7 @@ else:
     for c in (f"{primary}_p_holm", f"{primary}_z"):
         pairs[c] = [float(vals[c][vn.index(a), tn.index(b)]) for a, b in zip(pairs.vision, pairs.text)]
     t_ver = time.perf_counter()
-    ver = calibrated.rank_verdict(pairs, xs, ys, vn, tn, used, primary, vals)
+    ver = calibrated.rank_verdict(pairs, xs, ys, vn, tn, used, primary, vals, reps)
     t_end = time.perf_counter()
 print(json.dumps({"seconds": time.perf_counter() - t0, "n": len(ds), "pairs": len(vn) * len(tn),
                   **({} if MODE == "before" else {"calibration_s": t_ver - t_cal, "verdict_s": t_end - t_ver,
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--skip-demo", action="store_true")
     args = ap.parse_args()
-    payload: dict = {"machine": machine(), "base": args.base}
+    payload: dict = {"machine": machine(), "base": args.base, "load_average_at_start": os.getloadavg()}
     if not args.skip_demo:
         with tempfile.TemporaryDirectory() as tmp:
             arch = subprocess.run(["git", "archive", args.base], cwd=ROOT, capture_output=True, check=True).stdout
@@ -123,7 +123,10 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",") if s):
         payload["null_36_pairs"][n] = null_timings(n)
         print(n, json.dumps(payload["null_36_pairs"][n]), flush=True)
-    lines = ["# Calibrated null: cost", "", f"Machine: {payload['machine']}", ""]
+    payload["load_average_at_end"] = os.getloadavg()
+    lines = ["# Calibrated null: cost", "", f"Machine: {payload['machine']}", "",
+             f"Load average (1, 5, 15 min) at start {payload['load_average_at_start']}, at end {payload['load_average_at_end']}: "
+             "the 2 cores were shared with other jobs, so absolute seconds are inflated; before and after ran back to back.", ""]
     if "demo_metrics_phase" in payload:
         b, a = payload["demo_metrics_phase"]["before"], payload["demo_metrics_phase"]["after"]
         lines += ["## Demo rank, metrics phase (1,000 rows, 36 pairs, cached embeddings)", "",
