@@ -32,8 +32,9 @@ How the null is obtained (``method="auto"``, the default):
   features or neighbours): ``p = (1 + #{null >= observed}) / (1 + n_perm)``. Both are vectorised over
   permutations (sorted entry keys + searchsorted, no n x n matrix), but still cost O(n k log(nk)) per
   permutation and pair, so the defaults keep the demo's metrics phase fast: 199 permutations for mutual k-NN
-  (p resolved to 0.005), ``min(n_perm, cknna_perm)`` = 99 for CKNNA (0.01). ``n_perm=999`` (``--permutations
-  999``) resolves p to 1e-3 at about 5x the cost (``benchmarks/results/null_cpu.md``).
+  (p resolved to 0.005; a dense lookup table makes them cheap below ~3,000 rows), ``min(n_perm, cknna_perm)``
+  = 49 for CKNNA (0.02; its sparse HSIC per permutation and pair is the costly part). ``--permutations 999``
+  gives both metrics 999 permutations (p resolved to 1e-3) at a higher cost (``benchmarks/results/null_cpu.md``).
 
 ``method="permutation"`` runs Monte-Carlo permutations for the CKA family too (Gram form is never built;
 each permutation re-evaluates the metric), for checking the approximation on small data.
@@ -64,7 +65,7 @@ NEIGHBOUR_METRICS = ("mutual_knn", "cknna")
 #: Default Monte-Carlo permutations of the neighbour metrics (p resolved to 0.005; 999 resolves 1e-3).
 N_PERM = 199
 #: CKNNA recomputes a sparse HSIC per permutation and pair: it gets at most this many permutations.
-CKNNA_PERM = 99
+CKNNA_PERM = 49
 
 
 @dataclass(frozen=True)

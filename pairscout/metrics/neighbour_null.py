@@ -15,6 +15,8 @@ import torch
 import pairscout.metrics.knn as _knn
 
 F64 = torch.float64
+#: Memory the dense lookup table of mutual k-NN's null may use (all vision models, float32 n x n each).
+DENSE_BYTES = 256 * 2**20
 
 
 def _perms(n: int, n_perm: int, seed: int) -> torch.Tensor:
@@ -62,6 +64,23 @@ def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], per
     looked up among X's sorted entry keys ``i * n + j`` (no n x n matrix, O(n k log(n k)) per permutation)."""
     n_perm, n = perms.shape
     out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64)
+    if len(nxs) * n * n * 4 <= DENSE_BYTES:
+        # small n: every X model's weighted adjacency as one dense (m, n * n) table; a lookup is one gather
+        dense = torch.zeros(len(nxs), n * n, dtype=torch.float32)
+        for i, a in enumerate(nxs):
+            sp = _sparse(a, n)
+            dense[i, sp.keys] = sp.weights.float()
+        kk = torch.tensor([float(a.k) for a in nxs], dtype=F64)[:, None]
+        for s in range(0, n_perm, batch):
+            p = perms[s:s + batch]
+            inv = torch.empty_like(p)
+            inv.scatter_(1, p, torch.arange(n).expand(len(p), n).contiguous())
+            for j, b in enumerate(nys):
+                rows, cols, _, wb = _permuted_entries(b, p, inv, n)
+                q = (rows * n + cols.clamp_min(0)).reshape(-1)
+                got = dense[:, q].view(len(nxs), len(p), -1).to(F64)  # (m, B, n * w)
+                out[s:s + len(p), :, j] = ((got * wb[None]).sum(-1) / (n * kk)).T
+        return out
     sx = [_sparse(a, n) for a in nxs]
     for s in range(0, n_perm, batch):
         p = perms[s:s + batch]

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from pairscout.errors import PairscoutError
-from pairscout.metrics.calibration import CKA_METRICS, N_PERM, NEIGHBOUR_METRICS, calibrate
+from pairscout.metrics.calibration import CKA_METRICS, CKNNA_PERM, N_PERM, NEIGHBOUR_METRICS, calibrate
 from pairscout.ranking import verdict as V
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
             continue
         cal = calibrate(xs, ys, m, torch.from_numpy(np.asarray(values[m], dtype=np.float64)), n_perm=settings.permutations,
                         seed=settings.seed + 1000 * i, method=getattr(settings, "null_method", "auto"), cache=cache,
+                        cknna_perm=CKNNA_PERM if settings.permutations == N_PERM else settings.permutations,
                         **metric_kwargs(m, settings))
         out[f"{m}_null"], out[f"{m}_null_sd"], out[f"{m}_z"] = cal.null_mean.numpy(), cal.null_sd.numpy(), cal.z.numpy()
         out[f"{m}_p"], out[f"{m}_p_holm"] = cal.p_value.numpy(), cal.p_holm.numpy()

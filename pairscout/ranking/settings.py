@@ -32,7 +32,7 @@ class RankSettings:
     """Groups of the delete-a-group jackknife behind every confidence interval (0 turns them off)."""
     permutations: int = 199
     """Monte-Carlo shuffled pairings behind the calibrated scores and p-values of the neighbour metrics (mutual
-    k-NN; CKNNA uses at most 99); CKA's null moments are exact in closed form (0 turns calibration off;
+    k-NN; CKNNA 49 at the default; any other value applies to both); CKA's null moments are exact in closed form (0 turns calibration off;
     :mod:`pairscout.metrics.calibration`)."""
     null_method: str = "auto"
     """``auto``: closed-form null moments for CKA, permutations for neighbour metrics; ``permutation``: all by permutation."""
