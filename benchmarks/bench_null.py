@@ -39,11 +39,13 @@ from pairscout.ranking import RankSettings, compute
 from pairscout.zoo.registry import resolve_zoo
 ds = load_dataset("generated")
 vz, tz = resolve_zoo("offline", "vision"), resolve_zoo("offline", "text")
+venc = [e for e in vz.encoders if not IDS or e.id in IDS]  # the "before" run's encoders (the zoo may have grown)
+tenc = [e for e in tz.encoders if not IDS or e.id in IDS]
 cache = EmbeddingCache(None)
-v = encode_zoo(vz.encoders, ds, cache=cache, settings=EncodeSettings(device="cpu"))
-t = encode_zoo(tz.encoders, ds, cache=cache, settings=EncodeSettings(device="cpu"))
-vn = [s.name for s in vz.encoders if s.name in v.embeddings]
-tn = [s.name for s in tz.encoders if s.name in t.embeddings]
+v = encode_zoo(venc, ds, cache=cache, settings=EncodeSettings(device="cpu"))
+t = encode_zoo(tenc, ds, cache=cache, settings=EncodeSettings(device="cpu"))
+vn = [s.name for s in venc if s.name in v.embeddings]
+tn = [s.name for s in tenc if s.name in t.embeddings]
 xs = [v.embeddings[k].pooled for k in vn]
 ys = [t.embeddings[k].per_row(len(ds), "first") for k in tn]
 st = RankSettings()
@@ -68,14 +70,15 @@ else:
     ver = calibrated.rank_verdict(pairs, xs, ys, vn, tn, used, primary, vals, reps)
     t_end = time.perf_counter()
 print(json.dumps({"seconds": time.perf_counter() - t0, "n": len(ds), "pairs": len(vn) * len(tn),
+                  "ids": [e.id for e in (*venc, *tenc)],
                   **({} if MODE == "before" else {"calibration_s": t_ver - t_cal, "verdict_s": t_end - t_ver,
                                                    "verdict": ver.to_dict()["pair"], "tied": ver.to_dict()["tied"],
                                                    "duplicates": ver.to_dict()["duplicates"]})}))
 '''
 
 
-def run_phase(mode: str, path: Path) -> dict:
-    code = f"MODE = {mode!r}\n" + PHASE
+def run_phase(mode: str, path: Path, ids: list[str] | None = None) -> dict:
+    code = f"MODE = {mode!r}\nIDS = {ids!r}\n" + PHASE
     env = {**os.environ, "PYTHONPATH": str(path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=path)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -116,7 +119,7 @@ def main() -> None:
             arch = subprocess.run(["git", "archive", args.base], cwd=ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
             before = run_phase("before", Path(tmp))
-        after = run_phase("after", ROOT)
+        after = run_phase("after", ROOT, before["ids"])
         payload["demo_metrics_phase"] = {"before": before, "after": after}
         print("demo metrics phase:", json.dumps(payload["demo_metrics_phase"]), flush=True)
     payload["null_36_pairs"] = {}
