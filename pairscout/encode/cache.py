@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ from pairscout.errors import CacheError
 from pairscout.zoo.spec import EncoderSpec
 
 log = logging.getLogger(__name__)
+
+LAYER_PREFIX = "layer."
+"""Tensor-name prefix of a layer sweep's per-block features in an entry (``layer.7``)."""
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout or the meaning of a stored tensor changes."""
@@ -66,23 +70,41 @@ class Embeddings:
     """(N, T, d_tok) float16 token features, when encoded with tokens."""
     token_mask: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, torch.Tensor] | None = None
+    """A layer sweep: block index (0-based, as a string) -> (N, d_l) float32, rows as :attr:`pooled`;
+    stored in the same cache file as ``layer.<block>`` tensors."""
+
+    def layer(self, name: str | None) -> Embeddings:
+        """These embeddings with block ``name``'s features as :attr:`pooled` (``None`` or ``"final"``: as they are)."""
+        if name in (None, "final"):
+            return self
+        if not self.layers or name not in self.layers:
+            from pairscout.errors import CacheError
+
+            have = ", ".join(self.layers or {}) or "none"
+            raise CacheError(f"the embeddings of {self.meta.get('model_id', '?')} have no layer {name!r} (layers: {have}).",
+                             fix="rank again with the same --layers (or zoo layers) so the layer is encoded.")
+        return Embeddings(pooled=self.layers[name], row_index=self.row_index, tokens=None, token_mask=None,
+                          meta={**self.meta, "layer": name})
 
     @property
     def dim(self) -> int:
         return int(self.pooled.shape[1])
 
-    def per_row(self, n_rows: int, reduce: str = "first") -> torch.Tensor:
-        """One vector per dataset row: the ``first`` caption's embedding or the ``mean`` of a row's captions."""
-        if self.pooled.shape[0] == n_rows and torch.equal(self.row_index, torch.arange(n_rows)):
-            return self.pooled
+    def per_row(self, n_rows: int, reduce: str = "first", values: torch.Tensor | None = None) -> torch.Tensor:
+        """One vector per dataset row: the ``first`` caption's embedding or the ``mean`` of a row's captions
+        (of ``values``, rows as :attr:`pooled`, when given: a layer of a sweep)."""
+        values = self.pooled if values is None else values
+        if values.shape[0] == n_rows and torch.equal(self.row_index, torch.arange(n_rows)):
+            return values
         if reduce == "first":
             first = torch.full((n_rows,), -1, dtype=torch.long)
             order = torch.arange(len(self.row_index) - 1, -1, -1)
             first[self.row_index[order]] = order  # the lowest position of each row wins (written last)
-            return self.pooled[first]
+            return values[first]
         if reduce == "mean":
-            out = torch.zeros(n_rows, self.dim, dtype=torch.float64)
-            out.index_add_(0, self.row_index, self.pooled.double())
+            out = torch.zeros(n_rows, values.shape[1], dtype=torch.float64)
+            out.index_add_(0, self.row_index, values.double())
             counts = torch.bincount(self.row_index, minlength=n_rows).clamp_min(1)
             return (out / counts[:, None]).float()
         raise ValueError(f"reduce must be 'first' or 'mean', not {reduce!r}")
@@ -123,7 +145,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
         ) from None
 
 
-def read_verified(path: Path, wanted: set[str] | None = None, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]] | str:
+def read_verified(path: Path, wanted: set[str] | Callable[[str], bool] | None = None, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]] | str:
     """The tensors (all, or ``wanted``) and metadata of a safetensors file, checked against its checksums.
 
     Returns the reason as a string when the file is unreadable, lacks a ``required`` tensor, has no
@@ -136,7 +158,8 @@ def read_verified(path: Path, wanted: set[str] | None = None, required: tuple[st
             missing = [k for k in required if k not in keys]
             if missing:
                 return f"it lacks the tensor(s) {', '.join(missing)}"
-            tensors = {k: f.get_tensor(k) for k in keys if wanted is None or k in wanted}
+            keep = wanted if callable(wanted) else (lambda k: wanted is None or k in wanted)
+            tensors = {k: f.get_tensor(k) for k in keys if keep(k)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         return f"it is unreadable ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
     try:
@@ -217,7 +240,7 @@ class EmbeddingCache:
                         return None  # a pooled-only entry: encode again with tokens
             except (SafetensorError, OSError, ValueError, RuntimeError):
                 pass  # reported below
-        wanted = None if tokens else {"pooled", "row_index"}
+        wanted = None if tokens else (lambda k: k in ("pooled", "row_index") or k.startswith(LAYER_PREFIX))
         got = read_verified(path, wanted, required=("pooled", "row_index"))
         if isinstance(got, str):
             _discard(path, f"cache entry of {spec.id}", got)
@@ -234,6 +257,7 @@ class EmbeddingCache:
             tokens=tensors.get("tokens") if tokens else None,
             token_mask=tensors.get("token_mask") if tokens else None,
             meta=meta,
+            layers={k[len(LAYER_PREFIX):]: v for k, v in tensors.items() if k.startswith(LAYER_PREFIX)} or None,
         )
 
     def save(self, spec: EncoderSpec, dataset_fingerprint: str, emb: Embeddings, *, precision: str = "fp32") -> Path:
@@ -243,6 +267,8 @@ class EmbeddingCache:
             tensors["tokens"] = emb.tokens
             if emb.token_mask is not None:
                 tensors["token_mask"] = emb.token_mask
+        for k, v in (emb.layers or {}).items():
+            tensors[LAYER_PREFIX + k] = v.float().contiguous()
         atomic_save(tensors, path, {k: json.dumps(v, default=str) for k, v in emb.meta.items()})
         return path
 

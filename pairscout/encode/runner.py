@@ -101,6 +101,8 @@ def _autocast(device: torch.device, precision: str):
 
 def _to_cpu(out: EncoderOutput, tokens: bool) -> dict[str, torch.Tensor]:
     t = {"pooled": out.pooled.detach().float().cpu()}
+    for k, v in (out.layers or {}).items():
+        t[LAYER_PREFIX + k] = v.detach().float().cpu()
     if tokens:
         if out.tokens is None:
             raise ZooError("the encoder returned no token features.", fix="use an encoder that supports tokens, or drop --tokens.")
@@ -322,7 +324,13 @@ def encode(
         "pairscout_version": pairscout.__version__,
         "torch_version": torch.__version__,
     }
-    emb = Embeddings(pooled=pooled, row_index=row_index, tokens=merged.get("tokens"), token_mask=merged.get("token_mask"), meta=meta)
+    layers = {k[len(LAYER_PREFIX):]: v for k, v in merged.items() if k.startswith(LAYER_PREFIX)} or None
+    for v in (layers or {}).values():
+        check_embeddings(spec, v)
+    if layers:
+        meta["layers"] = list(layers)
+    emb = Embeddings(pooled=pooled, row_index=row_index, tokens=merged.get("tokens"), token_mask=merged.get("token_mask"), meta=meta,
+                     layers=layers)
     distributed.barrier()  # every process has read the chunks before rank 0 removes them
     if rank == 0:
         cache.save(spec, fp, emb, precision=precision)

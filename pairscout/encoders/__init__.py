@@ -37,7 +37,7 @@ from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import ZooError
 from pairscout.zoo.spec import SOURCE_MODULES, EncoderSpec, add_source
 
-__all__ = ["Encoder", "EncoderOutput", "PrecomputedEncoder", "SOURCE_MODULES", "build_encoder", "register_source"]
+__all__ = ["Encoder", "EncoderOutput", "PrecomputedEncoder", "SOURCE_MODULES", "LAYER_SOURCES", "build_encoder", "can_sweep", "register_source"]
 
 _BUILDERS: dict[str, Callable[[EncoderSpec], Encoder]] = {}
 
@@ -67,4 +67,20 @@ def build_encoder(spec: EncoderSpec) -> Encoder:
         ModelLoadError: the weights cannot be loaded (missing package, unreachable hub, bad file).
         DataError: an ``emb:`` file is missing.
     """
-    return _builder(spec.source)(spec)
+    enc = _builder(spec.source)(spec)
+    if spec.layers is not None and not enc.supports_layers:
+        raise ZooError(f"{spec.id}: this encoder cannot read hidden layers, so layers cannot be swept.",
+                       fix=f"remove layers from its zoo entry (sources that can: {', '.join(LAYER_SOURCES)}).")
+    return enc
+
+
+LAYER_SOURCES = ("timm:", "hf:", "st:", "baseline:random-net", "pack:efficientnet-lite*", "pack:all-MiniLM-L6-v2",
+                 "pack:all-mpnet-base-v2")
+"""Encoders that can read hidden layers for a layer sweep (``layers`` in a zoo entry, ``rank --layers``)."""
+
+
+def can_sweep(spec: EncoderSpec) -> bool:
+    """Whether ``spec``'s encoder can read hidden layers, known from its id alone (no model is built)."""
+    import fnmatch
+
+    return any(spec.id.startswith(p) if p.endswith(":") else fnmatch.fnmatch(spec.id, p) for p in LAYER_SOURCES)

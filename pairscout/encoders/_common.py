@@ -162,9 +162,32 @@ def finish(spec: EncoderSpec, out: EncoderOutput) -> EncoderOutput:
     if spec.dim is not None and pooled.shape[1] != spec.dim:
         raise ZooError(f"{spec.id} gives {pooled.shape[1]}-d features but its zoo entry says dim = {spec.dim}.",
                        fix=f"set dim = {pooled.shape[1]} (or remove dim) in the zoo.")
+    layers = out.layers
     if spec.normalize:
         pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-    return EncoderOutput(pooled, out.tokens, out.token_mask)
+        if layers is not None:
+            layers = {k: torch.nn.functional.normalize(v.float(), dim=-1) for k, v in layers.items()}
+    return EncoderOutput(pooled, out.tokens, out.token_mask, layers)
+
+
+def sweep_blocks(spec: EncoderSpec, n_blocks: int) -> list[int]:
+    """The 0-based block indices a layer sweep reads: ``spec.layers`` (negative counts from the end, ``"all"``:
+    every block), in order, without repeats.
+
+    Raises:
+        ZooError: an index outside the model's ``n_blocks`` blocks.
+    """
+    if spec.layers == "all":
+        return list(range(n_blocks))
+    out: list[int] = []
+    for k in spec.layers or []:
+        a = k + n_blocks if k < 0 else k
+        if not 0 <= a < n_blocks:
+            raise ZooError(f"{spec.id}: layers has {k}, outside this model's {n_blocks} blocks.",
+                           fix=f"use indices in -{n_blocks} .. {n_blocks - 1}, or layers = \"all\".")
+        if a not in out:
+            out.append(a)
+    return out
 
 
 def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ class EncoderOutput:
     """(B, T, d_tok) token features, when asked for and supported; text tokens padded to a fixed T."""
     token_mask: torch.Tensor | None = None
     """(B, T) bool, True for real tokens (text); ``None`` where every token is real (vision)."""
+    layers: dict[str, torch.Tensor] | None = None
+    """A layer sweep (``spec.layers``): block index (0-based, as a string) -> (B, d_l) pooled features."""
 
 
 class Encoder(ABC):
@@ -33,6 +35,8 @@ class Encoder(ABC):
 
     spec: EncoderSpec
     supports_tokens: bool = False
+    supports_layers: bool = False
+    """Fills :attr:`EncoderOutput.layers` when its spec asks for a layer sweep (``spec.layers``)."""
     channels_last: bool = False
     """Convolutional models run faster on NHWC tensors (about 1.5x for EfficientNet-Lite on CPU)."""
     device: torch.device = torch.device("cpu")

@@ -14,6 +14,9 @@
   them as ``default``. Token outputs are padded to ``T = max_length or 64`` with a mask.
 * ``layer = k``: ``hidden_states`` of block ``k`` (``k >= 0``: block k's output = ``hidden_states[k+1]``;
   negative counts from the end, ``-1`` = last block before any final norm).
+* ``layers = [-1, -4]`` or ``"all"`` (a layer sweep): the final features as above plus those blocks'
+  ``hidden_states`` from the same forward pass, pooled like ``layer`` (``default``/``pooler`` pooling reads
+  the class token of a block where there is one, else the mean; text: the masked mean).
 * ``options``: ``trust_remote_code`` (bool), ``dtype`` (``"bfloat16"``/``"float16"``, for big models),
   ``prefix`` (text).
 """
@@ -37,6 +40,7 @@ from pairscout.encoders._common import (
     pad_tokens,
     pool_text,
     spatial_tokens,
+    sweep_blocks,
     text_token_length,
 )
 from pairscout.encoders.base import Encoder, EncoderOutput
@@ -130,6 +134,7 @@ def _set_size(processor: Any, size: int) -> None:
 
 
 class HFVisionEncoder(Encoder):
+    supports_layers = True
     supports_tokens = True
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, processor: Any) -> None:
@@ -164,7 +169,7 @@ class HFVisionEncoder(Encoder):
     def encode_images(self, pixels: torch.Tensor, *, tokens: bool = False) -> EncoderOutput:
         x = pixels.to(self.device)
         dtype = next(self.model.parameters()).dtype
-        kw: dict[str, Any] = {"output_hidden_states": self.spec.layer is not None}
+        kw: dict[str, Any] = {"output_hidden_states": self.spec.layer is not None or self.spec.layers is not None}
         if self._interpolate:
             kw["interpolate_pos_encoding"] = True
         out = self.model(pixel_values=x.to(dtype), **kw)
@@ -200,10 +205,26 @@ class HFVisionEncoder(Encoder):
             if cls is None:
                 raise ZooError(f"{self.spec.id} has no class token, so pooling {pooling!r} is undefined.", fix="use pooling = \"mean\".")
             pooled = cls if pooling == "cls" else torch.cat([cls, patches.mean(1)], dim=-1)
-        return finish(self.spec, EncoderOutput(pooled.float(), patches.float() if tokens else None, None))
+        layers = None
+        if self.spec.layers is not None:
+            layers = {str(b): self._pool_block(out.hidden_states[b + 1], x).float()
+                      for b in sweep_blocks(self.spec, len(out.hidden_states) - 1)}
+        return finish(self.spec, EncoderOutput(pooled.float(), patches.float() if tokens else None, None, layers))
+
+    def _pool_block(self, hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One block's hidden state pooled for a layer sweep (``pooler``/``default``: class token, else mean)."""
+        if hidden.ndim == 4:
+            return spatial_tokens(hidden).mean(1)
+        n_prefix = self._n_prefix(hidden.shape[1], x)
+        cls, patches = (hidden[:, 0] if n_prefix else None), hidden[:, n_prefix:]
+        pooling = self.spec.pooling if self.spec.pooling not in ("default", "pooler") else ("cls" if cls is not None else "mean")
+        if pooling == "mean" or cls is None:
+            return patches.mean(1)
+        return cls if pooling == "cls" else torch.cat([cls, patches.mean(1)], dim=-1)
 
 
 class HFTextEncoder(Encoder):
+    supports_layers = True
     supports_tokens = True
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, tokenizer: Any) -> None:
@@ -229,7 +250,7 @@ class HFTextEncoder(Encoder):
         batch = self.tokenizer([self.prefix + t for t in texts], padding=True, truncation=True,
                                max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        out = self.model(**batch, output_hidden_states=self.spec.layer is not None)
+        out = self.model(**batch, output_hidden_states=self.spec.layer is not None or self.spec.layers is not None)
         mask = batch["attention_mask"]
         if self.spec.layer is not None:
             hidden = out.hidden_states[_layer_index(self.spec.layer)]
@@ -249,7 +270,12 @@ class HFTextEncoder(Encoder):
             if hidden is None:
                 raise ZooError(f"{self.spec.id} gives no token features.", fix="drop --tokens for this encoder.")
             tok, mask_t = pad_tokens(hidden.float(), mask, text_token_length(self.spec))
-        return finish(self.spec, EncoderOutput(pooled.float(), tok, mask_t))
+        layers = None
+        if self.spec.layers is not None:
+            block_pooling = "mean" if self.spec.pooling == "default" else self.spec.pooling
+            layers = {str(b): pool_text(out.hidden_states[b + 1], mask, block_pooling, self.spec).float()
+                      for b in sweep_blocks(self.spec, len(out.hidden_states) - 1)}
+        return finish(self.spec, EncoderOutput(pooled.float(), tok, mask_t, layers))
 
 
 def _dtype(spec: EncoderSpec) -> torch.dtype | None:

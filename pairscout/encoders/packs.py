@@ -43,6 +43,7 @@ from pairscout.encoders._common import (
     pad_token_list,
     require_module,
     spatial_tokens,
+    sweep_blocks,
     text_token_length,
 )
 from pairscout.encoders.base import Encoder, EncoderOutput
@@ -66,6 +67,7 @@ class PackInfo:
 
 # --- EfficientNet-Lite --------------------------------------------------------------------------
 class EfficientNetLiteEncoder(Encoder):
+    supports_layers = True
     supports_tokens = True
     channels_last = True
 
@@ -95,8 +97,17 @@ class EfficientNetLiteEncoder(Encoder):
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, *, tokens: bool = False) -> EncoderOutput:
-        feat = self.model.extract_features(pixels.to(self.device))
-        out = EncoderOutput(feat.mean((2, 3)), spatial_tokens(feat) if tokens else None, None)
+        """The mean-pooled final feature map; with ``layers`` also each chosen MBConv block's output
+        (``model._blocks[k]``, read by forward hooks in the same pass), mean-pooled."""
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [self.model._blocks[b].register_forward_hook(lambda _m, _i, o, b=b: seen.__setitem__(str(b), o.mean((2, 3))))
+                 for b in (sweep_blocks(self.spec, len(self.model._blocks)) if self.spec.layers is not None else [])]
+        try:
+            feat = self.model.extract_features(pixels.to(self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        out = EncoderOutput(feat.mean((2, 3)), spatial_tokens(feat) if tokens else None, None, seen or None)
         return finish(self.spec, out)
 
 

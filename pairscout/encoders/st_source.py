@@ -6,6 +6,8 @@
   forward pass that also gives ``token_embeddings``, padded to ``T = max_length or 64`` with a mask.
 * ``max_length`` truncates inputs (else the model's ``max_seq_length``); ``options.prefix`` is
   prepended to every caption; ``options.trust_remote_code`` is passed through.
+* ``layers = [-1, -3]`` or ``"all"`` (a layer sweep): besides the sentence embedding, the masked mean of
+  those blocks' hidden states (the transformer module's ``all_layer_embeddings``), same forward pass.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pairscout.encoders._common import finish, hub_guard, pad_tokens, text_token_length
+from pairscout.encoders._common import finish, hub_guard, masked_mean, pad_tokens, sweep_blocks, text_token_length
 from pairscout.encoders.base import Encoder, EncoderOutput
 from pairscout.encoders.hf_source import check_remote_code_allowed, load_kwargs, resolve_source
 from pairscout.errors import ZooError
@@ -24,6 +26,7 @@ from pairscout.zoo.spec import EncoderSpec
 class STEncoder(Encoder):
     """A :class:`sentence_transformers.SentenceTransformer` as a frozen caption encoder."""
 
+    supports_layers = True
     supports_tokens = True
 
     def __init__(self, spec: EncoderSpec, model: Any) -> None:
@@ -34,6 +37,13 @@ class STEncoder(Encoder):
             raise ZooError(f"{spec.id}: st: models use their own pooling, so pooling/layer cannot be set.",
                            fix="remove pooling/layer, or load the model with hf: to choose them.")
         self.model = model.eval().requires_grad_(False)
+        if spec.layers is not None:
+            first = self.model[0]
+            inner = getattr(first, "auto_model", None) or getattr(first, "model", None)
+            if getattr(inner, "config", None) is None:
+                raise ZooError(f"{spec.id}: this sentence-transformers model exposes no transformer, so layers cannot be read.",
+                               fix="remove layers from its zoo entry, or load the model with hf:.")
+            inner.config.output_hidden_states = True
         if spec.max_length:
             self.model.max_seq_length = spec.max_length
         self.prefix = str(spec.options.get("prefix", ""))
@@ -50,7 +60,14 @@ class STEncoder(Encoder):
         tok = mask = None
         if tokens:
             tok, mask = pad_tokens(out["token_embeddings"].float(), out["attention_mask"], text_token_length(self.spec))
-        return finish(self.spec, EncoderOutput(pooled, tok, mask))
+        layers = None
+        if self.spec.layers is not None:
+            hs = out.get("all_layer_embeddings")
+            if hs is None:
+                raise ZooError(f"{self.spec.id}: the model gave no hidden states, so layers cannot be read.",
+                               fix="remove layers from its zoo entry, or load the model with hf:.")
+            layers = {str(b): masked_mean(hs[b + 1], out["attention_mask"]).float() for b in sweep_blocks(self.spec, len(hs) - 1)}
+        return finish(self.spec, EncoderOutput(pooled, tok, mask, layers))
 
 
 def load_sentence_transformer(spec: EncoderSpec, path_or_id: str, *, local: bool) -> Any:

@@ -11,6 +11,9 @@
   final feature map for CNNs.
 * ``layer = k``: the output of block ``k`` (negative counts from the end) via
   ``forward_intermediates``; ``default`` pooling is then ``cls`` for ViTs and ``mean`` otherwise.
+* ``layers = [-1, -4, -8]`` or ``"all"`` (a layer sweep): the final features as above plus those blocks
+  (the entries of ``model.feature_info``: transformer blocks for ViTs, stages for CNNs), pooled like
+  ``layer``, from one ``forward_intermediates`` pass.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pairscout.encoders._common import finish, hub_guard, spatial_tokens
+from pairscout.encoders._common import finish, hub_guard, spatial_tokens, sweep_blocks
 from pairscout.encoders.base import Encoder, EncoderOutput
 from pairscout.errors import ModelLoadError, ZooError
 from pairscout.zoo.spec import EncoderSpec
@@ -43,6 +46,7 @@ def check_spec(spec: EncoderSpec) -> None:
 class TimmEncoder(Encoder):
     """A timm model used as a frozen image encoder (also used by ``baseline:random-net``)."""
 
+    supports_layers = True
     supports_tokens = True
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module) -> None:
@@ -54,9 +58,11 @@ class TimmEncoder(Encoder):
         self.channels_last = not hasattr(model, "patch_embed")  # CNNs: NHWC is faster; ViTs: no effect
         if spec.pooling in ("cls", "cls+mean") and not self.has_cls:
             raise ZooError(f"{spec.id} has no class token, so pooling {spec.pooling!r} is undefined.", fix="use pooling = \"mean\" or \"default\".")
-        if spec.layer is not None and not hasattr(model, "forward_intermediates"):
-            raise ZooError(f"{spec.id}: this timm model has no forward_intermediates, so layer = {spec.layer} cannot be read.",
-                           fix="remove layer from its zoo entry.")
+        if (spec.layer is not None or spec.layers is not None) and not hasattr(model, "forward_intermediates"):
+            what = f"layer = {spec.layer}" if spec.layer is not None else "a layer sweep (layers)"
+            raise ZooError(f"{spec.id}: this timm model has no forward_intermediates, so {what} cannot be read.",
+                           fix="remove layer/layers from its zoo entry.")
+        self.blocks = sweep_blocks(spec, len(getattr(model, "feature_info", []) or [])) if spec.layers is not None else []
         import timm.data
 
         cfg = timm.data.resolve_model_data_config(model)
@@ -79,28 +85,46 @@ class TimmEncoder(Encoder):
             return None, spatial_tokens(feats)
         raise ModelLoadError(f"{self.spec.id}: forward_features gave shape {tuple(feats.shape)}, which is neither tokens nor a feature map.")
 
-    def _layer(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        kw = {"indices": [self.spec.layer], "intermediates_only": True}
+    def _intermediates(self, x: torch.Tensor, indices: list[int], final: bool):
+        """``forward_intermediates`` at ``indices``: the list of (class token or None, tokens) per index, and
+        the final features when ``final``."""
+        kw = {"indices": indices, "intermediates_only": not final}
         if "return_prefix_tokens" in inspect.signature(self.model.forward_intermediates).parameters and self.num_prefix:
             kw["return_prefix_tokens"] = True
         try:
             out = self.model.forward_intermediates(x, **kw)
         except (AssertionError, IndexError) as e:
-            raise ZooError(f"{self.spec.id}: layer = {self.spec.layer} is out of range for this model ({e}).",
-                           fix="pick a block index within the model's depth (negative counts from the end).") from None
-        feat = out[0]
-        prefix = None
-        if isinstance(feat, tuple):
-            feat, prefix = feat
-        tokens = spatial_tokens(feat) if feat.ndim == 4 else feat
-        cls = prefix[:, 0] if (prefix is not None and self.has_cls) else None
-        return cls, tokens
+            raise ZooError(f"{self.spec.id}: layer(s) {indices} out of range for this model ({e}).",
+                           fix="pick block indices within the model's depth (negative counts from the end).") from None
+        feats, inter = (out[0], out[1]) if final else (None, out)
+        got = []
+        for feat in inter:
+            prefix = None
+            if isinstance(feat, tuple):
+                feat, prefix = feat
+            tokens = spatial_tokens(feat) if feat.ndim == 4 else feat
+            got.append((prefix[:, 0] if (prefix is not None and self.has_cls) else None, tokens))
+        return got, feats
+
+    def _layer(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self._intermediates(x, [self.spec.layer], final=False)[0][0]
+
+    def _pool_block(self, cls: torch.Tensor | None, patches: torch.Tensor) -> torch.Tensor:
+        pooling = self.spec.pooling
+        if pooling == "default":
+            pooling = "cls" if cls is not None else "mean"
+        return _pool(pooling, cls, patches)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, *, tokens: bool = False) -> EncoderOutput:
         x = pixels.to(self.device)
+        layers = None
         if self.spec.layer is None:
-            feats = self.model.forward_features(x)
+            if self.blocks:
+                got, feats = self._intermediates(x, self.blocks, final=True)
+                layers = {str(b): self._pool_block(c, p) for b, (c, p) in zip(self.blocks, got, strict=True)}
+            else:
+                feats = self.model.forward_features(x)
             cls, patches = self._split(feats)
             if self.spec.pooling == "default":
                 pooled = self.model.forward_head(feats, pre_logits=True)
@@ -110,11 +134,8 @@ class TimmEncoder(Encoder):
                 pooled = _pool(self.spec.pooling, cls, patches)
         else:
             cls, patches = self._layer(x)
-            pooling = self.spec.pooling
-            if pooling == "default":
-                pooling = "cls" if cls is not None else "mean"
-            pooled = _pool(pooling, cls, patches)
-        return finish(self.spec, EncoderOutput(pooled, patches if tokens else None, None))
+            pooled = self._pool_block(cls, patches)
+        return finish(self.spec, EncoderOutput(pooled, patches if tokens else None, None, layers))
 
 
 def _pool(pooling: str, cls: torch.Tensor | None, patches: torch.Tensor) -> torch.Tensor:

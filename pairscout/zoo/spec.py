@@ -72,6 +72,10 @@ class EncoderSpec:
     """How token features become one vector: ``cls``, ``mean``, ``cls+mean`` (SAIL), ``last``, ``default``."""
     layer: int | None = None
     """Hidden layer to read (negative counts from the end); ``None`` = the model's final features."""
+    layers: list[int] | str | None = None
+    """A layer sweep: blocks to read besides the final features (``[-1, -4, -8]``, negative counts from the
+    end, or ``"all"``), each pooled as ``pooling`` says, all from one forward pass and kept in one cache
+    entry (``timm:`` and ``hf:`` models; ``pairscout rank --layers`` sets it for every such encoder)."""
     image_size: int | None = None
     """Square input resolution for vision models; ``None`` = the model's own default."""
     preprocess: str = "default"
@@ -130,6 +134,16 @@ class EncoderSpec:
                 raise bad(fname, "a positive integer")
         if self.layer is not None and (not isinstance(self.layer, int) or isinstance(self.layer, bool)):
             raise bad("layer", "an integer (negative counts from the last layer)")
+        if self.layers is not None:
+            ok = self.layers == "all" or (isinstance(self.layers, list | tuple) and len(self.layers) > 0
+                                          and all(isinstance(k, int) and not isinstance(k, bool) for k in self.layers))
+            if not ok:
+                raise bad("layers", 'a non-empty list of block indices or "all"', 'write layers = [-1, -4, -8] or layers = "all".')
+            if self.layer is not None:
+                raise ZooError(f"encoder {self.id!r} sets both layer and layers.",
+                               fix="use layers for a sweep (the final features are always included), or layer for one block.")
+            if isinstance(self.layers, tuple):
+                object.__setattr__(self, "layers", list(self.layers))
         if self.params_m is not None and (not isinstance(self.params_m, int | float) or isinstance(self.params_m, bool) or self.params_m < 0):
             raise bad("params_m", "a number >= 0")
         if not isinstance(self.normalize, bool):
