@@ -46,6 +46,8 @@ def rank(
     knn_k: Annotated[int, typer.Option("--knn-k", help="k of mutual k-NN and CKNNA.")] = RANK.knn_k,
     clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = RANK.clip_quantile,
     caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = RANK.caption_reduce,
+    layers: Annotated[str | None, typer.Option(help="Layer sweep: 'all' or block indices like -1,-4,-8 for every encoder that can read hidden layers; each pair is scored at its best layer pair, p corrected for the search.", show_default=False)] = RANK.layers,
+    layer_rows: Annotated[int, typer.Option(help="Rows of the layer sweep's Gram matrices (a seeded subset above).")] = RANK.layer_rows,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots.")] = None,
     force: ForceOpt = False,
     top: Annotated[int, typer.Option(help="Rows of the table printed.")] = 10,
@@ -75,7 +77,7 @@ def rank(
         settings = RankSettings(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else RANK.metrics,
             primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
-            permutations=permutations, caption_reduce=caption_reduce, seed=seed,
+            permutations=permutations, caption_reduce=caption_reduce, seed=seed, layers=layers, layer_rows=layer_rows,
         )  # fmt: skip
         with ui.progress() as rep:
             res = run_rank(vision_zoo, text_zoo, data, n=n, settings=settings, skip_bad=skip_bad,
@@ -112,6 +114,9 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
     caption = "value ± half-width of the 95 % jackknife interval"
     if st.get("permutations") and has_p:
         caption += "; p: Holm-corrected p-value against shuffled pairings (how: rank.json null_methods)"
+    sweep = "vision_layer" in res.pairs
+    if sweep:
+        caption += "; @k: block k (0-based) chosen by the layer sweep, p corrected for the search over layers"
     if not wide and len(res.metrics) > 1:
         caption += "; --wide (or pairs.csv) for the other metrics"
     table = Table(title=L(f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {label(res.primary)}"), caption=L(caption))
@@ -130,7 +135,8 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
             if m == res.primary and has_p:
                 p = row.get(f"{m}_p_holm", row[f"{m}_p"])
                 cells.append("<1e-3" if p < 1e-3 else f"{p:.3f}")
-        table.add_row(str(row["rank"]), L(row["vision"]), L(row["text"]), *cells)
+        names = [str(row[k]) + (f" @{row[f'{k}_layer']}" if sweep else "") for k in ("vision", "text")]
+        table.add_row(str(row["rank"]), L(names[0]), L(names[1]), *cells)
     return table
 
 

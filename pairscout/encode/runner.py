@@ -21,7 +21,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 import pairscout
 from pairscout import distributed
-from pairscout.encode.cache import EmbeddingCache, Embeddings
+from pairscout.encode.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, EmbeddingError, PairscoutError, ZooError
 from pairscout.runtime import default_workers, pick_device  # noqa: F401 - re-exported

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from pairscout.encoders._common import finish, hub_guard, masked_mean, pad_tokens, sweep_blocks, text_token_length
+from pairscout.encoders._common import (
+    finish,
+    hub_guard,
+    masked_mean,
+    pad_tokens,
+    sweep_blocks,
+    text_token_length,
+)
 from pairscout.encoders.base import Encoder, EncoderOutput
 from pairscout.encoders.hf_source import check_remote_code_allowed, load_kwargs, resolve_source
 from pairscout.errors import ZooError

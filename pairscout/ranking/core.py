@@ -5,6 +5,7 @@ The CLI command ``pairscout rank`` is a thin wrapper over :func:`rank`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
 from pairscout.metrics import registry
 from pairscout.provenance import provenance
-from pairscout.ranking import calibrated, compute
+from pairscout.ranking import calibrated, compute, layered
 from pairscout.ranking.result import RankResult, settings_conflict
 from pairscout.ranking.settings import DEBIASED_BELOW, RankSettings
 from pairscout.resolve import resolve_data, resolve_zoos
@@ -68,6 +69,12 @@ def rank(
     t_start = time.perf_counter()
     settings = settings or RankSettings()
     vz, tz = resolve_zoos(vision_zoo, text_zoo)
+    if settings.layers is not None:  # --layers: a sweep for every encoder that can read hidden layers
+        v_specs, v_skip = layered.with_layers(vz.encoders, settings.layers)
+        t_specs, t_skip = layered.with_layers(tz.encoders, settings.layers)
+        vz, tz = dataclasses.replace(vz, encoders=tuple(v_specs)), dataclasses.replace(tz, encoders=tuple(t_specs))
+        if v_skip or t_skip:
+            log.info("--layers: %s cannot read hidden layers; their final features are used", ", ".join(v_skip + t_skip))
     ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad)
     n_rows = len(ds)
     primary = settings.primary or ("cka_linear_debiased" if n_rows < DEBIASED_BELOW else "cka_linear")
@@ -115,9 +122,21 @@ def rank(
     xs = [v_enc.embeddings[k].pooled for k in v_names]
     ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
     t1 = time.perf_counter()
-    pair_values, primary_reps = calibrated.metric_values(xs, ys, metrics, used, primary, progress=progress)
-    cal_values, null_methods = calibrated.calibrated_columns(xs, ys, metrics, used, pair_values, progress=progress)
+    x_views = [layered.views(v_enc.embeddings[k]) for k in v_names]
+    y_views = [layered.views(t_enc.embeddings[k], n_rows, settings.caption_reduce) for k in t_names]
+    choice = None
+    if any(len(v) > 1 for v in (*x_views, *y_views)):  # a layer sweep: metrics on each pair's chosen layers
+        if progress is not None:
+            progress("layer sweep", 0, 1)
+        choice = layered.choose(x_views, y_views, v_names, t_names, primary, used)
+        if progress is not None:
+            progress("layer sweep", 1, 1)
+    mx, my = (choice.xs, choice.ys) if choice is not None else (xs, ys)
+    pair_values, primary_reps = calibrated.metric_values(mx, my, metrics, used, primary, progress=progress)
+    cal_values, null_methods = calibrated.calibrated_columns(mx, my, metrics, used, pair_values, progress=progress)
     pair_values.update(cal_values)
+    if choice is not None:
+        pair_values, primary_reps = choice.gather(pair_values, primary_reps, primary)
     metrics_s = time.perf_counter() - t1
 
     specs = {s.name: s for s in (*vz.encoders, *tz.encoders)}
@@ -129,6 +148,8 @@ def rank(
                 row[m] = float(vals[i, j])
             rows.append(row)
     pairs = pd.DataFrame(rows)
+    if choice is not None:
+        pairs = choice.annotate(pairs)
     if settings.score == "combined":
         z = [(pairs[m] - pairs[m].mean()) / (pairs[m].std(ddof=0) or 1.0) for m in metrics]
         pairs["score"] = sum(z) / len(z)
@@ -161,6 +182,7 @@ def rank(
             "verdict": verdict.to_dict(),
             "adapted": adapted,
             "null_methods": null_methods,
+            **({"layers": choice.meta()} if choice is not None else {}),
             "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "verdict": round(verdict_s, 3),
                           "total": round(time.perf_counter() - t_start, 3)},
             "device": str(enc_settings.device or "auto"),

@@ -39,6 +39,13 @@ class RankSettings:
     caption_reduce: str = "first"
     """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
     seed: int = 0
+    layers: str | None = None
+    """A layer sweep for every encoder that can read hidden layers: ``"all"`` or block indices ``"-1,-4,-8"``
+    (negative from the end); the final features are always a candidate. Zoo entries may set their own
+    ``layers``. Each pair is scored at its best layer pair, its z and p corrected for the search
+    (:mod:`pairscout.ranking.layered`)."""
+    layer_rows: int = 1000
+    """Rows of the layer sweep's Gram matrices (a seeded subset above; memory views x rows^2 float64)."""
 
     def __post_init__(self) -> None:
         """Impossible settings are one-line errors naming the option, before any encoding."""
@@ -48,6 +55,10 @@ class RankSettings:
                                  ("--knn-k", self.knn_k, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {low} or more.")
+        if isinstance(self.layer_rows, bool) or not isinstance(self.layer_rows, int) or self.layer_rows < 4:
+            raise PairscoutError(f"--layer-rows {self.layer_rows!r} is not an integer >= 4.", fix="pass --layer-rows 1000 or so.")
+        if self.layers is not None:
+            parse_layers(self.layers)
         if self.caption_reduce not in ("first", "mean"):
             raise PairscoutError(f"--caption-reduce {self.caption_reduce!r} is unknown.", fix="use 'first' or 'mean'.")
 
@@ -55,3 +66,26 @@ class RankSettings:
         d = asdict(self)
         d["metrics"] = list(self.metrics)
         return d
+
+
+def parse_layers(text: str | list[int]) -> list[int] | str:
+    """``"all"`` or a comma list of block indices (``"-1,-4,-8"``) -> what an encoder spec's ``layers`` takes.
+
+    Raises:
+        PairscoutError: anything else, naming the option and the forms it takes.
+    """
+    from pairscout.errors import PairscoutError
+
+    if isinstance(text, list):
+        return text
+    t = str(text).strip()
+    if t == "all":
+        return "all"
+    try:
+        out = [int(p) for p in t.split(",") if p.strip()]
+    except ValueError:
+        out = []
+    if not out:
+        raise PairscoutError(f"--layers {text!r} is neither 'all' nor a comma list of block indices.",
+                             fix="pass --layers all or e.g. --layers -1,-4,-8 (negative counts from the last block).")
+    return out
