@@ -585,3 +585,58 @@ def test_open_nsfw_features_are_the_graphs_penultimate_layer(images):
     want = torch.from_numpy(enc.session.run(["outputs"], {"input:0": pix.numpy()})[0]).double()
     torch.testing.assert_close(probs, want, atol=1e-4, rtol=0)
     assert float(feats.std(0).mean()) > 0  # images differ, features differ
+
+
+# --- layer sweeps: every block from one forward pass, equal to reading each block alone ---------------
+@pytest.mark.parametrize("which", ["vit", "cnn"])
+def test_timm_layer_sweep_equals_single_layers(tiny_timm, images, which):
+    arch = "timm:test_vit.r160_in1k" if which == "vit" else "timm:resnet18.a1_in1k"
+    kw = {"weights": tiny_timm[f"{which}_file"], **({"image_size": 64} if which == "cnn" else {})}
+    sweep = build_encoder(vision(arch, layers="all", **kw))
+    out = encode_images(sweep, images)
+    final = encode_images(build_encoder(vision(arch, **kw)), images)
+    torch.testing.assert_close(out.pooled, final.pooled)  # the final features are unchanged by a sweep
+    n_blocks = len(tiny_timm[which].feature_info)
+    assert sorted(out.layers, key=int) == [str(b) for b in range(n_blocks)]
+    for b in range(n_blocks):
+        one = encode_images(build_encoder(vision(arch, layer=b, **kw)), images)
+        torch.testing.assert_close(out.layers[str(b)], one.pooled, atol=1e-5, rtol=1e-5)
+    neg = encode_images(build_encoder(vision(arch, layers=[-1, -3, -1], **kw)), images)
+    assert sorted(neg.layers) == [str(n_blocks - 3), str(n_blocks - 1)]  # normalised to block indices, no repeats
+    for b in neg.layers:  # each name holds that block's features, whatever order they were asked in
+        torch.testing.assert_close(neg.layers[b], out.layers[b], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_text_layer_sweep_is_the_masked_mean_of_hidden_states(tiny_bert):
+    model, tok, d = tiny_bert
+    enc = build_encoder(text(f"hf:{d}", layers="all"))
+    out = enc.encode_texts(CAPTIONS[:3])
+    batch = tok(CAPTIONS[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hs = model(**batch, output_hidden_states=True).hidden_states
+    m = batch["attention_mask"][..., None].float()
+    assert list(out.layers) == ["0", "1"]
+    for b in range(2):
+        torch.testing.assert_close(out.layers[str(b)], (hs[b + 1] * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-5)
+
+
+def test_st_layer_sweep_reads_the_transformer_blocks(minilm_dir):
+    enc = build_encoder(text(f"st:{minilm_dir}", layers=[-1, 0]))
+    out = enc.encode_texts(CAPTIONS[:2])
+    assert list(out.layers) == ["0", "5"] and out.pooled.shape == (2, 384)
+    plain = build_encoder(text(f"st:{minilm_dir}")).encode_texts(CAPTIONS[:2])
+    torch.testing.assert_close(out.pooled, plain.pooled)
+    # all-MiniLM-L6-v2 = masked mean of the last block, L2-normalised: block 5's mean, normalised, is the embedding
+    torch.testing.assert_close(torch.nn.functional.normalize(out.layers["5"], dim=-1), plain.pooled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    (dict(id="baseline:pixels", layers="all"), "cannot read hidden layers"),
+    (dict(id="timm:resnet18.a1_in1k", layers=[7]), "outside this model's 5 blocks"),
+    (dict(id="timm:resnet18.a1_in1k", layers="some"), 'layers = "all"'),
+    (dict(id="timm:resnet18.a1_in1k", layers=[-1], layer=-1), "both layer and layers"),
+])
+def test_layer_sweep_bad_specs_say_the_fix(tiny_timm, images, spec, words):
+    with pytest.raises(ZooError, match=words):
+        weights = {"weights": tiny_timm["cnn_file"], "image_size": 64} if spec["id"].startswith("timm") else {}
+        encode_images(build_encoder(EncoderSpec(modality="vision", **spec, **weights)), images)

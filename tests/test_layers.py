@@ -71,3 +71,35 @@ def test_errors_and_subset():
     with pytest.raises(MetricError, match="names"):
         layer_sweep(xs, ys, permutations=3, layers_x=["a"])
     assert layer_sweep(xs, ys, permutations=3, max_rows=40).rows == 40
+
+
+# --- many encoders at once (what rank --layers runs) ---------------------------------------------------
+def test_sweep_pairs_equals_the_all_pairs_kernel_and_layer_sweep():
+    from pairscout.metrics.cka import all_pairs_cka
+    from pairscout.metrics.layers import sweep_pairs
+
+    xs, ys = planted(n=150)
+    other = [torch.randn(150, 7, generator=torch.Generator().manual_seed(5), dtype=F64) + 100.0]  # an offset
+    for debiased in (False, True):
+        sw = sweep_pairs([xs, other], [ys], debiased=debiased, permutations=49, max_rows=None)
+        ref = all_pairs_cka(xs + other, ys, debiased=debiased)
+        torch.testing.assert_close(torch.tensor(sw.cka, dtype=F64), ref, atol=1e-8, rtol=0)
+        assert sw.best[0][0] == (2, 3)  # the planted middle layer
+        assert sw.value[0][0] == pytest.approx(float(ref[:5].max()))
+        assert sw.best[1][0] == tuple(divmod(int(torch.argmax(ref[5:])), 4))
+    one = layer_sweep(xs, ys, permutations=49, max_rows=None)
+    sw = sweep_pairs([xs], [ys], permutations=49, max_rows=None)
+    assert (one.p_max, one.z_max, one.excess_max) == (sw.p_max[0][0], sw.z_max[0][0], sw.excess_max[0][0])
+
+
+def test_sweep_pairs_corrects_a_search_over_noise():
+    """Pure noise in 8 x 8 layers: the best layer pair looks significant on its own, not after the correction."""
+    from pairscout.metrics.layers import sweep_pairs
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(60, 5, generator=g, dtype=F64) for _ in range(8)]
+    ys = [torch.randn(60, 5, generator=g, dtype=F64) for _ in range(8)]
+    sw = sweep_pairs([xs], [ys], debiased=True, permutations=199, seed=1, max_rows=None)
+    assert sw.p_pair[0][0] < 0.05  # what a search that keeps the maximum would report
+    assert sw.p_max[0][0] > 0.2  # the null of the maximum: chance
+    assert sw.excess_max[0][0] < sw.value[0][0] - sw.null_pair_mean[0][0]

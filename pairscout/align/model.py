@@ -109,7 +109,7 @@ class AlignedModel:
             pixels = torch.stack([transform(_open(im)) for im in images[a : a + batch_size]]).to(self.device)
             fmt = torch.channels_last if getattr(enc, "channels_last", False) else torch.contiguous_format
             out = enc.encode_images(pixels.contiguous(memory_format=fmt), tokens=tokens)
-            outs.append(self._project(self.vision_head, out))
+            outs.append(self._project(self.vision_head, out, self.layer("vision")))
         return torch.cat(outs) if outs else torch.zeros(0, self.dim)
 
     @torch.inference_mode()
@@ -117,14 +117,19 @@ class AlignedModel:
         """(N, dim) L2-normalised embeddings of texts."""
         enc = self.text_encoder
         tokens = self.text_head.config.needs_tokens
-        outs = [self._project(self.text_head, enc.encode_texts(list(texts[a : a + batch_size]), tokens=tokens))
+        outs = [self._project(self.text_head, enc.encode_texts(list(texts[a : a + batch_size]), tokens=tokens), self.layer("text"))
                 for a in range(0, len(texts), batch_size)]  # fmt: skip
         return torch.cat(outs) if outs else torch.zeros(0, self.dim)
 
-    def _project(self, head: nn.Module, out: Any) -> Tensor:
+    def layer(self, side: str) -> str:
+        """The encoder layer the ``side`` head was trained on: ``final``, or a block index chosen by a layer sweep."""
+        return str((self.meta.get("layers") or {}).get(side, "final"))
+
+    def _project(self, head: nn.Module, out: Any, layer: str = "final") -> Tensor:
         tok = None if out.tokens is None else out.tokens.float().to(self.device)
         mask = None if out.token_mask is None else out.token_mask.to(self.device)
-        return F.normalize(head(out.pooled.float().to(self.device), tok, mask).float(), dim=-1).cpu()
+        pooled = out.pooled if layer == "final" else out.layers[layer]
+        return F.normalize(head(pooled.float().to(self.device), tok, mask).float(), dim=-1).cpu()
 
     def embed_classes(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> Tensor:
         """(C, dim) class embeddings: every template per class, normalised and averaged."""
@@ -345,9 +350,10 @@ def align(
         "samples_per_s": res.samples_per_s,
         "timings_s": res.timings,
         "rank_run": None if src.run_dir is None else str(src.run_dir),
+        "layers": {"vision": data_.vision_layer, "text": data_.text_layer},
         **provenance(command, ("torch",)),
     }  # fmt: skip
-    model = AlignedModel(data_.vision_spec, data_.text_spec, res.vision_head.cpu(), res.text_head.cpu(), scale=params["scale"],
+    model = AlignedModel(data_.vision_spec.narrowed(data_.vision_layer), data_.text_spec.narrowed(data_.text_layer), res.vision_head.cpu(), res.text_head.cpu(), scale=params["scale"],
                          bias=params.get("bias"), meta=meta, fit_texts=fit_texts, text_encoder=enc)  # fmt: skip
     if out is not None:
         model.save(out)

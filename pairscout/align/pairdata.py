@@ -52,6 +52,16 @@ class PairSource:
         raise PairscoutError(f"{modality} encoder {name!r} is not part of this run.",
                              fix=f"use one of {', '.join(table)}.")  # fmt: skip
 
+    def chosen_layers(self, vision: str, text: str) -> tuple[str, str]:
+        """The (vision, text) layers the rank run's layer sweep chose for this pair (``final`` without a sweep)."""
+        pairs = getattr(self.rank, "pairs", None)
+        if pairs is None or "vision_layer" not in pairs:
+            return "final", "final"
+        row = pairs[(pairs["vision"] == vision) & (pairs["text"] == text)]
+        if row.empty:
+            return "final", "final"
+        return str(row["vision_layer"].iloc[0]), str(row["text_layer"].iloc[0])
+
     def command_for(self, vision: EncoderSpec, text: EncoderSpec, tokens: bool = False) -> str:
         cmd = f"pairscout encode --vision-zoo {vision.id} --text-zoo {text.id} --data {self.data_arg}"
         if self.cache.root != EmbeddingCache().root:
@@ -172,10 +182,14 @@ class PairData:
     """The text encoder built (and fitted on ``corpus``) for the class prompts, or None."""
     text_keys: Tensor | None = None
     """(M_train,) key per training caption: caption-text id, or the class label with ``class_level``."""
+    vision_layer: str = "final"
+    """The vision view the features come from: ``final`` or the block a layer sweep chose."""
+    text_layer: str = "final"
 
 
 def encode_class_prompts(spec: EncoderSpec, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES, *,
-                         fit_texts: Sequence[str] | None = None, tokens: bool = False, encoder: Any = None):  # fmt: skip
+                         fit_texts: Sequence[str] | None = None, tokens: bool = False, encoder: Any = None,
+                         layer: str | None = None):  # fmt: skip
     """(C, P, d) text-encoder features of every class name in every template, and the encoder used.
 
     A text encoder fitted on its corpus (TF-IDF) is fitted on ``fit_texts`` first: the same corpus the
@@ -191,7 +205,8 @@ def encode_class_prompts(spec: EncoderSpec, classnames: Sequence[str], templates
     with torch.inference_mode():
         out = enc.encode_texts(texts, tokens=tokens)
     c, p = len(classnames), len(templates)
-    pooled = out.pooled.detach().float().cpu().reshape(c, p, -1).clone()
+    feats = out.pooled if layer in (None, "final") else out.layers[layer]  # a layer sweep's chosen block
+    pooled = feats.detach().float().cpu().reshape(c, p, -1).clone()
     tok = None if out.tokens is None else out.tokens.detach().float().cpu().clone()
     mask = None if out.token_mask is None else out.token_mask.detach().cpu().clone()
     return pooled, tok, mask, enc
@@ -217,8 +232,13 @@ def pair_data(src: PairSource, vision: str, text: str, *, test_fraction: float =
         class_level: training keys are the class labels (same-class captions are positives), not caption texts.
     """
     vs, ts = src.spec(vision, "vision"), src.spec(text, "text")
-    v = load_embeddings(src, vs, tokens=tokens, partner=ts)
-    t = load_embeddings(src, ts, tokens=tokens, partner=vs)
+    vl, tl = src.chosen_layers(vs.name, ts.name)
+    if tokens and (vl, tl) != ("final", "final"):
+        raise PairscoutError(f"the layer sweep chose layers {vl} / {tl} for {vs.name} x {ts.name}, but token features "
+                             "(the local_global head) exist for the final layer only.",
+                             fix="use another --head, or rank without --layers.")
+    v = load_embeddings(src, vs, tokens=tokens, partner=ts).layer(vl)
+    t = load_embeddings(src, ts, tokens=tokens, partner=vs).layer(tl)
     ds = src.dataset
     train_rows, test_rows = (torch.from_numpy(a) for a in ds.split(test_fraction, seed))
     xv, xt, idx, toks = split_pair(v, t, train_rows)
@@ -235,11 +255,11 @@ def pair_data(src: PairSource, vision: str, text: str, *, test_fraction: float =
     eval_set = EvalSet(ev, et, eidx, labels=labels, text_keys=eval_keys, **etoks)
     enc = None
     if zero_shot and ds.labels is not None and ds.classnames:
-        prompts, ptok, pmask, enc = encode_class_prompts(ts, ds.classnames, templates, fit_texts=corpus, tokens=tokens)
+        prompts, ptok, pmask, enc = encode_class_prompts(ts, ds.classnames, templates, fit_texts=corpus, tokens=tokens, layer=tl)
         eval_set.class_prompts, eval_set.class_prompt_tokens, eval_set.class_prompt_token_mask = prompts, ptok, pmask
     return PairData(vision_spec=vs, text_spec=ts, vision=xv, text=xt, text_image_index=idx, eval=eval_set,
                     train_rows=train_rows, test_rows=test_rows, dataset_fingerprint=ds.fingerprint, tokens=toks,
-                    corpus=corpus, text_encoder=enc, text_keys=train_keys)  # fmt: skip
+                    corpus=corpus, text_encoder=enc, text_keys=train_keys, vision_layer=vl, text_layer=tl)  # fmt: skip
 
 
 def caption_keys(captions: Sequence[str]) -> Tensor:

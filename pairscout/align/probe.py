@@ -295,10 +295,11 @@ def probe(
         from pairscout.align.pairdata import encode_class_prompts
 
         d = pair_data(src, v, t, test_fraction=settings.test_fraction, seed=settings.seed, class_level=readout.class_level)
-        if readout.zero_shot:  # one prompt encoding per text encoder, shared by its pairs
-            if t not in prompts:
-                prompts[t] = encode_class_prompts(d.text_spec, src.dataset.classnames, fit_texts=d.corpus)[0]
-            d.eval.class_prompts = prompts[t]
+        if readout.zero_shot:  # one prompt encoding per text encoder (and chosen layer), shared by its pairs
+            key = f"{t}@{d.text_layer}"
+            if key not in prompts:
+                prompts[key] = encode_class_prompts(d.text_spec, src.dataset.classnames, fit_texts=d.corpus, layer=d.text_layer)[0]
+            d.eval.class_prompts = prompts[key]
         return d
 
     result = probe_pairs(chosen, load, src.rank.metrics, settings, progress, readout)

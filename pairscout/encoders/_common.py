@@ -172,7 +172,7 @@ def finish(spec: EncoderSpec, out: EncoderOutput) -> EncoderOutput:
 
 def sweep_blocks(spec: EncoderSpec, n_blocks: int) -> list[int]:
     """The 0-based block indices a layer sweep reads: ``spec.layers`` (negative counts from the end, ``"all"``:
-    every block), in order, without repeats.
+    every block), ascending (the order intermediate-feature APIs return them in), without repeats.
 
     Raises:
         ZooError: an index outside the model's ``n_blocks`` blocks.
@@ -187,7 +187,7 @@ def sweep_blocks(spec: EncoderSpec, n_blocks: int) -> list[int]:
                            fix=f"use indices in -{n_blocks} .. {n_blocks - 1}, or layers = \"all\".")
         if a not in out:
             out.append(a)
-    return out
+    return sorted(out)
 
 
 def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,15 @@ class EncoderSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def narrowed(self, layer: str | None) -> EncoderSpec:
+        """This spec reading only what one view of a layer sweep needs: no sweep for ``final`` (or None), else
+        the single block ``layers = [k]`` (its features are then ``EncoderOutput.layers[str(k)]``)."""
+        import dataclasses
+
+        if self.layers is None:
+            return self
+        return dataclasses.replace(self, layers=None if layer in (None, "final") else [int(layer)])
+
     def cache_identity(self) -> dict[str, Any]:
         """The fields that change the embeddings (display-only fields excluded)."""
         d = self.to_dict()
