@@ -605,6 +605,8 @@ def test_timm_layer_sweep_equals_single_layers(tiny_timm, images, which):
     assert sorted(neg.layers) == [str(n_blocks - 3), str(n_blocks - 1)]  # normalised to block indices, no repeats
     for b in neg.layers:  # each name holds that block's features, whatever order they were asked in
         torch.testing.assert_close(neg.layers[b], out.layers[b], atol=1e-5, rtol=1e-5)
+    deep = encode_images(build_encoder(vision(arch, layers=[-1, -50], **kw)), images)  # -50: deeper than the model
+    assert list(deep.layers) == [str(n_blocks - 1)]
 
 
 def test_hf_text_layer_sweep_is_the_masked_mean_of_hidden_states(tiny_bert):
@@ -632,7 +634,7 @@ def test_st_layer_sweep_reads_the_transformer_blocks(minilm_dir):
 
 @pytest.mark.parametrize(("spec", "words"), [
     (dict(id="baseline:pixels", layers="all"), "cannot read hidden layers"),
-    (dict(id="timm:resnet18.a1_in1k", layers=[7]), "outside this model's 5 blocks"),
+    (dict(id="timm:resnet18.a1_in1k", layers=[7, -6]), "all outside this model.s 5 blocks"),
     (dict(id="timm:resnet18.a1_in1k", layers="some"), 'layers = "all"'),
     (dict(id="timm:resnet18.a1_in1k", layers=[-1], layer=-1), "both layer and layers"),
 ])

@@ -172,21 +172,30 @@ def finish(spec: EncoderSpec, out: EncoderOutput) -> EncoderOutput:
 
 def sweep_blocks(spec: EncoderSpec, n_blocks: int) -> list[int]:
     """The 0-based block indices a layer sweep reads: ``spec.layers`` (negative counts from the end, ``"all"``:
-    every block), ascending (the order intermediate-feature APIs return them in), without repeats.
+    every block), ascending (the order intermediate-feature APIs return them in), without repeats. Indices
+    beyond a shallower model's depth are left out with a warning (``--layers -1,-4,-8`` on a 6-block model
+    reads -1 and -4).
 
     Raises:
-        ZooError: an index outside the model's ``n_blocks`` blocks.
+        ZooError: no index within the model's ``n_blocks`` blocks.
     """
     if spec.layers == "all":
         return list(range(n_blocks))
     out: list[int] = []
+    dropped = []
     for k in spec.layers or []:
         a = k + n_blocks if k < 0 else k
         if not 0 <= a < n_blocks:
-            raise ZooError(f"{spec.id}: layers has {k}, outside this model's {n_blocks} blocks.",
-                           fix=f"use indices in -{n_blocks} .. {n_blocks - 1}, or layers = \"all\".")
-        if a not in out:
+            dropped.append(k)
+        elif a not in out:
             out.append(a)
+    if not out:
+        raise ZooError(f"{spec.id}: layers {spec.layers} are all outside this model's {n_blocks} blocks.",
+                       fix=f"use indices in -{n_blocks} .. {n_blocks - 1}, or layers = \"all\".")
+    if dropped:
+        import logging
+
+        logging.getLogger(__name__).warning("%s has %d blocks: layers %s left out of its sweep", spec.id, n_blocks, dropped)
     return sorted(out)
 
 
