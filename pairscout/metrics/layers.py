@@ -96,7 +96,7 @@ def layer_sweep(xs: Sequence[ArrayLike], ys: Sequence[ArrayLike], permutations: 
         raise MetricError(f"permutations={permutations!r} must be a positive int.", fix="use e.g. 200.")
     xt, yt = as_matrices(list(xs), "xs"), as_matrices(list(ys), "ys")
     yt = [y.to(xt[0].device) for y in yt]
-    n = check_same_rows({"xs": xt, "ys": yt}, min_rows=4, why="a layer sweep")
+    check_same_rows({"xs": xt, "ys": yt}, min_rows=4, why="a layer sweep")
     for names, mats, what in ((layers_x, xt, "layers_x"), (layers_y, yt, "layers_y")):
         if names is not None and len(names) != len(mats):
             raise MetricError(f"{what} names {len(names)} layers but {len(mats)} were given.",
