@@ -103,3 +103,20 @@ def test_sweep_pairs_corrects_a_search_over_noise():
     assert sw.p_pair[0][0] < 0.05  # what a search that keeps the maximum would report
     assert sw.p_max[0][0] > 0.2  # the null of the maximum: chance
     assert sw.excess_max[0][0] < sw.value[0][0] - sw.null_pair_mean[0][0]
+
+
+def test_gumbel_tail_agrees_with_the_permutations_and_resolves_small_p():
+    from pairscout.metrics.layers import sweep_pairs
+
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(80, 6, generator=g, dtype=F64) for _ in range(4)]
+    ys = [torch.randn(80, 6, generator=g, dtype=F64) for _ in range(3)]
+    s = torch.randn(80, 2, generator=g, dtype=F64)
+    weak = [xs[0] + 0.25 * s @ torch.randn(2, 6, generator=g, dtype=F64), *xs[1:]]
+    strong = [xs[0] + 2.0 * s @ torch.randn(2, 6, generator=g, dtype=F64), *xs[1:]]
+    y = [ys[0] + 0.25 * s @ torch.randn(2, 6, generator=g, dtype=F64), *ys[1:]]
+    sw = sweep_pairs([xs, weak, strong], [y], debiased=True, permutations=499, seed=2, max_rows=None)
+    for a in (0, 1):  # chance and a weak signal: the fitted tail matches the Monte-Carlo p within its error
+        assert abs(sw.p_max_gumbel[a][0] - sw.p_max[a][0]) < 0.08
+    assert sw.p_max[2][0] == pytest.approx(1 / 500)  # the permutations cannot see further ...
+    assert sw.p_max_gumbel[2][0] < 1e-6  # ... the fitted tail can

@@ -44,8 +44,12 @@ def test_each_pair_is_scored_at_its_best_layer_pair(layered_run):
     assert (pairs.loc[pairs["vision"] == "pixels", "vision_layer"] == "final").all()
     # the p of the primary metric is the selection-corrected one; the naive one is kept beside it
     assert {"cka_linear_debiased_p_naive", "cka_linear_debiased_z_naive"} <= set(pairs.columns)
-    p = pairs["cka_linear_debiased_p"].to_numpy()
-    assert np.all((p * 20).round(6) == np.round(p * 20))  # (1 + count) / (1 + 19 permutations)
+    mc = pairs["layer_p_mc"].to_numpy()
+    assert np.all((mc * 20).round(6) == np.round(mc * 20))  # (1 + count) / (1 + 19 permutations)
+    one = pairs["layers_searched"] == 1  # no search: the usual closed-form calibration stays
+    assert one.any() and (~one).any()
+    np.testing.assert_allclose(pairs.loc[one, "cka_linear_debiased_p"], pairs.loc[one, "cka_linear_debiased_p_naive"])
+    assert not np.allclose(pairs.loc[~one, "cka_linear_debiased_z"], pairs.loc[~one, "cka_linear_debiased_z_naive"])
     assert "@" in output and "chosen by the layer sweep" in output
 
 

@@ -25,6 +25,7 @@ seeded subset is used (and recorded).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -129,7 +130,11 @@ class PairSweep:
     null_max_sd: list[list[float]]
     z_max: list[list[float]]
     p_max: list[list[float]]
-    """Selection-corrected permutation p-value of each encoder pair's maximum."""
+    """Selection-corrected permutation p-value of each encoder pair's maximum (resolves 1 / (permutations + 1))."""
+    p_max_gumbel: list[list[float]]
+    """The same tail from a Gumbel law fitted to the null maxima by their moments (extreme-value limit of a
+    maximum; scale ``sd sqrt(6) / pi``, location ``mean - 0.5772 scale``): resolves p below 1 / (permutations + 1),
+    as the gamma approximation does for one CKA value."""
     z_pair: list[list[float]]
     p_pair: list[list[float]]
     """Naive p-value of the chosen view pair alone (ignores the search)."""
@@ -169,6 +174,15 @@ def _view_stats(zs: Sequence[torch.Tensor], debiased: bool) -> tuple[torch.Tenso
         tots.append(r.sum())
         selfs.append(h)
     return torch.stack(grams), torch.stack(rows), torch.stack(tots), torch.stack(selfs)
+
+
+def _gumbel_sf(x: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """P(M >= x) for a Gumbel law with this mean and SD (method of moments); 0 / 1 where the SD is 0."""
+    beta = sd * math.sqrt(6.0) / math.pi
+    mu = mean - 0.5772156649015329 * beta
+    z = (x - mu) / beta.clamp_min(1e-300)
+    sf = -torch.expm1(-torch.exp(-z))  # 1 - exp(-exp(-z)), accurate in the far tail
+    return torch.where(sd > 0, sf, (x <= mean).to(F64))
 
 
 def sweep_pairs(x_views: Sequence[Sequence[ArrayLike]], y_views: Sequence[Sequence[ArrayLike]], *, debiased: bool = False,
@@ -246,6 +260,7 @@ def sweep_pairs(x_views: Sequence[Sequence[ArrayLike]], y_views: Sequence[Sequen
         cka=obs.cpu().tolist(), best=best, value=tl(value), null_max_mean=tl(mm), null_max_sd=tl(sm),
         z_max=tl(torch.where(sm > 0, (value - mm) / sm.clamp_min(1e-300), inf)),
         p_max=tl((1 + (null_max >= value).sum(0)).double() / (1 + permutations)),
+        p_max_gumbel=tl(_gumbel_sf(value, mm, sm)),
         z_pair=tl(torch.where(sp > 0, (value - mp) / sp.clamp_min(1e-300), inf)),
         p_pair=tl((1 + (null_pair >= value).sum(0)).double() / (1 + permutations)),
         excess_max=tl(value - mm), null_pair_mean=tl(mp), permutations=permutations, rows=n, debiased=debiased,

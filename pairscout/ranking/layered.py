@@ -10,7 +10,9 @@ from one forward pass and one cache entry. For every encoder pair:
 2. **Correction.** The same permutations of the caption rows, applied to every text view at once, give the
    null distribution of each encoder pair's *maximum*; ``<primary>_z``, ``<primary>_p`` and
    ``<primary>_p_holm`` (Holm across pairs) then come from it, not from the chosen pair's own null, which would
-   ignore the search (the naive values are kept as ``<primary>_p_naive`` and ``<primary>_z_naive``). A maximum
+   ignore the search (the naive values are kept as ``<primary>_p_naive`` and ``<primary>_z_naive``). p is the
+   tail of a Gumbel law fitted to the null maxima (``layer_p_mc``: the Monte-Carlo p, which cannot go below
+   1 / (permutations + 1)); a pair with one view on each side keeps its usual closed-form calibration. A maximum
    of many null values sits above one null value, so a pair that only looks good because many layers were
    tried stays near chance (Gröger, Wen & Brbić 2026 on the Platonic Representation Hypothesis).
 3. **Every other number** (all metrics, their intervals and nulls, the verdict's paired tests) is computed on
@@ -100,12 +102,16 @@ class LayerChoice:
         for k in (f"{primary}_z", f"{primary}_p"):
             if k in out:
                 out[f"{k}_naive"] = out[k]
-        out[f"{primary}_z"] = np.asarray(sw.z_max, dtype=np.float64)
-        out[f"{primary}_p"] = p = np.asarray(sw.p_max, dtype=np.float64)
+        searched = np.array([[len(a) * len(b) for b in self.t_views] for a in self.v_views])
+        swept = searched > 1  # a pair with one view each has no search to correct: its usual null stays
+        naive_p = out.get(f"{primary}_p", np.full(searched.shape, np.nan))
+        out[f"{primary}_z"] = np.where(swept, np.asarray(sw.z_max, dtype=np.float64), out.get(f"{primary}_z", np.nan))
+        out[f"{primary}_p"] = p = np.where(swept, np.asarray(sw.p_max_gumbel, dtype=np.float64), naive_p)
+        out["layer_p_mc"] = np.asarray(sw.p_max, dtype=np.float64)
         out[f"{primary}_p_holm"] = holm(p.ravel()).numpy().reshape(p.shape)
         out["layer_max_null"] = np.asarray(sw.null_max_mean, dtype=np.float64)
         out["layer_excess"] = np.asarray(sw.excess_max, dtype=np.float64)
-        out["layers_searched"] = np.array([[len(a) * len(b) for b in self.t_views] for a in self.v_views], dtype=np.float64)
+        out["layers_searched"] = searched.astype(np.float64)
         return out, (None if reps is None else reps[:, self.ix, self.iy])
 
     def annotate(self, pairs: pd.DataFrame) -> pd.DataFrame:
