@@ -59,7 +59,8 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo name or TOML path.")]
         for col in ("name", "id", "modality", "revision", "pooling", "dim", "params (M)", "license"):
             table.add_column(col, overflow="fold")
         for e in z.encoders:
-            table.add_row(*(L(x) for x in (e.name, e.id, e.modality, e.revision or "", e.pooling, e.dim or "", e.params_m or "", e.license or "")))
+            pooling = e.pooling + (f", layer {e.layer}" if e.layer is not None else "") + (f", layers {e.layers}" if e.layers is not None else "")
+            table.add_row(*(L(x) for x in (e.name, e.id, e.modality, e.revision or "", pooling, e.dim or "", e.params_m or "", e.license or "")))
         ui.out.print(table)
 
 
