@@ -1,0 +1,157 @@
+"""Data-parallel align under torch.distributed (2 gloo processes on CPU, as torchrun would start them): the
+cross-rank losses and a few training steps equal one process on the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pairscout.align.dist_loss import infonce_across_ranks, sigmoid_across_ranks
+from pairscout.align.losses import InfoNCELoss, SigmoidLoss
+from pairscout.align.train import TrainConfig, train
+from pairscout.errors import TrainError
+
+WORLD = 2
+
+
+def _batch(seed: int = 0):
+    """8 images, 13 captions (1-3 per image, uneven between the two halves), keys with identical captions
+    across the halves (caption 0 and caption 12 share key 0: images 0 and 7 are both their positives)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(8, 6, generator=g)
+    row = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 6, 7, 7])
+    txt = img[row] + 0.5 * torch.randn(13, 6, generator=g)
+    keys = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0])
+    return img, txt, row, keys
+
+
+def _positives(keys, row):
+    inc = torch.zeros(8, int(keys.max()) + 1, dtype=torch.bool)
+    inc[row, keys] = True
+    return inc
+
+
+LOSSES = {
+    "sigmoid": lambda: SigmoidLoss(init_scale=3.0, init_bias=-2.0),
+    "sigmoid_pairs_chunk": lambda: SigmoidLoss(init_scale=3.0, init_bias=-2.0, norm="pairs", chunk=2),
+    "sigmoid_chunk_kept": lambda: SigmoidLoss(init_scale=3.0, init_bias=-2.0, chunk=3, recompute=False),
+    "infonce": lambda: InfoNCELoss(init_temperature=0.3),
+}
+
+
+def _loss_worker(rank: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    try:
+        img, txt, row, keys = _batch()
+        inc = _positives(keys, row)
+        mine = (row >= 4 * rank) & (row < 4 * (rank + 1))
+        out = {}
+        for name, make in LOSSES.items():
+            for keyed in (False, True):
+                loss_fn = make()
+                x = img[4 * rank : 4 * (rank + 1)].clone().requires_grad_(True)
+                y = txt[mine].clone().requires_grad_(True)
+                img_ids = torch.arange(4 * rank, 4 * (rank + 1))
+                cap_ids = keys[mine] if keyed else row[mine]
+                pos = (lambda i, c: inc[i][:, c]) if keyed else (lambda i, c: i[:, None] == c[None, :])
+                fn = infonce_across_ranks if name == "infonce" else sigmoid_across_ranks
+                loss = fn(loss_fn, x, y, img_ids, cap_ids, pos)
+                loss.backward()
+                out[name, keyed] = {"loss": loss.detach(), "gx": x.grad, "gy": y.grad,
+                                    "gp": torch.stack([p.grad for p in loss_fn.parameters()])}
+        torch.save(out, f"{tmp}/loss{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cross_rank_losses_equal_one_process_in_value_and_gradients(tmp_path):
+    mp.spawn(_loss_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    parts = [torch.load(tmp_path / f"loss{r}.pt") for r in range(WORLD)]
+    img, txt, row, keys = _batch()
+    inc = _positives(keys, row)
+    order = torch.cat([torch.nonzero((row >= 4 * r) & (row < 4 * (r + 1))).flatten() for r in range(WORLD)])
+    for (name, keyed), _ in parts[0].items():
+        loss_fn = LOSSES[name]()
+        x, y = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+        kw = {"pos_mask": inc[:, keys]} if keyed else {}
+        ref = loss_fn(x, y, row, **kw)
+        ref.backward()
+        got = sum(p[name, keyed]["loss"] for p in parts) / WORLD  # what the trainer logs: the mean of the shares
+        assert got.item() == pytest.approx(ref.item(), rel=1e-6), (name, keyed)
+        gx = torch.cat([p[name, keyed]["gx"] for p in parts])
+        gy = torch.empty_like(y.grad)
+        gy[order] = torch.cat([p[name, keyed]["gy"] for p in parts])
+        # DDP averages over ranks; the heads' inputs receive the SUM over ranks' losses / W = the global gradient
+        torch.testing.assert_close(gx / WORLD, x.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(gy / WORLD, y.grad, atol=1e-6, rtol=1e-5)
+        gp = sum(p[name, keyed]["gp"] for p in parts) / WORLD
+        torch.testing.assert_close(gp, torch.stack([p.grad for p in loss_fn.parameters()]), atol=1e-6, rtol=1e-5)
+        if keyed:  # the shared caption changes the loss: the ids really travel between the ranks
+            assert abs(ref.item() - loss_fn(img, txt, row).item()) > 1e-4
+
+
+# --- the trainer ------------------------------------------------------------------------------------
+def _data(captions: int = 2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 12, generator=g)
+    rot = torch.linalg.qr(torch.randn(12, 12, generator=g))[0]
+    y = torch.cat([x @ rot + 0.5 * torch.randn(48, 12, generator=g) for _ in range(captions)])
+    idx = torch.arange(48).repeat(captions)
+    keys = torch.arange(len(idx))
+    keys[idx == 5] = keys[idx == 30][0]  # image 5's captions read like one of image 30's
+    return x, y, idx, keys
+
+
+RUNS = {
+    "glu_sigmoid_sample": dict(head="glu", hidden_mult=2, captions="sample"),
+    "linear_sigmoid_all_chunk_keys": dict(head="linear", captions="all", chunk=5, loss_norm="pairs"),
+    "mlp_infonce_all": dict(head="mlp", loss="infonce", captions="all"),
+}
+
+
+def _config(kw) -> TrainConfig:
+    return TrainConfig(out_dim=16, steps=6, batch_size=16, lr=3e-3, warmup=0.2, log_every=1, device="cpu", **kw)
+
+
+def _train_worker(rank: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    try:
+        x, y, idx, keys = _data()
+        out = {}
+        for name, kw in RUNS.items():
+            res = train(x, y, idx, _config(kw), out_dir=f"{tmp}/{name}-{rank}", caption_keys=keys if "keys" in name else None)
+            out[name] = {"losses": [h["loss"] for h in res.history if "loss" in h],
+                         "state": {**res.vision_head.state_dict(), **{f"t.{k}": v for k, v in res.text_head.state_dict().items()},
+                                   **{f"l.{k}": v for k, v in res.loss_fn.state_dict().items()}}}  # fmt: skip
+        try:
+            train(x, y, idx, TrainConfig(out_dim=8, steps=1, batch_size=15, device="cpu"))
+        except TrainError as e:
+            out["error"] = str(e)
+        torch.save(out, f"{tmp}/train{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_training_equals_one_process_on_the_global_batch(tmp_path):
+    mp.spawn(_train_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    parts = [torch.load(tmp_path / f"train{r}.pt") for r in range(WORLD)]
+    x, y, idx, keys = _data()
+    for name, kw in RUNS.items():
+        ref = train(x, y, idx, _config(kw), caption_keys=keys if "keys" in name else None)
+        ref_losses = [h["loss"] for h in ref.history if "loss" in h]
+        ref_state = {**ref.vision_head.state_dict(), **{f"t.{k}": v for k, v in ref.text_head.state_dict().items()},
+                     **{f"l.{k}": v for k, v in ref.loss_fn.state_dict().items()}}  # fmt: skip
+        for p in parts:
+            assert p[name]["losses"] == pytest.approx(ref_losses, rel=1e-6, abs=1e-6), name
+            for k, v in ref_state.items():
+                torch.testing.assert_close(p[name]["state"][k], v, atol=1e-6, rtol=1e-5, msg=f"{name} {k}")
+        init = -10.0 if "sigmoid" in name else float(torch.log(torch.tensor(1 / 0.07)))  # it trained: not two untouched heads
+        assert abs(float(ref_state["l.logit_bias" if "sigmoid" in name else "l.logit_scale"]) - init) > 1e-3
+        assert len(set(ref_losses)) == len(ref_losses) == 6
+        assert (tmp_path / f"{name}-0" / "train_log.json").is_file() and not (tmp_path / f"{name}-1").exists()  # rank 0 writes
+    for p in parts:
+        assert "batch of 15 images does not split over the 2 processes" in p["error"] and "\n" not in p["error"]
+
