@@ -50,6 +50,19 @@ def on_main(fn: Callable[[], T]) -> T:
     return value
 
 
+_GROUPS: dict[int, Any] = {}
+
+
+def _loss_group():
+    """A process group of all ranks for the loss's own traffic, apart from DDP's all-reduce (made once per
+    default group: every probe of a ``probe`` run reuses it)."""
+    key = id(dist.group.WORLD)
+    if key not in _GROUPS:
+        _GROUPS.clear()
+        _GROUPS[key] = dist.new_group()
+    return _GROUPS[key]
+
+
 class _Heads(nn.Module):
     """The trained modules as one module for DDP: forward runs both heads, the loss holds scale and bias."""
 
@@ -83,7 +96,7 @@ class DataParallel:
         self.local = batch // self.world
         self.device = device
         self.key_of, self.key_inc = key_of, key_inc
-        self.group = dist.new_group()  # the loss's own traffic, apart from DDP's all-reduce
+        self.group = _loss_group()
         ids = [device.index] if device.type == "cuda" else None
         self.model = nn.parallel.DistributedDataParallel(_Heads(vision_head, text_head, loss_fn), device_ids=ids)
         self.loss_fn = loss_fn

@@ -34,6 +34,7 @@ import torch
 from pairscout.align.pairdata import PairData, PairSource, pair_data, source_from_rank
 from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train import train
+from pairscout.distributed import is_main
 from pairscout.errors import PairscoutError
 
 log = logging.getLogger(__name__)
@@ -314,7 +315,7 @@ def probe(
     })  # fmt: skip
     result.meta["verdict"] = _update_verdict(src, result)
     target = out if out is not None else src.run_dir
-    if target is not None:
+    if target is not None and is_main():  # under torchrun every rank probed the same pairs data-parallel; rank 0 writes
         result.save(target)
         result.meta["out"] = str(target)
     return result
@@ -337,7 +338,7 @@ def _update_verdict(src: PairSource, result: ProbeResult) -> dict[str, Any] | No
     else:
         v = update_from_probe(Verdict.from_dict(old), result.pairs, result.meta["target"], int(result.meta["n_test_items"]))
     meta["verdict_rank"], meta["verdict"] = old, v.to_dict()
-    if src.run_dir is not None and (src.run_dir / META).is_file():
+    if src.run_dir is not None and (src.run_dir / META).is_file() and is_main():
         atomic_write_text(src.run_dir / META, json.dumps(meta, indent=2, default=str) + "\n")
     return v.to_dict()
 
