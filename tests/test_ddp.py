@@ -155,3 +155,55 @@ def test_two_process_training_equals_one_process_on_the_global_batch(tmp_path):
     for p in parts:
         assert "batch of 15 images does not split over the 2 processes" in p["error"] and "\n" not in p["error"]
 
+
+
+# --- probe: every pair's probe is data-parallel ----------------------------------------------------
+def _probe(settings_kw=None):
+    import pandas as pd
+
+    from pairscout.align.evaluate import EvalSet
+    from pairscout.align.pairdata import PairData, split_pair
+    from pairscout.align.probe import ProbeSettings, probe_pairs
+    from pairscout.encode.cache import Embeddings
+    from pairscout.zoo.spec import EncoderSpec
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 120, 10
+    x = torch.randn(n, d, generator=g)
+    texts = {f"t{k}": x @ torch.linalg.qr(torch.randn(d, d, generator=g))[0] + s * torch.randn(n, d, generator=g)
+             for k, s in enumerate([0.3, 1.0, 3.0])}  # fmt: skip
+    train_rows, test_rows = torch.arange(96), torch.arange(96, n)
+    vemb = Embeddings(pooled=x, row_index=torch.arange(n))
+
+    def load(v, t):
+        temb = Embeddings(pooled=texts[t], row_index=torch.arange(n))
+        xv, xt, idx, _ = split_pair(vemb, temb, train_rows)
+        ev, et, eidx, _ = split_pair(vemb, temb, test_rows)
+        return PairData(EncoderSpec(id="emb:x.npy", modality="vision"), EncoderSpec(id=f"emb:{t}.npy", modality="text"),
+                        xv, xt, idx, EvalSet(ev, et, eidx), train_rows, test_rows, "fp")  # fmt: skip
+
+    ranked = pd.DataFrame({"vision": "x", "text": list(texts), "clean": [3.0, 2.0, 1.0]})
+    res = probe_pairs(ranked, load, ["clean"], ProbeSettings(steps=8, batch_size=32, out_dim=8, device="cpu"))
+    return res.pairs[["text", "mean_r1", "i2t_r1", "t2i_r1", "final_loss"]]
+
+
+def _probe_worker(rank: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    try:
+        _probe().to_pickle(f"{tmp}/probe{rank}.pkl")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_probe_equals_one_process(tmp_path):
+    import pandas as pd
+
+    mp.spawn(_probe_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ref = _probe()
+    assert ref["mean_r1"].iloc[0] > ref["mean_r1"].iloc[-1]  # the probes measured something
+    for r in range(WORLD):
+        got = pd.read_pickle(tmp_path / f"probe{r}.pkl")
+        assert got["text"].tolist() == ref["text"].tolist()
+        for col in ("mean_r1", "i2t_r1", "t2i_r1", "final_loss"):
+            assert got[col].tolist() == pytest.approx(ref[col].tolist(), rel=1e-6, abs=1e-6), col
