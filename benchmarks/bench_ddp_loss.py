@@ -16,7 +16,7 @@ buffers were allocated and a tiny warm-up step loaded the libraries (the method 
 2-process loss (mean of the ranks' shares) equals the 1-process loss.
 
 On a CPU the point is the memory per rank and the correctness; the speed-up of data parallelism needs one
-device per rank (GPUs): here both cases share the same 2 cores. Command (about 1-2 min on 2 cores):
+device per rank (GPUs): here both cases share the same 2 cores. Command (2 min 45 s on 2 cores at load average 8):
 ``python benchmarks/bench_ddp_loss.py`` -> ``benchmarks/results/ddp_loss_cpu.md``.
 """
 

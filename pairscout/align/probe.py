@@ -7,6 +7,10 @@ fixed-seed, label-stratified split). Then, for every ranking metric, it correlat
 the probe's R@1 (mean of both directions) across the probed pairs: Spearman and Kendall, with
 p-values (scipy.stats). A high positive rho says the metric ranked the pairs the way alignment did.
 
+Under ``torchrun`` every rank probes the same pairs in the same order and each probe trains data-parallel
+(:mod:`pairscout.align.ddp`; ``batch_size`` is the global batch), so the table equals a one-process run's; rank 0
+alone writes the files and the revisited verdict.
+
 Files (``out``, by default the rank run's folder): ``probe.json`` (settings, correlations, pairs),
 ``probe.csv`` / ``probe.parquet`` (one row per probed pair), ``probe_correlations.csv``.
 :meth:`ProbeResult.load` reads them back.

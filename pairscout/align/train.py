@@ -26,6 +26,12 @@ run before the optimiser step, keeps the last good checkpoint, and raises :class
 ``out_dir/train_log.json`` holds the config, the history (loss, lr, scale, samples/s, evaluations),
 timings and versions.
 
+Under ``torchrun`` (W > 1 processes) the heads train data-parallel (:mod:`.ddp`): ``batch_size`` stays the
+GLOBAL batch, each rank takes its B / W slice of every global batch, the heads and the loss's scale and bias are
+wrapped in DistributedDataParallel and the loss runs across ranks (:mod:`.dist_loss`: the sigmoid loss passes
+caption features round a ring, no rank holds the B x B logits). A W-process run equals a one-process run on the
+same global batch up to float rounding; rank 0 alone writes checkpoints and the log and evaluates.
+
 Example:
     >>> import torch
     >>> x = torch.randn(256, 32); y = x @ torch.linalg.qr(torch.randn(32, 32))[0]
