@@ -17,18 +17,19 @@ WORLD = 2
 
 
 def _batch(seed: int = 0):
-    """8 images, 13 captions (1-3 per image, uneven between the two halves), keys with identical captions
-    across the halves (caption 0 and caption 12 share key 0: images 0 and 7 are both their positives)."""
+    """12 images, 20 captions (1-3 per image, so the ranks hold different numbers of captions), keys with
+    identical captions across ranks (captions 0 and 19 share key 0: images 0 and 11 are both their positives)."""
     g = torch.Generator().manual_seed(seed)
-    img = torch.randn(8, 6, generator=g)
-    row = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 6, 7, 7])
-    txt = img[row] + 0.5 * torch.randn(13, 6, generator=g)
-    keys = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0])
+    img = torch.randn(12, 6, generator=g)
+    row = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 6, 7, 7, 8, 9, 9, 9, 10, 11, 11])
+    txt = img[row] + 0.5 * torch.randn(len(row), 6, generator=g)
+    keys = torch.arange(len(row))
+    keys[-1] = 0
     return img, txt, row, keys
 
 
 def _positives(keys, row):
-    inc = torch.zeros(8, int(keys.max()) + 1, dtype=torch.bool)
+    inc = torch.zeros(12, int(keys.max()) + 1, dtype=torch.bool)
     inc[row, keys] = True
     return inc
 
@@ -41,19 +42,20 @@ LOSSES = {
 }
 
 
-def _loss_worker(rank: int, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+def _loss_worker(rank: int, world: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         img, txt, row, keys = _batch()
         inc = _positives(keys, row)
-        mine = (row >= 4 * rank) & (row < 4 * (rank + 1))
+        b = 12 // world
+        mine = (row >= b * rank) & (row < b * (rank + 1))
         out = {}
         for name, make in LOSSES.items():
             for keyed in (False, True):
                 loss_fn = make()
-                x = img[4 * rank : 4 * (rank + 1)].clone().requires_grad_(True)
+                x = img[b * rank : b * (rank + 1)].clone().requires_grad_(True)
                 y = txt[mine].clone().requires_grad_(True)
-                img_ids = torch.arange(4 * rank, 4 * (rank + 1))
+                img_ids = torch.arange(b * rank, b * (rank + 1))
                 cap_ids = keys[mine] if keyed else row[mine]
                 pos = (lambda i, c: inc[i][:, c]) if keyed else (lambda i, c: i[:, None] == c[None, :])
                 fn = infonce_across_ranks if name == "infonce" else sigmoid_across_ranks
@@ -66,27 +68,30 @@ def _loss_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def test_cross_rank_losses_equal_one_process_in_value_and_gradients(tmp_path):
-    mp.spawn(_loss_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
-    parts = [torch.load(tmp_path / f"loss{r}.pt") for r in range(WORLD)]
+@pytest.mark.parametrize("world", [2, 3])  # 3: the ring takes two hops, so its direction matters
+def test_cross_rank_losses_equal_one_process_in_value_and_gradients(tmp_path, world):
+    mp.spawn(_loss_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    parts = [torch.load(tmp_path / f"loss{r}.pt") for r in range(world)]
     img, txt, row, keys = _batch()
     inc = _positives(keys, row)
-    order = torch.cat([torch.nonzero((row >= 4 * r) & (row < 4 * (r + 1))).flatten() for r in range(WORLD)])
+    b = 12 // world
+    order = torch.cat([torch.nonzero((row >= b * r) & (row < b * (r + 1))).flatten() for r in range(world)])
+    assert len({len(p[("sigmoid", False)]["gy"]) for p in parts}) > 1  # the ranks hold different numbers of captions
     for (name, keyed), _ in parts[0].items():
         loss_fn = LOSSES[name]()
         x, y = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
         kw = {"pos_mask": inc[:, keys]} if keyed else {}
         ref = loss_fn(x, y, row, **kw)
         ref.backward()
-        got = sum(p[name, keyed]["loss"] for p in parts) / WORLD  # what the trainer logs: the mean of the shares
+        got = sum(p[name, keyed]["loss"] for p in parts) / world  # what the trainer logs: the mean of the shares
         assert got.item() == pytest.approx(ref.item(), rel=1e-6), (name, keyed)
         gx = torch.cat([p[name, keyed]["gx"] for p in parts])
         gy = torch.empty_like(y.grad)
         gy[order] = torch.cat([p[name, keyed]["gy"] for p in parts])
         # DDP averages over ranks; the heads' inputs receive the SUM over ranks' losses / W = the global gradient
-        torch.testing.assert_close(gx / WORLD, x.grad, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(gy / WORLD, y.grad, atol=1e-6, rtol=1e-5)
-        gp = sum(p[name, keyed]["gp"] for p in parts) / WORLD
+        torch.testing.assert_close(gx / world, x.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(gy / world, y.grad, atol=1e-6, rtol=1e-5)
+        gp = sum(p[name, keyed]["gp"] for p in parts) / world
         torch.testing.assert_close(gp, torch.stack([p.grad for p in loss_fn.parameters()]), atol=1e-6, rtol=1e-5)
         if keyed:  # the shared caption changes the loss: the ids really travel between the ranks
             assert abs(ref.item() - loss_fn(img, txt, row).item()) > 1e-4
