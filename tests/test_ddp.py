@@ -113,7 +113,20 @@ RUNS = {
     "glu_sigmoid_sample": dict(head="glu", hidden_mult=2, captions="sample"),
     "linear_sigmoid_all_chunk_keys": dict(head="linear", captions="all", chunk=5, loss_norm="pairs"),
     "mlp_infonce_all": dict(head="mlp", loss="infonce", captions="all"),
+    "local_global_sigmoid_tokens": dict(head="local_global", captions="sample"),
 }
+
+
+def _extra(name, x, y, keys):
+    """caption keys and token features for the runs that name them."""
+    kw = {"caption_keys": keys} if "keys" in name else {}
+    if "tokens" in name:
+        g = torch.Generator().manual_seed(2)
+        mask = torch.ones(len(y), 4, dtype=torch.bool)
+        mask[::3, 3] = False
+        kw.update(vision_tokens=x[:, None] + 0.1 * torch.randn(len(x), 3, x.shape[1], generator=g),
+                  text_tokens=y[:, None] + 0.1 * torch.randn(len(y), 4, y.shape[1], generator=g), text_token_mask=mask)
+    return kw
 
 
 def _config(kw) -> TrainConfig:
@@ -126,7 +139,7 @@ def _train_worker(rank: int, tmp: str) -> None:
         x, y, idx, keys = _data()
         out = {}
         for name, kw in RUNS.items():
-            res = train(x, y, idx, _config(kw), out_dir=f"{tmp}/{name}-{rank}", caption_keys=keys if "keys" in name else None)
+            res = train(x, y, idx, _config(kw), out_dir=f"{tmp}/{name}-{rank}", **_extra(name, x, y, keys))
             out[name] = {"losses": [h["loss"] for h in res.history if "loss" in h],
                          "state": {**res.vision_head.state_dict(), **{f"t.{k}": v for k, v in res.text_head.state_dict().items()},
                                    **{f"l.{k}": v for k, v in res.loss_fn.state_dict().items()}}}  # fmt: skip
@@ -145,7 +158,7 @@ def test_two_process_training_equals_one_process_on_the_global_batch(tmp_path):
     parts = [torch.load(tmp_path / f"train{r}.pt") for r in range(WORLD)]
     x, y, idx, keys = _data()
     for name, kw in RUNS.items():
-        ref = train(x, y, idx, _config(kw), caption_keys=keys if "keys" in name else None)
+        ref = train(x, y, idx, _config(kw), **_extra(name, x, y, keys))
         ref_losses = [h["loss"] for h in ref.history if "loss" in h]
         ref_state = {**ref.vision_head.state_dict(), **{f"t.{k}": v for k, v in ref.text_head.state_dict().items()},
                      **{f"l.{k}": v for k, v in ref.loss_fn.state_dict().items()}}  # fmt: skip
