@@ -50,16 +50,18 @@ def on_main(fn: Callable[[], T]) -> T:
     return value
 
 
-_GROUPS: dict[int, Any] = {}
+_GROUPS: dict[tuple[int, str, str | None], Any] = {}
 
 
-def _loss_group():
-    """A process group of all ranks for the loss's own traffic, apart from DDP's all-reduce (made once per
-    default group: every probe of a ``probe`` run reuses it)."""
-    key = id(dist.group.WORLD)
+def _group(purpose: str, backend: str | None = None):
+    """A process group of all ranks (made once per default group and backend: every probe of a ``probe`` run
+    reuses it). The loss's traffic gets one of its own, apart from DDP's all-reduce; ``backend="gloo"`` serves
+    CPU tensors where the default group is NCCL (``--device cpu`` on a GPU machine)."""
+    key = (id(dist.group.WORLD), purpose, backend)
     if key not in _GROUPS:
-        _GROUPS.clear()
-        _GROUPS[key] = dist.new_group()
+        if any(k[0] != key[0] for k in _GROUPS):
+            _GROUPS.clear()
+        _GROUPS[key] = dist.new_group(backend=backend)
     return _GROUPS[key]
 
 
@@ -96,9 +98,11 @@ class DataParallel:
         self.local = batch // self.world
         self.device = device
         self.key_of, self.key_inc = key_of, key_inc
-        self.group = _loss_group()
+        cpu_on_nccl = device.type != "cuda" and dist.get_backend() != "gloo"
+        self.group = _group("loss", "gloo" if cpu_on_nccl else None)
+        grads = _group("grads", "gloo") if cpu_on_nccl else None  # None: the default group
         ids = [device.index] if device.type == "cuda" else None
-        self.model = nn.parallel.DistributedDataParallel(_Heads(vision_head, text_head, loss_fn), device_ids=ids)
+        self.model = nn.parallel.DistributedDataParallel(_Heads(vision_head, text_head, loss_fn), device_ids=ids, process_group=grads)
         self.loss_fn = loss_fn
 
     def slice(self, img_idx: Tensor, cap_idx: Tensor, cap_row: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -128,5 +132,5 @@ class DataParallel:
     def mean(self, x: Tensor) -> Tensor:
         """Mean over ranks (the global loss from the ranks' shares)."""
         x = x.detach().clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=self.group)
         return x / self.world
