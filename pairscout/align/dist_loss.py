@@ -7,10 +7,12 @@ rank r holds images ``x_r`` (B_r = B / W rows) and captions ``y_r`` (B'_r rows).
     L = 1/N * sum_r sum_s sum_{i in r, j in s} -log sigmoid(l_ij * (t x_i . y_j + b))
 
 (N = B for ``norm="batch"``, B * B' for ``"pairs"``; l_ij = +1 for positives, -1 otherwise) splits into
-W x W blocks (r, s). Rank r computes its own block (r, r), then passes the caption features round a ring
-W - 1 times (:class:`_Exchange`: ``isend`` to rank r + 1, ``irecv`` from rank r - 1, both through
-``torch.distributed``), so at hop k it holds the captions of rank r - k and adds block (r, r - k). No rank
-ever holds more than a (B_r, B'_s) logit block; with ``chunk`` set, only (B_r, chunk) at a time
+W x W blocks (r, s). Rank r computes its own block (r, r), then passes the caption features round the ring in
+both directions at once (open_clip's ``bidir``; :class:`_ExchangeBoth`: ``isend`` to ranks r - 1 and r + 1,
+``irecv`` from both, through ``torch.distributed``): after round k it holds the captions of ranks r - k and
+r + k and adds those two blocks; with an even W the opposite rank's captions take one more one-way hop
+(:class:`_Exchange`). That is ceil((W - 1) / 2) rounds instead of W - 1 hops. No rank ever holds more than a
+(B_r, B'_s) logit block; with ``chunk`` set, only (B_r, chunk) at a time
 (:func:`~pairscout.align.losses.chunked_sigmoid_negatives`, logits recomputed in backward).
 
 The exchange is differentiable: its backward sends the gradient of the received block back to the rank it
@@ -68,6 +70,35 @@ class _Exchange(torch.autograd.Function):
         return _swap(grad, ctx.dst, ctx.src, ctx.shape, ctx.group), None, None, None, None
 
 
+class _ExchangeBoth(torch.autograd.Function):
+    """One bidirectional round (open_clip's ``bidir`` neighbour exchange): send ``to_left`` to the left neighbour
+    and ``to_right`` to the right one, receive a block from each. Backward is the same round with the gradients:
+    each received block's gradient goes back to the neighbour it came from, and the gradients of the two sent
+    tensors arrive from the neighbours they went to (autograd hands zeros for an unused output)."""
+
+    @staticmethod
+    def forward(ctx, to_left: Tensor, to_right: Tensor, left: int, right: int, rows_left: int, rows_right: int, group):  # noqa: D102
+        ctx.left, ctx.right, ctx.group = left, right, group
+        ctx.sent = (tuple(to_left.shape), tuple(to_right.shape))
+        return _swap_both(to_left, to_right, left, right, (rows_left, *to_left.shape[1:]), (rows_right, *to_right.shape[1:]), group)
+
+    @staticmethod
+    def backward(ctx, g_from_left: Tensor, g_from_right: Tensor):  # noqa: D102
+        g_to_left, g_to_right = _swap_both(g_from_left, g_from_right, ctx.left, ctx.right, *ctx.sent, ctx.group)
+        return g_to_left, g_to_right, None, None, None, None, None
+
+
+def _swap_both(to_left: Tensor, to_right: Tensor, left: int, right: int, shape_left: tuple[int, ...],
+               shape_right: tuple[int, ...], group) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Send to both neighbours and receive from both (``left != right``, i.e. at least 3 ranks)."""
+    from_left, from_right = to_left.new_empty(shape_left), to_right.new_empty(shape_right)
+    ops = [dist.P2POp(dist.isend, to_left.contiguous(), left, group), dist.P2POp(dist.isend, to_right.contiguous(), right, group),
+           dist.P2POp(dist.irecv, from_left, left, group), dist.P2POp(dist.irecv, from_right, right, group)]  # fmt: skip
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return from_left, from_right
+
+
 def exchange(x: Tensor, src: int, dst: int, rows: int, group=None) -> Tensor:
     """Differentiable ring hop (see :class:`_Exchange`); ``rows``: how many rows ``src`` sends."""
     return _Exchange.apply(x, src, dst, int(rows), group)
@@ -120,10 +151,17 @@ def sigmoid_across_ranks(loss_fn: SigmoidLoss, img: Tensor, txt: Tensor, img_ids
         y = F.normalize(txt.to(dt), dim=-1)
         t, b = loss_fn.logit_scale.to(dt).exp(), loss_fn.logit_bias.to(dt)
         total = _sigmoid_block(loss_fn, x, y, positives(img_ids, txt_ids), t, b)
-        block, left, right = y, (rank - 1) % world, (rank + 1) % world
-        for hop in range(1, world):
-            src = (rank - hop) % world  # whose captions arrive at this hop
-            block = exchange(block, left, right, rows[src], group)
+        left, right = (rank - 1) % world, (rank + 1) % world
+        to_left = to_right = y
+        rounds, odd = divmod(world - 1, 2)
+        for k in range(1, rounds + 1):  # round k: the captions of ranks r - k and r + k arrive together
+            src_l, src_r = (rank - k) % world, (rank + k) % world
+            to_right, to_left = _ExchangeBoth.apply(to_left, to_right, left, right, rows[src_l], rows[src_r], group)
+            for block, src in ((to_right, src_l), (to_left, src_r)):
+                total = total + _sigmoid_block(loss_fn, x, block, positives(img_ids, all_txt_ids[src].to(img_ids.device)), t, b)
+        if odd:  # an even world: the opposite rank's captions come one more hop from the left
+            src = (rank - rounds - 1) % world
+            block = exchange(to_right, left, right, rows[src], group)
             total = total + _sigmoid_block(loss_fn, x, block, positives(img_ids, all_txt_ids[src].to(img_ids.device)), t, b)
         norm = loss_fn._normaliser(x.shape[0] * world, sum(rows))
         return total * (world / norm)
