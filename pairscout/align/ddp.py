@@ -11,6 +11,8 @@ does differently when the process group has W > 1 ranks.
   DDP's gradient all-reduce.
 - A W-process step therefore equals a one-process step on the same global batch, up to float rounding
   (``tests/test_ddp.py``: loss and weights to 1e-6 after several AdamW steps).
+- Head dropout (``head_options={"dropout": p}``, API only) draws its masks from one generator per rank, so with
+  p > 0 the masks are independent between ranks and the run is not the 1-process run's draw.
 - Rank 0 alone writes checkpoints and the log and runs the evaluation; its metrics are broadcast, so every
   rank returns the same :class:`~pairscout.align.train_config.TrainResult`.
 """
@@ -85,10 +87,12 @@ class DataParallel:
         vision_head, text_head, loss_fn: the modules (already on ``device``).
         key_of, key_inc: caption -> key and image x key incidence when identical captions are positives
             (None: a caption's positive is its own image only).
+        seed, start: the run's seed and first step (seed this rank's dropout stream).
     """
 
     def __init__(self, batch: int, asked: int, vision_head: nn.Module, text_head: nn.Module, loss_fn: nn.Module,
-                 device: torch.device, key_of: Tensor | None = None, key_inc: Tensor | None = None) -> None:  # fmt: skip
+                 device: torch.device, key_of: Tensor | None = None, key_inc: Tensor | None = None, seed: int = 0,
+                 start: int = 0) -> None:  # fmt: skip
         self.rank, self.world = distributed.rank_world()
         if batch % self.world:
             clipped = f" (--batch-size {asked} clipped to the {batch} images there are)" if batch != asked else ""
@@ -104,6 +108,9 @@ class DataParallel:
         ids = [device.index] if device.type == "cuda" else None
         self.model = nn.parallel.DistributedDataParallel(_Heads(vision_head, text_head, loss_fn), device_ids=ids, process_group=grads)
         self.loss_fn = loss_fn
+        # the only draws of the global generator in a step are head dropout masks: one stream per rank, so the
+        # ranks' masks are independent (with dropout > 0 a W-process run is not the 1-process run's draw)
+        torch.manual_seed(seed * 1_000_003 + start * 1_009 + self.rank)
 
     def slice(self, img_idx: Tensor, cap_idx: Tensor, cap_row: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """This rank's images of the global batch (a contiguous slice) and their captions (rows renumbered)."""

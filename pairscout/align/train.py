@@ -193,7 +193,7 @@ def train(
         if world > 1:  # torchrun: data-parallel heads, the loss across ranks, rank 0 alone writes (pairscout.align.ddp)
             from pairscout.align.ddp import DataParallel
 
-            par = DataParallel(batches.bs, config.batch_size, vision_head, text_head, loss_fn, device, key_of, key_inc)
+            par = DataParallel(batches.bs, config.batch_size, vision_head, text_head, loss_fn, device, key_of, key_inc, config.seed, start)
             out = out if distributed.is_main() else None
 
         fits = True
