@@ -65,6 +65,11 @@ def test_readme_torchrun_align_equals_one_process(tmp_path, monkeypatch):
     proc = subprocess.run([exe, *align_line[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     two = tmp_path / "runs" / "ddp" / "align" / "pixels__tfidf"
+    bad = subprocess.run([exe, *align_line[1:], "--batch-size", "31", "--out", "odd"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    lines = [ln for ln in (bad.stdout + bad.stderr).splitlines() if ln.startswith("error:")]
+    assert bad.returncode != 0 and len(lines) == 1, lines  # one line, from rank 0 only (the others are quiet)
+    assert "batch of 31 images does not split over the 2 processes" in lines[0] and "multiple of 2" in lines[0]
     log = json.loads((two / "train" / "train_log.json").read_text())
     assert log["status"] == "finished" and log["step"] == 20
 
