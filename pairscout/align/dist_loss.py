@@ -13,7 +13,8 @@ both directions at once (open_clip's ``bidir``; :class:`_ExchangeBoth`: ``isend`
 r + k and adds those two blocks; with an even W the opposite rank's captions take one more one-way hop
 (:class:`_Exchange`). That is ceil((W - 1) / 2) rounds instead of W - 1 hops. No rank ever holds more than a
 (B_r, B'_s) logit block; with ``chunk`` set, only (B_r, chunk) at a time
-(:func:`~pairscout.align.losses.chunked_sigmoid_negatives`, logits recomputed in backward).
+(:func:`~pairscout.align.losses.chunked_sigmoid_negatives`, logits recomputed in backward). Each rank does keep
+the caption blocks it received until backward (B' x d features in all, as open_clip's exchange does).
 
 The exchange is differentiable: its backward sends the gradient of the received block back to the rank it
 came from, so rank r ends with ``dL_all / d y_r``, the gradient of every rank's loss with respect to its own
