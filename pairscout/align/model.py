@@ -355,7 +355,9 @@ def align(
     }  # fmt: skip
     model = AlignedModel(data_.vision_spec.narrowed(data_.vision_layer), data_.text_spec.narrowed(data_.text_layer), res.vision_head.cpu(), res.text_head.cpu(), scale=params["scale"],
                          bias=params.get("bias"), meta=meta, fit_texts=fit_texts, text_encoder=enc)  # fmt: skip
-    if out is not None:
+    from pairscout.distributed import is_main
+
+    if out is not None and is_main():  # under torchrun every rank holds the same heads; rank 0 writes them
         model.save(out)
         if not keep_checkpoint:
             import shutil

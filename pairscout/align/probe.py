@@ -7,6 +7,10 @@ fixed-seed, label-stratified split). Then, for every ranking metric, it correlat
 the probe's R@1 (mean of both directions) across the probed pairs: Spearman and Kendall, with
 p-values (scipy.stats). A high positive rho says the metric ranked the pairs the way alignment did.
 
+Under ``torchrun`` every rank probes the same pairs in the same order and each probe trains data-parallel
+(:mod:`pairscout.align.ddp`; ``batch_size`` is the global batch), so the table equals a one-process run's; rank 0
+alone writes the files and the revisited verdict.
+
 Files (``out``, by default the rank run's folder): ``probe.json`` (settings, correlations, pairs),
 ``probe.csv`` / ``probe.parquet`` (one row per probed pair), ``probe_correlations.csv``.
 :meth:`ProbeResult.load` reads them back.
@@ -34,6 +38,7 @@ import torch
 from pairscout.align.pairdata import PairData, PairSource, pair_data, source_from_rank
 from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train import train
+from pairscout.distributed import is_main
 from pairscout.errors import PairscoutError
 
 log = logging.getLogger(__name__)
@@ -315,7 +320,7 @@ def probe(
     })  # fmt: skip
     result.meta["verdict"] = _update_verdict(src, result)
     target = out if out is not None else src.run_dir
-    if target is not None:
+    if target is not None and is_main():  # under torchrun every rank probed the same pairs data-parallel; rank 0 writes
         result.save(target)
         result.meta["out"] = str(target)
     return result
@@ -338,7 +343,7 @@ def _update_verdict(src: PairSource, result: ProbeResult) -> dict[str, Any] | No
     else:
         v = update_from_probe(Verdict.from_dict(old), result.pairs, result.meta["target"], int(result.meta["n_test_items"]))
     meta["verdict_rank"], meta["verdict"] = old, v.to_dict()
-    if src.run_dir is not None and (src.run_dir / META).is_file():
+    if src.run_dir is not None and (src.run_dir / META).is_file() and is_main():
         atomic_write_text(src.run_dir / META, json.dumps(meta, indent=2, default=str) + "\n")
     return v.to_dict()
 

@@ -26,6 +26,12 @@ run before the optimiser step, keeps the last good checkpoint, and raises :class
 ``out_dir/train_log.json`` holds the config, the history (loss, lr, scale, samples/s, evaluations),
 timings and versions.
 
+Under ``torchrun`` (W > 1 processes) the heads train data-parallel (:mod:`.ddp`): ``batch_size`` stays the
+GLOBAL batch, each rank takes its B / W slice of every global batch, the heads and the loss's scale and bias are
+wrapped in DistributedDataParallel and the loss runs across ranks (:mod:`.dist_loss`: the sigmoid loss passes
+caption features round a ring, no rank holds the B x B logits). A W-process run equals a one-process run on the
+same global batch up to float rounding; rank 0 alone writes checkpoints and the log and evaluates.
+
 Example:
     >>> import torch
     >>> x = torch.randn(256, 32); y = x @ torch.linalg.qr(torch.randn(32, 32))[0]
@@ -161,7 +167,11 @@ def train(
 
     identity = {"config": config.identity(), "data": data_signature(v.pooled, t.pooled, tii, v.tokens, t.tokens), "total_steps": total}
     out = Path(out_dir) if out_dir is not None else None
-    ckpt = open_checkpoints(out, identity, resume=resume, force=force)
+    from pairscout import distributed
+    from pairscout.align.ddp import on_main
+
+    world = distributed.rank_world()[1]
+    ckpt = on_main(lambda: open_checkpoints(out, identity, resume=resume, force=force))  # rank 0 decides, all follow
 
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
@@ -179,6 +189,12 @@ def train(
             timings.update(state.get("timings", {}))
             samples_done = int(state.get("samples", 0))
             log.info("resuming from step %d of %d", start, total)
+        par = None
+        if world > 1:  # torchrun: data-parallel heads, the loss across ranks, rank 0 alone writes (pairscout.align.ddp)
+            from pairscout.align.ddp import DataParallel
+
+            par = DataParallel(batches.bs, config.batch_size, vision_head, text_head, loss_fn, device, key_of, key_inc, config.seed, start)
+            out = out if distributed.is_main() else None
 
         fits = True
         if device.type == "cuda":
@@ -228,19 +244,27 @@ def train(
             for g, base in zip(opt.param_groups, base_lrs, strict=True):
                 g["lr"] = base * f
             img_idx, cap_idx, cap_row = batches(step)
+            if par is not None:
+                img_idx, cap_idx, cap_row = par.slice(img_idx, cap_idx, cap_row)
             xb = gather(vx, img_idx, device)
             yb = gather(tx, cap_idx, device)
+            xt, xm = gather(vt, img_idx, device, torch.float32), gather(vm, img_idx, device)
+            yt, ym = gather(tt, cap_idx, device, torch.float32), gather(tm, cap_idx, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                zi = vision_head(xb, gather(vt, img_idx, device, torch.float32), gather(vm, img_idx, device))
-                zt = text_head(yb, gather(tt, cap_idx, device, torch.float32), gather(tm, cap_idx, device))
-                pos = None if key_inc is None else key_inc[img_idx][:, key_of[cap_idx]].to(device)
-                loss = loss_fn(zi, zt, None if cap_row is None else cap_row.to(device), **({} if pos is None else {"pos_mask": pos}))
+                if par is None:
+                    zi, zt = vision_head(xb, xt, xm), text_head(yb, yt, ym)
+                    pos = None if key_inc is None else key_inc[img_idx][:, key_of[cap_idx]].to(device)
+                    loss = loss_fn(zi, zt, None if cap_row is None else cap_row.to(device), **({} if pos is None else {"pos_mask": pos}))
+                else:
+                    zi, zt = par.model(xb, xt, xm, yb, yt, ym)
+                    loss = par.loss(zi, zt, img_idx, cap_idx, cap_row)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss_value = loss.detach() if par is None else par.mean(loss)  # the global loss on every rank
             gnorm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip else None
-            bad = ~torch.isfinite(loss.detach()) if gnorm is None else ~(torch.isfinite(loss.detach()) & torch.isfinite(gnorm))
+            bad = ~torch.isfinite(loss_value) if gnorm is None else ~(torch.isfinite(loss_value) & torch.isfinite(gnorm))
             if bool(bad):
-                value = float(loss.detach())
+                value = float(loss_value)
                 what = f"the loss became {value}" if not math.isfinite(value) else "a gradient became NaN/inf"
                 kept = latest_checkpoint(out) if out is not None else None
                 history.append({"step": step + 1, "diverged": True, "loss": value})
@@ -250,9 +274,9 @@ def train(
                 raise DivergenceError(f"training diverged at step {step + 1} of {total}: {what}; stopped, {where}.",
                                       fix="lower --lr (e.g. by 3x), keep --grad-clip on, then --resume or --force.")  # fmt: skip
             opt.step()
-            last_loss = float(loss.detach())
+            last_loss = float(loss_value)
             step_done = step + 1
-            bs = len(img_idx)
+            bs = len(img_idx) * world
             samples_done += bs
             window_n += bs
             timings["train"] += time.perf_counter() - t0
@@ -265,7 +289,7 @@ def train(
                     rec["bias"] = float(loss_fn.logit_bias.detach())
                 history.append(rec)
                 window_t, window_n = now, 0
-            if eval_data is not None and config.eval_every and step_done % config.eval_every == 0 and step_done != total:
+            if eval_data is not None and config.eval_every and step_done % config.eval_every == 0 and step_done != total and distributed.is_main():
                 run_eval(step_done)
             if out is not None and config.checkpoint_every and step_done % config.checkpoint_every == 0 and step_done != total:
                 checkpoint(step_done)
@@ -273,7 +297,7 @@ def train(
             if progress is not None:
                 progress(step_done, total, {"loss": last_loss, "lr": peak * f, "samples_per_s": rate})
 
-        metrics = run_eval(total) if eval_data is not None else {}
+        metrics = on_main(lambda: run_eval(total)) if eval_data is not None else {}  # once, on rank 0
         if out is not None:
             if start < total or latest_checkpoint(out) is None:
                 checkpoint(total)
