@@ -8,6 +8,9 @@ from typing import Any
 
 from pairscout.metrics.registry import DEFAULT_MEASURES
 
+PRECISIONS = ("auto", "float64", "float32", "tf32")
+"""Choices of :attr:`RankSettings.precision` (``--precision``)."""
+
 DEBIASED_BELOW = 10_000
 """Below this many rows the default primary metric is debiased linear CKA: biased CKA is inflated at
 small n (two independent random 384-d embeddings of 1,000 rows read 0.26; the debiased estimator 0.00)."""
@@ -39,6 +42,10 @@ class RankSettings:
     caption_reduce: str = "first"
     """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
     seed: int = 0
+    precision: str = "auto"
+    """Precision of the large CKA products (:func:`pairscout.metrics.all_pairs_cka`): ``auto`` follows
+    :func:`pairscout.runtime.metric_precision` on the metrics' device (float32 products on GPUs, exact float64 on
+    CPU); ``float64``, ``float32`` or ``tf32`` (CUDA tensor cores) force one. Reductions are float64 in every case."""
 
     def __post_init__(self) -> None:
         """Impossible settings are one-line errors naming the option, before any encoding."""
@@ -50,6 +57,8 @@ class RankSettings:
                 raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {low} or more.")
         if self.caption_reduce not in ("first", "mean"):
             raise PairscoutError(f"--caption-reduce {self.caption_reduce!r} is unknown.", fix="use 'first' or 'mean'.")
+        if self.precision not in PRECISIONS:
+            raise PairscoutError(f"--precision {self.precision!r} is unknown.", fix=f"use one of {', '.join(PRECISIONS)}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
