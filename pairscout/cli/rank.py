@@ -46,6 +46,7 @@ def rank(
     knn_k: Annotated[int, typer.Option("--knn-k", help="k of mutual k-NN and CKNNA.")] = RANK.knn_k,
     clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = RANK.clip_quantile,
     caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = RANK.caption_reduce,
+    precision: Annotated[str, typer.Option(help="CKA products: auto (float32 on GPUs, float64 on CPU), float64, float32 or tf32; sums are float64 always.")] = RANK.precision,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots.")] = None,
     force: ForceOpt = False,
     top: Annotated[int, typer.Option(help="Rows of the table printed.")] = 10,
@@ -75,7 +76,7 @@ def rank(
         settings = RankSettings(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else RANK.metrics,
             primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
-            permutations=permutations, caption_reduce=caption_reduce, seed=seed,
+            permutations=permutations, caption_reduce=caption_reduce, seed=seed, precision=precision,
         )  # fmt: skip
         with ui.progress() as rep:
             res = run_rank(vision_zoo, text_zoo, data, n=n, settings=settings, skip_bad=skip_bad,

@@ -186,23 +186,25 @@ def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048) -> tuple[_Gram
     gamma = 1.0 / (2.0 * sigma * sigma)
     sq = x.square().sum(1)
 
+    dev = x.device
+
     def rows(a: int, b: int) -> torch.Tensor:
         g = (x[a:b] @ x.T).mul_(-2.0).add_(sq[a:b, None]).add_(sq[None, :]).clamp_min_(0)
-        g[torch.arange(b - a), torch.arange(a, b)] = 0.0
+        g[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)] = 0.0
         return g.mul_(-gamma).exp_().to(F64)
 
-    r = torch.zeros(n, dtype=F64)
+    r = torch.zeros(n, dtype=F64, device=dev)
     for a in range(0, n, tile):
         r[a:a + tile] = rows(a, min(a + tile, n)).sum(1)
     s = float(r.sum())
     mu = r / n
-    q = torch.zeros(n, dtype=F64)
-    d = torch.zeros(n, dtype=F64)
+    q = torch.zeros(n, dtype=F64, device=dev)
+    d = torch.zeros(n, dtype=F64, device=dev)
     for a in range(0, n, tile):
         b = min(a + tile, n)
         kc = rows(a, b) - mu[a:b, None] - mu[None, :] + s / (n * n)
         q[a:b] = kc.square().sum(1)
-        d[a:b] = kc[torch.arange(b - a), torch.arange(a, b)]
+        d[a:b] = kc[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)]
     # a centred Gram matrix has zero row sums, so the off-diagonal row sum is -diag
     return _GramSummary(d, -d, q - d * d), float(q.sum())
 
@@ -312,7 +314,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
     used = 0
     if metric in CKA_METRICS and method == "auto":
         kernel = "linear" if metric.startswith("cka_linear") else "rbf"
-        mean, sd, p = _cka_moments([x.cpu() for x in xs_t], [y.cpu() for y in ys_t], kernel, metric.endswith("_debiased"),
+        mean, sd, p = _cka_moments(xs_t, ys_t, kernel, metric.endswith("_debiased"),
                                    float(kwargs.get("sigma_frac", 1.0)), observed, cache)
         how = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
     elif metric in NEIGHBOUR_METRICS:
@@ -320,15 +322,14 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         pre = kwargs.get("preprocess", _knn.Preprocess())
         used = n_perm if metric == "mutual_knn" else min(n_perm, cknna_perm)
         nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
-        nxs, nys = [_knn.to_cpu(a) for a in nxs], [_knn.to_cpu(b) for b in nys]
-        perms = _perms(n, used, seed)
+        perms = _perms(n, used, seed).to(nxs[0].indices.device)  # the null runs where the lists are
         null = _mutual_knn_null(nxs, nys, perms) if metric == "mutual_knn" else _cknna_null(nxs, nys, perms, n)
         mean, sd, p = _from_samples(observed, null)
         how = f"{used} Monte-Carlo permutations of the neighbour lists"
     else:
         used = n_perm
         perms = _perms(n, used, seed)
-        null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs) for p in perms])
+        null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs).cpu() for p in perms])
         mean, sd, p = _from_samples(observed, null)
         how = f"{used} Monte-Carlo permutations"
     with torch.no_grad():

@@ -5,6 +5,7 @@ The CLI command ``pairscout rank`` is a thin wrapper over :func:`rank`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -14,12 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pairscout import distributed, runtime
 from pairscout.encode.cache import EmbeddingCache
 from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
 from pairscout.metrics import registry
 from pairscout.provenance import provenance
 from pairscout.ranking import calibrated, compute
+from pairscout.ranking.engine import Engine
 from pairscout.ranking.result import RankResult, settings_conflict
 from pairscout.ranking.settings import DEBIASED_BELOW, RankSettings
 from pairscout.resolve import resolve_data, resolve_zoos
@@ -51,7 +54,12 @@ def rank(
         n: rows: the generated dataset renders ``n`` rows, a file dataset gives a fixed-seed subset of ``n``
             (:func:`pairscout.resolve.resolve_data`, the same as ``pairscout rank --n``).
         settings: metrics, primary metric, confidence-interval and null settings.
-        encode_settings: device, batch size, workers.
+        encode_settings: device, batch size, workers. The device (:func:`pairscout.runtime.pick_device`) is
+            resolved once and holds the embeddings for every metric, the null, the intervals and the verdict;
+            ``settings.precision`` ``auto`` picks the CKA products' precision for it
+            (:func:`pairscout.runtime.metric_precision`). Under ``torchrun`` (world > 1) each process keeps a
+            contiguous 1/world of the rows and the metric values and intervals come from all-reduced sufficient
+            statistics (:mod:`pairscout.ranking.engine` says what is sharded and what is gathered).
         cache_dir: the embedding cache (default ``~/.cache/pairscout``).
         out: folder for the result files and plots; refused if it holds a run with other settings
             unless ``force``.
@@ -96,8 +104,19 @@ def rank(
                 fix="choose another --out folder, or pass --force to replace it.",
             )
 
-    cache = EmbeddingCache(cache_dir)
+    # one device for everything: encoding, every metric, the null, the intervals, the verdict, the unimodal scores
     enc_settings = encode_settings or EncodeSettings()
+    device = runtime.pick_device(enc_settings.device)
+    enc_settings = dataclasses.replace(enc_settings, device=str(device))
+    precision = runtime.resolve_precision(settings.precision, device)
+    used = dataclasses.replace(used, precision=precision)
+    _, world = distributed.rank_world()
+    if world > n_rows:
+        raise PairscoutError(f"torch.distributed runs {world} processes but the data has {n_rows} rows; every process needs "
+                             "at least one row of the shard it ranks.",
+                             fix=f"start at most {n_rows} processes (torchrun --nproc_per_node), or rank more rows (--rows).")
+    engine = Engine.for_run(device, precision, n_rows)
+    cache = EmbeddingCache(cache_dir)
     t0 = time.perf_counter()
     v_enc = encode_zoo(vz.encoders, ds, cache=cache, settings=enc_settings, progress=progress)
     t_enc = encode_zoo(tz.encoders, ds, cache=cache, settings=enc_settings, progress=progress)
@@ -112,11 +131,16 @@ def rank(
             fix="fix the errors above and run again; finished embeddings are cached.",
         )
 
-    xs = [v_enc.embeddings[k].pooled for k in v_names]
-    ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
+    # this process's rows on the device (all rows in one process; a contiguous 1/world shard under torchrun)
+    xs = [engine.local(v_enc.embeddings[k].pooled) for k in v_names]
+    ys = [engine.local(t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce)) for k in t_names]
+    v_enc.embeddings.clear()  # keep only the rows this process ranks
+    t_enc.embeddings.clear()
     t1 = time.perf_counter()
-    pair_values, primary_reps = calibrated.metric_values(xs, ys, metrics, used, primary, progress=progress)
-    cal_values, null_methods = calibrated.calibrated_columns(xs, ys, metrics, used, pair_values, progress=progress)
+    pair_values, primary_reps = calibrated.metric_values(xs, ys, metrics, used, primary, progress=progress, engine=engine)
+    # not sharded (module docstring of pairscout.ranking.engine): the null, the verdict's screen, unimodal scores
+    xs_all, ys_all = engine.full(xs), engine.full(ys)
+    cal_values, null_methods = calibrated.calibrated_columns(xs_all, ys_all, metrics, used, pair_values, progress=progress)
     pair_values.update(cal_values)
     metrics_s = time.perf_counter() - t1
 
@@ -137,15 +161,13 @@ def rank(
     pairs = pairs.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     pairs.insert(0, "rank", np.arange(1, len(pairs) + 1))
     t2 = time.perf_counter()
-    verdict = calibrated.rank_verdict(pairs, xs, ys, v_names, t_names, used, primary, pair_values, primary_reps)
+    verdict = calibrated.rank_verdict(pairs, xs_all, ys_all, v_names, t_names, used, primary, pair_values, primary_reps)
     verdict_s = time.perf_counter() - t2
 
     labels = getattr(ds, "labels", None)
     model_rows = []
-    for name in v_names:
-        model_rows.append(compute.unimodal(specs[name], v_enc.embeddings[name].pooled, labels, used))
-    for name in t_names:
-        model_rows.append(compute.unimodal(specs[name], t_enc.embeddings[name].per_row(n_rows, settings.caption_reduce), labels, used))
+    for name, emb in [*zip(v_names, xs_all, strict=True), *zip(t_names, ys_all, strict=True)]:
+        model_rows.append(compute.unimodal(specs[name], emb, labels, used))
     models = pd.DataFrame(model_rows)
 
     result = RankResult(
@@ -163,13 +185,14 @@ def rank(
             "null_methods": null_methods,
             "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "verdict": round(verdict_s, 3),
                           "total": round(time.perf_counter() - t_start, 3)},
-            "device": str(enc_settings.device or "auto"),
+            "device": str(device),
+            "metric_precision": precision,
+            "distributed": {"world_size": world, "rows_per_rank": [(r + 1) * n_rows // world - r * n_rows // world for r in range(world)],
+                            "sharded": "metric values and jackknife replicates" if world > 1 else "none (one process)"},
             "torch_threads": torch.get_num_threads(),
             **provenance(command),
         },
     )
-    from pairscout import distributed
-
     if out is not None and distributed.is_main():  # under torchrun every process ranks, rank 0 writes
         result.save(out)
         if plots:

@@ -73,19 +73,21 @@ class Verdict:
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------
 def jackknife_replicates(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metric: str, *, groups: int, seed: int,
-                         **kw: Any) -> torch.Tensor:
+                         engine: Any = None, **kw: Any) -> torch.Tensor:
     """(G, m, t) leave-one-group-out values of a pair metric, with the grouping of
-    :func:`pairscout.ranking.compute.jackknife_ci` (same seed, same groups)."""
-    from pairscout import metrics as M
+    :func:`pairscout.ranking.compute.jackknife_ci` (same seed, same groups), on ``engine``'s device and row shard
+    (:mod:`pairscout.ranking.engine`; default: one process, where the tensors are)."""
+    from pairscout.ranking.engine import plain
 
-    n = xs[0].shape[0]
+    eng = engine or plain(xs[0].device)
+    n = eng.n if eng.sharded else xs[0].shape[0]
     g = torch.Generator().manual_seed(seed)
     parts = torch.randperm(n, generator=g).chunk(groups)
     reps = []
     for part in parts:
         keep = torch.ones(n, dtype=torch.bool)
         keep[part] = False
-        reps.append(M.pair_metric(metric, [x[keep] for x in xs], [y[keep] for y in ys], **kw))
+        reps.append(eng.value(metric, xs, ys, keep, **kw))
     return torch.stack(reps)
 
 
