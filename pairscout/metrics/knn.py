@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pairscout.errors import MetricError
+from pairscout.metrics._neighbour_order import canonical_order, entry_dots  # noqa: F401 - used by .sharded_rows too
 from pairscout.metrics._validate import (
     ArrayLike,
     as_matrices,
@@ -100,26 +101,6 @@ class Preprocess:
         if self.l2_normalize:
             x = unit_rows(x)  # exact power-of-two rescale first: 1e20 or 1e-20 rows neither overflow nor underflow
         return x
-
-
-def entry_dots(a: torch.Tensor, ra: torch.Tensor, b: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """``a[ra[p]] . b[cb[p]]`` per entry p, products and sum in float64 and rounded to a's dtype once: the same value
-    whichever block of rows it is computed in (a GEMM's rounding depends on the shapes it is given)."""
-    out = torch.empty(ra.numel(), dtype=a.dtype, device=a.device)
-    step = max(1, 2**22 // max(a.shape[1], 1))
-    for s in range(0, ra.numel(), step):
-        out[s:s + step] = (a[ra[s:s + step]].to(F64) * b[cb[s:s + step]].to(F64)).sum(-1).to(a.dtype)
-    return out
-
-
-def canonical_order(idx: torch.Tensor, val: torch.Tensor, w: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """Each row's entries by similarity (descending), equal similarities by index (ascending), unused (-1) last:
-    one order whatever order ``topk`` returned tied values in (so sharded and single-process lists are equal)."""
-    big = torch.iinfo(idx.dtype).max
-    o1 = torch.argsort(torch.where(idx >= 0, idx, torch.full_like(idx, big)), dim=1, stable=True)
-    key = torch.where(idx >= 0, val, torch.full_like(val, float("-inf"))).gather(1, o1)
-    perm = o1.gather(1, torch.argsort(key, dim=1, descending=True, stable=True))
-    return (idx.gather(1, perm), val.gather(1, perm), *(() if w is None else (w.gather(1, perm),)))
 
 
 def _row_quantile(a: torch.Tensor, q: float) -> torch.Tensor:

@@ -145,7 +145,9 @@ def rank_verdict(pairs: pd.DataFrame, xs: list[torch.Tensor], ys: list[torch.Ten
     if reps is None and settings.ci_groups > 1:
         reps = V.jackknife_replicates(xs, ys, primary, groups=settings.ci_groups, seed=settings.seed, engine=engine,
                                       **metric_kwargs(primary, settings)).numpy()
-    dups = V.near_duplicates(dict(zip(v_names, xs, strict=True))) + V.near_duplicates(dict(zip(t_names, ys, strict=True)))
+    prec = None if getattr(settings, "precision", "auto") == "auto" else settings.precision
+    dups = (V.near_duplicates(dict(zip(v_names, xs, strict=True)), precision=prec)
+            + V.near_duplicates(dict(zip(t_names, ys, strict=True)), precision=prec))
     label = registry.label(primary)
     if settings.score == "combined":
         label = f"combined score (ties tested on {label})"

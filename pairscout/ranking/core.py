@@ -78,6 +78,11 @@ def rank(
     vz, tz = resolve_zoos(vision_zoo, text_zoo)
     ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad)
     n_rows = len(ds)
+    _, world = distributed.rank_world()
+    if world > n_rows:
+        raise PairscoutError(f"torch.distributed runs {world} processes but the data has {n_rows} rows; every process needs "
+                             "at least one row of the shard it ranks.",
+                             fix=f"start at most {n_rows} processes (torchrun --nproc_per_node), or rank more rows (--rows).")
     primary = settings.primary or ("cka_linear_debiased" if n_rows < DEBIASED_BELOW else "cka_linear")
     metrics = list(dict.fromkeys([primary, *settings.metrics]))
     used, adapted = calibrated.adapt_to_size(settings, n_rows, metrics)  # small data: k and groups adapted, and said
@@ -110,11 +115,6 @@ def rank(
     enc_settings = dataclasses.replace(enc_settings, device=str(device))
     precision = runtime.resolve_precision(settings.precision, device)
     used = dataclasses.replace(used, precision=precision)
-    _, world = distributed.rank_world()
-    if world > n_rows:
-        raise PairscoutError(f"torch.distributed runs {world} processes but the data has {n_rows} rows; every process needs "
-                             "at least one row of the shard it ranks.",
-                             fix=f"start at most {n_rows} processes (torchrun --nproc_per_node), or rank more rows (--rows).")
     engine = Engine.for_run(device, precision, n_rows)
     cache = EmbeddingCache(cache_dir)
     t0 = time.perf_counter()

@@ -109,7 +109,7 @@ def paired_test(est: np.ndarray, reps: np.ndarray, best: tuple[int, int], other:
 
 
 def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPLICATE_CKA, screen_rows: int = 512,
-                    seed: int = 0) -> list[tuple[str, str, float]]:
+                    seed: int = 0, precision: str | None = None) -> list[tuple[str, str, float]]:
     """Pairs of encoders (one modality, in the given order) whose embeddings have linear CKA >= threshold.
 
     Cheap: every pair is screened on ``screen_rows`` seeded random rows (Gram form, O(rows^2 d)); only pairs
@@ -125,12 +125,12 @@ def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPL
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:screen_rows] if n > screen_rows else None
     try:
         sub = mats if rows is None else [x[rows.to(x.device)] for x in mats]
-        c = all_pairs_cka(sub, sub, "linear", False)
+        c = all_pairs_cka(sub, sub, "linear", False, precision=precision)
         out = []
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
                 if float(c[i, j]) >= threshold - 0.02:
-                    full = float(c[i, j]) if rows is None else float(all_pairs_cka([mats[i]], [mats[j]], "linear", False)[0, 0])
+                    full = float(c[i, j]) if rows is None else float(all_pairs_cka([mats[i]], [mats[j]], "linear", False, precision=precision)[0, 0])
                     if full >= threshold:
                         out.append((names[i], names[j], full))
     except Exception:  # constant features etc.: such an encoder has no duplicate to report
