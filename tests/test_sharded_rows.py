@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, tmp: str, cuts: list[int]) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cuts", [[0, 78, 157], [0, 150, 157]])
+@pytest.mark.parametrize("cuts", [[0, 78, 157], [0, 150, 157], [0, 157, 157]])
 def test_two_ranks_equal_one_process(tmp_path, cuts):
     mp.spawn(_worker, args=(2, str(tmp_path), cuts), nprocs=2, join=True)
     xs, ys = _data()
