@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from pairscout.metrics import Preprocess, all_pairs_cka, all_pairs_cknna, all_pairs_mutual_knn
 from pairscout.metrics.knn import nearest_neighbours
 from pairscout.metrics.sharded import sharded_pair_metric
-from pairscout.metrics.sharded_rows import sharded_neighbours, shard_counts
+from pairscout.metrics.sharded_rows import shard_counts, sharded_neighbours
 
 F64 = torch.float64
 
