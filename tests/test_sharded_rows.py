@@ -40,7 +40,11 @@ CASES = [("cka_rbf", {}), ("cka_rbf_debiased", {}), ("mutual_knn", {"k": 5}), ("
          ("mutual_knn", {"k": 4, "preprocess": Preprocess(clip_quantile=0.9)})]
 
 
-def _worker(rank: int, world: int, tmp: str, cuts: list[int]) -> None:
+def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> None:
+    if tiny:  # similarity blocks recomputed in every pass, in tiles of a few rows
+        import pairscout.metrics.knn as knn
+
+        knn.SIM_TILE_BYTES = 16 * 1024  # < 78 x 157 x 4 bytes: nothing kept
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         xs, ys = _data()
@@ -53,9 +57,10 @@ def _worker(rank: int, world: int, tmp: str, cuts: list[int]) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cuts", [[0, 78, 157], [0, 150, 157], [0, 157, 157]])
-def test_two_ranks_equal_one_process(tmp_path, cuts):
-    mp.spawn(_worker, args=(2, str(tmp_path), cuts), nprocs=2, join=True)
+@pytest.mark.parametrize(("cuts", "tiny"), [([0, 78, 157], False), ([0, 150, 157], False), ([0, 157, 157], False),
+                                           ([0, 78, 157], True)])
+def test_two_ranks_equal_one_process(tmp_path, cuts, tiny):
+    mp.spawn(_worker, args=(2, str(tmp_path), cuts, tiny), nprocs=2, join=True)
     xs, ys = _data()
     want = [_single(name, xs, ys, **kw) for name, kw in CASES]
     ref = nearest_neighbours(ys[2], 5)

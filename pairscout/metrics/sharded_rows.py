@@ -18,7 +18,8 @@ one chunk of someone else's at any moment (no home-made transport; NCCL on GPUs,
   per-row quantiles of all rows (n numbers exchanged); each rank finds the k nearest rows of its own rows among
   all rows in passes over the blocks (a running ``topk``; then the tie counts against the k-th similarity; then,
   only if some row has ties, the tied candidates, exactly as :func:`pairscout.metrics.knn.nearest_neighbours`;
-  last, the kept similarities recomputed per entry with float64 sums, so no GEMM's shape-dependent rounding stays),
+  last, the kept similarities recomputed per entry with float64 sums, so no GEMM's shape-dependent rounding stays;
+  the similarity blocks are kept between passes when a shard's fit ``SIM_TILE_BYTES``),
   and the (n, w) lists, the k-NN metrics' sufficient statistic (O(n k), not O(n d)), are gathered on every rank.
   Mutual k-NN and CKNNA then run on the gathered lists with the single-process code: equal to one process
   exactly (tested), except if a row's k-th and (k+1)-th similarities differ by the tie tolerance to within a
@@ -213,13 +214,26 @@ def sharded_neighbours(x: torch.Tensor, counts: Sequence[int], k: int, preproces
     tile = max(1, min(max(n_local, 1), _knn.SIM_TILE_BYTES // (x.element_size() * max(chunk, 1))))
     rows = torch.arange(lo, lo + n_local, device=dev)
 
+    # the (local x n) similarities are kept between passes when the largest shard's fit SIM_TILE_BYTES (the same
+    # decision on every rank, so every rank takes part in the same broadcasts); else each pass recomputes them
+    keep = max(counts) * n * x.element_size() <= _knn.SIM_TILE_BYTES
+    store: list[tuple[int, int, int, torch.Tensor]] = []
+    filled = False
+
     def sims() -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        nonlocal filled
+        if filled:
+            yield from store
+            return
         for off, blk in row_blocks(x, counts, chunk):
             for a in range(0, n_local, tile):
                 ea = min(a + tile, n_local)
                 s = x[a:ea] @ blk.T
                 s[rows[a:ea, None] == torch.arange(off, off + blk.shape[0], device=dev)[None, :]] = float("-inf")
+                if keep:
+                    store.append((a, ea, off, s))
                 yield a, ea, off, s
+        filled = keep
 
     def running_top(width: int) -> tuple[torch.Tensor, torch.Tensor]:
         v = torch.full((n_local, width), float("-inf"), dtype=x.dtype, device=dev)
