@@ -82,3 +82,50 @@ def test_one_process_is_the_plain_metric():
         g = sharded_pair_metric(name, xs, ys, **kw)
         w = _single(name, xs, ys, **kw)
         assert float((g - w).abs().max()) < 1e-10, name
+
+
+def _dup_models(n: int = 600):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(n, 12, generator=g)
+    return {"a": a, "a2": 2.0 * a + 1e-4 * torch.randn(n, 12, generator=g), "b": torch.randn(n, 7, generator=g)}
+
+
+NULL_METRICS = [("cka_linear", {}), ("cka_linear_debiased", {}), ("cka_rbf", {"sigma_frac": 1.0}),
+                ("mutual_knn", {"k": 5, "preprocess": Preprocess()}), ("cknna", {"k": 5, "preprocess": Preprocess()})]
+
+
+def _worker_null(rank: int, world: int, tmp: str) -> None:
+    from pairscout.metrics.calibration import calibrate
+    from pairscout.ranking.verdict import near_duplicates
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        xs, ys = _data()
+        n = xs[0].shape[0]
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        xl, yl = [x[lo:hi] for x in xs], [y[lo:hi] for y in ys]
+        cals = [calibrate(xl, yl, m, sharded_pair_metric(m, xl, yl, **kw), n_perm=19, cknna_perm=9, seed=3, sharded=True, **kw)
+                for m, kw in NULL_METRICS]
+        dm = _dup_models()
+        n2 = dm["a"].shape[0]
+        dups = near_duplicates({k: v[rank * n2 // world:(rank + 1) * n2 // world] for k, v in dm.items()}, sharded=True)
+        torch.save({"cal": [(c.null_mean, c.null_sd, c.p_value, c.z) for c in cals], "dups": dups}, f"{tmp}/n{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_nulls_and_duplicate_check_equal_one_process(tmp_path):
+    from pairscout.metrics.calibration import calibrate
+    from pairscout.ranking.verdict import near_duplicates
+
+    mp.spawn(_worker_null, args=(2, str(tmp_path)), nprocs=2, join=True)
+    xs, ys = _data()
+    want = [calibrate(xs, ys, m, n_perm=19, cknna_perm=9, seed=3, **kw) for m, kw in NULL_METRICS]
+    dups = near_duplicates(_dup_models())
+    assert [d[:2] for d in dups] == [("a", "a2")]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"n{rank}.pt")
+        for (m, _), w, g in zip(NULL_METRICS, want, got["cal"], strict=True):
+            for a, b in zip((w.null_mean, w.null_sd, w.p_value, w.z), g, strict=True):
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True), (m, a, b)
+        assert [d[:2] for d in got["dups"]] == [("a", "a2")] and abs(got["dups"][0][2] - dups[0][2]) < 1e-9

@@ -101,11 +101,13 @@ def metric_values(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Seque
 
 
 def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings,
-                       values: dict[str, np.ndarray], progress: Any = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                       values: dict[str, np.ndarray], progress: Any = None,
+                       sharded: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``<m>_null``, ``<m>_null_sd``, ``<m>_z``, ``<m>_p``, ``<m>_p_holm`` for every metric, and how each null was made.
 
     ``settings.permutations`` is the Monte-Carlo budget of the metrics that need one (0 turns calibration off).
-    ``progress(phase, done, total)`` with phase ``"<label>: null"``.
+    ``progress(phase, done, total)`` with phase ``"<label>: null"``. ``sharded``: ``xs``, ``ys`` are this rank's
+    rows under torchrun (:func:`pairscout.metrics.calibration.calibrate`).
     """
     from pairscout.metrics import registry
 
@@ -123,7 +125,7 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
             continue
         cal = calibrate(xs, ys, m, torch.from_numpy(np.asarray(values[m], dtype=np.float64)), n_perm=settings.permutations,
                         seed=settings.seed + 1000 * i, method=getattr(settings, "null_method", "auto"), cache=cache,
-                        cknna_perm=CKNNA_PERM if settings.permutations == N_PERM else settings.permutations,
+                        cknna_perm=CKNNA_PERM if settings.permutations == N_PERM else settings.permutations, sharded=sharded,
                         **metric_kwargs(m, settings))
         out[f"{m}_null"], out[f"{m}_null_sd"], out[f"{m}_z"] = cal.null_mean.numpy(), cal.null_sd.numpy(), cal.z.numpy()
         out[f"{m}_p"], out[f"{m}_p_holm"] = cal.p_value.numpy(), cal.p_holm.numpy()
@@ -137,8 +139,8 @@ def rank_verdict(pairs: pd.DataFrame, xs: list[torch.Tensor], ys: list[torch.Ten
                  t_names: Sequence[str], settings: RankSettings, primary: str, values: dict[str, np.ndarray],
                  reps: np.ndarray | None = None, engine: Any = None) -> V.Verdict:
     """The verdict of a ranking (see :mod:`pairscout.ranking.verdict`), tested on the primary metric's jackknife
-    replicates ``reps`` (G, m, t) (computed here when not given, on ``engine``). The near-duplicate screen reads
-    all rows: under torchrun, pass the gathered rows."""
+    replicates ``reps`` (G, m, t) (computed here when not given, on ``engine``; under torchrun ``xs``, ``ys`` are
+    this rank's rows)."""
     from pairscout.metrics import registry
 
     est = np.asarray(values[primary], dtype=np.float64)
@@ -146,8 +148,9 @@ def rank_verdict(pairs: pd.DataFrame, xs: list[torch.Tensor], ys: list[torch.Ten
         reps = V.jackknife_replicates(xs, ys, primary, groups=settings.ci_groups, seed=settings.seed, engine=engine,
                                       **metric_kwargs(primary, settings)).numpy()
     prec = None if getattr(settings, "precision", "auto") == "auto" else settings.precision
-    dups = (V.near_duplicates(dict(zip(v_names, xs, strict=True)), precision=prec)
-            + V.near_duplicates(dict(zip(t_names, ys, strict=True)), precision=prec))
+    sharded = engine is not None and engine.sharded
+    dups = (V.near_duplicates(dict(zip(v_names, xs, strict=True)), precision=prec, sharded=sharded)
+            + V.near_duplicates(dict(zip(t_names, ys, strict=True)), precision=prec, sharded=sharded))
     label = registry.label(primary)
     if settings.score == "combined":
         label = f"combined score (ties tested on {label})"

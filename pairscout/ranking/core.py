@@ -138,9 +138,8 @@ def rank(
     t_enc.embeddings.clear()
     t1 = time.perf_counter()
     pair_values, primary_reps = calibrated.metric_values(xs, ys, metrics, used, primary, progress=progress, engine=engine)
-    # not sharded (module docstring of pairscout.ranking.engine): the null, the verdict's screen, unimodal scores
-    xs_all, ys_all = engine.full(xs), engine.full(ys)
-    cal_values, null_methods = calibrated.calibrated_columns(xs_all, ys_all, metrics, used, pair_values, progress=progress)
+    cal_values, null_methods = calibrated.calibrated_columns(xs, ys, metrics, used, pair_values, progress=progress,
+                                                             sharded=engine.sharded)
     pair_values.update(cal_values)
     metrics_s = time.perf_counter() - t1
 
@@ -161,13 +160,14 @@ def rank(
     pairs = pairs.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     pairs.insert(0, "rank", np.arange(1, len(pairs) + 1))
     t2 = time.perf_counter()
-    verdict = calibrated.rank_verdict(pairs, xs_all, ys_all, v_names, t_names, used, primary, pair_values, primary_reps)
+    verdict = calibrated.rank_verdict(pairs, xs, ys, v_names, t_names, used, primary, pair_values, primary_reps, engine=engine)
     verdict_s = time.perf_counter() - t2
 
     labels = getattr(ds, "labels", None)
     model_rows = []
-    for name, emb in [*zip(v_names, xs_all, strict=True), *zip(t_names, ys_all, strict=True)]:
-        model_rows.append(compute.unimodal(specs[name], emb, labels, used))
+    for name, emb in [*zip(v_names, xs, strict=True), *zip(t_names, ys, strict=True)]:
+        # k-NN accuracy and k-means read every row: under torchrun one model's rows are gathered at a time
+        model_rows.append(compute.unimodal(specs[name], engine.full([emb])[0], labels, used))
     models = pd.DataFrame(model_rows)
 
     result = RankResult(
@@ -188,7 +188,8 @@ def rank(
             "device": str(device),
             "metric_precision": precision,
             "distributed": {"world_size": world, "rows_per_rank": [(r + 1) * n_rows // world - r * n_rows // world for r in range(world)],
-                            "sharded": "metric values and jackknife replicates" if world > 1 else "none (one process)"},
+                            "sharded": ("metric values, jackknife replicates, neighbour nulls; CKA null moments and unimodal "
+                                        "scores on one model's gathered rows at a time") if world > 1 else "none (one process)"},
             "torch_threads": torch.get_num_threads(),
             **provenance(command),
         },

@@ -11,12 +11,15 @@ of another rank's block at a time, sums all-reduced; :mod:`pairscout.metrics.sha
 
 * the value of every CKA metric (linear, RBF, biased, debiased) and of mutual k-NN / CKNNA;
 * the delete-a-group jackknife replicates behind the intervals and the verdict's paired test (each replicate is
-  the same sharded computation on the kept rows of every shard).
+  the same sharded computation on the kept rows of every shard);
+* the permutation nulls of mutual k-NN / CKNNA (they need only the neighbour lists, found sharded and gathered:
+  O(n k) per model);
+* the verdict's near-duplicate check (screen on at most 512 gathered rows, then sharded linear CKA).
 
-Not sharded (the rows are gathered on every rank first, and the single-process code runs on them, so the
-results are the single-process ones; memory O(n d) per rank there): the calibrated null (closed-form CKA
-moments, permutations of the neighbour lists), the near-duplicate screen of the verdict, the unimodal scores
-(k-NN accuracy, k-means), and measures other than the CKA family and the neighbour metrics.
+Gathered, one model at a time (that model's rows on every rank, O(n d_k) memory, the single-process code and
+numbers, the work repeated on every rank rather than divided): the closed-form null moments of the CKA metrics
+(per-model summaries), the unimodal scores (k-NN accuracy, k-means). Measures other than the CKA family and the
+neighbour metrics (SVCCA, ...) gather every model.
 """
 
 from __future__ import annotations
