@@ -5,7 +5,8 @@ One process: the embeddings live on :func:`pairscout.runtime.pick_device` of the
 metric, jackknife replicate, null and the verdict run there (results come back as small CPU arrays).
 
 ``torchrun --nproc_per_node W ... rank`` (world W > 1): rank r keeps the contiguous rows
-``[r n // W, (r + 1) n // W)`` of every model. Sharded (each rank touches only its rows plus one received chunk
+``[r n // W, (r + 1) n // W)`` of every model (the encoding is divided by chunks as in ``encode``; each process
+still reads every cached entry whole once, then drops all but its rows). Sharded (each rank touches only its rows plus one received chunk
 of another rank's block at a time, sums all-reduced; :mod:`pairscout.metrics.sharded`,
 :mod:`pairscout.metrics.sharded_rows`):
 
