@@ -66,3 +66,8 @@ def metric_precision(device: torch.device) -> str:
     <= 1e-5, tested) where float64 products are far slower, exact ``float64`` on CPU (2x, and the metrics
     phase is not the cost there)."""
     return "float32" if device.type in ("cuda", "mps") else "float64"
+
+
+def resolve_precision(asked: str | None, device: torch.device) -> str:
+    """The CKA products' precision for a setting (``auto``/None: :func:`metric_precision` on ``device``)."""
+    return metric_precision(device) if asked in (None, "auto") else asked

@@ -41,6 +41,8 @@ class PairSource:
     """Encode (through the cache) what is missing, instead of raising :class:`CacheError`."""
     data_arg: str = ""
     """How to name the dataset on a command line (for messages)."""
+    device: str | None = None
+    """The user's ``--device``: missing embeddings are encoded there (:func:`pairscout.runtime.pick_device`)."""
 
     def spec(self, name: str, modality: str) -> EncoderSpec:
         table = self.vision if modality == "vision" else self.text
@@ -137,7 +139,7 @@ def load_embeddings(src: PairSource, spec: EncoderSpec, *, tokens: bool = False,
     if src.encode_missing:
         from pairscout.encode.runner import EncodeSettings, encode
 
-        return encode(spec, src.dataset, cache=src.cache, settings=EncodeSettings(tokens=tokens))
+        return encode(spec, src.dataset, cache=src.cache, settings=EncodeSettings(tokens=tokens, device=src.device))
     pair = (spec, partner) if spec.modality == "vision" else (partner, spec)
     v, t = (p or spec for p in pair)
     what = "token features" if tokens and src.cache.load(spec, fp) is not None else "embeddings"

@@ -272,15 +272,18 @@ def probe(
     settings = settings or ProbeSettings()
     t_start = time.perf_counter()
     if run is None:
+        from pairscout.encode.runner import EncodeSettings
         from pairscout.ranking import rank
 
-        rank_res = rank(vision_zoo or "offline", text_zoo or "offline", data or "generated", n=n, cache_dir=cache_dir, out=out, plots=out is not None)
+        rank_res = rank(vision_zoo or "offline", text_zoo or "offline", data or "generated", n=n, cache_dir=cache_dir, out=out,
+                        plots=out is not None, encode_settings=EncodeSettings(device=settings.device))
         src = source_from_rank(rank_res, data=None, cache_dir=cache_dir)
         src.run_dir = Path(out) if out is not None else None
     else:
         if vision_zoo is not None or text_zoo is not None:
             raise PairscoutError("probe got both a rank run and zoos.", fix="pass either --run DIR or --vision-zoo/--text-zoo/--data.")
         src = source_from_rank(run, data=data, cache_dir=cache_dir)
+    src.device = settings.device  # missing embeddings are encoded on the user's device
     ranked = src.rank.pairs
     if pairs:
         keys = set(zip(ranked["vision"], ranked["text"], strict=True))

@@ -48,6 +48,7 @@ def rank(
     caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = RANK.caption_reduce,
     layers: Annotated[str | None, typer.Option(help="Layer sweep: 'all' or block indices like -1,-4,-8 for every encoder that can read hidden layers; each pair is scored at its best layer pair, p corrected for the search.", show_default=False)] = RANK.layers,
     layer_rows: Annotated[int, typer.Option(help="Rows of the layer sweep's Gram matrices (a seeded subset above).")] = RANK.layer_rows,
+    precision: Annotated[str, typer.Option(help="CKA products: auto (float32 on GPUs, float64 on CPU), float64, float32 or tf32; sums are float64 always.")] = RANK.precision,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots.")] = None,
     force: ForceOpt = False,
     top: Annotated[int, typer.Option(help="Rows of the table printed.")] = 10,
@@ -78,6 +79,7 @@ def rank(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else RANK.metrics,
             primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
             permutations=permutations, caption_reduce=caption_reduce, seed=seed, layers=layers, layer_rows=layer_rows,
+            precision=precision,
         )  # fmt: skip
         with ui.progress() as rep:
             res = run_rank(vision_zoo, text_zoo, data, n=n, settings=settings, skip_bad=skip_bad,

@@ -186,23 +186,25 @@ def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048) -> tuple[_Gram
     gamma = 1.0 / (2.0 * sigma * sigma)
     sq = x.square().sum(1)
 
+    dev = x.device
+
     def rows(a: int, b: int) -> torch.Tensor:
         g = (x[a:b] @ x.T).mul_(-2.0).add_(sq[a:b, None]).add_(sq[None, :]).clamp_min_(0)
-        g[torch.arange(b - a), torch.arange(a, b)] = 0.0
+        g[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)] = 0.0
         return g.mul_(-gamma).exp_().to(F64)
 
-    r = torch.zeros(n, dtype=F64)
+    r = torch.zeros(n, dtype=F64, device=dev)
     for a in range(0, n, tile):
         r[a:a + tile] = rows(a, min(a + tile, n)).sum(1)
     s = float(r.sum())
     mu = r / n
-    q = torch.zeros(n, dtype=F64)
-    d = torch.zeros(n, dtype=F64)
+    q = torch.zeros(n, dtype=F64, device=dev)
+    d = torch.zeros(n, dtype=F64, device=dev)
     for a in range(0, n, tile):
         b = min(a + tile, n)
         kc = rows(a, b) - mu[a:b, None] - mu[None, :] + s / (n * n)
         q[a:b] = kc.square().sum(1)
-        d[a:b] = kc[torch.arange(b - a), torch.arange(a, b)]
+        d[a:b] = kc[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)]
     # a centred Gram matrix has zero row sums, so the off-diagonal row sum is -diag
     return _GramSummary(d, -d, q - d * d), float(q.sum())
 
@@ -221,18 +223,19 @@ def _gamma_sf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
 
 
 def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, debiased: bool, sigma_frac: float,
-                 observed: torch.Tensor, cache: dict[Any, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 observed: torch.Tensor, cache: dict[Any, Any] | None = None,
+                 full: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(null_mean, null_sd, p) of CKA for all pairs from exact permutation moments + the gamma approximation.
 
     ``cache``: a dict shared between calls on the same embeddings (biased and debiased CKA of one kernel need
-    the same per-model summaries)."""
-    n = xs[0].shape[0]
+    the same per-model summaries). ``full(z)``: all rows of a row-sharded model (one model at a time)."""
     summ, norm2 = [], []
     for k, z in enumerate([*xs, *ys]):
         key = (kernel, sigma_frac, k, len(xs))
         if cache is not None and key in cache:
             s, f2 = cache[key]
         else:
+            z = full(z) if full is not None else z
             if kernel == "linear":
                 s, f2 = _linear_summary(z)
             else:
@@ -242,6 +245,7 @@ def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, de
                 cache[key] = (s, f2)
         summ.append(s)
         norm2.append(f2)
+    n = int(summ[0]["n"])
     m, t = len(xs), len(ys)
     mean_b = np.zeros((m, t))
     var_b = np.zeros((m, t))
@@ -276,7 +280,8 @@ def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, de
 # ----------------------------------------------------------------------------------------------------------
 def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike], metric: str,
               observed: torch.Tensor | None = None, *, method: str = "auto", n_perm: int = N_PERM,
-              cknna_perm: int = CKNNA_PERM, seed: int = 0, cache: dict[Any, Any] | None = None, **kwargs: Any) -> Calibration:
+              cknna_perm: int = CKNNA_PERM, seed: int = 0, cache: dict[Any, Any] | None = None, sharded: bool = False,
+              **kwargs: Any) -> Calibration:
     """Null mean and sd, calibrated score z, p-value and Holm-corrected p-value of a pair metric, all pairs.
 
     Args:
@@ -289,6 +294,11 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         cknna_perm: cap on CKNNA's permutations.
         cache: a dict to share per-model summaries between calls on the same embeddings (biased + debiased CKA).
         kwargs: the metric's own settings (``k``, ``preprocess``, ``sigma_frac``).
+        sharded: ``xs``, ``ys`` are this rank's rows under torch.distributed (``observed`` required). The
+            neighbour lists come from the sharded search (:func:`~pairscout.metrics.sharded_rows.sharded_neighbours`,
+            the single-process lists); each model's CKA moment summary is computed on its rows gathered on every
+            rank, one model at a time (O(n d) memory for that model; the same numbers as one process, computed on
+            every rank, not divided); ``method="permutation"`` gathers every model.
 
     Example:
         >>> import torch
@@ -305,30 +315,45 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         raise MetricError(f"no calibration for metric {metric!r}.", fix=f"use one of {', '.join((*CKA_METRICS, *NEIGHBOUR_METRICS))}.")
     xs_t = as_matrices(xs, "xs")
     ys_t = as_matrices(ys, "ys", device=xs_t[0].device)
-    n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=5, why="a calibrated null")
+    full = None
+    if sharded:
+        from pairscout.metrics import sharded_rows as R
+
+        counts = R.shard_counts(check_same_rows({"xs": xs_t, "ys": ys_t}), xs_t[0].device)
+        n = sum(counts)
+        if n < 5 or observed is None:
+            raise MetricError(f"a sharded calibrated null needs the observed values and >= 5 rows (got {n}).",
+                              fix="pass observed= and use more rows.")
+        full = lambda z: R.gather_all(z, counts)  # noqa: E731
+    else:
+        n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=5, why="a calibrated null")
     if observed is None:
         observed = pair_metric(metric, xs_t, ys_t, **kwargs)
     observed = observed.to(F64).cpu()
     used = 0
     if metric in CKA_METRICS and method == "auto":
         kernel = "linear" if metric.startswith("cka_linear") else "rbf"
-        mean, sd, p = _cka_moments([x.cpu() for x in xs_t], [y.cpu() for y in ys_t], kernel, metric.endswith("_debiased"),
-                                   float(kwargs.get("sigma_frac", 1.0)), observed, cache)
+        mean, sd, p = _cka_moments(xs_t, ys_t, kernel, metric.endswith("_debiased"),
+                                   float(kwargs.get("sigma_frac", 1.0)), observed, cache, full)
         how = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
     elif metric in NEIGHBOUR_METRICS:
         k = int(kwargs.get("k", 10))
         pre = kwargs.get("preprocess", _knn.Preprocess())
         used = n_perm if metric == "mutual_knn" else min(n_perm, cknna_perm)
-        nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
-        nxs, nys = [_knn.to_cpu(a) for a in nxs], [_knn.to_cpu(b) for b in nys]
-        perms = _perms(n, used, seed)
+        if sharded:
+            nxs, nys = [[R.sharded_neighbours(z, counts, k, pre) for z in side] for side in (xs_t, ys_t)]
+        else:
+            nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
+        perms = _perms(n, used, seed).to(nxs[0].indices.device)  # the null runs where the lists are
         null = _mutual_knn_null(nxs, nys, perms) if metric == "mutual_knn" else _cknna_null(nxs, nys, perms, n)
         mean, sd, p = _from_samples(observed, null)
         how = f"{used} Monte-Carlo permutations of the neighbour lists"
     else:
         used = n_perm
         perms = _perms(n, used, seed)
-        null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs) for p in perms])
+        if full is not None:
+            xs_t, ys_t = [full(x) for x in xs_t], [full(y) for y in ys_t]
+        null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs).cpu() for p in perms])
         mean, sd, p = _from_samples(observed, null)
         how = f"{used} Monte-Carlo permutations"
     with torch.no_grad():

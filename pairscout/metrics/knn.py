@@ -20,7 +20,9 @@ uniformly random tie-breaking, so a row shuffle cannot change mutual k-NN or CKN
 
 Preprocessing is explicit: a :class:`Preprocess` record (clip at a quantile of |x|, then L2-normalise rows)
 whose ``to_dict()`` belongs in every result. platonic-rep's pipeline is ``Preprocess.platonic()``.
-Neighbours come from ``torch.topk`` on row tiles of the similarity matrix (memory O(tile * n)), never a sort.
+Neighbours come from ``torch.topk`` on row tiles of the similarity matrix (memory O(tile * n)), never a sort. The
+similarities kept in the lists are recomputed per entry with float64 sums (:func:`entry_dots`) and each row is put
+in one canonical order (:func:`canonical_order`), so lists found on row shards (:mod:`.sharded_rows`) are equal.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pairscout.errors import MetricError
+from pairscout.metrics._neighbour_order import canonical_order, entry_dots  # noqa: F401 - used by .sharded_rows too
 from pairscout.metrics._validate import (
     ArrayLike,
     as_matrices,
@@ -73,14 +76,28 @@ class Preprocess:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Apply to an (n, d) tensor; returns a new float tensor (float32 unless x is float64)."""
-        x = x.to(F64 if x.dtype == F64 else torch.float32)
-        if self.clip_quantile is not None:
-            q = self.clip_quantile
-            if not 0 < q <= 1:
-                raise MetricError(f"clip_quantile={q} must be in (0, 1].", fix="use e.g. 0.95, or None for no clipping.")
-            if q < 1:
-                thr = _row_quantile(x.abs(), q).mean()
-                x = x.clamp(-thr, thr)
+        x = self.cast(x)
+        return self.finish(x, self.row_thresholds(x).mean() if self.clips else None)
+
+    @property
+    def clips(self) -> bool:
+        if self.clip_quantile is not None and not 0 < self.clip_quantile <= 1:
+            raise MetricError(f"clip_quantile={self.clip_quantile} must be in (0, 1].", fix="use e.g. 0.95, or None for no clipping.")
+        return self.clip_quantile is not None and self.clip_quantile < 1
+
+    @staticmethod
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(F64 if x.dtype == F64 else torch.float32)
+
+    def row_thresholds(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row ``clip_quantile`` quantile of |x|; their mean over all rows is the clip threshold."""
+        assert self.clip_quantile is not None
+        return _row_quantile(x.abs(), self.clip_quantile)
+
+    def finish(self, x: torch.Tensor, thr: torch.Tensor | None) -> torch.Tensor:
+        """Clip at ``thr`` (if given), then L2-normalise rows (if asked)."""
+        if thr is not None:
+            x = x.clamp(-thr, thr)
         if self.l2_normalize:
             x = unit_rows(x)  # exact power-of-two rescale first: 1e20 or 1e-20 rows neither overflow nor underflow
         return x
@@ -185,6 +202,9 @@ def nearest_neighbours(x: ArrayLike, k: int = 10, preprocess: Preprocess = Prepr
         strict = (sim > kth + tol).sum(1)
         cand = (sim >= kth - tol).sum(1)  # strict + tied
         if bool((cand == k).all()):
+            r, c = (i >= 0).nonzero(as_tuple=True)
+            v[r, c] = entry_dots(x, r + s, x, i[r, c])
+            i, v = canonical_order(i, v)
             idx_t.append(i)
             val_t.append(v)
             w_t.append(None)
@@ -197,8 +217,12 @@ def nearest_neighbours(x: ArrayLike, k: int = 10, preprocess: Preprocess = Prepr
         tied = inside & (v <= kth + tol)
         share = ((k - strict).to(F64) / (cand - strict).to(F64))[:, None]
         w = torch.where(tied, share, torch.ones_like(share)).where(inside, torch.zeros((), dtype=F64, device=x.device))
-        idx_t.append(torch.where(inside, i, torch.full_like(i, -1)))
-        val_t.append(torch.where(inside, v, torch.zeros_like(v)))
+        i, v = torch.where(inside, i, torch.full_like(i, -1)), torch.where(inside, v, torch.zeros_like(v))
+        r, c = inside.nonzero(as_tuple=True)
+        v[r, c] = entry_dots(x, r + s, x, i[r, c])
+        i, v, w = canonical_order(i, v, w)
+        idx_t.append(i)
+        val_t.append(v)
         w_t.append(w)
     if not any_tie:
         return Neighbours(torch.cat(idx_t), torch.cat(val_t))

@@ -35,7 +35,7 @@ class _Sparse:
 
 def _sparse(nb: _knn.Neighbours, n: int) -> _Sparse:
     ok = nb.indices >= 0
-    rows = torch.arange(n)[:, None].expand_as(nb.indices)
+    rows = torch.arange(n, device=nb.indices.device)[:, None].expand_as(nb.indices)
     keys = (rows * n + nb.indices)[ok]
     order = torch.argsort(keys)
     return _Sparse(keys[order], nb.sims.to(F64)[ok][order], nb.weight_matrix().to(F64)[ok][order])
@@ -47,7 +47,7 @@ def _permuted_entries(nb: _knn.Neighbours, perms: torch.Tensor, inv: torch.Tenso
     raw = nb.indices[perms].reshape(b, -1)  # row r of permuted Y is old row perms[r]
     ok = raw >= 0
     cols = torch.gather(inv, 1, raw.clamp_min(0))
-    rows = torch.arange(n).repeat_interleave(nb.indices.shape[1])[None, :].expand(b, -1)
+    rows = torch.arange(n, device=perms.device).repeat_interleave(nb.indices.shape[1])[None, :].expand(b, -1)
     sims = nb.sims.to(F64)[perms].reshape(b, -1)
     w = nb.weight_matrix().to(F64)[perms].reshape(b, -1) * ok
     return rows, cols, sims, w
@@ -63,36 +63,38 @@ def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], per
     """(n_perm, m, t) mutual k-NN of every pair with the text rows permuted: each permuted Y entry (i, j) is
     looked up among X's sorted entry keys ``i * n + j`` (no n x n matrix, O(n k log(n k)) per permutation)."""
     n_perm, n = perms.shape
-    out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64)
+    dev = nxs[0].indices.device
+    perms = perms.to(dev)
+    out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64, device=dev)
     if len(nxs) * n * n * 4 <= DENSE_BYTES:
         # small n: every X model's weighted adjacency as one dense (m, n * n) table; a lookup is one gather
-        dense = torch.zeros(len(nxs), n * n, dtype=torch.float32)
+        dense = torch.zeros(len(nxs), n * n, dtype=torch.float32, device=dev)
         for i, a in enumerate(nxs):
             sp = _sparse(a, n)
             dense[i, sp.keys] = sp.weights.float()
-        kk = torch.tensor([float(a.k) for a in nxs], dtype=F64)[:, None]
+        kk = torch.tensor([float(a.k) for a in nxs], dtype=F64, device=dev)[:, None]
         for s in range(0, n_perm, batch):
             p = perms[s:s + batch]
             inv = torch.empty_like(p)
-            inv.scatter_(1, p, torch.arange(n).expand(len(p), n).contiguous())
+            inv.scatter_(1, p, torch.arange(n, device=dev).expand(len(p), n).contiguous())
             for j, b in enumerate(nys):
                 rows, cols, _, wb = _permuted_entries(b, p, inv, n)
                 q = (rows * n + cols.clamp_min(0)).reshape(-1)
                 got = dense[:, q].view(len(nxs), len(p), -1).to(F64)  # (m, B, n * w)
                 out[s:s + len(p), :, j] = ((got * wb[None]).sum(-1) / (n * kk)).T
-        return out
+        return out.cpu()
     sx = [_sparse(a, n) for a in nxs]
     for s in range(0, n_perm, batch):
         p = perms[s:s + batch]
         inv = torch.empty_like(p)
-        inv.scatter_(1, p, torch.arange(n).expand(len(p), n).contiguous())
+        inv.scatter_(1, p, torch.arange(n, device=dev).expand(len(p), n).contiguous())
         for j, b in enumerate(nys):
             rows, cols, _, wb = _permuted_entries(b, p, inv, n)
             q = rows * n + cols
             for i, a in enumerate(sx):
                 hit, pos = _lookup(a, q)
                 out[s:s + len(p), i, j] = (hit * a.weights[pos] * wb).sum(1) / (n * nxs[i].k)
-    return out
+    return out.cpu()
 
 
 def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: torch.Tensor, n: int,
@@ -101,15 +103,17 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
     sx_self = [_knn._cknna_self(n, a) for a in nxs]
     sy_self = [_knn._cknna_self(n, b) for b in nys]
     n_perm = perms.shape[0]
-    out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64)
+    dev = nxs[0].indices.device
+    perms = perms.to(dev)
+    out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64, device=dev)
     sx = [_sparse(a, n) for a in nxs]
     nn = n * n
     for s in range(0, n_perm, batch):
         p = perms[s:s + batch]
         bsz = len(p)
         inv = torch.empty_like(p)
-        inv.scatter_(1, p, torch.arange(n).expand(bsz, n).contiguous())
-        off = (torch.arange(bsz) * nn)[:, None]
+        inv.scatter_(1, p, torch.arange(n, device=dev).expand(bsz, n).contiguous())
+        off = (torch.arange(bsz, device=dev) * nn)[:, None]
         for j, b in enumerate(nys):
             rows, cols, ysim, wb = _permuted_entries(b, p, inv, n)
             q = rows * n + cols
@@ -127,12 +131,12 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
                 sk = key[order]
                 tk = bi * nn + c * n + r
                 tp = torch.searchsorted(sk, tk).clamp_max(max(sk.numel() - 1, 0))
-                th = sk[tp] == tk if sk.numel() else torch.zeros(0, dtype=torch.bool)
-                tr = torch.zeros(bsz, dtype=F64).index_add_(0, bi[th], av[th] * bv[order[tp[th]]])
-                sa = torch.zeros(bsz, dtype=F64).index_add_(0, bi, av)
-                sb = torch.zeros(bsz, dtype=F64).index_add_(0, bi, bv)
-                col_a = torch.zeros(bsz * n, dtype=F64).index_add_(0, bi * n + c, av).view(bsz, n)
-                row_b = torch.zeros(bsz * n, dtype=F64).index_add_(0, bi * n + r, bv).view(bsz, n)
+                th = sk[tp] == tk if sk.numel() else torch.zeros(0, dtype=torch.bool, device=dev)
+                tr = torch.zeros(bsz, dtype=F64, device=dev).index_add_(0, bi[th], av[th] * bv[order[tp[th]]])
+                sa = torch.zeros(bsz, dtype=F64, device=dev).index_add_(0, bi, av)
+                sb = torch.zeros(bsz, dtype=F64, device=dev).index_add_(0, bi, bv)
+                col_a = torch.zeros(bsz * n, dtype=F64, device=dev).index_add_(0, bi * n + c, av).view(bsz, n)
+                row_b = torch.zeros(bsz * n, dtype=F64, device=dev).index_add_(0, bi * n + r, bv).view(bsz, n)
                 num = tr + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (col_a * row_b).sum(1)
                 cross = num / (n * (n - 3))
                 if sx_self[i] <= 0 or sy_self[j] <= 0:
@@ -141,7 +145,7 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
                     v = cross / (sx_self[i] * sy_self[j]) ** 0.5
                     out[s:s + bsz, i, j] = torch.where(v.abs() > 1 + 1e-9, torch.full_like(v, float("nan")), v)
         del off
-    return out
+    return out.cpu()
 
 
 def _from_samples(observed: torch.Tensor, null: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

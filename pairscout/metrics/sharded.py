@@ -151,3 +151,47 @@ def sharded_all_pairs_cka(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | S
                           debiased: bool = False, *, precision: str = "float64") -> torch.Tensor:
     """(m, t) linear CKA over the rows of every rank (see :func:`sharded_all_pairs_hsic`)."""
     return sharded_all_pairs_hsic(xs, ys, debiased, precision=precision).cka()
+
+
+def sharded_pair_metric(name: str, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], **kw: object) -> torch.Tensor:
+    """(m, t) float64 CPU values of the measure ``name`` from this rank's rows, equal to one process's value on
+    all rows: linear CKA from all-reduced feature products (this module), RBF CKA from Gram-tile sums and
+    mutual k-NN / CKNNA from gathered neighbour lists (:mod:`pairscout.metrics.sharded_rows`). Any other measure
+    (SVCCA, PWCCA, Procrustes, RSA, ...) is not sharded: its rows are gathered on every rank and it runs as in
+    one process."""
+    from pairscout.metrics import knn as _knn
+    from pairscout.metrics import sharded_rows as R
+    from pairscout.metrics.cka import _matmul_precision
+    from pairscout.metrics.registry import get
+
+    precision = str(kw.get("precision") or "float64")
+    if name in ("cka_linear", "cka_linear_debiased"):
+        with _matmul_precision(precision, xs[0].device):
+            return sharded_all_pairs_cka(xs, ys, name.endswith("_debiased"), precision="float64" if precision == "float64" else "float32")
+    if name in ("cka_rbf", "cka_rbf_debiased"):
+        return R.sharded_rbf_hsic(xs, ys, name.endswith("_debiased"), sigma_frac=float(kw.get("sigma_frac", 1.0)),  # type: ignore[arg-type]
+                                  precision=precision).cka()
+    counts = R.shard_counts(xs[0].shape[0], xs[0].device)
+    if name in ("mutual_knn", "cknna"):
+        k = int(kw.get("k", 10))  # type: ignore[call-overload]
+        pre = kw.get("preprocess") or _knn.Preprocess()
+        n = sum(counts)
+        if name == "cknna" and k < 2:
+            raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
+        if n < max(k + 1, 4 if name == "cknna" else 2):
+            raise MetricError(f"only {n} rows over all ranks; k={k} neighbours need more.", fix="use more rows or a smaller k.")
+        nxs = [R.sharded_neighbours(x, counts, k, pre) for x in xs]  # type: ignore[arg-type]
+        nys = [R.sharded_neighbours(y, counts, k, pre) for y in ys]  # type: ignore[arg-type]
+        out = torch.empty(len(nxs), len(nys), dtype=F64)
+        if name == "mutual_knn":
+            for i, a in enumerate(nxs):
+                for j, b in enumerate(nys):
+                    out[i, j] = _knn.mutual_knn_rows(a, b).mean().cpu()
+            return out
+        sx, sy = [_knn.cknna_self_term(n, a) for a in nxs], [_knn.cknna_self_term(n, b) for b in nys]
+        for i, a in enumerate(nxs):
+            for j, b in enumerate(nys):
+                out[i, j] = _knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
+        return out
+    rec = get(name)
+    return rec.all_pairs([R.gather_all(x, counts) for x in xs], [R.gather_all(y, counts) for y in ys], **rec.kwargs(dict(kw)))

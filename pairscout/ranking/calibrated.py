@@ -67,16 +67,19 @@ def metric_kwargs(metric: str, settings: RankSettings) -> dict[str, Any]:
 
 
 def metric_values(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings, primary: str,
-                  progress: Any = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+                  progress: Any = None, engine: Any = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """:func:`pairscout.ranking.compute.pair_metrics` (values and jackknife intervals, no permutations), except
     that the primary metric's jackknife replicates are kept for the verdict's paired test, not recomputed.
 
     Same groups and seeds as ``pair_metrics`` (metric i gets seed ``settings.seed + 1000 i``), same formula
-    ``se^2 = (G-1)/G sum_g (theta_(g) - mean)^2``, interval ``theta +- z_0.975 se``.
+    ``se^2 = (G-1)/G sum_g (theta_(g) - mean)^2``, interval ``theta +- z_0.975 se``. ``engine``: the device and
+    row shard of every evaluation (:mod:`pairscout.ranking.engine`; under torchrun ``xs``, ``ys`` are this rank's rows).
     """
+    from pairscout.ranking.engine import plain
+
+    eng = engine or plain(xs[0].device)
     from statistics import NormalDist
 
-    from pairscout import metrics as M
     from pairscout.ranking import compute
 
     out: dict[str, np.ndarray] = {}
@@ -84,11 +87,11 @@ def metric_values(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Seque
     for i, m in enumerate(metrics):
         st = dataclasses.replace(settings, seed=settings.seed + 1000 * i, permutations=0)
         if m != primary or settings.ci_groups <= 1:
-            out.update(compute.pair_metrics(xs, ys, [m], st, None, progress=progress))
+            out.update(compute.pair_metrics(xs, ys, [m], st, None, progress=progress, engine=eng))
             continue
         kw = metric_kwargs(m, settings)
-        est = M.pair_metric(m, xs, ys, **kw)
-        r = V.jackknife_replicates(xs, ys, m, groups=settings.ci_groups, seed=st.seed, **kw)
+        est = eng.value(m, xs, ys, **kw)
+        r = V.jackknife_replicates(xs, ys, m, groups=settings.ci_groups, seed=st.seed, engine=eng, **kw)
         g = r.shape[0]
         se = ((g - 1) / g * ((r - r.mean(0)) ** 2).sum(0)).sqrt()
         z = NormalDist().inv_cdf(0.975)
@@ -98,11 +101,13 @@ def metric_values(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Seque
 
 
 def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings,
-                       values: dict[str, np.ndarray], progress: Any = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                       values: dict[str, np.ndarray], progress: Any = None,
+                       sharded: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``<m>_null``, ``<m>_null_sd``, ``<m>_z``, ``<m>_p``, ``<m>_p_holm`` for every metric, and how each null was made.
 
     ``settings.permutations`` is the Monte-Carlo budget of the metrics that need one (0 turns calibration off).
-    ``progress(phase, done, total)`` with phase ``"<label>: null"``.
+    ``progress(phase, done, total)`` with phase ``"<label>: null"``. ``sharded``: ``xs``, ``ys`` are this rank's
+    rows under torchrun (:func:`pairscout.metrics.calibration.calibrate`).
     """
     from pairscout.metrics import registry
 
@@ -120,7 +125,7 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
             continue
         cal = calibrate(xs, ys, m, torch.from_numpy(np.asarray(values[m], dtype=np.float64)), n_perm=settings.permutations,
                         seed=settings.seed + 1000 * i, method=getattr(settings, "null_method", "auto"), cache=cache,
-                        cknna_perm=CKNNA_PERM if settings.permutations == N_PERM else settings.permutations,
+                        cknna_perm=CKNNA_PERM if settings.permutations == N_PERM else settings.permutations, sharded=sharded,
                         **metric_kwargs(m, settings))
         out[f"{m}_null"], out[f"{m}_null_sd"], out[f"{m}_z"] = cal.null_mean.numpy(), cal.null_sd.numpy(), cal.z.numpy()
         out[f"{m}_p"], out[f"{m}_p_holm"] = cal.p_value.numpy(), cal.p_holm.numpy()
@@ -132,16 +137,20 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
 
 def rank_verdict(pairs: pd.DataFrame, xs: list[torch.Tensor], ys: list[torch.Tensor], v_names: Sequence[str],
                  t_names: Sequence[str], settings: RankSettings, primary: str, values: dict[str, np.ndarray],
-                 reps: np.ndarray | None = None) -> V.Verdict:
+                 reps: np.ndarray | None = None, engine: Any = None) -> V.Verdict:
     """The verdict of a ranking (see :mod:`pairscout.ranking.verdict`), tested on the primary metric's jackknife
-    replicates ``reps`` (G, m, t) (computed here when not given)."""
+    replicates ``reps`` (G, m, t) (computed here when not given, on ``engine``; under torchrun ``xs``, ``ys`` are
+    this rank's rows)."""
     from pairscout.metrics import registry
 
     est = np.asarray(values[primary], dtype=np.float64)
     if reps is None and settings.ci_groups > 1:
-        reps = V.jackknife_replicates(xs, ys, primary, groups=settings.ci_groups, seed=settings.seed,
+        reps = V.jackknife_replicates(xs, ys, primary, groups=settings.ci_groups, seed=settings.seed, engine=engine,
                                       **metric_kwargs(primary, settings)).numpy()
-    dups = V.near_duplicates(dict(zip(v_names, xs, strict=True))) + V.near_duplicates(dict(zip(t_names, ys, strict=True)))
+    prec = None if getattr(settings, "precision", "auto") == "auto" else settings.precision
+    sharded = engine is not None and engine.sharded
+    dups = (V.near_duplicates(dict(zip(v_names, xs, strict=True)), precision=prec, sharded=sharded)
+            + V.near_duplicates(dict(zip(t_names, ys, strict=True)), precision=prec, sharded=sharded))
     label = registry.label(primary)
     if settings.score == "combined":
         label = f"combined score (ties tested on {label})"

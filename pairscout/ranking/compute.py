@@ -17,6 +17,7 @@ import torch
 from pairscout import metrics as M
 from pairscout.errors import PairscoutError
 from pairscout.metrics import registry
+from pairscout.ranking.engine import Engine, plain
 from pairscout.zoo.spec import EncoderSpec
 
 if TYPE_CHECKING:
@@ -44,12 +45,15 @@ def check_metrics(metrics: Sequence[str], n: int, knn_k: int = 10) -> None:
 def _kwargs(metric: str, settings: RankSettings) -> dict[str, Any]:
     """The options of ``metric`` (per its registry record) from the run's settings."""
     opts = {"k": settings.knn_k, "preprocess": M.Preprocess(clip_quantile=settings.clip_quantile), "sigma_frac": settings.rbf_sigma_frac}
-    return registry.get(metric).kwargs(opts)
+    kw = registry.get(metric).kwargs(opts)
+    if metric.startswith("cka_") and getattr(settings, "precision", "auto") not in (None, "auto"):
+        kw["precision"] = settings.precision  # the CKA products' precision (rank resolves "auto" per device)
+    return kw
 
 
 def jackknife_ci(
     xs: list[torch.Tensor], ys: list[torch.Tensor], metric: str, *, groups: int = 10, level: float = 0.95, seed: int = 0,
-    progress: Callable[[int, int], None] | None = None, **kw: Any
+    progress: Callable[[int, int], None] | None = None, engine: Engine | None = None, **kw: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Estimate, normal-theory interval and standard error of a pair metric by the delete-a-group jackknife.
 
@@ -58,9 +62,12 @@ def jackknife_ci(
     CKNNA, which a with-replacement bootstrap breaks, and it does not inherit the upward shift that
     duplicated rows give biased CKA). ``se^2 = (G-1)/G * sum_g (theta_(g) - mean)^2``;
     interval ``theta_hat +- z_(1+level)/2 * se``. ``progress(done, total)`` after each evaluation.
+    ``engine``: the device / row shard the evaluations run on (:mod:`pairscout.ranking.engine`; default: one
+    process, where the tensors are); the groups are drawn over the global rows.
     """
-    n = xs[0].shape[0]
-    est = M.pair_metric(metric, xs, ys, **kw)
+    eng = engine or plain(xs[0].device)
+    n = eng.n if eng.sharded else xs[0].shape[0]
+    est = eng.value(metric, xs, ys, **kw)
     g = torch.Generator().manual_seed(seed)
     parts = torch.randperm(n, generator=g).chunk(groups)
     total = 1 + len(parts)
@@ -70,7 +77,7 @@ def jackknife_ci(
     for i, part in enumerate(parts):
         keep = torch.ones(n, dtype=torch.bool)
         keep[part] = False
-        reps.append(M.pair_metric(metric, [x[keep] for x in xs], [y[keep] for y in ys], **kw))
+        reps.append(eng.value(metric, xs, ys, keep, **kw))
         if progress is not None:
             progress(i + 2, total)
     r = torch.stack(reps)
@@ -81,7 +88,7 @@ def jackknife_ci(
 
 def pair_metrics(
     xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: Sequence[str], settings: RankSettings, primary: str | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None, engine: Engine | None = None,
 ) -> dict[str, np.ndarray]:
     """``{metric: (m, t)}`` plus ``<metric>_lo/_hi/_se`` (jackknife interval) and, for the primary
     metric, ``_null`` (mean under shuffled pairings) and ``_p`` (permutation p-value).
@@ -97,10 +104,11 @@ def pair_metrics(
         seed = settings.seed + 1000 * i
         label = registry.label(metric)
         if settings.ci_groups > 1:
-            est, lo, hi, se = jackknife_ci(xs, ys, metric, groups=settings.ci_groups, seed=seed, progress=phase(f"{label}: value + interval"), **kw)
+            est, lo, hi, se = jackknife_ci(xs, ys, metric, groups=settings.ci_groups, seed=seed, progress=phase(f"{label}: value + interval"),
+                                           engine=engine, **kw)
             out[metric], out[f"{metric}_lo"], out[f"{metric}_hi"], out[f"{metric}_se"] = est.numpy(), lo.numpy(), hi.numpy(), se.numpy()
         else:
-            out[metric] = M.pair_metric(metric, xs, ys, **kw).numpy()
+            out[metric] = (engine or plain(xs[0].device)).value(metric, xs, ys, **kw).numpy()
             if progress is not None:
                 progress(f"{label}: value", 1, 1)
         if settings.permutations > 0 and metric == (primary or metrics[0]):

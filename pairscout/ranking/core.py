@@ -15,12 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pairscout import distributed, runtime
 from pairscout.encode.cache import EmbeddingCache
 from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
 from pairscout.metrics import registry
 from pairscout.provenance import provenance
 from pairscout.ranking import calibrated, compute, layered
+from pairscout.ranking.engine import Engine
 from pairscout.ranking.result import RankResult, settings_conflict
 from pairscout.ranking.settings import DEBIASED_BELOW, RankSettings
 from pairscout.resolve import resolve_data, resolve_zoos
@@ -52,7 +54,12 @@ def rank(
         n: rows: the generated dataset renders ``n`` rows, a file dataset gives a fixed-seed subset of ``n``
             (:func:`pairscout.resolve.resolve_data`, the same as ``pairscout rank --n``).
         settings: metrics, primary metric, confidence-interval and null settings.
-        encode_settings: device, batch size, workers.
+        encode_settings: device, batch size, workers. The device (:func:`pairscout.runtime.pick_device`) is
+            resolved once and holds the embeddings for every metric, the null, the intervals and the verdict;
+            ``settings.precision`` ``auto`` picks the CKA products' precision for it
+            (:func:`pairscout.runtime.metric_precision`). Under ``torchrun`` (world > 1) each process keeps a
+            contiguous 1/world of the rows and the metric values and intervals come from all-reduced sufficient
+            statistics (:mod:`pairscout.ranking.engine` says what is sharded and what is gathered).
         cache_dir: the embedding cache (default ``~/.cache/pairscout``).
         out: folder for the result files and plots; refused if it holds a run with other settings
             unless ``force``.
@@ -77,6 +84,14 @@ def rank(
             log.info("--layers: %s cannot read hidden layers; their final features are used", ", ".join(v_skip + t_skip))
     ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad)
     n_rows = len(ds)
+    _, world = distributed.rank_world()
+    if world > 1 and settings.layers is not None:
+        raise PairscoutError("a layer sweep (--layers) is not sharded over torch.distributed processes yet.",
+                             fix="run `pairscout rank --layers ...` in one process, or leave out --layers under torchrun.")
+    if world > n_rows:
+        raise PairscoutError(f"torch.distributed runs {world} processes but the data has {n_rows} rows; every process needs "
+                             "at least one row of the shard it ranks.",
+                             fix=f"start at most {n_rows} processes (torchrun --nproc_per_node), or rank more rows (--rows).")
     primary = settings.primary or ("cka_linear_debiased" if n_rows < DEBIASED_BELOW else "cka_linear")
     metrics = list(dict.fromkeys([primary, *settings.metrics]))
     used, adapted = calibrated.adapt_to_size(settings, n_rows, metrics)  # small data: k and groups adapted, and said
@@ -103,8 +118,14 @@ def rank(
                 fix="choose another --out folder, or pass --force to replace it.",
             )
 
-    cache = EmbeddingCache(cache_dir)
+    # one device for everything: encoding, every metric, the null, the intervals, the verdict, the unimodal scores
     enc_settings = encode_settings or EncodeSettings()
+    device = runtime.pick_device(enc_settings.device)
+    enc_settings = dataclasses.replace(enc_settings, device=str(device))
+    precision = runtime.resolve_precision(settings.precision, device)
+    used = dataclasses.replace(used, precision=precision)
+    engine = Engine.for_run(device, precision, n_rows)
+    cache = EmbeddingCache(cache_dir)
     t0 = time.perf_counter()
     v_enc = encode_zoo(vz.encoders, ds, cache=cache, settings=enc_settings, progress=progress)
     t_enc = encode_zoo(tz.encoders, ds, cache=cache, settings=enc_settings, progress=progress)
@@ -119,21 +140,29 @@ def rank(
             fix="fix the errors above and run again; finished embeddings are cached.",
         )
 
-    xs = [v_enc.embeddings[k].pooled for k in v_names]
-    ys = [t_enc.embeddings[k].per_row(n_rows, settings.caption_reduce) for k in t_names]
+    # this process's rows on the device (all rows in one process; a contiguous 1/world shard under torchrun);
+    # an encoder of a layer sweep has several views: its final features first, then the blocks
+    x_views = [[(name, engine.local(t)) for name, t in layered.views(v_enc.embeddings[k])] for k in v_names]
+    y_views = [[(name, engine.local(t)) for name, t in layered.views(t_enc.embeddings[k], n_rows, settings.caption_reduce)]
+               for k in t_names]
+    xs, ys = [v[0][1] for v in x_views], [v[0][1] for v in y_views]
+    v_enc.embeddings.clear()  # keep only the rows this process ranks
+    t_enc.embeddings.clear()
     t1 = time.perf_counter()
-    x_views = [layered.views(v_enc.embeddings[k]) for k in v_names]
-    y_views = [layered.views(t_enc.embeddings[k], n_rows, settings.caption_reduce) for k in t_names]
     choice = None
     if any(len(v) > 1 for v in (*x_views, *y_views)):  # a layer sweep: metrics on each pair's chosen layers
+        if engine.sharded:
+            raise PairscoutError("a layer sweep is not sharded over torch.distributed processes yet.",
+                                 fix="run `pairscout rank --layers ...` in one process, or leave out --layers under torchrun.")
         if progress is not None:
             progress("layer sweep", 0, 1)
         choice = layered.choose(x_views, y_views, v_names, t_names, primary, used)
         if progress is not None:
             progress("layer sweep", 1, 1)
     mx, my = (choice.xs, choice.ys) if choice is not None else (xs, ys)
-    pair_values, primary_reps = calibrated.metric_values(mx, my, metrics, used, primary, progress=progress)
-    cal_values, null_methods = calibrated.calibrated_columns(mx, my, metrics, used, pair_values, progress=progress)
+    pair_values, primary_reps = calibrated.metric_values(mx, my, metrics, used, primary, progress=progress, engine=engine)
+    cal_values, null_methods = calibrated.calibrated_columns(mx, my, metrics, used, pair_values, progress=progress,
+                                                             sharded=engine.sharded)
     pair_values.update(cal_values)
     if choice is not None:
         pair_values, primary_reps = choice.gather(pair_values, primary_reps, primary)
@@ -158,15 +187,14 @@ def rank(
     pairs = pairs.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     pairs.insert(0, "rank", np.arange(1, len(pairs) + 1))
     t2 = time.perf_counter()
-    verdict = calibrated.rank_verdict(pairs, xs, ys, v_names, t_names, used, primary, pair_values, primary_reps)
+    verdict = calibrated.rank_verdict(pairs, xs, ys, v_names, t_names, used, primary, pair_values, primary_reps, engine=engine)
     verdict_s = time.perf_counter() - t2
 
     labels = getattr(ds, "labels", None)
     model_rows = []
-    for name in v_names:
-        model_rows.append(compute.unimodal(specs[name], v_enc.embeddings[name].pooled, labels, used))
-    for name in t_names:
-        model_rows.append(compute.unimodal(specs[name], t_enc.embeddings[name].per_row(n_rows, settings.caption_reduce), labels, used))
+    for name, emb in [*zip(v_names, xs, strict=True), *zip(t_names, ys, strict=True)]:
+        # k-NN accuracy and k-means read every row: under torchrun one model's rows are gathered at a time
+        model_rows.append(compute.unimodal(specs[name], engine.full([emb])[0], labels, used))
     models = pd.DataFrame(model_rows)
 
     result = RankResult(
@@ -185,13 +213,15 @@ def rank(
             **({"layers": choice.meta()} if choice is not None else {}),
             "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "verdict": round(verdict_s, 3),
                           "total": round(time.perf_counter() - t_start, 3)},
-            "device": str(enc_settings.device or "auto"),
+            "device": str(device),
+            "metric_precision": precision,
+            "distributed": {"world_size": world, "rows_per_rank": [(r + 1) * n_rows // world - r * n_rows // world for r in range(world)],
+                            "sharded": ("metric values, jackknife replicates, neighbour nulls; CKA null moments and unimodal "
+                                        "scores on one model's gathered rows at a time") if world > 1 else "none (one process)"},
             "torch_threads": torch.get_num_threads(),
             **provenance(command),
         },
     )
-    from pairscout import distributed
-
     if out is not None and distributed.is_main():  # under torchrun every process ranks, rank 0 writes
         result.save(out)
         if plots:

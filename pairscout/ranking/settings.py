@@ -8,6 +8,9 @@ from typing import Any
 
 from pairscout.metrics.registry import DEFAULT_MEASURES
 
+PRECISIONS = ("auto", "float64", "float32", "tf32")
+"""Choices of :attr:`RankSettings.precision` (``--precision``)."""
+
 DEBIASED_BELOW = 10_000
 """Below this many rows the default primary metric is debiased linear CKA: biased CKA is inflated at
 small n (two independent random 384-d embeddings of 1,000 rows read 0.26; the debiased estimator 0.00)."""
@@ -46,6 +49,10 @@ class RankSettings:
     (:mod:`pairscout.ranking.layered`)."""
     layer_rows: int = 1000
     """Rows of the layer sweep's Gram matrices (a seeded subset above; memory views x rows^2 float64)."""
+    precision: str = "auto"
+    """Precision of the large CKA products (:func:`pairscout.metrics.all_pairs_cka`): ``auto`` follows
+    :func:`pairscout.runtime.metric_precision` on the metrics' device (float32 products on GPUs, exact float64 on
+    CPU); ``float64``, ``float32`` or ``tf32`` (CUDA tensor cores) force one. Reductions are float64 in every case."""
 
     def __post_init__(self) -> None:
         """Impossible settings are one-line errors naming the option, before any encoding."""
@@ -61,6 +68,8 @@ class RankSettings:
             parse_layers(self.layers)
         if self.caption_reduce not in ("first", "mean"):
             raise PairscoutError(f"--caption-reduce {self.caption_reduce!r} is unknown.", fix="use 'first' or 'mean'.")
+        if self.precision not in PRECISIONS:
+            raise PairscoutError(f"--precision {self.precision!r} is unknown.", fix=f"use one of {', '.join(PRECISIONS)}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -73,19 +73,21 @@ class Verdict:
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------
 def jackknife_replicates(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metric: str, *, groups: int, seed: int,
-                         **kw: Any) -> torch.Tensor:
+                         engine: Any = None, **kw: Any) -> torch.Tensor:
     """(G, m, t) leave-one-group-out values of a pair metric, with the grouping of
-    :func:`pairscout.ranking.compute.jackknife_ci` (same seed, same groups)."""
-    from pairscout import metrics as M
+    :func:`pairscout.ranking.compute.jackknife_ci` (same seed, same groups), on ``engine``'s device and row shard
+    (:mod:`pairscout.ranking.engine`; default: one process, where the tensors are)."""
+    from pairscout.ranking.engine import plain
 
-    n = xs[0].shape[0]
+    eng = engine or plain(xs[0].device)
+    n = eng.n if eng.sharded else xs[0].shape[0]
     g = torch.Generator().manual_seed(seed)
     parts = torch.randperm(n, generator=g).chunk(groups)
     reps = []
     for part in parts:
         keep = torch.ones(n, dtype=torch.bool)
         keep[part] = False
-        reps.append(M.pair_metric(metric, [x[keep] for x in xs], [y[keep] for y in ys], **kw))
+        reps.append(eng.value(metric, xs, ys, keep, **kw))
     return torch.stack(reps)
 
 
@@ -107,11 +109,13 @@ def paired_test(est: np.ndarray, reps: np.ndarray, best: tuple[int, int], other:
 
 
 def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPLICATE_CKA, screen_rows: int = 512,
-                    seed: int = 0) -> list[tuple[str, str, float]]:
+                    seed: int = 0, precision: str | None = None, sharded: bool = False) -> list[tuple[str, str, float]]:
     """Pairs of encoders (one modality, in the given order) whose embeddings have linear CKA >= threshold.
 
     Cheap: every pair is screened on ``screen_rows`` seeded random rows (Gram form, O(rows^2 d)); only pairs
-    reading >= threshold - 0.02 there are measured on all rows.
+    reading >= threshold - 0.02 there are measured on all rows. ``sharded``: the embeddings are this rank's rows
+    under torch.distributed; the screen rows are gathered (at most ``screen_rows`` per model) and the full check
+    is the sharded linear CKA (:mod:`pairscout.metrics.sharded`).
     """
     from pairscout.metrics import all_pairs_cka
 
@@ -120,15 +124,30 @@ def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPL
         return []
     mats = [embeddings[k] for k in names]
     n = mats[0].shape[0]
+    if sharded:
+        from pairscout.metrics import sharded_rows as R
+        from pairscout.metrics.sharded import sharded_all_pairs_cka
+
+        counts = R.shard_counts(n, mats[0].device)
+        n = sum(counts)
+
+        def full_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float(sharded_all_pairs_cka([a], [b], precision="float32" if precision in ("float32", "tf32") else "float64")[0, 0])
+    else:
+        def full_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float(all_pairs_cka([a], [b], "linear", False, precision=precision)[0, 0])
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:screen_rows] if n > screen_rows else None
     try:
-        sub = mats if rows is None else [x[rows.to(x.device)] for x in mats]
-        c = all_pairs_cka(sub, sub, "linear", False)
+        if sharded:
+            sub = [R.gather_rows(x, rows if rows is not None else torch.arange(n), counts) for x in mats]
+        else:
+            sub = mats if rows is None else [x[rows.to(x.device)] for x in mats]
+        c = all_pairs_cka(sub, sub, "linear", False, precision=precision)
         out = []
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
                 if float(c[i, j]) >= threshold - 0.02:
-                    full = float(c[i, j]) if rows is None else float(all_pairs_cka([mats[i]], [mats[j]], "linear", False)[0, 0])
+                    full = float(c[i, j]) if rows is None else full_cka(mats[i], mats[j])
                     if full >= threshold:
                         out.append((names[i], names[j], full))
     except Exception:  # constant features etc.: such an encoder has no duplicate to report

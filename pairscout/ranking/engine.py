@@ -1,0 +1,90 @@
+"""Where and how ``rank`` computes its metrics: the device, the CKA products' precision and, under ``torchrun``,
+this process's shard of the rows.
+
+One process: the embeddings live on :func:`pairscout.runtime.pick_device` of the user's ``--device`` and every
+metric, jackknife replicate, null and the verdict run there (results come back as small CPU arrays).
+
+``torchrun --nproc_per_node W ... rank`` (world W > 1): rank r keeps the contiguous rows
+``[r n // W, (r + 1) n // W)`` of every model (the encoding is divided by chunks as in ``encode``; each process
+still reads every cached entry whole once, then drops all but its rows). Sharded (each rank touches only its rows plus one received chunk
+of another rank's block at a time, sums all-reduced; :mod:`pairscout.metrics.sharded`,
+:mod:`pairscout.metrics.sharded_rows`):
+
+* the value of every CKA metric (linear, RBF, biased, debiased) and of mutual k-NN / CKNNA;
+* the delete-a-group jackknife replicates behind the intervals and the verdict's paired test (each replicate is
+  the same sharded computation on the kept rows of every shard);
+* the permutation nulls of mutual k-NN / CKNNA (they need only the neighbour lists, found sharded and gathered:
+  O(n k) per model);
+* the verdict's near-duplicate check (screen on at most 512 gathered rows, then sharded linear CKA).
+
+Gathered, one model at a time (that model's rows on every rank, O(n d_k) memory, the single-process code and
+numbers, the work repeated on every rank rather than divided): the closed-form null moments of the CKA metrics
+(per-model summaries), the unimodal scores (k-NN accuracy, k-means). Measures other than the CKA family and the
+neighbour metrics (SVCCA, ...) gather every model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pairscout import metrics as M
+
+
+@dataclass
+class Engine:
+    """The metrics' device and precision, and the rows ``[lo, hi)`` of ``n`` this process holds."""
+
+    device: torch.device
+    precision: str = "float64"
+    n: int = 0
+    lo: int = 0
+    hi: int = 0
+    world: int = 1
+
+    @classmethod
+    def for_run(cls, device: torch.device, precision: str, n: int) -> Engine:
+        """This process's engine: rows split in contiguous shards when torch.distributed runs > 1 process."""
+        from pairscout import distributed
+
+        rank, world = distributed.rank_world()
+        return cls(device, precision, n, rank * n // world, (rank + 1) * n // world, world)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def local(self, z: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a full (n, d) matrix, on the device."""
+        return z[self.lo:self.hi].to(self.device) if self.sharded else z.to(self.device)
+
+    def full(self, zs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every row of each (sharded) matrix, on every rank (the parts that are not sharded read these)."""
+        if not self.sharded:
+            return list(zs)
+        from pairscout.metrics.sharded_rows import gather_all, shard_counts
+
+        counts = shard_counts(zs[0].shape[0], self.device)
+        return [gather_all(z, counts) for z in zs]
+
+    def value(self, metric: str, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], keep: torch.Tensor | None = None,
+              **kw: Any) -> torch.Tensor:
+        """(m, t) float64 CPU values of ``metric`` on the rows where the global mask ``keep`` (n,) is true (all rows
+        if None); the same on every rank."""
+        if keep is not None:
+            k = keep[self.lo:self.hi] if self.sharded else keep
+            k = k.to(xs[0].device)
+            xs, ys = [x[k] for x in xs], [y[k] for y in ys]
+        if not self.sharded:
+            return M.pair_metric(metric, list(xs), list(ys), **kw)
+        from pairscout.metrics.sharded import sharded_pair_metric
+
+        return sharded_pair_metric(metric, list(xs), list(ys), **kw)
+
+
+def plain(device: torch.device | None = None, n: int = 0) -> Engine:
+    """One process, the given device (CPU by default): what the API functions use when given no engine."""
+    return Engine(device or torch.device("cpu"), "float64", n, 0, n, 1)

@@ -1,0 +1,126 @@
+"""rank keeps every metric on the device the user asked for, with the precision the runtime policy picks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pairscout.metrics as M
+import pairscout.metrics.cka as cka
+import pairscout.metrics.knn as knn
+import pairscout.ranking.calibrated as calibrated
+import pairscout.ranking.verdict as verdict
+from pairscout import runtime
+from pairscout.encode.runner import EncodeSettings
+from pairscout.errors import PairscoutError
+from pairscout.ranking import RankSettings, rank
+
+ZOOS = ("baseline:pixels,baseline:random-net", "baseline:tfidf,baseline:random")
+
+
+def _spy(monkeypatch, owner, name, calls, devices_of):
+    real = getattr(owner, name)
+
+    def spy(*args, **kw):
+        calls.append((name, [t.device for t in devices_of(args, kw)], kw.get("precision", "<not passed>")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, spy)
+
+
+def _tensors(args, kw):
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, list | tuple):
+            out += [t for t in a if isinstance(t, torch.Tensor)]
+        elif isinstance(a, dict):
+            out += [t for t in a.values() if isinstance(t, torch.Tensor)]
+    return out
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    calls: list = []
+    for owner, name in [(cka, "all_pairs_cka"), (knn, "all_pairs_mutual_knn"), (knn, "all_pairs_cknna"),
+                        (calibrated, "calibrate"), (verdict, "near_duplicates"), (M, "knn_accuracy")]:
+        _spy(monkeypatch, owner, name, calls, _tensors)
+    asked: list = []
+    real_pick = runtime.pick_device
+
+    def pick(requested=None):
+        asked.append(requested)
+        return real_pick(requested)
+
+    monkeypatch.setattr(runtime, "pick_device", pick)
+    return calls, asked, real_pick
+
+
+@pytest.mark.parametrize("policy", ["float32", "tf32"])
+def test_metrics_run_on_the_requested_device_with_the_policys_precision(tmp_path, monkeypatch, spies, policy):
+    calls, asked, real_pick = spies
+    monkeypatch.setattr(runtime, "metric_precision", lambda device: policy)  # the policy rank must follow
+    res = rank(*ZOOS, "generated", n=40, settings=RankSettings(permutations=9), cache_dir=tmp_path / "c",
+               encode_settings=EncodeSettings(device="cpu", num_workers=0), out=tmp_path / "run", plots=False)
+    assert asked and asked[0] == "cpu"  # resolved once from the user's --device
+    want = real_pick("cpu")
+    names = {c[0] for c in calls}
+    assert {"all_pairs_cka", "all_pairs_mutual_knn", "all_pairs_cknna", "calibrate", "near_duplicates",
+            "knn_accuracy"} <= names, names
+    for name, devices, precision in calls:
+        assert devices and all(d == want for d in devices), (name, devices)
+        if name in ("all_pairs_cka", "near_duplicates"):
+            assert precision == policy, (name, precision)  # every CKA product: the policy's precision
+    meta = json.loads((tmp_path / "run" / "rank.json").read_text())
+    assert meta["settings"]["precision"] == "auto" and meta["metric_precision"] == policy
+    assert meta["device"] == str(want)
+    assert res.pairs["cka_linear"].between(0, 1).all()
+
+
+def test_an_explicit_precision_overrides_the_policy(tmp_path, monkeypatch, spies):
+    calls, _, _ = spies
+    monkeypatch.setattr(runtime, "metric_precision", lambda device: "float32")
+    rank(*ZOOS, "generated", n=40, settings=RankSettings(permutations=0, ci_groups=0, precision="float64"),
+         cache_dir=tmp_path / "c", encode_settings=EncodeSettings(device="cpu", num_workers=0), plots=False)
+    got = {p for name, _, p in calls if name == "all_pairs_cka"}
+    assert got == {"float64"}
+
+
+def test_float32_products_stay_close_to_float64(tmp_path):
+    kw = dict(cache_dir=tmp_path / "c", encode_settings=EncodeSettings(device="cpu", num_workers=0), plots=False)
+    a = rank(*ZOOS, "generated", n=60, settings=RankSettings(permutations=0, precision="float64"), **kw).pairs
+    b = rank(*ZOOS, "generated", n=60, settings=RankSettings(permutations=0, precision="float32"), **kw).pairs
+    a, b = a.sort_values(["vision", "text"]), b.sort_values(["vision", "text"])
+    for m in ("cka_linear", "cka_linear_debiased", "cka_rbf"):
+        assert float((a[m].to_numpy() - b[m].to_numpy()).__abs__().max()) < 1e-5, m
+        assert not (a[m].to_numpy() == b[m].to_numpy()).all() or m == "cka_rbf"  # float32 products really ran
+
+
+def test_bad_precision_is_a_one_line_error():
+    with pytest.raises(PairscoutError) as e:
+        RankSettings(precision="half")
+    assert "\n" not in str(e.value) and "auto, float64, float32, tf32" in str(e.value)
+
+
+def test_cli_bad_precision_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pairscout", "rank", "--precision", "fp8", "--rows", "12",
+                        "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "fp8" in r.stderr
+
+
+def test_missing_embeddings_of_probe_and_align_are_encoded_on_the_users_device(tmp_path, monkeypatch):
+    import pairscout.encode.runner as runner
+    from pairscout.align.pairdata import load_embeddings, source_from_zoos
+
+    seen = []
+    real = runner.encode
+    monkeypatch.setattr(runner, "encode", lambda *a, **kw: seen.append(kw["settings"].device) or real(*a, **kw))
+    src = source_from_zoos("baseline:pixels", "baseline:tfidf", "generated", n=16, cache_dir=tmp_path)
+    src.device = "cpu"
+    load_embeddings(src, src.spec("pixels", "vision"))
+    assert seen == ["cpu"]

@@ -1,0 +1,131 @@
+"""RBF CKA and the k-NN metrics on rows sharded over torch.distributed ranks (gloo, CPU) equal one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pairscout.metrics import Preprocess, all_pairs_cka, all_pairs_cknna, all_pairs_mutual_knn
+from pairscout.metrics.knn import nearest_neighbours
+from pairscout.metrics.sharded import sharded_pair_metric
+from pairscout.metrics.sharded_rows import shard_counts, sharded_neighbours
+
+F64 = torch.float64
+
+
+def _data(n: int = 157):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(n, 4, generator=g)
+
+    def mk(d: int, a: float) -> torch.Tensor:
+        return a * s @ torch.randn(4, d, generator=g) + torch.randn(n, d, generator=g) + 3.0
+
+    xs, ys = [mk(9, 1.0), mk(20, 0.4)], [mk(6, 2.0), mk(11, 0.0)]
+    dup = ys[0].clone()
+    dup[1::5] = dup[0::5][: len(dup[1::5])]  # duplicated rows: tied neighbours
+    return xs, [*ys, dup]
+
+
+def _single(name: str, xs, ys, **kw) -> torch.Tensor:
+    if name.startswith("cka_rbf"):
+        return all_pairs_cka(xs, ys, "rbf", name.endswith("_debiased"), precision="float64")
+    if name == "mutual_knn":
+        return all_pairs_mutual_knn(xs, ys, **kw)
+    return all_pairs_cknna(xs, ys, **kw)
+
+
+CASES = [("cka_rbf", {}), ("cka_rbf_debiased", {}), ("mutual_knn", {"k": 5}), ("cknna", {"k": 5}),
+         ("mutual_knn", {"k": 4, "preprocess": Preprocess(clip_quantile=0.9)})]
+
+
+def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> None:
+    if tiny:  # similarity blocks recomputed in every pass, in tiles of a few rows
+        import pairscout.metrics.knn as knn
+
+        knn.SIM_TILE_BYTES = 16 * 1024  # < 78 x 157 x 4 bytes: nothing kept
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        xs, ys = _data()
+        lo, hi = cuts[rank], cuts[rank + 1]
+        xl, yl = [x[lo:hi] for x in xs], [y[lo:hi] for y in ys]
+        out = [sharded_pair_metric(name, xl, yl, **kw) for name, kw in CASES]
+        nb = sharded_neighbours(yl[2], shard_counts(hi - lo, torch.device("cpu")), 5)
+        torch.save({"values": out, "nb": (nb.indices, nb.sims, nb.weights)}, f"{tmp}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("cuts", "tiny"), [([0, 78, 157], False), ([0, 150, 157], False), ([0, 157, 157], False),
+                                           ([0, 78, 157], True)])
+def test_two_ranks_equal_one_process(tmp_path, cuts, tiny):
+    mp.spawn(_worker, args=(2, str(tmp_path), cuts, tiny), nprocs=2, join=True)
+    xs, ys = _data()
+    want = [_single(name, xs, ys, **kw) for name, kw in CASES]
+    ref = nearest_neighbours(ys[2], 5)
+    assert ref.weights is not None  # the duplicated rows do tie
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"r{rank}.pt")
+        for (name, _), g, w in zip(CASES, got["values"], want, strict=True):
+            if name.startswith("cka"):
+                assert float((g - w).abs().max()) < 1e-10, (name, g, w)
+            else:
+                assert torch.equal(g, w), (name, g, w)  # neighbour metrics: exactly
+        idx, sims, weights = got["nb"]
+        assert torch.equal(idx, ref.indices) and torch.equal(sims, ref.sims) and torch.equal(weights, ref.weights)
+
+
+def test_one_process_is_the_plain_metric():
+    xs, ys = _data(60)
+    for name, kw in CASES:
+        g = sharded_pair_metric(name, xs, ys, **kw)
+        w = _single(name, xs, ys, **kw)
+        assert float((g - w).abs().max()) < 1e-10, name
+
+
+def _dup_models(n: int = 600):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(n, 12, generator=g)
+    return {"a": a, "a2": 2.0 * a + 1e-4 * torch.randn(n, 12, generator=g), "b": torch.randn(n, 7, generator=g)}
+
+
+NULL_METRICS = [("cka_linear", {}), ("cka_linear_debiased", {}), ("cka_rbf", {"sigma_frac": 1.0}),
+                ("mutual_knn", {"k": 5, "preprocess": Preprocess()}), ("cknna", {"k": 5, "preprocess": Preprocess()})]
+
+
+def _worker_null(rank: int, world: int, tmp: str) -> None:
+    from pairscout.metrics.calibration import calibrate
+    from pairscout.ranking.verdict import near_duplicates
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        xs, ys = _data()
+        n = xs[0].shape[0]
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        xl, yl = [x[lo:hi] for x in xs], [y[lo:hi] for y in ys]
+        cals = [calibrate(xl, yl, m, sharded_pair_metric(m, xl, yl, **kw), n_perm=19, cknna_perm=9, seed=3, sharded=True, **kw)
+                for m, kw in NULL_METRICS]
+        dm = _dup_models()
+        n2 = dm["a"].shape[0]
+        dups = near_duplicates({k: v[rank * n2 // world:(rank + 1) * n2 // world] for k, v in dm.items()}, sharded=True)
+        torch.save({"cal": [(c.null_mean, c.null_sd, c.p_value, c.z) for c in cals], "dups": dups}, f"{tmp}/n{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_nulls_and_duplicate_check_equal_one_process(tmp_path):
+    from pairscout.metrics.calibration import calibrate
+    from pairscout.ranking.verdict import near_duplicates
+
+    mp.spawn(_worker_null, args=(2, str(tmp_path)), nprocs=2, join=True)
+    xs, ys = _data()
+    want = [calibrate(xs, ys, m, n_perm=19, cknna_perm=9, seed=3, **kw) for m, kw in NULL_METRICS]
+    dups = near_duplicates(_dup_models())
+    assert [d[:2] for d in dups] == [("a", "a2")]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"n{rank}.pt")
+        for (m, _), w, g in zip(NULL_METRICS, want, got["cal"], strict=True):
+            for a, b in zip((w.null_mean, w.null_sd, w.p_value, w.z), g, strict=True):
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True), (m, a, b)
+        assert [d[:2] for d in got["dups"]] == [("a", "a2")] and abs(got["dups"][0][2] - dups[0][2]) < 1e-9
