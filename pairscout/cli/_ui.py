@@ -27,7 +27,7 @@ from pairscout.errors import PairscoutError
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 WIDE_PIPE = 160
-"""Console width when output is not a terminal (files, CI logs): tables keep full ids."""
+"""Console width when output is not a terminal (files, CI logs) and COLUMNS is not set: tables keep full ids."""
 
 
 def say(message: str, style: str | None = None) -> None:
@@ -47,7 +47,7 @@ def warn(message: str) -> None:
 def user_errors() -> Iterator[None]:
     """Print a :class:`PairscoutError` as one red line (literally) and exit with its code; no traceback."""
     for console in (err, out):
-        if not console.is_terminal:
+        if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # an explicit COLUMNS is obeyed
             console.width = max(console.width, WIDE_PIPE)
     try:
         yield
