@@ -110,7 +110,7 @@ def test_probe_and_align_refresh_the_report_with_their_sections(rank_run, tmp_pa
     target = json.loads((rank_run / "probe.json").read_text())["target"]  # zero-shot: the generated data has labels
     assert target == "zs_top1" and (rank_run / "plots" / f"probe_{target}_vs_cka_linear_debiased.svg").is_file()
     assert "verdict" in json.loads((rank_run / "rank.json").read_text())
-    r = runner.invoke(app, ["align", "--run", str(rank_run), "--cache-dir", cache, "--steps", "12", "--eval-every", "6", "--out-dim", "16",
+    r = runner.invoke(app, ["align", "--run", str(rank_run), "--cache-dir", cache, "--steps", "24", "--eval-every", "6", "--out-dim", "16",
                             "--hidden-mult", "1", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "model"), "--report"])
     assert r.exit_code == 0, r.output
     page = (rank_run / "report.html").read_text()

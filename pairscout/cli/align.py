@@ -119,13 +119,14 @@ def probe(
 
 def probe_table(res, wide: bool = False) -> Table:
     """Rank, full model names, the primary measure ± its interval, the read-out and R@1 both ways (fits 100
-    columns for names up to ~25 characters; longer names fold, never cut); with ``wide`` every measure, the group,
-    R@5, the final loss and the time."""
+    columns for names up to ~25 characters; longer names fold, never cut); with ``wide`` every measure of the rank run,
+    the group, R@5, the final loss and the time (the measures the probe computed are in ``probe.csv``)."""
     from pairscout.align.predictors import readout_label
     from pairscout.metrics.registry import MEASURES, label
 
     primary = res.meta.get("primary") or next((m for m in res.metrics if m in MEASURES), None)
-    measures = [m for m in res.metrics if m in MEASURES] if wide else [m for m in (primary,) if m]
+    ranked = res.meta.get("measures_from_rank") or [m for m in res.metrics if m in MEASURES]
+    measures = ranked if wide else [m for m in (primary,) if m]
     tgt = res.meta.get("target", "mean_r1")
     caption = "R@1 i2t: image -> its captions; t2i: caption -> its image"
     if not wide:
@@ -135,10 +136,10 @@ def probe_table(res, wide: bool = False) -> Table:
     t.add_column("#", justify="right", no_wrap=True)
     if wide:
         t.add_column("group", no_wrap=True)
-    t.add_column("vision", overflow="fold")
-    t.add_column("text", overflow="fold")
+    for side in ("vision", "text"):
+        t.add_column(side, overflow="fold", min_width=max(map(len, res.pairs[side].astype(str))) if wide else None)
     for m in measures:  # a long label takes two header lines, not the names' width
-        t.add_column(L(label(m) if wide else textwrap.fill(label(m), 14)), justify="right", no_wrap=not wide)
+        t.add_column(L(textwrap.fill(label(m), 10 if wide else 14)), justify="right", no_wrap=True)
     cols = ["read-out", "R@1\ni2t", "R@1\nt2i"] + (["R@5\nmean", "loss", "s"] if wide else [])
     for col in cols:
         t.add_column(col, justify="right", no_wrap=True)
