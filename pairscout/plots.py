@@ -218,7 +218,7 @@ def curves(history: Sequence[dict], x: str, ys: Sequence[str], title: str, min_p
     keep = [k for k in ys if len(series[k]) >= min_points]
     if not keep:
         return None
-    fig, axes = plt.subplots(1, len(keep), figsize=(4.2 * len(keep), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(keep), figsize=(3.6 * len(keep) + 0.6, 3.0), squeeze=False)
     for ax, key in zip(axes[0], keep, strict=True):
         xs, vs = zip(*series[key], strict=True)
         ax.plot(xs, vs, marker="." if len(xs) < 30 else None, color="#33658a")

@@ -231,9 +231,13 @@ def sort(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[key.sort_values(["p", "rho"], kind="stable").index].reset_index(drop=True)
 
 
-def blank(df: pd.DataFrame) -> pd.DataFrame:
-    """The table with every statistic removed (a probe not above chance correlates nothing)."""
+def blank(df: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
+    """The table with every statistic removed (a probe not above chance correlates nothing), in ``order`` (the
+    predictors' own order: sorted by p it would still rank noise)."""
     out = df.copy()
+    if order is not None:
+        pos = {m: i for i, m in enumerate(order)}
+        out = out.iloc[sorted(range(len(out)), key=lambda i: pos.get(out["metric"].iloc[i], len(pos)))].reset_index(drop=True)
     out[STATS] = float("nan")
     out["answer"] = "probe at chance"
     return out

@@ -170,7 +170,7 @@ def probe_pairs(
     corr = correlations(pairs, metric_cols, readout.target, computed_here=computed_here)
     family = int(corr.attrs.get("family_size", 0)) if above else 0
     if not above:  # correlating noise would read as evidence: leave the table empty and say why
-        corr = P.blank(corr)
+        corr = P.blank(corr, metric_cols)
     meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
             "target": readout.target, "target_why": readout.why, "chance": chance, "n_test_items": n_items,
             "best_target": best, "above_chance": above, "correction": P.CORRECTION, "family_size": family}  # fmt: skip

@@ -169,6 +169,21 @@ def progress() -> Iterator[Reporter]:
 
 
 # --- numbers ---------------------------------------------------------------------------------------
+def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
+    """A table on stderr; with ``wide`` (the user asked for every column) as wide as it needs, up to ``max_width``,
+    even past the console's width, instead of squeezing every column to an ellipsis."""
+    if not wide:
+        err.print(table)
+        return
+    from rich.measure import Measurement
+
+    need = Measurement.get(err, err.options.update(width=max_width), table).maximum
+    if need <= err.width:
+        err.print(table)
+    else:  # Console.print never exceeds the console's width: a console of the width the table needs
+        Console(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
+
+
 def num(x: Any, digits: int = 3) -> str:
     return "-" if x is None or x != x else f"{x:.{digits}f}"
 

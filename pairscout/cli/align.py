@@ -96,8 +96,8 @@ def probe(
         with ui.progress() as rep:
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
-        ui.err.print(probe_table(res, wide))
-        ui.err.print(corr_table(res, wide))
+        for table in (probe_table(res, wide), corr_table(res, wide)):
+            ui.print_table(table, wide)
         primary = res.meta.get("primary")
         if primary:
             ui.say(verdict(res.correlations, primary, res.meta))

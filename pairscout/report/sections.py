@@ -80,9 +80,13 @@ def table(df: pd.DataFrame, columns: list[tuple[str, str]], *, sticky: int = 0, 
 
 
 def _tag(fig: Any, run: RunFiles, several: bool) -> Any:
-    """With several runs on the page, the run's name above the plot (also in the PNG / SVG files)."""
+    """With several runs on the page, the run's name in front of the plot's title (also in the PNG / SVG files)."""
     if several and fig is not None:
-        fig.text(0.0, 1.0, f"run: {run.label}", ha="left", va="bottom", fontsize=plots.LABEL_SIZE + 1, color="#5b6b77", weight="bold")
+        if fig.get_suptitle():
+            fig.suptitle(f"run {run.label}: {fig.get_suptitle()}", fontsize=plots.TITLE_SIZE)
+        elif fig.axes:
+            ax = fig.axes[0]
+            ax.set_title(f"run {run.label}: {ax.get_title()}", fontsize=plots.TITLE_SIZE)
     return fig
 
 
@@ -235,7 +239,8 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
         "why": (lambda w: w[:1].upper() + w[1:])(str(meta.get("target_why", ""))),
         "family_size": meta.get("family_size"),
         "best": None if best.empty else {"label": best["label"].iloc[0], "rho": float(best["spearman"].iloc[0]),
-                                           "p_holm": float(best.get("spearman_p_holm", best["spearman_p"]).iloc[0])},
+                                           "p": float(best["spearman_p"].iloc[0]),
+                                           "p_holm": float(best["spearman_p_holm"].iloc[0]) if "spearman_p_holm" in best else None},
         "correlations": table(corr, corr_cols, sticky=1, formats=p_fmt, keys={"interval": "spearman_lo"}) if not corr.empty else None,
         "figures": figs,
         "pairs": table(pairs, pair_cols, sticky=4) if not pairs.empty else None,
@@ -262,7 +267,7 @@ def align_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     eval_table = None
     if evals and fig is None:  # one or two evaluations: numbers, not a plot
         ev = pd.DataFrame(evals)
-        eval_table = table(ev, [("step", "step"), *[(k, v) for k, v in EVAL_LABELS.items()]])
+        eval_table = table(ev, [("step", "step"), *[(k, v) for k, v in EVAL_LABELS.items()]], formats={"step": lambda v: f"{v:.0f}"})
     cfg = run.model_config or {}
     metrics = log.get("metrics") or {}
     return {
