@@ -135,13 +135,13 @@ def point_labels(ax: plt.Axes, xs: Sequence[float], ys: Sequence[float], texts: 
 
 def metric_scatter(df: pd.DataFrame, x: str, y: str, *, title: str | None = None, xlabel: str | None = None,
                    ylabel: str | None = None, label: Sequence[str] = ("vision", "text"), highlight: Sequence[int] | None = None,
-                   notes: dict[int, str] | None = None, n_label: int = 3) -> Figure:
+                   notes: dict[int, str] | None = None, n_label: int = 3, stat: str | None = None) -> Figure:
     """One column against another across rows (pairs or models), Spearman's rho in the title.
 
     Only the points that matter are labelled (the ``highlight`` row positions, default: the ``n_label`` highest in
     ``y``), each by a short key (the pair's rank ``#`` when there is a ``rank`` column), listed under the plot with
     its full name and ``notes`` ("verdict", "tied"); rows with a ``group`` column (top / middle / bottom) are
-    coloured by it, with a legend.
+    coloured by it, with a legend. ``stat`` replaces the Spearman line under the title (e.g. "no correlation: ...").
     """
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
     d = df.reset_index(drop=True)
@@ -160,7 +160,7 @@ def metric_scatter(df: pd.DataFrame, x: str, y: str, *, title: str | None = None
     n = int(ok.sum())
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
-    stat = f"Spearman {rho:+.2f} over {n} points" if rho == rho else f"{n} points"
+    stat = stat or (f"Spearman {rho:+.2f} over {n} points" if rho == rho else f"{n} points")
     ax.set_title(title or f"{ylabel or y} vs {xlabel or x}\n{stat}", fontsize=TITLE_SIZE)
     _style(ax)
     rows = list(highlight) if highlight is not None else list(d[ok].sort_values(y, ascending=False).index[:n_label])

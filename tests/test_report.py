@@ -116,3 +116,117 @@ def test_probe_and_align_refresh_the_report_with_their_sections(rank_run, tmp_pa
     page = (rank_run / "report.html").read_text()
     assert 'id="training"' in page and "image-&gt;text R@1 (held out)" in page
     assert (tmp_path / "model" / "plots" / "training_curves.png").is_file()
+
+
+# --- what a person sees: a probed and aligned run beside a second run, at three widths ------------------------------
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Run "alpha" (3 x 2 weight-free encoders, probed on 4 pairs, aligned with one evaluation at the end) and run
+    "beta" (another dataset), each its own folder: ``(alpha, alpha/align, beta)``."""
+    root = tmp_path_factory.mktemp("two")
+    cache = root / "cache"
+    runs = []
+    for name, data in (("alpha", "generated:n=60,seed=0,size=32"), ("beta", "generated:n=40,seed=3,size=32")):
+        pairscout.rank("baseline:pixels,baseline:random-vision,baseline:random-net", "baseline:random-text,baseline:tfidf", data,
+                       settings=RankSettings(ci_groups=3, permutations=3), encode_settings=EncodeSettings(device="cpu", num_workers=0),
+                       cache_dir=cache, out=root / name, plots=False)  # fmt: skip
+        runs.append(root / name)
+    alpha = runs[0]
+    r = CliRunner().invoke(app, ["probe", str(alpha), "--cache-dir", str(cache), "--top-k", "2", "--middle-k", "1", "--bottom-k", "1",
+                                 "--steps", "20", "--out-dim", "16", "--batch-size", "16", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["align", str(alpha), "--cache-dir", str(cache), "--steps", "30", "--eval-every", "0", "--out-dim", "16",
+                                 "--hidden-mult", "1", "--batch-size", "16", "--device", "cpu", "--out", str(alpha / "align")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return alpha, alpha / "align", runs[1]
+
+
+def test_combined_report_labels_each_run_and_plots_no_single_point(two_runs, tmp_path):
+    alpha, aligned, beta = two_runs
+    page = build_report([alpha, aligned, beta], tmp_path / "r.html").read_text()
+    assert 'class="run">run: alpha' in page and 'class="run">run: beta' in page and "run: alpha/align" in page
+    assert "run alpha: linear CKA (debiased)" in page and "run beta: linear CKA (debiased)" in page  # on the plots too
+    assert "Held-out evaluation" in page and not (aligned / "plots" / "eval_curves.svg").exists()  # one evaluation: a table
+    assert (aligned / "plots" / "training_curves.svg").is_file()
+    assert "knn_acc" not in page.split('id="unimodal"')[1].split("</figure>")[0]  # human names in the unimodal figure
+    assert "k-NN accuracy" in page and "SVCCA" in page and "Which measure predicts" in page
+    above = json.loads((alpha / "probe.json").read_text())["above_chance"]
+    assert ("not clearly above chance" in page) == (not above)
+    from pairscout import plots
+
+    assert plots.curves([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}], "step", ["loss"], "t") is None
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (apt-get install chromium)")
+def test_report_at_three_widths_no_overflow_sticky_names_labels_apart(two_runs, tmp_path):
+    """Screenshots at 800, 1300 and 1920 px: no page-level horizontal overflow, the verdict above the fold, the
+    ranking table's name columns still in view after scrolling it sideways, plot labels that do not overlap, type
+    no smaller than 10 px, figures side by side only where there is room."""
+    assert CHROMIUM is not None, "CI must run the browser test: .ci/run installs chromium"
+    from playwright import sync_api
+
+    path = build_report(list(two_runs), tmp_path / "r.html")
+    seen: dict[int, dict] = {}
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        for width in (800, 1300, 1920):
+            page = browser.new_page(viewport={"width": width, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            assert errors == []
+            info = page.evaluate("""() => {
+              const r = e => e.getBoundingClientRect();
+              const figs = [...document.querySelectorAll('#heatmaps figure')].map(f => [r(f).left, r(f).top, r(f).right]);
+              const labels = [...document.querySelectorAll('figure svg')].map(svg => {
+                const box = r(svg);
+                return {box: [box.left, box.top, box.right, box.bottom],
+                        texts: [...svg.querySelectorAll('g[id^="point-label"] text')].map(t => { const b = r(t); return [b.left, b.top, b.right, b.bottom]; })};
+              });
+              const sizes = [...document.querySelectorAll('figure svg text')].filter(t => r(t).width > 0)
+                .map(t => parseFloat(getComputedStyle(t).fontSize) * r(t.ownerSVGElement).width / t.ownerSVGElement.viewBox.baseVal.width);
+              return {scroll: document.documentElement.scrollWidth, inner: window.innerWidth, verdict: r(document.querySelector('.verdict')).top,
+                      figs, labels, minFont: Math.min(...sizes)};
+            }""")
+            seen[width] = info
+            assert info["scroll"] <= info["inner"], f"page overflows sideways at {width}px"
+            assert info["verdict"] < 600  # the verdict is the first thing on the page
+            assert info["minFont"] >= (10 if width >= 1300 else 9), (width, info["minFont"])
+            n_labels = 0
+            for fig in info["labels"]:
+                boxes = fig["texts"]
+                n_labels += len(boxes)
+                for i, a in enumerate(boxes):
+                    assert a[0] >= fig["box"][0] - 1 and a[2] <= fig["box"][2] + 1  # inside its figure
+                    for b in boxes[i + 1:]:
+                        overlap = min(a[2], b[2]) - max(a[0], b[0]) > 1 and min(a[3], b[3]) - max(a[1], b[1]) > 1
+                        assert not overlap, (width, a, b)
+            assert n_labels >= 3  # the scatter plots label the verdict / tied / best pairs
+            if width == 1300:  # scroll the ranking table sideways: the names stay, the numbers move
+                wrap = page.locator("#ranking .tablewrap").first
+                wrap.evaluate("w => w.scrollIntoView({block: 'center'})")  # in the viewport, below the sticky navigation
+                dims = wrap.evaluate("w => [w.scrollWidth, w.clientWidth]")
+                assert dims[0] > dims[1]  # the table is wider than the page: the test means something
+                before = page.evaluate("() => document.querySelector('#ranking tbody tr').cells[6].getBoundingClientRect().left")
+                wrap.evaluate("w => { w.scrollLeft = w.scrollWidth; }")
+                page.wait_for_timeout(100)
+                state = page.evaluate("""() => {
+                  const w = document.querySelector('#ranking .tablewrap').getBoundingClientRect();
+                  const row = document.querySelector('#ranking tbody tr');
+                  const out = [1, 2].map(i => { const b = row.cells[i].getBoundingClientRect();
+                    const hit = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
+                    return [b.left >= w.left - 1 && b.right <= w.right + 1, hit === row.cells[i] || row.cells[i].contains(hit)]; });
+                  return {names: out, moved: row.cells[6].getBoundingClientRect().left};
+                }""")
+                assert all(inside and on_top for inside, on_top in state["names"]), state
+                assert state["moved"] < before - 50
+            page.screenshot(path=str(tmp_path / f"report_{width}.png"), full_page=True)
+            page.close()
+        browser.close()
+    # at 800 px the heatmaps stack; at 1920 px at least two share a row
+    tops = lambda w: [round(t) for _, t, _ in seen[w]["figs"]]  # noqa: E731
+    assert len(set(tops(800))) == len(tops(800)) and len(set(tops(1920))) < len(tops(1920))
+    from PIL import Image
+
+    assert all(Image.open(tmp_path / f"report_{w}.png").size[0] == w for w in (800, 1300, 1920))

@@ -217,7 +217,8 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
             continue
         xl = corr.set_index("metric")["label"].get(m, label(m)) if not corr.empty else label(m)
         why = "the primary measure" if m == primary else ("the strongest predictor" if ranked and m == ranked[0] else "the encoder alone")
-        fig = _tag(plots.metric_scatter(pairs, m, target, xlabel=xl, ylabel=tlabel, highlight=rows, notes=notes), run, several)
+        stat = None if meta.get("above_chance", True) else f"{len(pairs)} pairs; the probe is at chance: no correlation computed"
+        fig = _tag(plots.metric_scatter(pairs, m, target, xlabel=xl, ylabel=tlabel, highlight=rows, notes=notes, stat=stat), run, several)
         figs.append(("scatter", f"{xl} against the probe's {tlabel} ({why}); labelled: the verdict, its tied pairs, the best read-outs",
                      plots.render(fig, pdir, f"probe_{target}_vs_{m}")))
     corr_cols = [("label", "predictor"), ("answer", "predicts?"), ("spearman", "Spearman rho"), ("interval", "95 % interval"),
