@@ -230,3 +230,41 @@ def test_report_at_three_widths_no_overflow_sticky_names_labels_apart(two_runs, 
     from PIL import Image
 
     assert all(Image.open(tmp_path / f"report_{w}.png").size[0] == w for w in (800, 1300, 1920))
+
+
+def test_point_labels_never_overlap_and_only_chosen_points_are_named():
+    import numpy as np
+    import pandas as pd
+
+    from pairscout import plots
+
+    n = 12  # eight pairs in a tight cluster (tied pairs), four spread out
+    df = pd.DataFrame({"rank": range(1, n + 1), "vision": [f"vision{i}" for i in range(n)], "text": "text0",
+                       "x": np.r_[np.linspace(0.90, 0.95, 8), [0.1, 0.2, 0.3, 0.5]], "y": np.r_[np.linspace(0.50, 0.55, 8), [0.1, 0.12, 0.2, 0.4]]})  # fmt: skip
+    fig = plots.metric_scatter(df, "x", "y", highlight=[0, 1, 2, 8, 9, 11], notes={0: "verdict"})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].texts if t.get_gid() == "point-label"]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert len(boxes) >= 3
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    named = " ".join(t.get_text() for t in labels)
+    assert "#1" in named and "#10" in named and "#5" not in named  # only the highlighted pairs
+    key = fig.texts[-1].get_text()
+    assert "#1  vision0 × text0  (verdict)" in key and "vision4" not in key
+
+
+def test_forest_plot_orders_predictors_and_marks_the_corrected_ones():
+    import pandas as pd
+
+    from pairscout import plots
+    from pairscout.align.predictors import correlations
+
+    df = pd.DataFrame({"mean_r1": range(8), "cka_linear": range(8), "svcca": [0, 2, 1, 3, 5, 4, 7, 6], "rsa": [3, 1, 4, 1, 5, 9, 2, 6]})
+    corr = correlations(df, ["rsa", "svcca", "cka_linear"])
+    fig = plots.forest(corr, "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == corr["label"].tolist() == ["linear CKA", "SVCCA", "RSA (RDM Spearman)"]
+    filled = [ln for ln in ax.lines if ln.get_marker() == "o" and ln.get_markerfacecolor() != "white"]
+    assert len(filled) == int((corr["spearman_p_holm"] < 0.05).sum()) >= 1
+    assert plots.forest(corr.iloc[:1], "t") is None  # one predictor: a number, not a plot
