@@ -60,7 +60,8 @@ def render(fig: Figure, out: Path | None, stem: str) -> Plot:
 def heatmap(matrix: pd.DataFrame, title: str) -> Figure:
     """Vision (rows) x text (columns) heatmap with the values written in the cells."""
     vals = matrix.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.1 * vals.shape[1] + 2.5, 0.55 * vals.shape[0] + 1.8))
+    # compact cells: the report shows two heatmaps a row, and its type must stay >= 10 px at that size
+    fig, ax = plt.subplots(figsize=(0.7 * vals.shape[1] + 2.6, 0.42 * vals.shape[0] + 1.6))
     # vector cells (pcolormesh), not a raster image: crisp at any zoom and a few KB in SVG
     im = ax.pcolormesh(np.ma.masked_invalid(vals), cmap="viridis", edgecolors="white", linewidth=0.5)
     ax.set_xlim(0, vals.shape[1])
