@@ -104,21 +104,29 @@ def add_measures(chosen: pd.DataFrame, rows: Callable[[str, str], tuple[Any, Any
 
 
 def rank_rows(src: Any) -> Callable[[str, str], tuple[Any, Any]]:
-    """``rows(vision, text)``: the two cached embeddings of a :class:`~pairscout.align.pairdata.PairSource` on the rows
-    rank compared (vision: one vector per row; text: per row by the run's ``caption_reduce``), each loaded once."""
+    """``rows(vision, text)``: the two cached embeddings of a :class:`~pairscout.align.pairdata.PairSource` as rank
+    compared them: the rows (vision: one vector per row; text: per row by the run's ``caption_reduce``) and, after a
+    layer sweep, the layers rank chose for that pair (``src.chosen_layers``); each view loaded once."""
     from pairscout.align.pairdata import load_embeddings
 
     n = len(src.dataset)
     reduce = src.rank.meta.get("settings", {}).get("caption_reduce", "first") if src.rank is not None else "first"
-    memo: dict[tuple[str, str], Any] = {}
+    memo: dict[tuple[str, str, str], Any] = {}
 
-    def get(name: str, modality: str) -> Any:
-        if (name, modality) not in memo:
+    def get(name: str, modality: str, layer: str) -> Any:
+        if (name, modality, layer) not in memo:
             emb = load_embeddings(src, src.spec(name, modality))
-            memo[name, modality] = emb.pooled if modality == "vision" else emb.per_row(n, reduce)
-        return memo[name, modality]
+            if layer != "final":
+                emb = emb.layer(layer)
+            memo[name, modality, layer] = emb.pooled if modality == "vision" else emb.per_row(n, reduce)
+        return memo[name, modality, layer]
 
-    return lambda v, t: (get(v, "vision"), get(t, "text"))
+    def rows(v: str, t: str) -> tuple[Any, Any]:
+        chosen = getattr(src, "chosen_layers", None)
+        vl, tl = chosen(v, t) if chosen is not None else ("final", "final")
+        return get(v, "vision", vl), get(t, "text", tl)
+
+    return rows
 
 
 def add_unimodal(chosen: pd.DataFrame, models: pd.DataFrame | None) -> pd.DataFrame:
