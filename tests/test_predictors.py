@@ -175,3 +175,31 @@ def test_probe_prints_tables_that_fit_100_columns_to_a_file(tmp_path, tiny_run):
     assert "CKNNA" not in "\n".join(line for line in table[:14])  # the probe table shows the primary measure only
     wide = (tmp_path / "wide.txt").read_text()
     assert "CKNNA" in wide and "computed by" in wide
+
+
+def test_rank_rows_reads_the_rows_and_layers_rank_compared(monkeypatch):
+    """Text per row by the run's caption_reduce; after a layer sweep, each pair's chosen layers; each view loaded once."""
+    from types import SimpleNamespace
+
+    from pairscout.align import pairdata
+
+    class Emb:
+        def __init__(self, pooled, layers=None):
+            self.pooled, self.layers = pooled, layers or {}
+
+        def layer(self, name):
+            return Emb(self.layers[name])
+
+        def per_row(self, n, reduce):
+            return self.pooled[:n] * (10 if reduce == "mean" else 1)
+
+    embs = {"v": Emb(torch.zeros(4, 2), {"block3": torch.ones(4, 2)}), "t": Emb(torch.full((6, 2), 2.0))}
+    loads = []
+    monkeypatch.setattr(pairdata, "load_embeddings", lambda src, spec, **k: loads.append(spec) or embs[spec])
+    src = SimpleNamespace(dataset=[0] * 4, rank=SimpleNamespace(meta={"settings": {"caption_reduce": "mean"}}),
+                          spec=lambda name, modality: name, chosen_layers=lambda v, t: ("block3", "final"))  # fmt: skip
+    rows = P.rank_rows(src)
+    x, y = rows("v", "t")
+    assert torch.equal(x, torch.ones(4, 2)) and torch.equal(y, torch.full((4, 2), 20.0))
+    rows("v", "t")
+    assert loads == ["v", "t"]
