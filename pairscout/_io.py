@@ -123,8 +123,12 @@ def save_result(out: str | Path, tables: dict[str, Any], meta_file: str, meta: d
     return out
 
 
-def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, what: str, fix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, what: str, fix: str,
+                optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read what :func:`save_result` wrote: ``(meta, {name: frame})`` from ``<name>.parquet`` files.
+
+    ``optional`` tables are read when their file exists and left out of the dict when not (folders written
+    by an older version).
 
     Raises:
         PairscoutError: ``meta_file`` is missing (``fix`` says how to make it) or a file is unreadable.
@@ -141,6 +145,7 @@ def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, wha
     try:
         meta = json.loads((out / meta_file).read_text(encoding="utf-8"))
         frames = {name: pd.read_parquet(out / f"{name}.parquet") for name in tables}
+        frames.update({name: pd.read_parquet(out / f"{name}.parquet") for name in optional if (out / f"{name}.parquet").is_file()})
     except (OSError, ValueError) as e:
         raise PairscoutError(f"the {what} in {out} is unreadable ({e}).", fix="run the command that wrote it again (with --force).") from None
     return meta, frames

@@ -110,9 +110,161 @@ def test_probe_and_align_refresh_the_report_with_their_sections(rank_run, tmp_pa
     target = json.loads((rank_run / "probe.json").read_text())["target"]  # zero-shot: the generated data has labels
     assert target == "zs_top1" and (rank_run / "plots" / f"probe_{target}_vs_cka_linear_debiased.svg").is_file()
     assert "verdict" in json.loads((rank_run / "rank.json").read_text())
-    r = runner.invoke(app, ["align", "--run", str(rank_run), "--cache-dir", cache, "--steps", "12", "--eval-every", "6", "--out-dim", "16",
+    r = runner.invoke(app, ["align", "--run", str(rank_run), "--cache-dir", cache, "--steps", "24", "--eval-every", "6", "--out-dim", "16",
                             "--hidden-mult", "1", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "model"), "--report"])
     assert r.exit_code == 0, r.output
     page = (rank_run / "report.html").read_text()
     assert 'id="training"' in page and "image-&gt;text R@1 (held out)" in page
     assert (tmp_path / "model" / "plots" / "training_curves.png").is_file()
+
+
+# --- what a person sees: a probed and aligned run beside a second run, at three widths ------------------------------
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Run "alpha" (3 x 2 weight-free encoders, probed on 4 pairs, aligned with one evaluation at the end) and run
+    "beta" (another dataset), each its own folder: ``(alpha, alpha/align, beta)``."""
+    root = tmp_path_factory.mktemp("two")
+    cache = root / "cache"
+    runs = []
+    for name, data in (("alpha", "generated:n=60,seed=0,size=32"), ("beta", "generated:n=40,seed=3,size=32")):
+        pairscout.rank("baseline:pixels,baseline:random-vision,baseline:random-net", "baseline:random-text,baseline:tfidf", data,
+                       settings=RankSettings(ci_groups=3, permutations=3), encode_settings=EncodeSettings(device="cpu", num_workers=0),
+                       cache_dir=cache, out=root / name, plots=False)  # fmt: skip
+        runs.append(root / name)
+    alpha = runs[0]
+    r = CliRunner().invoke(app, ["probe", str(alpha), "--cache-dir", str(cache), "--top-k", "2", "--middle-k", "1", "--bottom-k", "1",
+                                 "--steps", "20", "--out-dim", "16", "--batch-size", "16", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["align", str(alpha), "--cache-dir", str(cache), "--steps", "30", "--eval-every", "0", "--out-dim", "16",
+                                 "--hidden-mult", "1", "--batch-size", "16", "--device", "cpu", "--out", str(alpha / "align")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return alpha, alpha / "align", runs[1]
+
+
+def test_combined_report_labels_each_run_and_plots_no_single_point(two_runs, tmp_path):
+    alpha, aligned, beta = two_runs
+    page = build_report([alpha, aligned, beta], tmp_path / "r.html").read_text()
+    assert 'class="run">run: alpha' in page and 'class="run">run: beta' in page and "run: alpha/align" in page
+    assert "run alpha: linear CKA (debiased)" in page and "run beta: linear CKA (debiased)" in page  # on the plots too
+    assert "Held-out evaluation" in page and not (aligned / "plots" / "eval_curves.svg").exists()  # one evaluation: a table
+    assert (aligned / "plots" / "training_curves.svg").is_file()
+    assert "knn_acc" not in page.split('id="unimodal"')[1].split("</figure>")[0]  # human names in the unimodal figure
+    assert "k-NN accuracy" in page and "SVCCA" in page and "Which measure predicts" in page
+    above = json.loads((alpha / "probe.json").read_text())["above_chance"]
+    assert ("not clearly above chance" in page) == (not above)
+    from pairscout import plots
+
+    assert plots.curves([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}], "step", ["loss"], "t") is None
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (apt-get install chromium)")
+def test_report_at_three_widths_no_overflow_sticky_names_labels_apart(two_runs, tmp_path):
+    """Screenshots at 800, 1300 and 1920 px: no page-level horizontal overflow, the verdict above the fold, the
+    ranking table's name columns still in view after scrolling it sideways, plot labels that do not overlap, type
+    no smaller than 10 px, figures side by side only where there is room."""
+    assert CHROMIUM is not None, "CI must run the browser test: .ci/run installs chromium"
+    from playwright import sync_api
+
+    path = build_report(list(two_runs), tmp_path / "r.html")
+    seen: dict[int, dict] = {}
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        for width in (800, 1300, 1920):
+            page = browser.new_page(viewport={"width": width, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            assert errors == []
+            info = page.evaluate("""() => {
+              const r = e => e.getBoundingClientRect();
+              const figs = [...document.querySelectorAll('#heatmaps figure')].map(f => [r(f).left, r(f).top, r(f).right]);
+              const labels = [...document.querySelectorAll('figure svg')].map(svg => {
+                const box = r(svg);
+                return {box: [box.left, box.top, box.right, box.bottom],
+                        texts: [...svg.querySelectorAll('g[id^="point-label"] text')].map(t => { const b = r(t); return [b.left, b.top, b.right, b.bottom]; })};
+              });
+              const sizes = [...document.querySelectorAll('figure svg text')].filter(t => r(t).width > 0)
+                .map(t => parseFloat(getComputedStyle(t).fontSize) * r(t.ownerSVGElement).width / t.ownerSVGElement.viewBox.baseVal.width);
+              return {scroll: document.documentElement.scrollWidth, inner: window.innerWidth, verdict: r(document.querySelector('.verdict')).top,
+                      figs, labels, minFont: Math.min(...sizes)};
+            }""")
+            seen[width] = info
+            assert info["scroll"] <= info["inner"], f"page overflows sideways at {width}px"
+            assert info["verdict"] < 600  # the verdict is the first thing on the page
+            assert info["minFont"] >= (10 if width >= 1300 else 9), (width, info["minFont"])
+            n_labels = 0
+            for fig in info["labels"]:
+                boxes = fig["texts"]
+                n_labels += len(boxes)
+                for i, a in enumerate(boxes):
+                    assert a[0] >= fig["box"][0] - 1 and a[2] <= fig["box"][2] + 1  # inside its figure
+                    for b in boxes[i + 1:]:
+                        overlap = min(a[2], b[2]) - max(a[0], b[0]) > 1 and min(a[3], b[3]) - max(a[1], b[1]) > 1
+                        assert not overlap, (width, a, b)
+            assert n_labels >= 3  # the scatter plots label the verdict / tied / best pairs
+            if width == 1300:  # scroll the ranking table sideways: the names stay, the numbers move
+                wrap = page.locator("#ranking .tablewrap").first
+                wrap.evaluate("w => w.scrollIntoView({block: 'center'})")  # in the viewport, below the sticky navigation
+                dims = wrap.evaluate("w => [w.scrollWidth, w.clientWidth]")
+                assert dims[0] > dims[1]  # the table is wider than the page: the test means something
+                before = page.evaluate("() => document.querySelector('#ranking tbody tr').cells[6].getBoundingClientRect().left")
+                wrap.evaluate("w => { w.scrollLeft = w.scrollWidth; }")
+                page.wait_for_timeout(100)
+                state = page.evaluate("""() => {
+                  const w = document.querySelector('#ranking .tablewrap').getBoundingClientRect();
+                  const row = document.querySelector('#ranking tbody tr');
+                  const out = [1, 2].map(i => { const b = row.cells[i].getBoundingClientRect();
+                    const hit = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
+                    return [b.left >= w.left - 1 && b.right <= w.right + 1, hit === row.cells[i] || row.cells[i].contains(hit)]; });
+                  return {names: out, moved: row.cells[6].getBoundingClientRect().left};
+                }""")
+                assert all(inside and on_top for inside, on_top in state["names"]), state
+                assert state["moved"] < before - 50
+            page.screenshot(path=str(tmp_path / f"report_{width}.png"), full_page=True)
+            page.close()
+        browser.close()
+    # at 800 px the heatmaps stack; at 1920 px at least two share a row
+    tops = lambda w: [round(t) for _, t, _ in seen[w]["figs"]]  # noqa: E731
+    assert len(set(tops(800))) == len(tops(800)) and len(set(tops(1920))) < len(tops(1920))
+    from PIL import Image
+
+    assert all(Image.open(tmp_path / f"report_{w}.png").size[0] == w for w in (800, 1300, 1920))
+
+
+def test_point_labels_never_overlap_and_only_chosen_points_are_named():
+    import numpy as np
+    import pandas as pd
+
+    from pairscout import plots
+
+    n = 12  # eight pairs in a tight cluster (tied pairs), four spread out
+    df = pd.DataFrame({"rank": range(1, n + 1), "vision": [f"vision{i}" for i in range(n)], "text": "text0",
+                       "x": np.r_[np.linspace(0.90, 0.95, 8), [0.1, 0.2, 0.3, 0.5]], "y": np.r_[np.linspace(0.50, 0.55, 8), [0.1, 0.12, 0.2, 0.4]]})  # fmt: skip
+    fig = plots.metric_scatter(df, "x", "y", highlight=[0, 1, 2, 8, 9, 11], notes={0: "verdict"})
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].texts if t.get_gid() == "point-label"]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert len(boxes) >= 3
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    named = " ".join(t.get_text() for t in labels)
+    assert "#1" in named and "#10" in named and "#5" not in named  # only the highlighted pairs
+    key = fig.texts[-1].get_text()
+    assert "#1  vision0 × text0  (verdict)" in key and "vision4" not in key
+
+
+def test_forest_plot_orders_predictors_and_marks_the_corrected_ones():
+    import pandas as pd
+
+    from pairscout import plots
+    from pairscout.align.predictors import correlations
+
+    df = pd.DataFrame({"mean_r1": range(8), "cka_linear": range(8), "svcca": [0, 2, 1, 3, 5, 4, 7, 6], "rsa": [3, 1, 4, 1, 5, 9, 2, 6]})
+    corr = correlations(df, ["rsa", "svcca", "cka_linear"])
+    fig = plots.forest(corr, "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == corr["label"].tolist() == ["linear CKA", "SVCCA", "RSA (RDM Spearman)"]
+    filled = [ln for ln in ax.lines if ln.get_marker() == "o" and ln.get_markerfacecolor() != "white"]
+    assert len(filled) == int((corr["spearman_p_holm"] < 0.05).sum()) >= 1
+    assert plots.forest(corr.iloc[:1], "t") is None  # one predictor: a number, not a plot

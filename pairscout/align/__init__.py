@@ -6,8 +6,9 @@
   :class:`InfoNCELoss` (CLIP), built by name with :func:`build_loss`.
 - :mod:`.train` - :func:`train` two heads on pre-encoded embeddings (:class:`TrainConfig`, checkpoints, resume).
 - :mod:`.evaluate` - retrieval Recall@K both ways, zero-shot accuracy, :func:`evaluate`.
-- :mod:`.probe` - :func:`probe`: linear probes on the top / bottom pairs of a ranking and the correlation of
-  every ranking metric with the probes' retrieval.
+- :mod:`.probe` - :func:`probe`: linear probes on the top / bottom pairs of a ranking; :mod:`.predictors` - which
+  measure (every registered one) or unimodal score predicts the probes' read-out, Holm-corrected;
+  :mod:`.probe_result` - :class:`ProbeResult` and its files.
 - :mod:`.model` - :func:`align` one pair and the :class:`AlignedModel` it gives (save / load, embed, zero-shot).
 
 Names are imported lazily (PEP 562), so ``pairscout.cli`` can register the ``probe`` / ``align`` commands
@@ -48,7 +49,7 @@ _EXPORTS = {
     "TEMPLATES": "evaluate",
     "retrieval_metrics": "evaluate",
     "zero_shot_metrics": "evaluate",
-    "ProbeResult": "probe",
+    "ProbeResult": "probe_result",
     "ProbeSettings": "probe_settings",
     "AlignedModel": "model",
     "AlignResult": "model",

@@ -3,21 +3,23 @@
 For the top-K and a few of the bottom pairs of a rank run, :func:`probe` trains a short linear probe
 (one linear layer per side, sigmoid loss, the same budget for every pair) on the train part of the
 run's dataset and reads retrieval Recall@1/5/10 both ways on the held-out part (the dataset's
-fixed-seed, label-stratified split). Then, for every ranking metric, it correlates the metric with
-the probe's R@1 (mean of both directions) across the probed pairs: Spearman and Kendall, with
-p-values (scipy.stats). A high positive rho says the metric ranked the pairs the way alignment did.
+fixed-seed, label-stratified split). Then it asks which measure predicts: every registered measure (those the
+rank run left out computed here for the probed pairs) and every unimodal score is correlated with the read-out
+across the probed pairs, Spearman and Kendall with p-values, an interval of rho and Holm's correction across the
+predictors (:mod:`pairscout.align.predictors`). A high positive rho says the measure ranked the pairs the way
+alignment did.
 
 Under ``torchrun`` every rank probes the same pairs in the same order and each probe trains data-parallel
 (:mod:`pairscout.align.ddp`; ``batch_size`` is the global batch), so the table equals a one-process run's; rank 0
 alone writes the files and the revisited verdict.
 
 Files (``out``, by default the rank run's folder): ``probe.json`` (settings, correlations, pairs),
-``probe.csv`` / ``probe.parquet`` (one row per probed pair), ``probe_correlations.csv``.
-:meth:`ProbeResult.load` reads them back.
+``probe.csv`` / ``probe.parquet`` (one row per probed pair), ``probe_correlations.csv`` / ``.parquet``.
+:meth:`ProbeResult.load` reads them back (:mod:`pairscout.align.probe_result`).
 
 Example:
     >>> res = probe("runs/demo", top_k=5, bottom_k=2)   # doctest: +SKIP
-    >>> res.correlations[["metric", "spearman", "spearman_p"]]
+    >>> res.correlations[["metric", "spearman", "spearman_p_holm"]]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pairscout.align import predictors as P
 from pairscout.align.pairdata import PairData, PairSource, pair_data, source_from_rank
+from pairscout.align.predictors import correlations
+from pairscout.align.probe_result import CORR_TABLE, PROBE_JSON, PROBE_TABLE, ProbeResult
 from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train import train
 from pairscout.distributed import is_main
@@ -46,7 +51,8 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]
 """``progress(pair_label, step, total_steps)``."""
 
-PROBE_JSON, PROBE_TABLE, CORR_TABLE = "probe.json", "probe", "probe_correlations.csv"
+__all__ = ["CORR_TABLE", "PROBE_JSON", "PROBE_TABLE", "ProbeResult", "ProbeSettings", "ReadOut", "choose_readout", "correlations",
+           "probe", "probe_pairs", "select_pairs", "verdict"]  # fmt: skip
 TARGET = "mean_r1"
 """Read-out of data without labels: instance retrieval R@1, mean of both directions (identical captions interchangeable)."""
 TARGETS = ("zs_top1", "class_mean_r1", "mean_r1", "mean_r5", "mean_r10", "class_mean_r5", "zs_top5")
@@ -93,73 +99,6 @@ def choose_readout(dataset: Any, target: str | None = None, class_level: bool = 
     return ReadOut(TARGET, f"the dataset has no labels ({rep}): instance retrieval R@1, identical captions interchangeable")
 
 
-def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = TARGET) -> pd.DataFrame:
-    """Spearman and Kendall correlation (with two-sided p-values) of each metric column with ``target``.
-
-    Rows with a NaN in either column are left out; fewer than 3 rows or a constant column give NaN.
-    """
-    from scipy import stats
-
-    rows = []
-    for m in metrics:
-        if m not in pairs:
-            continue
-        sub = pairs[[m, target]].astype(float).dropna()
-        n = len(sub)
-        rho = rho_p = tau = tau_p = float("nan")
-        if n >= 3 and sub[m].nunique() > 1 and sub[target].nunique() > 1:
-            r = stats.spearmanr(sub[m], sub[target])
-            k = stats.kendalltau(sub[m], sub[target])
-            rho, rho_p, tau, tau_p = float(r.statistic), float(r.pvalue), float(k.statistic), float(k.pvalue)
-        rows.append({"metric": m, "n_pairs": n, "spearman": rho, "spearman_p": rho_p, "kendall": tau, "kendall_p": tau_p})
-    return pd.DataFrame(rows, columns=["metric", "n_pairs", "spearman", "spearman_p", "kendall", "kendall_p"])
-
-
-@dataclass
-class ProbeResult:
-    """Probed pairs (rank-run columns + probe retrieval) and metric-vs-probe correlations."""
-
-    pairs: pd.DataFrame
-    correlations: pd.DataFrame
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def metrics(self) -> list[str]:
-        return list(self.meta.get("metrics", []))
-
-    def save(self, out: str | Path) -> Path:
-        from pairscout._io import atomic_frame, atomic_write_text
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_frame(self.pairs, out / f"{PROBE_TABLE}.parquet")
-        atomic_frame(self.pairs, out / f"{PROBE_TABLE}.csv")
-        atomic_frame(self.correlations, out / CORR_TABLE)
-        payload = {**self.meta, "correlations": _records(self.correlations), "pairs": _records(self.pairs)}
-        atomic_write_text(out / PROBE_JSON, json.dumps(payload, indent=2, default=str) + "\n")
-        return out
-
-    @classmethod
-    def load(cls, out: str | Path) -> ProbeResult:
-        out = Path(out)
-        path = out / PROBE_JSON
-        if not path.is_file():
-            raise PairscoutError(f"{out} holds no probe result ({PROBE_JSON} is missing).", fix="run `pairscout probe --run DIR` first.")
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-            pairs = pd.read_parquet(out / f"{PROBE_TABLE}.parquet")
-        except (OSError, ValueError) as e:
-            raise PairscoutError(f"the probe result in {out} is unreadable ({e}).", fix="run `pairscout probe` again.") from None
-        corr = pd.DataFrame(payload.pop("correlations"), columns=["metric", "n_pairs", "spearman", "spearman_p", "kendall", "kendall_p"])
-        payload.pop("pairs", None)
-        return cls(pairs=pairs, correlations=corr.astype({c: float for c in corr.columns if c not in ("metric", "n_pairs")}), meta=payload)
-
-
-def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    recs = df.to_dict(orient="records")
-    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in recs]
-
-
 def select_pairs(ranked: pd.DataFrame, top_k: int, bottom_k: int, middle_k: int = 0) -> pd.DataFrame:
     """The ``top_k`` best and ``bottom_k`` worst pairs, plus ``middle_k`` evenly spaced between them
     (no pair twice), in rank order, with a ``group`` column. Pairs from the middle give the
@@ -182,6 +121,7 @@ def probe_pairs(
     settings: ProbeSettings | None = None,
     progress: ProgressFn | None = None,
     readout: ReadOut | None = None,
+    computed_here: Sequence[str] = (),
 ) -> ProbeResult:
     """Probe the pairs in ``chosen`` (columns ``vision``, ``text`` and the metric columns) and correlate.
 
@@ -232,12 +172,13 @@ def probe_pairs(
         raise PairscoutError(f"the probe read no {readout.target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
     best = float(pairs[readout.target].max())
     above = bool(chance is not None and not math.isnan(chance) and best - chance > 2 * binomial_se(chance, n_items))
-    corr = correlations(pairs, metric_cols, readout.target)
+    corr = correlations(pairs, metric_cols, readout.target, computed_here=computed_here)
+    family = int(corr.attrs.get("family_size", 0)) if above else 0
     if not above:  # correlating noise would read as evidence: leave the table empty and say why
-        corr[["spearman", "spearman_p", "kendall", "kendall_p"]] = float("nan")
+        corr = P.blank(corr, metric_cols)
     meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
             "target": readout.target, "target_why": readout.why, "chance": chance, "n_test_items": n_items,
-            "best_target": best, "above_chance": above}  # fmt: skip
+            "best_target": best, "above_chance": above, "correction": P.CORRECTION, "family_size": family}  # fmt: skip
     return ProbeResult(pairs=pairs, correlations=corr, meta=meta)
 
 
@@ -295,6 +236,10 @@ def probe(
         chosen = select_pairs(ranked, settings.top_k, settings.bottom_k, settings.middle_k)
     # every pair's cache entry is checked before any training starts: a miss fails fast
     _check_cached(src, chosen)
+    # which measure predicts? every registered measure (the ones rank left out computed here) and the unimodal scores
+    options = P.measure_options(src.rank.meta)
+    chosen, failed = P.add_measures(chosen, P.rank_rows(src), options, progress)
+    chosen = P.add_unimodal(chosen, src.rank.models)
 
     readout = choose_readout(src.dataset, settings.target, settings.class_level)
     prompts: dict[str, Any] = {}
@@ -310,8 +255,13 @@ def probe(
             d.eval.class_prompts = prompts[key]
         return d
 
-    result = probe_pairs(chosen, load, src.rank.metrics, settings, progress, readout)
+    here = [m for m in P.registry.MEASURES if m not in src.rank.metrics]
+    result = probe_pairs(chosen, load, P.predictor_columns(chosen), settings, progress, readout, computed_here=here)
     result.meta.update({
+        "measures_from_rank": [m for m in src.rank.metrics if m in result.pairs],
+        "measures_computed_by_probe": here,
+        "measure_options": {"k": options["k"], "clip_quantile": options["preprocess"].clip_quantile, "sigma_frac": options["sigma_frac"]},
+        "measure_failures": failed,
         "rank_run": None if src.run_dir is None else str(src.run_dir),
         "primary": src.rank.primary,
         "dataset": src.rank.meta.get("dataset", {}),
@@ -364,7 +314,9 @@ def _check_cached(src: PairSource, chosen: pd.DataFrame) -> None:
 
 
 def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None) -> str:
-    """One line: did ``metric`` predict the probe's read-out?"""
+    """One line: did ``metric`` predict the probe's read-out (Holm-corrected), and which predictor did best?"""
+    from pairscout.metrics.registry import label
+
     meta = meta or {}
     if meta.get("above_chance") is False:
         return (f"the probe's best pair reads {meta.get('best_target', float('nan')):.3f} {meta.get('target')}, not clearly above chance "
@@ -373,5 +325,13 @@ def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None)
     if row.empty or np.isnan(row["spearman"].iloc[0]):
         return f"{metric}: too few distinct pairs to tell."
     rho, p = float(row["spearman"].iloc[0]), float(row["spearman_p"].iloc[0])
-    answer = "yes" if rho > 0 and p < 0.05 else ("in the right direction, not significantly" if rho > 0 else "no")
-    return f"did {metric} predict the probe's {meta.get('target', TARGET)}? {answer} (Spearman rho {rho:+.2f}, p = {p:.3g}, {int(row['n_pairs'].iloc[0])} pairs)."
+    ph = float(row["spearman_p_holm"].iloc[0]) if "spearman_p_holm" in row else p
+    answer = ("yes" if ph < 0.05 else "yes before the correction, not after" if p < 0.05 else "in the right direction, not significantly") if rho > 0 else "no"
+    fam = meta.get("family_size")
+    line = (f"did {label(metric)} predict the probe's {meta.get('target', TARGET)}? {answer} (Spearman rho {rho:+.2f}, p = {p:.3g}, "
+            f"Holm-corrected{f' over {fam} predictors' if fam else ''} p = {ph:.3g}, {int(row['n_pairs'].iloc[0])} pairs).")  # fmt: skip
+    ok = corr[corr["spearman"].notna()] if "spearman_p_holm" in corr else corr.iloc[:0]
+    if not ok.empty and ok["metric"].iloc[0] != metric:
+        b = ok.iloc[0]
+        line += f" Strongest after correction: {b.get('label') or label(b['metric'])} (rho {b['spearman']:+.2f}, corrected p = {b['spearman_p_holm']:.3g})."
+    return line

@@ -27,7 +27,7 @@ from pairscout.errors import PairscoutError
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 WIDE_PIPE = 160
-"""Console width when output is not a terminal (files, CI logs): tables keep full ids."""
+"""Console width when output is not a terminal (files, CI logs) and COLUMNS is not set: tables keep full ids."""
 
 
 def say(message: str, style: str | None = None) -> None:
@@ -47,7 +47,7 @@ def warn(message: str) -> None:
 def user_errors() -> Iterator[None]:
     """Print a :class:`PairscoutError` as one red line (literally) and exit with its code; no traceback."""
     for console in (err, out):
-        if not console.is_terminal:
+        if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # an explicit COLUMNS is obeyed
             console.width = max(console.width, WIDE_PIPE)
     try:
         yield
@@ -169,6 +169,21 @@ def progress() -> Iterator[Reporter]:
 
 
 # --- numbers ---------------------------------------------------------------------------------------
+def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
+    """A table on stderr; with ``wide`` (the user asked for every column) as wide as it needs, up to ``max_width``,
+    even past the console's width, instead of squeezing every column to an ellipsis."""
+    if not wide:
+        err.print(table)
+        return
+    from rich.measure import Measurement
+
+    need = Measurement.get(err, err.options.update(width=max_width), table).maximum
+    if need <= err.width:
+        err.print(table)
+    else:  # Console.print never exceeds the console's width: a console of the width the table needs
+        Console(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
+
+
 def num(x: Any, digits: int = 3) -> str:
     return "-" if x is None or x != x else f"{x:.{digits}f}"
 

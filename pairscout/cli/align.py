@@ -7,6 +7,7 @@ come from :class:`~pairscout.align.probe_settings.ProbeSettings` and :class:`~pa
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
@@ -70,6 +71,7 @@ def probe(
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv [default: the RUN folder].", show_default=False)] = None,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Print every measure, R@5, loss and time, and every p-value.")] = False,
     as_json: JsonOpt = False,
     with_report: ReportOpt = False,
     verbose: VerboseOpt = False,
@@ -94,8 +96,8 @@ def probe(
         with ui.progress() as rep:
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
-        ui.err.print(_probe_table(res))
-        ui.err.print(_corr_table(res))
+        for table in (probe_table(res, wide), corr_table(res, wide)):
+            ui.print_table(table, wide)
         primary = res.meta.get("primary")
         if primary:
             ui.say(verdict(res.correlations, primary, res.meta))
@@ -115,35 +117,82 @@ def probe(
             ui.out.print_json(json.dumps(payload, default=str))
 
 
-def _probe_table(res) -> Table:
-    from pairscout.metrics.registry import label
+def probe_table(res, wide: bool = False) -> Table:
+    """Rank, full model names, the primary measure ± its interval, the read-out and R@1 both ways (fits 100
+    columns for names up to ~25 characters; longer names fold, never cut); with ``wide`` every measure of the rank run,
+    the group, R@5, the final loss and the time (the measures the probe computed are in ``probe.csv``)."""
+    from pairscout.align.predictors import readout_label
+    from pairscout.metrics.registry import MEASURES, label
 
-    metrics = [m for m in res.metrics if m != "score"]
-    t = Table(title=f"linear probes ({res.meta['settings']['steps']} steps each), held-out retrieval",
-              caption="R@1 i2t: image -> its captions; t2i: caption -> its image")  # fmt: skip
-    t.add_column("#", justify="right", no_wrap=True)
-    t.add_column("group", no_wrap=True)
-    t.add_column("vision", overflow="fold")
-    t.add_column("text", overflow="fold")
-    for m in metrics:
-        t.add_column(L(label(m)), justify="right")
+    primary = res.meta.get("primary") or next((m for m in res.metrics if m in MEASURES), None)
+    ranked = res.meta.get("measures_from_rank") or [m for m in res.metrics if m in MEASURES]
+    measures = ranked if wide else [m for m in (primary,) if m]
     tgt = res.meta.get("target", "mean_r1")
-    for col in (f"{tgt} (target)", "R@1 i2t", "R@1 t2i", "R@5 mean", "loss", "s"):
-        t.add_column(col, justify="right")
+    caption = "R@1 i2t: image -> its captions; t2i: caption -> its image"
+    if not wide:
+        caption += "; --wide (or probe.csv) for every measure, R@5, loss and time"
+    t = Table(title=L(f"linear probes ({res.meta['settings']['steps']} steps each), held-out read-out: {readout_label(tgt)} ({tgt})"),
+              caption=L(caption))
+    t.add_column("#", justify="right", no_wrap=True)
+    if wide:
+        t.add_column("group", no_wrap=True)
+    for side in ("vision", "text"):
+        t.add_column(side, overflow="fold", min_width=max(map(len, res.pairs[side].astype(str))) if wide else None)
+    for m in measures:  # a long label takes two header lines, not the names' width
+        t.add_column(L(textwrap.fill(label(m), 10 if wide else 14)), justify="right", no_wrap=True)
+    cols = ["read-out", "R@1\ni2t", "R@1\nt2i"] + (["R@5\nmean", "loss", "s"] if wide else [])
+    for col in cols:
+        t.add_column(col, justify="right", no_wrap=True)
     for _, r in res.pairs.iterrows():
-        t.add_row(str(r.get("rank", "")), L(r.get("group", "")), L(r["vision"]), L(r["text"]), *[num(r.get(m)) for m in metrics],
-                  num(r.get(tgt)), num(r["i2t_r1"]), num(r["t2i_r1"]), num(r["mean_r5"]), num(r["final_loss"]), f"{r['train_s']:.1f}")  # fmt: skip
+        cells = [ui.with_interval(r, m) if not wide else num(r.get(m)) for m in measures]
+        tail = [num(r.get(tgt)), num(r.get("i2t_r1")), num(r.get("t2i_r1"))]
+        if wide:
+            tail += [num(r.get("mean_r5")), num(r.get("final_loss")), f"{r['train_s']:.1f}"]
+        head = [str(r.get("rank", ""))] + ([L(r.get("group", ""))] if wide else [])
+        t.add_row(*head, L(r["vision"]), L(r["text"]), *cells, *tail)
     return t
 
 
-def _corr_table(res) -> Table:
-    from pairscout.metrics.registry import label
+def _signed(x) -> str:
+    return "" if x is None or x != x else f"{x:+.2f}"
 
-    t = Table(title="did the metric predict the probe? correlation with probe R@1 (mean of both directions)")
-    for col in ("metric", "pairs", "Spearman rho", "p", "Kendall tau", "p "):
-        t.add_column(col, justify="right" if col != "metric" else "left")
+
+def _p(x) -> str:
+    return "" if x is None or x != x else ("<1e-3" if x < 1e-3 else f"{x:.3f}")
+
+
+def corr_table(res, wide: bool = False) -> Table:
+    """Which measure predicts the probe: every predictor, sorted by Holm-corrected strength (fits 100 columns);
+    with ``wide`` the kind, who computed it, and the uncorrected and Kendall p-values too."""
+    from pairscout.align.predictors import readout_label
+
+    tgt = res.meta.get("target", "mean_r1")
+    fam = res.meta.get("family_size")
+    t = Table(title=L(f"did the metric predict the probe? every measure and unimodal score against {readout_label(tgt)}, "
+                      f"sorted by Holm-corrected p"),
+              caption=L(f"rho: Spearman, its 95 % interval (Fisher z); p (Holm): corrected over {fam or 'the'} predictors; "
+                        "every predictor oriented higher = more similar; --wide for uncorrected p and Kendall p"))  # fmt: skip
+    t.add_column("predictor", overflow="fold")
+    if wide:
+        t.add_column("kind", overflow="fold")
+        t.add_column("computed by", no_wrap=True)
+    t.add_column("pairs", justify="right", no_wrap=True)
+    t.add_column("rho [95 % interval]", justify="right", no_wrap=True)
+    if wide:
+        t.add_column("p", justify="right", no_wrap=True)
+    t.add_column("p\n(Holm)", justify="right", no_wrap=True)
+    t.add_column("Kendall\ntau", justify="right", no_wrap=True)
+    if wide:
+        t.add_column("p", justify="right", no_wrap=True)
+        t.add_column("p\n(Holm)", justify="right", no_wrap=True)
+    t.add_column("predicts?", overflow="fold")
     for _, r in res.correlations.iterrows():
-        t.add_row(L(label(r["metric"])), str(int(r["n_pairs"])), num(r["spearman"]), num(r["spearman_p"]), num(r["kendall"]), num(r["kendall_p"]))
+        ci = f" [{_signed(r.get('spearman_lo'))}, {_signed(r.get('spearman_hi'))}]" if r.get("spearman_lo") == r.get("spearman_lo") else ""
+        lbl = r.get("label") if isinstance(r.get("label"), str) and r.get("label") else r["metric"]
+        cells = [L(lbl)] + ([L(r.get("kind", "")), L(r.get("computed_by", ""))] if wide else []) + [str(int(r["n_pairs"])), _signed(r["spearman"]) + ci]
+        cells += ([_p(r["spearman_p"])] if wide else []) + [_p(r.get("spearman_p_holm", r["spearman_p"])), _signed(r["kendall"])]
+        cells += [_p(r["kendall_p"]), _p(r.get("kendall_p_holm"))] if wide else []
+        t.add_row(*cells, L(r.get("answer", "")))
     return t
 
 
