@@ -108,6 +108,9 @@ def rank_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     fig = _tag(plots.unimodal_bars(res.models, UNIMODAL_COLUMNS), run, several)
     unimodal = plots.render(fig, pdir, "unimodal_quality") if fig is not None else None
     pairs = res.pairs.copy()
+    if "vision_layer" in pairs:  # a layer sweep: each name with the layer it was scored at
+        for side in ("vision", "text"):
+            pairs[side] = pairs[side].astype(str) + " @" + pairs[f"{side}_layer"].astype(str)
     cols = [("rank", "#"), ("vision", "vision"), ("text", "text")]
     formats: dict[str, Any] = {}
     keys: dict[str, str] = {}
