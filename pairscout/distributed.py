@@ -43,6 +43,19 @@ def local_device() -> torch.device | None:
     return None
 
 
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group: after a clean end every process first waits for the others (a barrier), so
+    none tears down its connections while a peer still sends (gloo aborts a process whose peer vanished
+    mid-transfer); after an error only the local group is destroyed. A no-op outside a process group."""
+    if not is_distributed():
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def init_from_env() -> bool:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); NCCL on GPUs, gloo on CPUs."""
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:

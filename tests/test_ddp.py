@@ -3,11 +3,14 @@ cross-rank losses and a few training steps equal one process on the same global 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pairscout import distributed
 from pairscout.align.dist_loss import infonce_across_ranks, sigmoid_across_ranks
 from pairscout.align.losses import InfoNCELoss, SigmoidLoss
 from pairscout.align.train import TrainConfig, train
@@ -65,7 +68,7 @@ def _loss_worker(rank: int, world: int, tmp: str) -> None:
                                     "gp": torch.stack([p.grad for p in loss_fn.parameters()])}
         torch.save(out, f"{tmp}/loss{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])  # 2: one one-way hop; 3: one round both ways; 4: a round and a hop
@@ -149,7 +152,7 @@ def _train_worker(rank: int, tmp: str) -> None:
             out["error"] = str(e)
         torch.save(out, f"{tmp}/train{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 @pytest.mark.slow
@@ -210,7 +213,7 @@ def _probe_worker(rank: int, tmp: str) -> None:
     try:
         _probe().to_pickle(f"{tmp}/probe{rank}.pkl")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 @pytest.mark.slow
@@ -235,7 +238,7 @@ def _resume_worker(rank: int, tmp: str) -> None:
         res = train(x, y, idx, _config({**RUNS["glu_sigmoid_sample"], "checkpoint_every": 3}), out_dir=f"{tmp}/resume", resume=True)
         torch.save({**res.vision_head.state_dict(), **{f"t.{k}": v for k, v in res.text_head.state_dict().items()}}, f"{tmp}/resumed{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 @pytest.mark.slow

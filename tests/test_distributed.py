@@ -3,10 +3,13 @@ between the processes and the merged cache entry equals a single-process run."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pairscout import distributed
 from pairscout.data import load_dataset
 from pairscout.encode.cache import EmbeddingCache
 from pairscout.encode.runner import EncodeSettings, encode
@@ -28,7 +31,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                          progress=lambda name, d, n: done.__setitem__(name, d))
             torch.save({"pooled": emb.pooled, "done": done[spec.name]}, f"{tmp}/rank{rank}-{spec.name}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 def test_two_processes_split_the_rows_and_agree_with_one(tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pairscout import distributed
 from pairscout.metrics import all_pairs_hsic
 from pairscout.metrics.sharded import sharded_all_pairs_cka, sharded_all_pairs_hsic
 
@@ -31,7 +34,7 @@ def _worker(rank: int, world: int, tmp: str, cuts: list[int]) -> None:
                for deb in (False, True)}
         torch.save({deb: (h.cross, h.self_x, h.self_y, h.cka()) for deb, h in out.items()}, f"{tmp}/r{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 @pytest.mark.parametrize("cuts", [[0, 101, 203], [0, 3, 203], [0, 203, 203]])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pairscout import distributed
 from pairscout.metrics import Preprocess, all_pairs_cka, all_pairs_cknna, all_pairs_mutual_knn
 from pairscout.metrics.knn import nearest_neighbours
 from pairscout.metrics.sharded import sharded_pair_metric
@@ -54,7 +57,7 @@ def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> Non
         nb = sharded_neighbours(yl[2], shard_counts(hi - lo, torch.device("cpu")), 5)
         torch.save({"values": out, "nb": (nb.indices, nb.sims, nb.weights)}, f"{tmp}/r{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 @pytest.mark.parametrize(("cuts", "tiny"), [([0, 78, 157], False), ([0, 150, 157], False), ([0, 157, 157], False),
@@ -111,7 +114,7 @@ def _worker_null(rank: int, world: int, tmp: str) -> None:
         dups = near_duplicates({k: v[rank * n2 // world:(rank + 1) * n2 // world] for k, v in dm.items()}, sharded=True)
         torch.save({"cal": [(c.null_mean, c.null_sd, c.p_value, c.z) for c in cals], "dups": dups}, f"{tmp}/n{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
 def test_sharded_nulls_and_duplicate_check_equal_one_process(tmp_path):

@@ -65,8 +65,16 @@ def main() -> None:
 
         if distributed.init_from_env() and not distributed.is_main():
             ui.err.quiet = ui.out.quiet = True  # only rank 0 talks
+    clean = False
     try:
         app()
+        clean = True
+    except SystemExit as e:  # typer ends every command with SystemExit; 0 / None is a clean end
+        clean = e.code in (0, None)
+        raise
     except PairscoutError as e:  # raised outside a command body (should not happen, but never a traceback)
         ui.error(str(e))
         sys.exit(e.exit_code)
+    finally:
+        if "pairscout.distributed" in sys.modules:
+            sys.modules["pairscout.distributed"].shutdown(clean)
