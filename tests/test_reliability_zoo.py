@@ -224,3 +224,27 @@ def test_unwritable_cache_fails_before_encoding(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="No space left"):
         encode(EncoderSpec(id="baseline:pixels", modality="vision"), load_dataset("generated:n=8,size=16"),
                cache=EmbeddingCache(tmp_path), settings=EncodeSettings(device="cpu", num_workers=0))
+
+
+def test_a_misspelled_pack_is_one_line_before_any_encoding(tmp_path):
+    from typer.testing import CliRunner
+
+    from pairscout.cli import app
+
+    r = CliRunner().invoke(app, ["rank", "--vision-zoo", "pack:efficientnet-lit0", "--text-zoo", "baseline:tfidf", "--rows", "16",
+                                 "--cache-dir", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "pack:efficientnet-lit0 is not a pack (for vision)" in lines[0]
+    assert "pack:efficientnet-lite0" in lines[0] and "MiniLM" not in lines[0]  # only packs of that modality
+    assert not (tmp_path / "c").exists()  # nothing was encoded
+
+
+def test_help_shows_defaults_in_words_not_eaten_by_markup():
+    from typer.testing import CliRunner
+
+    from pairscout.cli import app
+
+    out = CliRunner().invoke(app, ["rank", "--help"], env={"COLUMNS": "200"}).output
+    assert "(default: auto)" in out and "(default: cka_linear;" in out
+    assert " .  " not in out.replace("│", " ")

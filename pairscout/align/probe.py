@@ -333,5 +333,6 @@ def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None)
     ok = corr[corr["spearman"].notna()] if "spearman_p_holm" in corr else corr.iloc[:0]
     if not ok.empty and ok["metric"].iloc[0] != metric:
         b = ok.iloc[0]
-        line += f" Strongest after correction: {b.get('label') or label(b['metric'])} (rho {b['spearman']:+.2f}, corrected p = {b['spearman_p_holm']:.3g})."
+        rev = " - reversed: lower predicts a better read-out" if b["spearman"] < 0 else ""
+        line += f" Strongest after correction: {b.get('label') or label(b['metric'])} (rho {b['spearman']:+.2f}, corrected p = {b['spearman_p_holm']:.3g}{rev})."
     return line

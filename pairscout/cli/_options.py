@@ -20,9 +20,9 @@ NOpt = Annotated[int | None, typer.Option("--rows", "--n", help="Rows: the gener
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated data (unless its spec sets one), subsets and splits.")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Embedding cache folder (default: $PAIRSCOUT_CACHE or ~/.cache/pairscout).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Let zoo entries with trust_remote_code run Python code from their model repository.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps [default: auto].")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images or captions per batch [default: 64 images, 256 captions].")]
-WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Image-loading processes [default: CPU count - 1, at most 8].")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto).")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images or captions per batch (default: 64 images, 256 captions).")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="Image-loading processes (default: CPU count - 1, at most 8).")]
 SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip rows whose image is missing or corrupt, and report the count.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (everything human goes to stderr).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log cache hits, resumes and each result.")]
@@ -30,8 +30,8 @@ ReportOpt = Annotated[bool, typer.Option("--report", help="Also write (or refres
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace earlier results in the output folder.")]
 RunArg = Annotated[Path | None, typer.Argument(help="Folder of a `pairscout rank --out` run (its pairs, zoos, data and cache).", show_default=False)]
 RunAlias = Annotated[Path | None, typer.Option("--run", "-r", hidden=True, help="Old spelling of the RUN argument.")]
-MetricsHelp = f"Comma list of pair metrics from {names_help()} [default: {','.join(RANK.metrics)}]."
-PrimaryHelp = "Metric that ranks the pairs [default: cka_linear; cka_linear_debiased below 10,000 rows]."
+MetricsHelp = f"Comma list of pair metrics from {names_help()} (default: {','.join(RANK.metrics)})."
+PrimaryHelp = "Metric that ranks the pairs (default: cka_linear; cka_linear_debiased below 10,000 rows)."
 
 
 def given(cls: type, **values: Any) -> Any:

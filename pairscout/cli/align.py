@@ -36,7 +36,7 @@ TRAIN = TrainConfig()
 
 VisionOpt = Annotated[str | None, typer.Option("--vision-zoo", help="Without RUN: vision zoo (name, TOML or comma list of ids).")]
 TextOpt = Annotated[str | None, typer.Option("--text-zoo", help="Without RUN: text zoo.")]
-DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Without RUN: the dataset [default: generated]; with RUN: where the run's data lives now.")]
+DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="Without RUN: the dataset (default: generated); with RUN: where the run's data lives now.")]
 NOpt = Annotated[int | None, typer.Option("--n", help="Without RUN: rows (generated) or a fixed-seed subset of N rows (files).")]
 
 
@@ -66,9 +66,9 @@ def probe(
     optimizer: Annotated[str, typer.Option(help="adamw or lion.")] = PROBE.optimizer,
     test_fraction: Annotated[float, typer.Option(help="Held-out share of the images.")] = PROBE.test_fraction,
     seed: Annotated[int, typer.Option(help="Seed of the split and the probes.")] = PROBE.seed,
-    target: Annotated[str | None, typer.Option(help="Read-out to correlate with: zs_top1, class_mean_r1, mean_r1, ... [default: chosen from the data].", show_default=False)] = None,
+    target: Annotated[str | None, typer.Option(help="Read-out to correlate with: zs_top1, class_mean_r1, mean_r1, ... (default: chosen from the data).", show_default=False)] = None,
     class_level: Annotated[bool, typer.Option("--class-level", help="Train with same-class captions as positives (identical captions always are).")] = False,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv [default: the RUN folder].", show_default=False)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv (default: the RUN folder).", show_default=False)] = None,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
     wide: Annotated[bool, typer.Option("--wide", help="Print every measure, R@5, loss and time, and every p-value.")] = False,
@@ -149,7 +149,9 @@ def probe_table(res, wide: bool = False) -> Table:
         if wide:
             tail += [num(r.get("mean_r5")), num(r.get("final_loss")), f"{r['train_s']:.1f}"]
         head = [str(r.get("rank", ""))] + ([L(r.get("group", ""))] if wide else [])
-        t.add_row(*head, L(r["vision"]), L(r["text"]), *cells, *tail)
+        names = [str(r[k]) + (f" @{r[f'{k}_layer']}" if f"{k}_layer" in r and isinstance(r[f"{k}_layer"], str) else "")
+                 for k in ("vision", "text")]  # a layer sweep's chosen layers, as rank shows them
+        t.add_row(*head, L(names[0]), L(names[1]), *cells, *tail)
     return t
 
 
@@ -200,7 +202,7 @@ def corr_table(res, wide: bool = False) -> Table:
 def align(
     run: RunArg = None,
     run_alias: RunAlias = None,
-    pair: Annotated[str | None, typer.Option("--pair", "-p", help="VISION,TEXT encoder names [default: the best pair of RUN].", show_default=False)] = None,
+    pair: Annotated[str | None, typer.Option("--pair", "-p", help="VISION,TEXT encoder names (default: the best pair of RUN).", show_default=False)] = None,
     vision_zoo: VisionOpt = None,
     text_zoo: TextOpt = None,
     data: DataOpt = None,
@@ -212,10 +214,10 @@ def align(
     loss_norm: Annotated[str, typer.Option(help="Sigmoid loss normaliser: batch (SigLIP) or pairs (SAIL).")] = TRAIN.loss_norm,
     chunk: Annotated[int | None, typer.Option(help="Sigmoid loss: captions per logit block (memory O(batch x chunk)).")] = TRAIN.chunk,
     optimizer: Annotated[str, typer.Option(help="adamw or lion.")] = TRAIN.optimizer,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 1e-3 AdamW, 3e-4 Lion].", show_default=False)] = TRAIN.lr,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 1e-3 AdamW, 3e-4 Lion).", show_default=False)] = TRAIN.lr,
     weight_decay: Annotated[float, typer.Option(help="Weight decay on weight matrices.")] = TRAIN.weight_decay,
     batch_size: Annotated[int, typer.Option(help="Images per step, the global batch: under torchrun each of the W processes takes batch / W (a multiple of W).")] = TRAIN.batch_size,
-    steps: Annotated[int | None, typer.Option(help=f"Optimiser steps [default: {DEFAULT_STEPS} unless --epochs; ~2 min for the default demo pair on 2 CPU cores].", show_default=False)] = TRAIN.steps,
+    steps: Annotated[int | None, typer.Option(help=f"Optimiser steps (default: {DEFAULT_STEPS} unless --epochs; ~2 min for the default demo pair on 2 CPU cores).", show_default=False)] = TRAIN.steps,
     epochs: Annotated[float | None, typer.Option(help="Passes over the training images (instead of --steps).")] = TRAIN.epochs,
     warmup: Annotated[float, typer.Option(help="Warm-up fraction of the steps.")] = TRAIN.warmup,
     grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")] = TRAIN.grad_clip,
@@ -225,7 +227,7 @@ def align(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end).")] = TRAIN.eval_every,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: at the end).")] = 100,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Zero-shot classification read-out when the data has labels.")] = True,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model [default: RUN/align/VISION__TEXT].", show_default=False)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: RUN/align/VISION__TEXT).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     force: ForceOpt = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint/--drop-checkpoint",
@@ -306,7 +308,7 @@ def zero_shot(
     model: Annotated[Path, typer.Option("--model", "-m", help="Folder of an aligned model (`pairscout align --out`).")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     classes: Annotated[str, typer.Option("--classes", "-c", help="Comma list of class names.")],
-    templates: Annotated[str | None, typer.Option(help="'|'-separated prompt templates with {c} [default: 6 built-in ones].", show_default=False)] = None,
+    templates: Annotated[str | None, typer.Option(help="'|'-separated prompt templates with {c} (default: 6 built-in ones).", show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per image.")] = 3,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,

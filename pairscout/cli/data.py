@@ -77,7 +77,7 @@ def encode(
     tokens: Annotated[bool, typer.Option("--tokens", help="Also cache token-level features.")] = False,
     skip_bad: SkipBadOpt = False,
     refresh: Annotated[bool, typer.Option("--refresh", help="Re-encode even when cached.")] = False,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA [default: on].", show_default=False)] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA (default: on).", show_default=False)] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
     trust_remote_code: TrustOpt = False,

@@ -86,7 +86,7 @@ def rank(
                            encode_settings=given(EncodeSettings, device=device, batch_size=batch_size, num_workers=workers,
                                                         trust_remote_code=trust_remote_code),
                            cache_dir=cache_dir, out=out, force=force, plots=plots, progress=rep.phases(), command=ui.command_line())  # fmt: skip
-        ui.err.print(rank_table(res, top, wide))
+        ui.print_table(rank_table(res, top, wide), wide)
         for key, note in res.meta.get("adapted", {}).items():
             ui.say(f"small data: --{key.replace('_', '-')} {note['asked']} -> {note['used']} ({note['why']})")
         if res.meta.get("verdict"):
@@ -123,8 +123,9 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
         caption += "; --wide (or pairs.csv) for the other metrics"
     table = Table(title=L(f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {label(res.primary)}"), caption=L(caption))
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("vision", overflow="fold")
-    table.add_column("text", overflow="fold")
+    longest = {side: max([len(str(v)) for v in res.pairs[side]] + [4]) + (8 if sweep else 0) for side in ("vision", "text")}
+    table.add_column("vision", overflow="fold", min_width=longest["vision"] if wide else None)
+    table.add_column("text", overflow="fold", min_width=longest["text"] if wide else None)
     shown = [res.primary, *([m for m in res.metrics if m != res.primary] if wide else [])]
     for m in shown:
         table.add_column(L(label(m)), justify="right", no_wrap=True)
@@ -144,7 +145,7 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
 
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by rank / probe / align --out.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file [default: <first run>/report.html].", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: <first run>/report.html).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", hidden=True, help="Old spelling of --out.")] = None,
     title: Annotated[str, typer.Option(help="Page title.")] = "pairscout report",
 ) -> None:

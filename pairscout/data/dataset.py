@@ -248,7 +248,7 @@ class PairedDataset:
     def subset(self, n: int, seed: int = 0) -> PairedDataset:
         """``n`` rows drawn at random with ``seed`` (kept in original order); ``self`` if n >= len."""
         if n < 1:
-            raise DataError(f"Subset size must be >= 1, got {n}.", fix="pass --n 1 or more.")
+            raise DataError(f"Subset size must be >= 1, got {n}.", fix="pass --rows (or --n) 1 or more.")
         if n >= len(self):
             return self
         rng = np.random.default_rng(seed)

@@ -210,8 +210,10 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
     elif tied:
         n_t = len([p for p in tied if p not in dup_pairs])
         if n_t:
-            words.append(f"{n_t} other pair(s) are not distinguishable from it (paired jackknife test, p > {alpha}): "
+            words.append(f"{n_t} other {'pair is' if n_t == 1 else 'pairs are'} not distinguishable from it (paired jackknife test, p > {alpha}): "
                          f"{_pairs_str([p for p in tied if p not in dup_pairs][:6])}{' ...' if n_t > 6 else ''}.")
+    elif len(pairs) == 1:
+        words.append("It is the only pair ranked.")
     else:
         words.append(f"Every other pair is distinguishably lower (paired jackknife test, p <= {alpha}).")
     for a, c, cka in duplicates:
