@@ -33,6 +33,16 @@ class _Sparse:
     weights: torch.Tensor
 
 
+def _batches(perms: torch.Tensor, batch: int):
+    """``(start, p, inv)`` for every batch of ``batch`` permutations: the permutations and their inverses."""
+    n = perms.shape[1]
+    for s in range(0, perms.shape[0], batch):
+        p = perms[s:s + batch]
+        inv = torch.empty_like(p)
+        inv.scatter_(1, p, torch.arange(n, device=p.device).expand(len(p), n).contiguous())
+        yield s, p, inv
+
+
 def _sparse(nb: _knn.Neighbours, n: int) -> _Sparse:
     ok = nb.indices >= 0
     rows = torch.arange(n, device=nb.indices.device)[:, None].expand_as(nb.indices)
@@ -73,10 +83,7 @@ def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], per
             sp = _sparse(a, n)
             dense[i, sp.keys] = sp.weights.float()
         kk = torch.tensor([float(a.k) for a in nxs], dtype=F64, device=dev)[:, None]
-        for s in range(0, n_perm, batch):
-            p = perms[s:s + batch]
-            inv = torch.empty_like(p)
-            inv.scatter_(1, p, torch.arange(n, device=dev).expand(len(p), n).contiguous())
+        for s, p, inv in _batches(perms, batch):
             for j, b in enumerate(nys):
                 rows, cols, _, wb = _permuted_entries(b, p, inv, n)
                 q = (rows * n + cols.clamp_min(0)).reshape(-1)
@@ -84,10 +91,7 @@ def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], per
                 out[s:s + len(p), :, j] = ((got * wb[None]).sum(-1) / (n * kk)).T
         return out.cpu()
     sx = [_sparse(a, n) for a in nxs]
-    for s in range(0, n_perm, batch):
-        p = perms[s:s + batch]
-        inv = torch.empty_like(p)
-        inv.scatter_(1, p, torch.arange(n, device=dev).expand(len(p), n).contiguous())
+    for s, p, inv in _batches(perms, batch):
         for j, b in enumerate(nys):
             rows, cols, _, wb = _permuted_entries(b, p, inv, n)
             q = rows * n + cols
@@ -108,11 +112,8 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
     out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64, device=dev)
     sx = [_sparse(a, n) for a in nxs]
     nn = n * n
-    for s in range(0, n_perm, batch):
-        p = perms[s:s + batch]
+    for s, p, inv in _batches(perms, batch):
         bsz = len(p)
-        inv = torch.empty_like(p)
-        inv.scatter_(1, p, torch.arange(n, device=dev).expand(bsz, n).contiguous())
         off = (torch.arange(bsz, device=dev) * nn)[:, None]
         for j, b in enumerate(nys):
             rows, cols, ysim, wb = _permuted_entries(b, p, inv, n)
