@@ -72,14 +72,8 @@ def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tu
 def _check_packs(*zoos: Zoo) -> None:
     """A ``pack:`` id that names no pack of its modality is one line before anything is encoded."""
     specs = [s for z in zoos for s in z.encoders if s.source == "pack"]
-    if not specs:
-        return
-    from pairscout.encoders.packs import PACKS
-    from pairscout.errors import ZooError
+    if specs:
+        from pairscout.encoders.packs import check_pack
 
-    for s in specs:
-        info = PACKS.get(s.target)
-        if info is None or info.modality != s.modality:
-            same = [f"pack:{k}" for k, v in PACKS.items() if v.modality == s.modality]
-            what = "is not a pack" if info is None else f"is a {info.modality} pack"
-            raise ZooError(f"{s.id} {what} (for {s.modality}).", fix=f"use one of {', '.join(same)}.")
+        for s in specs:
+            check_pack(s)

@@ -326,14 +326,24 @@ PACKS: dict[str, PackInfo] = {
 """Pack name -> :class:`PackInfo`."""
 
 
-def build(spec: EncoderSpec) -> Encoder:
+def check_pack(spec: EncoderSpec) -> PackInfo:
+    """The pack ``spec`` names (no model is built; zoos are checked with it before anything is encoded).
+
+    Raises:
+        ZooError: no pack of that name (the fix lists the packs of the spec's modality), or one of the other modality.
+    """
     info = PACKS.get(spec.target)
     if info is None:
-        raise ZooError(f"{spec.id}: there is no pack named {spec.target!r}.", fix=f"use one of {', '.join('pack:' + p for p in PACKS)}.")
+        same = ", ".join(f"pack:{k}" for k, v in PACKS.items() if v.modality == spec.modality)
+        raise ZooError(f"{spec.id} is not a pack (for {spec.modality}): there is no pack named {spec.target!r}.", fix=f"use one of {same}.")
     if spec.modality != info.modality:
         raise ZooError(f"{spec.id} is a {info.modality} pack but its zoo entry says modality = {spec.modality!r}.",
                        fix=f'set modality = "{info.modality}".')
-    return info.build(spec)
+    return info
 
 
-__all__ = ["PACKS", "PackInfo", "build", "join_and_extract", "mpnet_dir", "pack_tokenizer_dir", "paraphrase_onnx_path"]
+def build(spec: EncoderSpec) -> Encoder:
+    return check_pack(spec).build(spec)
+
+
+__all__ = ["PACKS", "PackInfo", "build", "check_pack", "join_and_extract", "mpnet_dir", "pack_tokenizer_dir", "paraphrase_onnx_path"]
