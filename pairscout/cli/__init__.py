@@ -60,6 +60,7 @@ app.command("zero-shot")(_align.zero_shot)
 
 
 def main() -> None:
+    distributed = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (torch imported only then)
         from pairscout import distributed
 
@@ -76,5 +77,5 @@ def main() -> None:
         ui.error(str(e))
         sys.exit(e.exit_code)
     finally:
-        if "pairscout.distributed" in sys.modules:
-            sys.modules["pairscout.distributed"].shutdown(clean)
+        if distributed is not None:
+            distributed.shutdown(clean)

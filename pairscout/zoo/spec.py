@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from pairscout.errors import ZooError
@@ -166,11 +166,9 @@ class EncoderSpec:
     def narrowed(self, layer: str | None) -> EncoderSpec:
         """This spec reading only what one view of a layer sweep needs: no sweep for ``final`` (or None), else
         the single block ``layers = [k]`` (its features are then ``EncoderOutput.layers[str(k)]``)."""
-        import dataclasses
-
         if self.layers is None:
             return self
-        return dataclasses.replace(self, layers=None if layer in (None, "final") else [int(layer)])
+        return replace(self, layers=None if layer in (None, "final") else [int(layer)])
 
     def cache_identity(self) -> dict[str, Any]:
         """The fields that change the embeddings (display-only fields excluded)."""
