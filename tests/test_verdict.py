@@ -74,7 +74,22 @@ def test_update_from_probe_moves_only_when_separated():
     assert new.pair == ("b", "x") and new.source == "probe" and new.tied == []
     close = probed.assign(zs_top1=[0.50, 0.52])
     same = V.update_from_probe(ver, close, "zs_top1", 400)
-    assert same.pair == ("a", "x") and "does not separate" in same.reason
+    assert same.pair == ("a", "x") and "does not separate" in same.reason and same.tied == [("b", "x")]
+
+
+def test_update_from_probe_confirms_the_best_pair_and_unties_what_it_separates():
+    """The probe reads the metrics' best pair highest: pairs clearly below it leave the tied list, close ones stay."""
+    ver = V.Verdict(pair=("a", "x"), tied=[("b", "x"), ("c", "x"), ("d", "x")], reason="r")
+    probed = pd.DataFrame({"vision": ["a", "b", "c"], "text": ["x", "x", "x"], "zs_top1": [0.96, 0.80, 0.95]})
+    new = V.update_from_probe(ver, probed, "zs_top1", 80)
+    assert new.pair == ("a", "x") and new.source == "rank"
+    assert new.tied == [("c", "x"), ("d", "x")]  # b separated (0.16 > 2 se = 0.10); c within; d not probed
+    assert "separates the metrics' best pair from b x x" in new.reason and "does not separate it from c x x" in new.reason
+    assert "Not probed: d x x" in new.reason and "does not separate them either" not in new.reason
+    only = V.update_from_probe(V.Verdict(pair=("a", "x"), tied=[("b", "x")], reason="r"), probed, "zs_top1", 80)
+    assert only.tied == [] and "No pair is tied with it any more" in only.reason
+    missing = V.update_from_probe(V.Verdict(pair=("z", "x"), tied=[("a", "x"), ("b", "x")], reason="r"), probed, "zs_top1", 80)
+    assert missing.pair == ("z", "x") and missing.tied == [("a", "x"), ("b", "x")] and "did not read the verdict's pair" in missing.reason
 
 
 # --- k-NN ties -----------------------------------------------------------------------------------

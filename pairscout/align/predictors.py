@@ -106,11 +106,16 @@ def add_measures(chosen: pd.DataFrame, rows: Callable[[str, str], tuple[Any, Any
 def rank_rows(src: Any) -> Callable[[str, str], tuple[Any, Any]]:
     """``rows(vision, text)``: the two cached embeddings of a :class:`~pairscout.align.pairdata.PairSource` as rank
     compared them: the rows (vision: one vector per row; text: per row by the run's ``caption_reduce``) and, after a
-    layer sweep, the layers rank chose for that pair (``src.chosen_layers``); each view loaded once."""
+    layer sweep, the layers rank chose for that pair (``src.chosen_layers``) on the estimation rows rank measured
+    them on (:func:`pairscout.ranking.layered.split_rows`); each view loaded once."""
     from pairscout.align.pairdata import load_embeddings
+    from pairscout.ranking.layered import split_rows
 
     n = len(src.dataset)
-    reduce = src.rank.meta.get("settings", {}).get("caption_reduce", "first") if src.rank is not None else "first"
+    meta = src.rank.meta if src.rank is not None else {}
+    reduce = meta.get("settings", {}).get("caption_reduce", "first")
+    lm = meta.get("layers") or {}
+    held = split_rows(n, lm["selection_rows"], lm["split_seed"])[1] if "split_seed" in lm else None
     memo: dict[tuple[str, str, str], Any] = {}
 
     def get(name: str, modality: str, layer: str) -> Any:
@@ -118,7 +123,8 @@ def rank_rows(src: Any) -> Callable[[str, str], tuple[Any, Any]]:
             emb = load_embeddings(src, src.spec(name, modality))
             if layer != "final":
                 emb = emb.layer(layer)
-            memo[name, modality, layer] = emb.pooled if modality == "vision" else emb.per_row(n, reduce)
+            z = emb.pooled if modality == "vision" else emb.per_row(n, reduce)
+            memo[name, modality, layer] = z if held is None else z[held]
         return memo[name, modality, layer]
 
     def rows(v: str, t: str) -> tuple[Any, Any]:

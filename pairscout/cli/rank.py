@@ -47,7 +47,7 @@ def rank(
     clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = RANK.clip_quantile,
     caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = RANK.caption_reduce,
     layers: Annotated[str | None, typer.Option(help="Layer sweep: 'all' or block indices like -1,-4,-8 for every encoder that can read hidden layers; each pair is scored at its best layer pair, p corrected for the search.", show_default=False)] = RANK.layers,
-    layer_rows: Annotated[int, typer.Option(help="Rows of the layer sweep's Gram matrices (a seeded subset above).")] = RANK.layer_rows,
+    layer_rows: Annotated[int, typer.Option(help="Rows the layer sweep chooses layers on (a seeded subset, at most half the rows; every number is measured on the others).")] = RANK.layer_rows,
     precision: Annotated[str, typer.Option(help="CKA products: auto (float32 on GPUs, float64 on CPU), float64, float32 or tf32; sums are float64 always.")] = RANK.precision,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots.")] = None,
     force: ForceOpt = False,
@@ -118,7 +118,9 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
         caption += "; p: Holm-corrected p-value against shuffled pairings (how: rank.json null_methods)"
     sweep = "vision_layer" in res.pairs
     if sweep:
-        caption += "; @k: block k (0-based) chosen by the layer sweep, p corrected for the search over layers"
+        lm = res.meta.get("layers", {})
+        caption += (f"; @k: block k (0-based) chosen by the layer sweep on {lm.get('selection_rows')} rows, every number "
+                    f"measured on the other {lm.get('estimation_rows')}")
     if not wide and len(res.metrics) > 1:
         caption += "; --wide (or pairs.csv) for the other metrics"
     table = Table(title=L(f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {label(res.primary)}"), caption=L(caption))

@@ -159,13 +159,16 @@ def rank(
         choice = layered.choose(x_views, y_views, v_names, t_names, primary, used)
         if progress is not None:
             progress("layer sweep", 1, 1)
+        # every reported number is measured on the rows the choice did not see: k and groups adapt to them
+        used, adapted = calibrated.adapt_to_size(dataclasses.replace(settings, precision=precision), choice.estimation_rows, metrics)
+        compute.check_metrics(metrics, choice.estimation_rows, used.knn_k)
     mx, my = (choice.xs, choice.ys) if choice is not None else (xs, ys)
     pair_values, primary_reps = calibrated.metric_values(mx, my, metrics, used, primary, progress=progress, engine=engine)
     cal_values, null_methods = calibrated.calibrated_columns(mx, my, metrics, used, pair_values, progress=progress,
                                                              sharded=engine.sharded)
     pair_values.update(cal_values)
     if choice is not None:
-        pair_values, primary_reps = choice.gather(pair_values, primary_reps, primary)
+        pair_values, primary_reps = choice.gather(pair_values, primary_reps)
     metrics_s = time.perf_counter() - t1
 
     specs = {s.name: s for s in (*vz.encoders, *tz.encoders)}

@@ -45,10 +45,10 @@ class RankSettings:
     layers: str | None = None
     """A layer sweep for every encoder that can read hidden layers: ``"all"`` or block indices ``"-1,-4,-8"``
     (negative from the end); the final features are always a candidate. Zoo entries may set their own
-    ``layers``. Each pair is scored at its best layer pair, its z and p corrected for the search
-    (:mod:`pairscout.ranking.layered`)."""
+    ``layers``. Each pair's layers are chosen on ``layer_rows`` selection rows and every reported number is
+    measured on the other rows (:mod:`pairscout.ranking.layered`)."""
     layer_rows: int = 1000
-    """Rows of the layer sweep's Gram matrices (a seeded subset above; memory views x rows^2 float64)."""
+    """Selection rows of a layer sweep: ``min(layer_rows, n // 2)`` seeded rows (memory views x rows^2 float64)."""
     precision: str = "auto"
     """Precision of the large CKA products (:func:`pairscout.metrics.all_pairs_cka`): ``auto`` follows
     :func:`pairscout.runtime.metric_precision` on the metrics' device (float32 products on GPUs, exact float64 on

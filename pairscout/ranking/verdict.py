@@ -20,7 +20,8 @@ are near-duplicates, and why, in words a researcher can act on.
 After ``pairscout probe``, :func:`update_from_probe` revisits the verdict with the probe's read-out: where the
 probe separates pairs that the metrics left tied (difference of the read-out larger than twice its binomial
 standard error on the held-out images), the verdict moves to the probe's best pair among them
-(``source = "probe"``).
+(``source = "probe"``); where the probe reads the metrics' best pair highest, the tied pairs it reads clearly
+below that pair leave the tied list (the verdict is confirmed, not only left standing).
 """
 
 from __future__ import annotations
@@ -238,8 +239,9 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
 
     Among the verdict's pair and its tied pairs that were probed, the best by ``target`` becomes the verdict
     when its read-out exceeds the current pair's by more than twice the standard error of the difference
-    (binomial, unpaired: conservative). Pairs within that margin of it stay tied. Otherwise the verdict stays
-    and says that the probe could not separate them either.
+    (binomial, unpaired: conservative). Pairs within that margin of it stay tied. Otherwise the verdict stays;
+    the tied pairs that the probe reads clearly below it (the same margin) leave the tied list, and the reason
+    says which were separated and which were not.
     """
     label = label or target
     group = [verdict.pair, *verdict.tied]
@@ -262,7 +264,7 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
 
     new = _moved(verdict, new, cands, top, got, separated, label, n_items)
     every = {(str(v), str(t)): float(x) for v, t, x in zip(probed["vision"], probed["text"], probed[target], strict=True) if not pd.isna(x)}
-    outside = [p for p in every if p not in group and every[p] > got[new.pair]]
+    outside = [p for p in every if p not in group and new.pair in got and every[p] > got[new.pair]]
     if outside:
         o = max(outside, key=lambda p: every[p])
         se = math.sqrt(binomial_se(every[o], n_items) ** 2 + binomial_se(got[new.pair], n_items) ** 2)
@@ -287,8 +289,29 @@ def _moved(verdict: Verdict, new: Verdict, cands: list[tuple[str, str]], top: tu
         for a, c in verdict.duplicates:
             new.reason += f" {a} and {c} are near-duplicates: the verdict prefers neither."
         return new
-    new.reason = verdict.reason + (f" The probe's {label} on the tied pairs ({', '.join(f'{got[p]:.3f}' for p in cands)}) "
-                                   f"does not separate them either; the metrics' best pair stands.")
+    # the metrics' best pair stands: the probe confirms it over the pairs it reads clearly lower, the rest stay tied
+    if verdict.pair not in got:
+        new.reason = verdict.reason + (f" The probe did not read the verdict's pair {verdict.pair[0]} x {verdict.pair[1]}, so it "
+                                       "cannot separate the tied pairs; probe it with them.")
+        return new
+    below = [p for p in cands if p != verdict.pair and separated(verdict.pair, p)]
+    still = [p for p in cands if p != verdict.pair and p not in below]
+    unread = [p for p in verdict.tied if p not in got]
+    new.tied = [p for p in verdict.tied if p not in below]
+    own = f"{got[verdict.pair]:.3f}"
+    words = []
+    if below:
+        words.append(f"The probe's {label} separates the metrics' best pair from {_pairs_str(below)}: {own} against "
+                     f"{', '.join(f'{got[p]:.3f}' for p in below)}, more than twice the standard error of the difference on "
+                     f"{n_items} held-out items; {'it is' if len(below) == 1 else 'they are'} no longer tied.")
+    if still:
+        words.append(f"The probe's {label} does not separate it from {_pairs_str(still)} ({own} against "
+                     f"{', '.join(f'{got[p]:.3f}' for p in still)}); the metrics' best pair stands.")
+    if unread:
+        words.append(f"Not probed: {_pairs_str(unread[:4])}{' ...' if len(unread) > 4 else ''}.")
+    new.reason = verdict.reason + " " + " ".join(words)
+    if new.tied != verdict.tied and not new.tied:
+        new.reason += " No pair is tied with it any more."
     return new
 
 
