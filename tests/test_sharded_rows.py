@@ -93,7 +93,11 @@ def _dup_models(n: int = 600):
     return {"a": a, "a2": 2.0 * a + 1e-4 * torch.randn(n, 12, generator=g), "b": torch.randn(n, 7, generator=g)}
 
 
-NULL_METRICS = [("cka_linear", {}), ("cka_linear_debiased", {}), ("cka_rbf", {"sigma_frac": 1.0}),
+# the CKA nulls' summaries come from each rank's rows and all-reduced sums (nothing gathered): float64 products, as
+# rank uses on CPU, make them equal one process to rounding; float32 ones (rank's GPU default) to float32 rounding
+NULL_METRICS = [("cka_linear", {"precision": "float64"}), ("cka_linear_debiased", {"precision": "float64"}),
+                ("cka_rbf", {"sigma_frac": 1.0, "precision": "float64"}), ("cka_rbf_debiased", {"sigma_frac": 0.7, "precision": "float64"}),
+                ("cka_linear", {"precision": "float32"}), ("cka_rbf", {"sigma_frac": 1.0, "precision": "float32"}),
                 ("mutual_knn", {"k": 5, "preprocess": Preprocess()}), ("cknna", {"k": 5, "preprocess": Preprocess()})]
 
 
@@ -107,12 +111,27 @@ def _worker_null(rank: int, world: int, tmp: str) -> None:
         n = xs[0].shape[0]
         lo, hi = rank * n // world, (rank + 1) * n // world
         xl, yl = [x[lo:hi] for x in xs], [y[lo:hi] for y in ys]
-        cals = [calibrate(xl, yl, m, sharded_pair_metric(m, xl, yl, **kw), n_perm=19, cknna_perm=9, seed=3, sharded=True, **kw)
-                for m, kw in NULL_METRICS]
+        import pairscout.metrics.sharded_rows as R
+
+        gathered, plain_gather = [], R.gather_all
+
+        def spy(z, counts=None):
+            gathered.append(tuple(z.shape))
+            return plain_gather(z, counts)
+
+        R.gather_all = spy  # what the CKA nulls gather: at most the n row means of an RBF Gram, never features
+        obs = [sharded_pair_metric(m, xl, yl, **kw) for m, kw in NULL_METRICS]
+        cals = [calibrate(xl, yl, m, o, n_perm=19, cknna_perm=9, seed=3, sharded=True, **kw)
+                for (m, kw), o in zip(NULL_METRICS, obs, strict=True) if m.startswith("cka")]
+        cka_gathered = list(gathered)
+        R.gather_all = plain_gather
+        cals += [calibrate(xl, yl, m, o, n_perm=19, cknna_perm=9, seed=3, sharded=True, **kw)
+                 for (m, kw), o in zip(NULL_METRICS, obs, strict=True) if not m.startswith("cka")]
         dm = _dup_models()
         n2 = dm["a"].shape[0]
         dups = near_duplicates({k: v[rank * n2 // world:(rank + 1) * n2 // world] for k, v in dm.items()}, sharded=True)
-        torch.save({"cal": [(c.null_mean, c.null_sd, c.p_value, c.z) for c in cals], "dups": dups}, f"{tmp}/n{rank}.pt")
+        torch.save({"cal": [(c.null_mean, c.null_sd, c.p_value, c.z) for c in cals], "dups": dups, "cka_gathered": cka_gathered},
+                   f"{tmp}/n{rank}.pt")
     finally:
         distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
@@ -128,7 +147,9 @@ def test_sharded_nulls_and_duplicate_check_equal_one_process(tmp_path):
     assert [d[:2] for d in dups] == [("a", "a2")]
     for rank in (0, 1):
         got = torch.load(tmp_path / f"n{rank}.pt")
-        for (m, _), w, g in zip(NULL_METRICS, want, got["cal"], strict=True):
+        for (m, kw), w, g in zip(NULL_METRICS, want, got["cal"], strict=True):
+            tol = 2e-5 if kw.get("precision") == "float32" else 1e-9
             for a, b in zip((w.null_mean, w.null_sd, w.p_value, w.z), g, strict=True):
-                assert torch.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True), (m, a, b)
+                assert torch.allclose(a, b, rtol=tol, atol=1e-12, equal_nan=True), (m, kw, a, b)
+        assert got["cka_gathered"] and all(shape[1] == 1 for shape in got["cka_gathered"])  # row means only
         assert [d[:2] for d in got["dups"]] == [("a", "a2")] and abs(got["dups"][0][2] - dups[0][2]) < 1e-9

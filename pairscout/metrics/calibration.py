@@ -129,17 +129,25 @@ class _GramSummary:
     rt: torch.Tensor  # (n,) off-diagonal row sums
     qt: torch.Tensor  # (n,) off-diagonal row sums of squares
 
-    def parts(self) -> dict[str, float]:
-        n = self.diag.numel()
+    def sums(self) -> torch.Tensor:
+        """The sums over rows every moment needs: ``[rows, tr, d2, S1, A2, sum(rt^2 - qt), P, sum rt^2]`` (float64).
+        Under torch.distributed each rank's sums over its rows add up to the global ones (one ``all_reduce``)."""
         d, rt, qt = self.diag, self.rt, self.qt
-        tr, s1, a2 = float(d.sum()), float(rt.sum()), float(qt.sum())
-        a3 = float((rt * rt - qt).sum())
-        p = float((d * rt).sum())
-        rt2 = float((rt * rt).sum())
-        # ||U||^2 of the U-centred matrix (Szekely & Rizzo): n (n - 3) HSIC_1(A, A)
-        u2 = a2 + s1 * s1 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rt2
-        return {"n": n, "tr": tr, "d2": float((d * d).sum()), "s1": s1, "a2": a2, "a3": a3,
-                "a4": s1 * s1 - 2 * a2 - 4 * a3, "p": p, "q": s1 * tr - 2 * p, "u2": u2}
+        return torch.stack([torch.tensor(float(d.numel()), dtype=F64, device=d.device), d.sum(), (d * d).sum(), rt.sum(),
+                            qt.sum(), (rt * rt - qt).sum(), (d * rt).sum(), (rt * rt).sum()])
+
+    def parts(self) -> dict[str, float]:
+        return _parts(self.sums())
+
+
+def _parts(sums: torch.Tensor) -> dict[str, float]:
+    """The moments' inputs from :meth:`_GramSummary.sums` (global sums)."""
+    n_, tr, d2, s1, a2, a3, p, rt2 = (float(v) for v in sums.cpu())
+    n = int(round(n_))
+    # ||U||^2 of the U-centred matrix (Szekely & Rizzo): n (n - 3) HSIC_1(A, A)
+    u2 = a2 + s1 * s1 / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rt2
+    return {"n": n, "tr": tr, "d2": d2, "s1": s1, "a2": a2, "a3": a3,
+            "a4": s1 * s1 - 2 * a2 - 4 * a3, "p": p, "q": s1 * tr - 2 * p, "u2": u2}
 
 
 def _quadratic_assignment_moments(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:
@@ -166,47 +174,92 @@ def _quadratic_assignment_moments(a: dict[str, float], b: dict[str, float]) -> t
     return mean, max(var, 0.0)
 
 
-def _linear_summary(z: torch.Tensor) -> tuple[_GramSummary, float]:
-    """Summary of the centred linear Gram ``Xc Xc^T`` from features (O(n d^2)) and ``||Xc Xc^T||_F^2``."""
-    mu = z.sum(0, dtype=F64) / z.shape[0]
-    dt = F64 if z.dtype == F64 else torch.float32
-    x = (z.to(F64) - mu).to(dt)  # products in the features' precision, reductions in float64
-    g = x.T @ x
-    d = x.square().sum(1, dtype=F64)
-    r = (x @ x.sum(0)).to(F64)
-    q = ((x @ g) * x).sum(1, dtype=F64)
-    return _GramSummary(d, r - d, q - d * d), float(g.to(F64).square().sum())
+def _summary_dtype(z: torch.Tensor, precision: str | None) -> torch.dtype:
+    """Products of the moment summaries: float64 for ``precision="float64"``, float32 for ``float32`` / ``tf32``,
+    else the features' own precision (float64 input stays float64); every sum is float64."""
+    if precision == "float64" or (precision is None and z.dtype == F64):
+        return F64
+    return torch.float32
 
 
-def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048) -> tuple[_GramSummary, float]:
-    """Summary of the centred RBF Gram ``Kc = H K H`` in two passes over row tiles (never n x n)."""
-    x = z.to(torch.float32 if z.dtype != F64 else F64)
-    x = x - x.mean(0)
-    n = x.shape[0]
+def _linear_summary(z: torch.Tensor, precision: str | None = None, counts: Sequence[int] | None = None) -> tuple[torch.Tensor, float]:
+    """Sums (:meth:`_GramSummary.sums`) of the centred linear Gram ``Xc Xc^T`` from features (O(n d^2)) and
+    ``||Xc Xc^T||_F^2 = ||Xc^T Xc||_F^2``.
+
+    ``counts``: ``z`` is this rank's rows under torch.distributed (rows per rank). Every per-row quantity is a
+    function of the row and of global feature-space sums (column sums, ``Xc^T Xc``), which one ``all_reduce`` each
+    makes global, so each rank touches only its rows and the result equals one process's."""
+    from pairscout.metrics.sharded_rows import _reduce
+
+    sharded = counts is not None
+    n = sum(counts) if sharded else z.shape[0]
+    col = z.sum(0, dtype=F64)
+    mu = (_reduce(col) if sharded else col) / n
+    dt = _summary_dtype(z, precision)
+    x = (z.to(F64) - mu).to(dt)  # products in dt, reductions in float64
+    with _cka._matmul_precision(precision, z.device):
+        g = (x.T @ x).to(F64)
+        g = _reduce(g) if sharded else g
+        cs = x.sum(0, dtype=F64)
+        cs = _reduce(cs) if sharded else cs
+        d = x.square().sum(1, dtype=F64)
+        r = (x @ cs.to(dt)).to(F64)
+        q = ((x @ g.to(dt)) * x).sum(1, dtype=F64)
+    sums = _GramSummary(d, r - d, q - d * d).sums()
+    return (_reduce(sums) if sharded else sums), float(g.square().sum())
+
+
+def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048, precision: str | None = None,
+                 counts: Sequence[int] | None = None) -> tuple[torch.Tensor, float]:
+    """Sums (:meth:`_GramSummary.sums`) of the centred RBF Gram ``Kc = H K H`` in two passes over row tiles
+    (never n x n), and ``||Kc||_F^2``.
+
+    ``counts``: ``z`` is this rank's rows under torch.distributed. Each pass walks every rank's rows in blocks
+    (:func:`pairscout.metrics.sharded_rows.row_blocks`); between the passes the n row means of K (n numbers, not
+    n x d) are shared, since centring an entry needs both rows' means. Each rank forms only its rows' tiles."""
+    from pairscout.metrics.sharded_rows import _reduce, gather_all, rank_world, row_blocks
+
+    dt = _summary_dtype(z, precision)
+    dev = z.device
+    sharded = counts is not None
+    counts = list(counts) if sharded else [z.shape[0]]
+    n = sum(counts)
+    lo = sum(counts[: rank_world()[0]]) if sharded else 0
+    col = z.sum(0, dtype=F64)
+    x = (z.to(F64) - (_reduce(col) if sharded else col) / n).to(dt)
+    m = x.shape[0]
     gamma = 1.0 / (2.0 * sigma * sigma)
     sq = x.square().sum(1)
 
-    dev = x.device
+    def tiles() -> Any:
+        """(rows a:b of this rank, global offset of the other block, K tile as float64) over every pair of blocks."""
+        blocks = row_blocks(x, counts, tile) if sharded else ((a, x[a:a + tile]) for a in range(0, m, tile))
+        for off, blk in blocks:
+            bsq = blk.square().sum(1)
+            for a in range(0, m, tile):
+                b = min(a + tile, m)
+                g = (x[a:b] @ blk.T).mul_(-2.0).add_(sq[a:b, None]).add_(bsq[None, :]).clamp_min_(0)
+                same = torch.arange(lo + a, lo + b, device=dev)[:, None] == torch.arange(off, off + blk.shape[0], device=dev)[None, :]
+                g.masked_fill_(same, 0.0)  # the diagonal: distance 0 exactly, K_aa = 1
+                yield a, b, off, g.mul_(-gamma).exp_().to(F64), same
 
-    def rows(a: int, b: int) -> torch.Tensor:
-        g = (x[a:b] @ x.T).mul_(-2.0).add_(sq[a:b, None]).add_(sq[None, :]).clamp_min_(0)
-        g[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)] = 0.0
-        return g.mul_(-gamma).exp_().to(F64)
-
-    r = torch.zeros(n, dtype=F64, device=dev)
-    for a in range(0, n, tile):
-        r[a:a + tile] = rows(a, min(a + tile, n)).sum(1)
-    s = float(r.sum())
-    mu = r / n
-    q = torch.zeros(n, dtype=F64, device=dev)
-    d = torch.zeros(n, dtype=F64, device=dev)
-    for a in range(0, n, tile):
-        b = min(a + tile, n)
-        kc = rows(a, b) - mu[a:b, None] - mu[None, :] + s / (n * n)
-        q[a:b] = kc.square().sum(1)
-        d[a:b] = kc[torch.arange(b - a, device=dev), torch.arange(a, b, device=dev)]
+    with _cka._matmul_precision(precision, dev):
+        r = torch.zeros(m, dtype=F64, device=dev)
+        for a, b, _, k, _ in tiles():
+            r[a:b] += k.sum(1)
+        s = float(_reduce(r.sum()) if sharded else r.sum())
+        mu = r / n
+        mu_all = gather_all(mu[:, None], counts)[:, 0] if sharded else mu
+        q = torch.zeros(m, dtype=F64, device=dev)
+        d = torch.zeros(m, dtype=F64, device=dev)
+        for a, b, off, k, same in tiles():
+            kc = k - mu[a:b, None] - mu_all[off:off + k.shape[1]][None, :] + s / (n * n)
+            q[a:b] += kc.square().sum(1)
+            d[a:b] += (kc * same).sum(1)
     # a centred Gram matrix has zero row sums, so the off-diagonal row sum is -diag
-    return _GramSummary(d, -d, q - d * d), float(q.sum())
+    sums = _GramSummary(d, -d, q - d * d).sums()
+    f2 = q.sum()
+    return (_reduce(sums) if sharded else sums), float(_reduce(f2) if sharded else f2)
 
 
 def _gamma_sf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -223,24 +276,28 @@ def _gamma_sf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
 
 
 def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, debiased: bool, sigma_frac: float,
-                 observed: torch.Tensor, cache: dict[Any, Any] | None = None,
-                 full: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 observed: torch.Tensor, cache: dict[Any, Any] | None = None, counts: Sequence[int] | None = None,
+                 precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(null_mean, null_sd, p) of CKA for all pairs from exact permutation moments + the gamma approximation.
 
     ``cache``: a dict shared between calls on the same embeddings (biased and debiased CKA of one kernel need
-    the same per-model summaries). ``full(z)``: all rows of a row-sharded model (one model at a time)."""
+    the same per-model summaries). ``counts``: the models are row-sharded under torch.distributed (rows per rank);
+    each summary is then computed from this rank's rows and all-reduced sums (:func:`_linear_summary`,
+    :func:`_rbf_summary`)."""
+    from pairscout.metrics.sharded_rows import sharded_median_sigma
+
     summ, norm2 = [], []
     for k, z in enumerate([*xs, *ys]):
-        key = (kernel, sigma_frac, k, len(xs))
+        key = (kernel, sigma_frac, precision, k, len(xs))
         if cache is not None and key in cache:
             s, f2 = cache[key]
         else:
-            z = full(z) if full is not None else z
             if kernel == "linear":
-                s, f2 = _linear_summary(z)
+                sums, f2 = _linear_summary(z, precision, counts)
             else:
-                s, f2 = _rbf_summary(z, _cka.median_sigma(z, sigma_frac))
-            s = s.parts()
+                sigma = sharded_median_sigma(z, counts, sigma_frac) if counts is not None else _cka.median_sigma(z, sigma_frac)
+                sums, f2 = _rbf_summary(z, sigma, precision=precision, counts=counts)
+            s = _parts(sums)
             if cache is not None:
                 cache[key] = (s, f2)
         summ.append(s)
@@ -296,9 +353,9 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         kwargs: the metric's own settings (``k``, ``preprocess``, ``sigma_frac``).
         sharded: ``xs``, ``ys`` are this rank's rows under torch.distributed (``observed`` required). The
             neighbour lists come from the sharded search (:func:`~pairscout.metrics.sharded_rows.sharded_neighbours`,
-            the single-process lists); each model's CKA moment summary is computed on its rows gathered on every
-            rank, one model at a time (O(n d) memory for that model; the same numbers as one process, computed on
-            every rank, not divided); ``method="permutation"`` gathers every model.
+            the single-process lists); each model's CKA moment summary comes from this rank's rows and all-reduced
+            sums (linear: feature-space sums; RBF: two passes over every rank's rows in blocks, the n row means of
+            K shared between them), the same numbers as one process; ``method="permutation"`` gathers every model.
 
     Example:
         >>> import torch
@@ -324,7 +381,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         if n < 5 or observed is None:
             raise MetricError(f"a sharded calibrated null needs the observed values and >= 5 rows (got {n}).",
                               fix="pass observed= and use more rows.")
-        full = lambda z: R.gather_all(z, counts)  # noqa: E731
+        full = lambda z: R.gather_all(z, counts)  # noqa: E731 - method="permutation" and measures without a null of their own
     else:
         n = check_same_rows({"xs": xs_t, "ys": ys_t}, min_rows=5, why="a calibrated null")
     if observed is None:
@@ -333,8 +390,8 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
     used = 0
     if metric in CKA_METRICS and method == "auto":
         kernel = "linear" if metric.startswith("cka_linear") else "rbf"
-        mean, sd, p = _cka_moments(xs_t, ys_t, kernel, metric.endswith("_debiased"),
-                                   float(kwargs.get("sigma_frac", 1.0)), observed, cache, full)
+        mean, sd, p = _cka_moments(xs_t, ys_t, kernel, metric.endswith("_debiased"), float(kwargs.get("sigma_frac", 1.0)),
+                                   observed, cache, counts if sharded else None, kwargs.get("precision"))
         how = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
     elif metric in NEIGHBOUR_METRICS:
         k = int(kwargs.get("k", 10))

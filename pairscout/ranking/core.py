@@ -219,7 +219,7 @@ def rank(
             "device": str(device),
             "metric_precision": precision,
             "distributed": {"world_size": world, "rows_per_rank": [(r + 1) * n_rows // world - r * n_rows // world for r in range(world)],
-                            "sharded": ("metric values, jackknife replicates, neighbour nulls; CKA null moments and unimodal "
+                            "sharded": ("metric values, jackknife replicates, CKA null moments, neighbour nulls; unimodal "
                                         "scores on one model's gathered rows at a time") if world > 1 else "none (one process)"},
             "torch_threads": torch.get_num_threads(),
             **provenance(command),

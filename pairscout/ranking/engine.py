@@ -15,12 +15,13 @@ of another rank's block at a time, sums all-reduced; :mod:`pairscout.metrics.sha
   the same sharded computation on the kept rows of every shard);
 * the permutation nulls of mutual k-NN / CKNNA (they need only the neighbour lists, found sharded and gathered:
   O(n k) per model);
+* the closed-form null moments of every CKA metric (per-model sums over rows, all-reduced; RBF shares the n row
+  means of its Gram matrix between two passes over the blocks: O(n) numbers, no features);
 * the verdict's near-duplicate check (screen on at most 512 gathered rows, then sharded linear CKA).
 
 Gathered, one model at a time (that model's rows on every rank, O(n d_k) memory, the single-process code and
-numbers, the work repeated on every rank rather than divided): the closed-form null moments of the CKA metrics
-(per-model summaries), the unimodal scores (k-NN accuracy, k-means). Measures other than the CKA family and the
-neighbour metrics (SVCCA, ...) gather every model.
+numbers, the work repeated on every rank rather than divided): the unimodal scores (k-NN accuracy, k-means).
+Measures other than the CKA family and the neighbour metrics (SVCCA, ...) gather every model.
 """
 
 from __future__ import annotations
