@@ -172,6 +172,10 @@ def test_probe_prints_tables_that_fit_100_columns_to_a_file(tmp_path, tiny_run):
         assert name in text  # never cut to "random-vi…"
     assert "…" not in "\n".join(table)
     assert "did the metric predict" in text and "R@1" in text and "SVCCA" in text and "Holm" in text
+    import re
+
+    assert re.search(r"read-out ± 95 % half-width \(binomial, \d+ held-out images\), chance 0\.\d{3}", text)
+    assert len(re.findall(r"│ +\d\.\d\d ± \d\.\d\d │", text)) == 4  # every probed pair's read-out with its half-width
     assert "CKNNA" not in "\n".join(line for line in table[:14])  # the probe table shows the primary measure only
     wide = (tmp_path / "wide.txt").read_text()
     assert "CKNNA" in wide and "computed by" in wide

@@ -107,6 +107,7 @@ def test_probe_and_align_refresh_the_report_with_their_sections(rank_run, tmp_pa
     assert r.exit_code == 0, r.output
     page = (rank_run / "report.html").read_text()
     assert 'id="probe"' in page and "spearman" in page and 'id="training"' not in page
+    assert "± 95 % (binomial," in page  # the read-out's uncertainty beside it
     target = json.loads((rank_run / "probe.json").read_text())["target"]  # zero-shot: the generated data has labels
     assert target == "zs_top1" and (rank_run / "plots" / f"probe_{target}_vs_cka_linear_debiased.svg").is_file()
     assert "verdict" in json.loads((rank_run / "rank.json").read_text())

@@ -128,7 +128,12 @@ def probe_table(res, wide: bool = False) -> Table:
     ranked = res.meta.get("measures_from_rank") or [m for m in res.metrics if m in MEASURES]
     measures = ranked if wide else [m for m in (primary,) if m]
     tgt = res.meta.get("target", "mean_r1")
-    caption = "R@1 i2t: image -> its captions; t2i: caption -> its image"
+    n_items, chance = int(res.meta.get("n_test_items") or 0), res.meta.get("chance")
+    caption = ""
+    if n_items:
+        caption = f"read-out ± 95 % half-width (binomial, {n_items} held-out images)"
+        caption += f", chance {chance:.3f}; " if chance is not None and chance == chance else "; "
+    caption += "R@1 i2t: image -> its captions; t2i: caption -> its image"
     if not wide:
         caption += "; --wide (or probe.csv) for every measure, R@5, loss and time"
     t = Table(title=L(f"linear probes ({res.meta['settings']['steps']} steps each), held-out read-out: {readout_label(tgt)} ({tgt})"),
@@ -145,7 +150,7 @@ def probe_table(res, wide: bool = False) -> Table:
         t.add_column(col, justify="right", no_wrap=True)
     for _, r in res.pairs.iterrows():
         cells = [ui.with_interval(r, m) if not wide else num(r.get(m)) for m in measures]
-        tail = [num(r.get(tgt)), num(r.get("i2t_r1")), num(r.get("t2i_r1"))]
+        tail = [_readout(r.get(tgt), n_items), num(r.get("i2t_r1")), num(r.get("t2i_r1"))]
         if wide:
             tail += [num(r.get("mean_r5")), num(r.get("final_loss")), f"{r['train_s']:.1f}"]
         head = [str(r.get("rank", ""))] + ([L(r.get("group", ""))] if wide else [])
@@ -153,6 +158,15 @@ def probe_table(res, wide: bool = False) -> Table:
                  for k in ("vision", "text")]  # a layer sweep's chosen layers, as rank shows them
         t.add_row(*head, L(names[0]), L(names[1]), *cells, *tail)
     return t
+
+
+def _readout(x, n_items: int) -> str:
+    """A proportion read on ``n_items`` held-out items with its 95 % half-width (binomial): ``0.96 ± 0.04``."""
+    from pairscout.ranking.verdict import binomial_se
+
+    if x is None or x != x:
+        return ""
+    return f"{x:.2f} ± {1.96 * binomial_se(float(x), n_items):.2f}" if n_items else num(x)
 
 
 def _signed(x) -> str:

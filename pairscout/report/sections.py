@@ -228,7 +228,13 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
                  ("spearman_p_holm", "p (Holm)"), ("spearman_p", "p"), ("kendall", "Kendall tau"), ("n_pairs", "pairs"), ("kind", "kind")]  # fmt: skip
     p_fmt = dict.fromkeys(("spearman_p", "spearman_p_holm", "kendall_p", "kendall_p_holm"), fmt_p)
     measures = [m for m in MEASURES if m in pairs]
+    n_items = int(meta.get("n_test_items") or 0)
+    if n_items and target in pairs:  # the read-out's uncertainty beside it: binomial on the held-out images
+        from pairscout.ranking.verdict import binomial_se
+
+        pairs[f"{target}_hw"] = [1.96 * binomial_se(float(x), n_items) if x == x else float("nan") for x in pairs[target]]
     pair_cols = [("rank", "#"), ("group", "group"), ("vision", "vision"), ("text", "text"), (target, f"{tlabel} (read-out)"),
+                 (f"{target}_hw", f"± 95 % (binomial, {n_items} images)"),
                  ("i2t_r1", "image->text R@1"), ("t2i_r1", "text->image R@1"), ("mean_r5", "mean R@5"),
                  *[(m, label(m)) for m in measures], ("final_loss", "final loss"), ("train_s", "seconds")]  # fmt: skip
     best = corr[corr["spearman"].notna()].head(1) if "spearman" in corr else corr
