@@ -8,8 +8,11 @@ are near-duplicates, and why, in words a researcher can act on.
 * **tied**: every pair not distinguishable from it by a **paired test on the delete-a-group jackknife
   replicates of the difference** (not by overlapping intervals): with ``d_g = theta_best(g) - theta_c(g)`` over
   the G replicates, ``se_d^2 = (G-1)/G sum_g (d_g - mean d)^2``, ``t = d / se_d`` with G - 1 degrees of freedom,
-  two-sided; tied when p > ``alpha`` (0.05). Both pairs are measured on the same rows in every replicate, so
-  the shared noise cancels and the test is much sharper than comparing intervals.
+  two-sided; tied when Holm's correction over the m - 1 comparisons leaves p > ``alpha`` (0.05): every pair
+  called distinguishable is a claim "the best is better than it", and Holm keeps the chance of any false such
+  claim below alpha (uncorrected, each truly tied pair would be dropped from the tied list 5 % of the time).
+  Both pairs are measured on the same rows in every replicate, so the shared noise cancels and the test is much
+  sharper than comparing intervals.
 * **duplicates**: two encoders of the same modality whose embeddings have linear CKA >= 0.99 with each
   other (e.g. MiniLM and its int8 copy). Each is listed once; both rows stay in the table; a pair that differs
   from the verdict's pair only by swapping an encoder for its duplicate is always listed as tied, so the
@@ -177,10 +180,15 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
     if est is not None and reps is not None and reps.shape[0] >= 2:
         for v, t in zip(pairs["vision"].iloc[1:], pairs["text"].iloc[1:], strict=True):
             r = paired_test(est, reps, b, (vi[v], ti[t]))
-            r.update({"pair": [v, t], "tied": bool(r["p"] > alpha)})
+            r["pair"] = [v, t]
             tests.append(r)
-            if r["tied"]:
-                tied.append((str(v), str(t)))
+        if tests:  # "X is better than Y" is claimed for every pair called distinguishable: Holm over those claims
+            from pairscout.metrics.calibration import holm
+
+            for r, ph in zip(tests, holm(np.array([r["p"] for r in tests])).tolist(), strict=True):
+                r.update({"p_holm": ph, "tied": bool(ph > alpha)})
+                if r["tied"]:
+                    tied.append((str(r["pair"][0]), str(r["pair"][1])))
     twin = {}
     for a, c, _ in duplicates:
         twin.setdefault(a, set()).add(c)
@@ -211,12 +219,14 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
     elif tied:
         n_t = len([p for p in tied if p not in dup_pairs])
         if n_t:
-            words.append(f"{n_t} other {'pair is' if n_t == 1 else 'pairs are'} not distinguishable from it (paired jackknife test, p > {alpha}): "
+            words.append(f"{n_t} other {'pair is' if n_t == 1 else 'pairs are'} not distinguishable from it (paired jackknife test, "
+                         f"Holm-corrected over {len(tests)} comparisons, p > {alpha}): "
                          f"{_pairs_str([p for p in tied if p not in dup_pairs][:6])}{' ...' if n_t > 6 else ''}.")
     elif len(pairs) == 1:
         words.append("It is the only pair ranked.")
     else:
-        words.append(f"Every other pair is distinguishably lower (paired jackknife test, p <= {alpha}).")
+        words.append(f"Every other pair is distinguishably lower (paired jackknife test, Holm-corrected over {len(tests)} "
+                     f"comparisons, p <= {alpha}).")
     for a, c, cka in duplicates:
         words.append(f"{a} and {c} are near-duplicates (linear CKA {cka:.3f} between them): the verdict prefers neither.")
     if len(tied) > len(dup_pairs) or (tied and est is not None):
