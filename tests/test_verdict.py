@@ -58,6 +58,31 @@ def test_verdict_with_planted_duplicate_and_tie():
     assert d["pair"] == list(best) and V.Verdict.from_dict(d).tied == ver.tied
 
 
+def test_tie_tests_are_holm_corrected_over_the_comparisons():
+    """Two pairs each just below the best with uncorrected p = 0.03 and 0.04: one comparison alone would call them
+    lower, but claiming both is two claims; Holm (0.06, 0.06) keeps them tied. A clear gap stays distinguishable."""
+    from scipy import stats
+
+    g = 10
+    base = np.linspace(-1.0, 1.0, g)
+    unit = base / np.sqrt((g - 1) / g * (base**2).sum())  # jackknife se of d * unit is exactly d-scale 1
+
+    def diff_for(p: float) -> float:  # the difference whose paired t-test with se 1 has two-sided p
+        return float(stats.t.isf(p / 2, df=g - 1))
+
+    d1, d2 = diff_for(0.03), diff_for(0.04)
+    est = np.array([[10.0, 10.0 - d1, 10.0 - d2, 0.0]])
+    reps = np.zeros((g, 1, 4))
+    reps[:, 0, 1], reps[:, 0, 2], reps[:, 0, 3] = unit, -unit, 0.01 * unit
+    pairs = _ranked(est, ["v"], ["a", "b", "c", "d"]).rename(columns={"m": "cka"})
+    ver = V.decide(pairs, "cka", est, reps, ["v"], ["a", "b", "c", "d"])
+    by = {tuple(r["pair"]): r for r in ver.tests}
+    assert by[("v", "b")]["p"] == pytest.approx(0.03, rel=1e-6) and by[("v", "c")]["p"] == pytest.approx(0.04, rel=1e-6)
+    assert by[("v", "b")]["p_holm"] == pytest.approx(0.06, rel=1e-6) and by[("v", "c")]["p_holm"] == pytest.approx(0.06, rel=1e-6)
+    assert ver.tied == [("v", "c"), ("v", "b")] and not by[("v", "d")]["tied"]  # in rank order
+    assert "Holm-corrected over 3 comparisons" in ver.reason
+
+
 def test_paired_test_is_sharper_than_overlapping_intervals():
     """Two pairs whose intervals overlap widely but whose difference is consistent across replicates."""
     base = np.linspace(0.0, 0.2, 10)  # shared noise across replicates
