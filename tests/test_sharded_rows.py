@@ -44,10 +44,12 @@ CASES = [("cka_rbf", {}), ("cka_rbf_debiased", {}), ("mutual_knn", {"k": 5}), ("
 
 
 def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> None:
-    if tiny:  # similarity blocks recomputed in every pass, in tiles of a few rows
+    if tiny:  # similarity blocks recomputed in every pass, in tiles of a few rows; RBF blocks in chunks of 16 rows
         import pairscout.metrics.knn as knn
+        import pairscout.metrics.sharded_rows as R
 
         knn.SIM_TILE_BYTES = 16 * 1024  # < 78 x 157 x 4 bytes: nothing kept
+        R.CHUNK_ROWS = 16
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     try:
         xs, ys = _data()
@@ -61,14 +63,17 @@ def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> Non
 
 
 @pytest.mark.parametrize(("cuts", "tiny"), [([0, 78, 157], False), ([0, 150, 157], False), ([0, 157, 157], False),
-                                           ([0, 78, 157], True)])
-def test_two_ranks_equal_one_process(tmp_path, cuts, tiny):
-    mp.spawn(_worker, args=(2, str(tmp_path), cuts, tiny), nprocs=2, join=True)
+                                           ([0, 78, 157], True), ([0, 40, 97, 157], True), ([0, 50, 50, 157], True)])
+def test_ranks_equal_one_process(tmp_path, cuts, tiny):
+    """2 and 3 processes, even, uneven and empty shards: the RBF blocks of two ranks are formed once (by one rank, or
+    split in half for ranks W / 2 apart) and the neighbour lists are the single process's."""
+    world = len(cuts) - 1
+    mp.spawn(_worker, args=(world, str(tmp_path), cuts, tiny), nprocs=world, join=True)
     xs, ys = _data()
     want = [_single(name, xs, ys, **kw) for name, kw in CASES]
     ref = nearest_neighbours(ys[2], 5)
     assert ref.weights is not None  # the duplicated rows do tie
-    for rank in (0, 1):
+    for rank in range(world):
         got = torch.load(tmp_path / f"r{rank}.pt")
         for (name, _), g, w in zip(CASES, got["values"], want, strict=True):
             if name.startswith("cka"):
@@ -153,3 +158,32 @@ def test_sharded_nulls_and_duplicate_check_equal_one_process(tmp_path):
                 assert torch.allclose(a, b, rtol=tol, atol=1e-12, equal_nan=True), (m, kw, a, b)
         assert got["cka_gathered"] and all(shape[1] == 1 for shape in got["cka_gathered"])  # row means only
         assert [d[:2] for d in got["dups"]] == [("a", "a2")] and abs(got["dups"][0][2] - dups[0][2]) < 1e-9
+
+
+@pytest.mark.parametrize("counts", [[78, 79], [40, 57, 60], [30, 30, 30, 30], [16, 0, 50, 33, 20], [0, 100]])
+def test_rbf_blocks_are_formed_once_and_evenly(counts):
+    """Every ordered pair of rows (a, b) of different ranks is covered by exactly one formed tile, in one of its two
+    orders; every rank forms its own block; no rank forms much more than the others."""
+    from pairscout.metrics.sharded_rows import _block_rows
+
+    chunk, n = 16, sum(counts)
+    starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    cover = torch.zeros(n, n, dtype=torch.long)
+    work = []
+    for me in range(len(counts)):
+        formed = 0
+        for src in range(len(counts)):
+            for at in range(0, counts[src], chunk):
+                first = _block_rows(me, src, at, counts, chunk)
+                if first is None:
+                    continue
+                rows = slice(starts[me] + first, starts[me + 1])
+                cols = slice(starts[src] + at, starts[src] + min(at + chunk, counts[src]))
+                cover[rows, cols] += 1
+                if src != me:
+                    cover[cols, rows] += 1
+                formed += (rows.stop - rows.start) * (cols.stop - cols.start)
+        work.append(formed)
+    assert torch.equal(cover, torch.ones(n, n, dtype=torch.long))
+    if len(set(counts)) == 1:  # equal shards: equal work, within one chunk's rows
+        assert max(work) - min(work) <= chunk * counts[0]

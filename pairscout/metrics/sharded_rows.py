@@ -11,9 +11,10 @@ one chunk of someone else's at any moment (no home-made transport; NCCL on GPUs,
   against every row (``K[a, b] = exp(-gamma ||z_a - z_b||^2)``, products in the chosen precision, every sum in
   float64), accumulates both, and one ``all_reduce`` of ``<K~_k, K~_l>``, ``sum_a r_k[a] r_l[a]`` and
   ``sum_a r_k[a]`` gives every HSIC formula of :mod:`pairscout.metrics.cka` (biased: ``<K, L> = <K~, L~> + n``,
-  ``K1 = r + 1``). Each unordered pair of rows is formed twice (once on each owner's side), twice the
-  arithmetic of the single process's upper triangle, spread over ``world`` ranks. Bandwidths: the median
-  heuristic on the same rows as one process (:func:`sharded_median_sigma`, at most 2,048 rows gathered).
+  ``K1 = r + 1``). Each block of two ranks' rows is formed once, by one of them, and stands for its transpose
+  too (:func:`_block_rows` divides the blocks evenly); the row sums it gives to the other rank's rows go into an
+  n-vector per model that one ``all_reduce`` completes. Bandwidths: the median heuristic on the same rows as
+  one process (:func:`sharded_median_sigma`, at most 2,048 rows gathered).
 * **Neighbour lists** (:func:`sharded_neighbours`): the preprocessing's clip threshold is the mean of the
   per-row quantiles of all rows (n numbers exchanged); each rank finds the k nearest rows of its own rows among
   all rows in passes over the blocks (a running ``topk``; then the tie counts against the k-th similarity; then,
@@ -111,8 +112,36 @@ def sharded_median_sigma(z: torch.Tensor, counts: Sequence[int], sigma_frac: flo
     return _median_sigma(gather_rows(z, idx, counts), sigma_frac, max_rows=max_rows, seed=seed)
 
 
+def _block_rows(me: int, src: int, at: int, counts: Sequence[int], chunk: int) -> int | None:
+    """Which of this rank's rows form tiles with the chunk of rank ``src``'s rows starting ``at`` rows into its block:
+    the first of them (``0``: all; the rest of this rank's rows follow), or None.
+
+    Every unordered pair of rows is formed once over all ranks, and each rank forms about as many as the others:
+    a rank forms its own block against itself, and the block of ranks r and s (r != s) is formed by r when
+    ``(s - r) mod W < W / 2``, by s when it is > W / 2, and, for ``W / 2`` (W even), half by each: the lower rank
+    forms its rows against the first half of the higher rank's chunks, the higher rank forms its rows from that
+    same boundary on against all of the lower rank's rows."""
+    world = len(counts)
+    if src == me:
+        return 0
+    delta = (src - me) % world
+    if 2 * delta < world:
+        return 0
+    if 2 * delta > world:
+        return None
+
+    def boundary(r: int) -> int:  # the first row of rank r's second half of chunks
+        chunks = -(-counts[r] // chunk)
+        return chunk * -(-chunks // 2)
+
+    if me < src:
+        return 0 if at < boundary(src) else None
+    b = boundary(me)
+    return b if b < counts[me] else None
+
+
 def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], debiased: bool = False, *,
-                     sigma_frac: float = 1.0, precision: str = "float64", chunk: int = CHUNK_ROWS) -> HSICResult:
+                     sigma_frac: float = 1.0, precision: str = "float64", chunk: int | None = None) -> HSICResult:
     """RBF HSIC of every (x, y) pair and every model with itself from this rank's rows (module docstring).
 
     Args:
@@ -147,12 +176,19 @@ def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], deb
     zall = torch.cat(zc, 1) if n_local else torch.zeros(0, offs[-1], dtype=cdt, device=dev)
     sq = [z.square().sum(1) for z in zc]
     tile = max(256, int(math.sqrt(TILE_BYTES / (8 * nz))) // 128 * 128)
+    ch = min(chunk or CHUNK_ROWS, tile)
     gsum = torch.zeros(nz, nz, dtype=F64, device=dev)
-    rows_off = torch.zeros(nz, n_local, dtype=F64, device=dev)
+    rows_off = torch.zeros(nz, n, dtype=F64, device=dev)  # every row's off-diagonal row sum, filled by whoever forms it
+    starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
     with _matmul_precision(precision, dev):
-        for off, blk in row_blocks(zall, counts, min(chunk, tile)):
+        for off, blk in row_blocks(zall, counts, ch):
             bs = blk.shape[0]
-            for a in range(0, n_local, tile):
+            src = max(i for i in range(len(counts)) if starts[i] <= off and counts[i])
+            mine = _block_rows(rank_world()[0], src, off - starts[src], counts, ch)
+            if mine is None:
+                continue
+            twice = src != rank_world()[0]  # a block of two ranks is formed once and stands for its transpose too
+            for a in range(mine, n_local, tile):
                 ea = min(a + tile, n_local)
                 stack = torch.empty(nz, (ea - a) * bs, dtype=F64, device=dev)
                 same = torch.arange(lo + a, lo + ea, device=dev)[:, None] == torch.arange(off, off + bs, device=dev)[None, :]
@@ -160,10 +196,13 @@ def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], deb
                     b = blk[:, offs[k]:offs[k + 1]]
                     g = (zc[k][a:ea] @ b.T).mul_(-2.0).add_(sq[k][a:ea, None]).add_(b.square().sum(1)[None, :]).clamp_min_(0)
                     g.mul_(-gammas[k]).exp_().masked_fill_(same, 0.0)  # off-diagonal entries only; K_aa = 1 added below
-                    rows_off[k, a:ea] += g.sum(1, dtype=F64)
+                    rows_off[k, lo + a:lo + ea] += g.sum(1, dtype=F64)
+                    if twice:
+                        rows_off[k, off:off + bs] += g.sum(0, dtype=F64)
                     stack[k] = g.reshape(-1)
-                gsum.addmm_(stack, stack.T)
+                gsum.addmm_(stack, stack.T, alpha=2.0 if twice else 1.0)
     _reduce(gsum)
+    _reduce(rows_off)
     first = gather_rows(torch.cat(list(mats), 1) if n_local else torch.zeros(0, offs[-1], device=dev), torch.zeros(1, dtype=torch.long), counts)
     const = torch.tensor([bool((z == first[:, offs[k]:offs[k + 1]].to(z.dtype)).all()) if n_local else True
                           for k, z in enumerate(mats)], dtype=torch.long, device=dev)
@@ -173,8 +212,7 @@ def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], deb
             side, pos = ("xs", k) if k < m else ("ys", k - m)
             raise MetricError(f"{side}[{pos}] has constant features (every column has zero variance); CKA is undefined.",
                               fix="drop that model or check that its encoder produced real embeddings.")
-    red = _reduce(torch.cat([(rows_off @ rows_off.T).reshape(-1), rows_off.sum(1)]))
-    dot_off, s_off = red[: nz * nz].reshape(nz, nz), red[nz * nz:]
+    dot_off, s_off = rows_off @ rows_off.T, rows_off.sum(1)  # global rows on every rank: no further sum
 
     def hsic(ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         so, ra, rb = dot_off[ia][:, ib], s_off[ia], s_off[ib]
