@@ -126,6 +126,29 @@ def test_rank_table_fits_100_columns_with_full_names(tiny_run):
     assert "mutual k-NN" in wide.export_text() and "mutual k-NN" not in text
 
 
+def test_zoo_show_fits_100_columns_with_whole_ids(runner, monkeypatch):
+    """At 100 columns every id of the shipped zoos is on one line, and a column no row fills is left out."""
+    from rich.console import Console
+
+    from pairscout.cli import _ui as ui
+    from pairscout.zoo.registry import get_zoo
+
+    monkeypatch.setenv("COLUMNS", "100")  # an explicit COLUMNS is obeyed, not widened for a pipe
+    shown = {}
+    for name in ("offline", "standard"):
+        console = Console(width=100, highlight=False, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        monkeypatch.setattr(ui, "out", console)
+        r = runner.invoke(app, ["zoo", "show", name])
+        assert r.exit_code == 0, r.output
+        shown[name] = console.export_text()
+        lines = shown[name].splitlines()
+        assert max(len(line) for line in lines) <= 100
+        for e in get_zoo(name).encoders:
+            assert any(e.id in line for line in lines), e.id
+    assert "revision" not in shown["offline"]  # no offline encoder pins one
+    assert "revision 8b3219a92973" in shown["standard"]
+
+
 def test_progress_lines_when_not_a_terminal(runner, tiny_run):
     run, cache = tiny_run
     r = runner.invoke(app, ["rank", "--vision-zoo", TINY_VISION, "--text-zoo", TINY_TEXT, "--data", TINY_DATA, "--n", "40",
