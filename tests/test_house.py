@@ -149,6 +149,27 @@ def test_zoo_show_fits_100_columns_with_whole_ids(runner, monkeypatch):
     assert "revision 8b3219a92973" in shown["standard"]
 
 
+def test_align_says_which_pair_in_one_line(runner, tiny_run, tmp_path):
+    """align names the pair it trains and why in one line, not the rank run's verdict paragraph again."""
+    run, cache = tiny_run
+    verdict = json.loads((run / "rank.json").read_text())["verdict"]
+    (v, t), n_tied = verdict["pair"], len(verdict["tied"])
+    common = ["--steps", "2", "--batch-size", "8", "--out-dim", "8", "--head", "linear", "--cache-dir", str(cache), "--device", "cpu",
+              "--no-zero-shot"]  # fmt: skip
+    r = runner.invoke(app, ["align", str(run), *common, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.output.splitlines() if line.startswith("aligning")]
+    assert len(said) == 1 and said[0].startswith(f"aligning the verdict's pair {v} x {t} of {run}: ranked first"), r.output
+    assert ("no better than shuffled pairings" in said[0]) == (verdict["above_chance"] is False)
+    assert (f"tied with {n_tied} other pair" in said[0] and f"`pairscout probe {run}`" in said[0]) if n_tied else "tied" not in said[0]
+    assert verdict["reason"].split(". ")[0] not in r.output  # the paragraph is rank's to print
+    other = ("pixels", "tfidf") if (v, t) != ("pixels", "tfidf") else ("random-vision", "tfidf")
+    r = runner.invoke(app, ["align", str(run), "--pair", ",".join(other), *common, "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.output.splitlines() if line.startswith("aligning")]
+    assert said == [f"aligning {other[0]} x {other[1]} (--pair); the verdict of {run} is {v} x {t}"]
+
+
 def test_progress_lines_when_not_a_terminal(runner, tiny_run):
     run, cache = tiny_run
     r = runner.invoke(app, ["rank", "--vision-zoo", TINY_VISION, "--text-zoo", TINY_TEXT, "--data", TINY_DATA, "--n", "40",
