@@ -126,6 +126,50 @@ def test_rank_table_fits_100_columns_with_full_names(tiny_run):
     assert "mutual k-NN" in wide.export_text() and "mutual k-NN" not in text
 
 
+def test_zoo_show_fits_100_columns_with_whole_ids(runner, monkeypatch):
+    """At 100 columns every id of the shipped zoos is on one line, and a column no row fills is left out."""
+    from rich.console import Console
+
+    from pairscout.cli import _ui as ui
+    from pairscout.zoo.registry import get_zoo
+
+    monkeypatch.setenv("COLUMNS", "100")  # an explicit COLUMNS is obeyed, not widened for a pipe
+    shown = {}
+    for name in ("offline", "standard"):
+        console = Console(width=100, highlight=False, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        monkeypatch.setattr(ui, "out", console)
+        r = runner.invoke(app, ["zoo", "show", name])
+        assert r.exit_code == 0, r.output
+        shown[name] = console.export_text()
+        lines = shown[name].splitlines()
+        assert max(len(line) for line in lines) <= 100
+        for e in get_zoo(name).encoders:
+            assert any(e.id in line for line in lines), e.id
+    assert "revision" not in shown["offline"]  # no offline encoder pins one
+    assert "revision 8b3219a92973" in shown["standard"]
+
+
+def test_align_says_which_pair_in_one_line(runner, tiny_run, tmp_path):
+    """align names the pair it trains and why in one line, not the rank run's verdict paragraph again."""
+    run, cache = tiny_run
+    verdict = json.loads((run / "rank.json").read_text())["verdict"]
+    (v, t), n_tied = verdict["pair"], len(verdict["tied"])
+    common = ["--steps", "2", "--batch-size", "8", "--out-dim", "8", "--head", "linear", "--cache-dir", str(cache), "--device", "cpu",
+              "--no-zero-shot"]  # fmt: skip
+    r = runner.invoke(app, ["align", str(run), *common, "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.output.splitlines() if line.startswith("aligning")]
+    assert len(said) == 1 and said[0].startswith(f"aligning the verdict's pair {v} x {t} of {run}: ranked first"), r.output
+    assert ("no better than shuffled pairings" in said[0]) == (verdict["above_chance"] is False)
+    assert (f"tied with {n_tied} other pair" in said[0] and f"`pairscout probe {run}`" in said[0]) if n_tied else "tied" not in said[0]
+    assert verdict["reason"].split(". ")[0] not in r.output  # the paragraph is rank's to print
+    other = ("pixels", "tfidf") if (v, t) != ("pixels", "tfidf") else ("random-vision", "tfidf")
+    r = runner.invoke(app, ["align", str(run), "--pair", ",".join(other), *common, "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.output.splitlines() if line.startswith("aligning")]
+    assert said == [f"aligning {other[0]} x {other[1]} (--pair); the verdict of {run} is {v} x {t}"]
+
+
 def test_progress_lines_when_not_a_terminal(runner, tiny_run):
     run, cache = tiny_run
     r = runner.invoke(app, ["rank", "--vision-zoo", TINY_VISION, "--text-zoo", TINY_TEXT, "--data", TINY_DATA, "--n", "40",

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -158,15 +159,34 @@ def test_combined_report_labels_each_run_and_plots_no_single_point(two_runs, tmp
     assert plots.curves([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}], "step", ["loss"], "t") is None
 
 
+def _with_published_source(runs: tuple[Path, Path, Path], dest: Path) -> list[Path]:
+    """Copies of ``runs`` whose first text encoder of run alpha carries the published MTEB row of all-MiniLM-L6-v2:
+    the weight-free encoders have none, and that row's source (a path of ~185 characters) is the widest cell a
+    real unimodal table holds."""
+    from pairscout.metrics.published import published_mteb
+
+    root = runs[0].parent
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("cache"))
+    copies = [dest / p.relative_to(root) for p in runs]
+    models_file = copies[0] / "models.parquet"
+    models = pd.read_parquet(models_file)
+    pub = published_mteb("all-MiniLM-L6-v2")
+    row = models.index[models["modality"] == "text"][0]
+    models.loc[row, ["published_score", "published_metric", "published_source"]] = [pub.score, pub.metric, pub.source]
+    models.to_parquet(models_file)
+    return copies
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (apt-get install chromium)")
 def test_report_at_three_widths_no_overflow_sticky_names_labels_apart(two_runs, tmp_path):
     """Screenshots at 800, 1300 and 1920 px: no page-level horizontal overflow, the verdict above the fold, the
-    ranking table's name columns still in view after scrolling it sideways, plot labels that do not overlap, type
-    no smaller than 10 px, figures side by side only where there is room."""
+    ranking table's name columns still in view after scrolling it sideways, every column of the unimodal table in
+    view once scrolled (a published source is a long path), plot labels that do not overlap, type no smaller than
+    10 px, figures side by side only where there is room."""
     assert CHROMIUM is not None, "CI must run the browser test: .ci/run installs chromium"
     from playwright import sync_api
 
-    path = build_report(list(two_runs), tmp_path / "r.html")
+    path = build_report(_with_published_source(two_runs, tmp_path / "two"), tmp_path / "r.html")
     seen: dict[int, dict] = {}
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
@@ -222,6 +242,19 @@ def test_report_at_three_widths_no_overflow_sticky_names_labels_apart(two_runs, 
                 }""")
                 assert all(inside and on_top for inside, on_top in state["names"]), state
                 assert state["moved"] < before - 50
+            # the unimodal tables scrolled to their right end: each last cell whole, beside the sticky encoder column
+            page.evaluate("() => document.querySelectorAll('#unimodal .tablewrap').forEach(w => { w.scrollLeft = w.scrollWidth; })")
+            page.wait_for_timeout(100)
+            last = page.evaluate("""() => [...document.querySelectorAll('#unimodal .tablewrap')].flatMap(w => {
+              const box = w.getBoundingClientRect();
+              return [...w.querySelectorAll('tr')].map(row => {
+                const name = row.cells[0].getBoundingClientRect(), cell = row.cells[row.cells.length - 1];
+                const b = cell.getBoundingClientRect();
+                return {text: cell.textContent.length, clear: b.left >= name.right - 1, inside: b.right <= box.right + 1};
+              });
+            })""")
+            assert max(c["text"] for c in last) > 100  # the long source is there: the test means something
+            assert all(c["clear"] and c["inside"] for c in last), (width, last)
             page.screenshot(path=str(tmp_path / f"report_{width}.png"), full_page=True)
             page.close()
         browser.close()

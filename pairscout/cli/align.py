@@ -273,11 +273,10 @@ def align(
                              optimizer=optimizer, lr=lr, weight_decay=weight_decay, batch_size=batch_size, steps=steps, epochs=epochs,
                              warmup=warmup, grad_clip=grad_clip or None, captions=captions, seed=seed, device=device or TRAIN.device,
                              eval_every=eval_every, checkpoint_every=checkpoint_every)  # fmt: skip
-        if chosen is None and run is not None:
+        if run is not None:
             from pairscout.ranking import RankResult
 
-            (v, t), why = RankResult.load(run).recommended()
-            ui.say(f"aligning the verdict's pair {v} x {t}: {why}")
+            ui.say(_which_pair(RankResult.load(run), run, chosen))
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
         with ui.progress() as rep:
@@ -300,6 +299,30 @@ def align(
             payload = {"model": str(res.out) if res.out else None, "vision": res.model.vision_spec.name, "text": res.model.text_spec.name,
                        "metrics": res.metrics, "train": res.train.summary()}  # fmt: skip
             ui.out.print_json(json.dumps(payload, default=str))
+
+
+def _which_pair(rank, run: Path, chosen: tuple[str, str] | None) -> str:
+    """One line on the pair align trains and why: the verdict's full reason was printed by rank (and is in the
+    report), so repeating it here buried the one thing align adds, which pair; ties and a verdict no better than
+    chance stay visible because they are reasons not to trust the choice."""
+    verdict = rank.meta.get("verdict")
+    if chosen is not None:
+        line = f"aligning {chosen[0]} x {chosen[1]} (--pair)"
+        if verdict and tuple(verdict["pair"]) != chosen:
+            line += f"; the verdict of {run} is {verdict['pair'][0]} x {verdict['pair'][1]}"
+        return line
+    if not verdict:
+        v, t = rank.best()
+        return f"aligning the best-ranked pair {v} x {t} ({run} has no verdict)"
+    v, t = verdict["pair"]
+    why = "the probe's best of the pairs the metrics tied" if verdict.get("source") == "probe" else "ranked first"
+    if verdict.get("above_chance") is False:
+        why += ", but no better than shuffled pairings"
+    n = len(verdict.get("tied", []))
+    if n:
+        others = f"{n} other pair{'s' if n > 1 else ''}"
+        why += f"; still tied with {others} after the probe" if "verdict_rank" in rank.meta else f"; tied with {others} (`pairscout probe {run}` separates them)"
+    return f"aligning the verdict's pair {v} x {t} of {run}: {why}"
 
 
 def _align_table(res) -> Table:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -28,6 +29,9 @@ from pairscout.cli._options import (
     WorkersOpt,
 )
 from pairscout.cli._ui import literal as L
+
+if TYPE_CHECKING:
+    from pairscout.zoo.registry import Zoo
 
 zoo_app = typer.Typer(help="List and inspect model zoos.", no_args_is_help=True)
 cache_app = typer.Typer(help="Inspect and clear the embedding cache.", no_args_is_help=True)
@@ -55,13 +59,42 @@ def zoo_show(name: Annotated[str, typer.Argument(help="Zoo name or TOML path.")]
 
     with ui.user_errors():
         z = load_zoo_file(name) if name.endswith(".toml") else get_zoo(name)
-        table = Table(title=L(f"zoo {z.name}: {z.description}"))
-        for col in ("name", "id", "modality", "revision", "pooling", "dim", "params (M)", "license"):
-            table.add_column(col, overflow="fold")
-        for e in z.encoders:
-            pooling = e.pooling + (f", layer {e.layer}" if e.layer is not None else "") + (f", layers {e.layers}" if e.layers is not None else "")
-            table.add_row(*(L(x) for x in (e.name, e.id, e.modality, e.revision or "", pooling, e.dim or "", e.params_m or "", e.license or "")))
-        ui.out.print(table)
+        ui.out.print(L(f"zoo {z.name}: {z.description}"))
+        for table in zoo_tables(z):
+            ui.out.print(table)
+
+
+def zoo_tables(z: Zoo) -> list[Table]:
+    """One table per modality of zoo ``z``.
+
+    Name, id and revision share the first column as short lines (three side-by-side columns left the id
+    ~15 characters at 100 columns, folded mid-word), pinned commit shas are shown as their first 12
+    characters, and a column that every row of the table leaves empty is left out: the shipped zoos fit
+    100 columns with every id whole. On a narrower console that first column folds before the others.
+    """
+    tables = []
+    for modality in ("vision", "text"):
+        specs = z.of(modality)
+        if not specs:
+            continue
+        short = [e.revision[:12] if e.revision and re.fullmatch(r"[0-9a-f]{40}", e.revision) else e.revision for e in specs]
+        rows = [
+            (Text.assemble((e.name, "bold"), "\n", e.id, *(("\nrevision ", rev) if rev else ())),
+             L(e.pooling + (f", layer {e.layer}" if e.layer is not None else "") + (f", layers {e.layers}" if e.layers is not None else "")),
+             str(e.dim or ""), str(e.params_m or ""), L(e.license or ""))
+            for e, rev in zip(specs, short, strict=True)
+        ]  # fmt: skip
+        caption = "revision: first 12 characters of the pinned commit" if short != [e.revision for e in specs] else None
+        table = Table(title=f"{len(specs)} {modality} encoder{'s' if len(specs) > 1 else ''}", caption=caption, show_lines=True)
+        columns = [("name, id" + (", revision" if any(short) else ""), {"overflow": "fold"}), ("pooling", {}), ("dim", {"justify": "right", "no_wrap": True}),
+                   ("params\n(M)", {"justify": "right", "no_wrap": True}), ("license", {"no_wrap": True})]  # fmt: skip
+        keep = [i for i in range(len(columns)) if i == 0 or any(str(row[i]) for row in rows)]
+        for i in keep:
+            table.add_column(columns[i][0], **columns[i][1])
+        for row in rows:
+            table.add_row(*(row[i] for i in keep))
+        tables.append(table)
+    return tables
 
 
 def encode(

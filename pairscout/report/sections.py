@@ -66,16 +66,19 @@ def _key(v: Any) -> Any:
 
 
 def table(df: pd.DataFrame, columns: list[tuple[str, str]], *, sticky: int = 0, formats: dict[str, Any] | None = None,
-          keys: dict[str, str] | None = None) -> dict[str, Any]:
+          keys: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> dict[str, Any]:
     """Rows of cell texts plus raw sort keys for the template's sortable tables. ``columns``: (column, header);
     ``sticky``: how many leading columns stay in view while the table scrolls sideways; ``keys``: a column whose
-    values sort another (an interval's text sorts by its lower end). Numeric columns are right-aligned (``num``)."""
+    values sort another (an interval's text sorts by its lower end); ``wrap``: columns of prose or paths whose
+    cells wrap at a bounded width (``long``): on one line such a cell can be wider than the window beside the sticky
+    columns, and scrolling never shows all of it. Numeric columns are right-aligned (``num``)."""
     cols = [(c, h) for c, h in columns if c in df]
     keys = keys or {}
     num = {c: pd.api.types.is_numeric_dtype(df[keys.get(c, c)]) and not pd.api.types.is_bool_dtype(df[c]) for c, _ in cols}
     rows = []
     for _, r in df.iterrows():
-        rows.append([{"text": (formats or {}).get(c, fmt)(r[c]), "key": _key(r[keys.get(c, c)]), "num": num[c]} for c, _ in cols])
+        rows.append([{"text": (formats or {}).get(c, fmt)(r[c]), "key": _key(r[keys.get(c, c)]), "num": num[c], "long": c in wrap}
+                     for c, _ in cols])
     return {"headers": [h for _, h in cols], "rows": rows, "sticky": sticky}
 
 
@@ -142,7 +145,7 @@ def rank_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
         "data": _describe_dataset(res.meta.get("dataset", {}), st.get("n")),
         "n_pairs": len(res.pairs),
         "pairs": table(pairs, cols, sticky=3, formats=formats, keys=keys),
-        "models": table(models, list(MODEL_HEADERS.items()), sticky=1),
+        "models": table(models, list(MODEL_HEADERS.items()), sticky=1, wrap=("published_metric", "published_source")),
         "heatmaps": figs,
         "unimodal": unimodal,
         "failures": res.meta.get("failures", {}),
