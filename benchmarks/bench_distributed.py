@@ -125,9 +125,9 @@ def main() -> None:
         table += (f"| {r['metric']} | {r['one_process_all_cores_s']:.2f} | {r['one_process_1_thread_s']:.2f} | {r['sharded_s']:.2f} "
                   f"| {'yes, bit for bit' if r['equal'] else ('yes (<= 1e-8)' if r['agrees'] else 'NO')} | {r['max_abs_diff']:.1e} |\n")
     notes = ("\nAgreement: CKA within 1e-8 (float64 sums in another order), the k-NN metrics bit for bit. The sharded RBF "
-             "forms each unordered pair of rows on both owners' sides (2x the arithmetic of the single process's upper "
-             "triangle), and the neighbour search adds a pass over the blocks (the kept similarities recomputed exactly), "
-             "so on one machine the gain is the memory per process (1/N of the rows), not the time; a time gain needs "
+             "forms each block of two processes' rows once (the blocks divided evenly between the processes) and each "
+             "process's own block whole; the neighbour search adds a pass over the blocks (the kept similarities "
+             "recomputed exactly) and every block is broadcast to every process, so on one machine the gain is the memory per process (1/N of the rows), not the time; a time gain needs "
              "more cores or machines than one process can use.\n")
     if load and load[0] > cores:
         notes += (f"\nLoad average {load[0]:.1f} on {cores} cores at the start: other jobs shared the machine, so the times "
