@@ -168,6 +168,8 @@ def test_align_says_which_pair_in_one_line(runner, tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     said = [line for line in r.output.splitlines() if line.startswith("aligning")]
     assert said == [f"aligning {other[0]} x {other[1]} (--pair); the verdict of {run} is {v} x {t}"]
+    r = runner.invoke(app, ["align", str(run), "--pair", "nosuch,tfidf", *common, "-o", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "nosuch" in r.output and "aligning" not in r.output  # no claim before the error
 
 
 def test_progress_lines_when_not_a_terminal(runner, tiny_run):

@@ -276,7 +276,9 @@ def align(
         if run is not None:
             from pairscout.ranking import RankResult
 
-            ui.say(_which_pair(RankResult.load(run), run, chosen))
+            line = _which_pair(RankResult.load(run), run, chosen)
+            if line:
+                ui.say(line)
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
         with ui.progress() as rep:
@@ -306,6 +308,8 @@ def _which_pair(rank, run: Path, chosen: tuple[str, str] | None) -> str:
     report), so repeating it here buried the one thing align adds, which pair; ties and a verdict no better than
     chance stay visible because they are reasons not to trust the choice."""
     verdict = rank.meta.get("verdict")
+    if chosen is not None and tuple(chosen) not in set(zip(rank.pairs["vision"], rank.pairs["text"], strict=True)):
+        return ""  # not a pair of the run: align's own one-line error follows, nothing is aligned
     if chosen is not None:
         line = f"aligning {chosen[0]} x {chosen[1]} (--pair)"
         if verdict and tuple(verdict["pair"]) != chosen:
@@ -321,7 +325,7 @@ def _which_pair(rank, run: Path, chosen: tuple[str, str] | None) -> str:
     n = len(verdict.get("tied", []))
     if n:
         others = f"{n} other pair{'s' if n > 1 else ''}"
-        why += f"; still tied with {others} after the probe" if "verdict_rank" in rank.meta else f"; tied with {others} (`pairscout probe {run}` separates them)"
+        why += f"; still tied with {others} after the probe" if "verdict_rank" in rank.meta else f"; tied with {others} (`pairscout probe {run}` can separate them)"
     return f"aligning the verdict's pair {v} x {t} of {run}: {why}"
 
 
