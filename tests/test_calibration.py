@@ -97,3 +97,23 @@ def test_neighbour_null_equals_recomputation_with_ties():
     for metric, fn in (("mutual_knn", lambda: C._mutual_knn_null(nxs, nys, perms)), ("cknna", lambda: C._cknna_null(nxs, nys, perms, n))):
         slow = torch.stack([pair_metric(metric, xs, [y[p] for y in ys], k=5) for p in perms])
         assert torch.allclose(fn(), slow, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["mutual_knn", "cknna"])
+def test_monte_carlo_p_is_not_floored_by_the_permutations(metric):
+    """A strong pair among many: its Monte-Carlo p sits at 1 / (B + 1), which Holm over the pairs would floor at
+    pairs / (B + 1); the fitted tail resolves it, and where >= 10 permutations reach the value p is the MC p."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    s = torch.randn(n, 6, generator=g)
+    xs = [s @ torch.randn(6, 16, generator=g) + 0.3 * torch.randn(n, 16, generator=g) for _ in range(3)]
+    ys = [s @ torch.randn(6, 12, generator=g) + 0.3 * torch.randn(n, 12, generator=g) for _ in range(3)]
+    ys += [torch.randn(n, 12, generator=g) for _ in range(3)]  # unrelated: p spread over (0, 1]
+    c = C.calibrate(xs, ys, metric, n_perm=39, cknna_perm=39, k=5)
+    strong = c.p_mc[:, :3]
+    assert bool((strong == 1 / 40).all())  # the permutations cannot say more ...
+    assert float(C.holm(c.p_mc).max()) >= 0.45  # ... and Holm over 18 pairs would call none of them significant
+    assert bool((c.p_value[:, :3] < 1e-6).all()) and bool((c.p_holm[:, :3] < 1e-4).all())  # the fitted tail does
+    resolved = (c.p_mc >= 11 / 40)  # >= 10 exceedances: the MC p is used as it is
+    assert bool(resolved.any()) and torch.equal(c.p_value[resolved], c.p_mc[resolved])
+    assert "Pearson III" in c.method

@@ -29,7 +29,10 @@ How the null is obtained (``method="auto"``, the default):
   a fraction of one metric evaluation and resolves p far below 1e-3. Tested against brute-force
   permutations (``tests/test_calibration.py``).
 * **Mutual k-NN and CKNNA**: Monte-Carlo permutations of the neighbour lists (exact, no recomputation of
-  features or neighbours): ``p = (1 + #{null >= observed}) / (1 + n_perm)``. Both are vectorised over
+  features or neighbours): ``p_mc = (1 + #{null >= observed}) / (1 + n_perm)``, used as p where at least 10
+  permutations reach the observed value; beyond, where p_mc would sit at its floor 1 / (n_perm + 1) and Holm's
+  correction would floor every strong pair at (pairs / (n_perm + 1)), p is the tail of a Pearson III law fitted
+  to the permutations' mean, sd and skewness (``p_mc`` is kept beside it). Both are vectorised over
   permutations (sorted entry keys + searchsorted, no n x n matrix), but still cost O(n k log(nk)) per
   permutation and pair, so the defaults keep the demo's metrics phase fast: 199 permutations for mutual k-NN
   (p resolved to 0.005; a dense lookup table makes them cheap below ~3,000 rows), ``min(n_perm, cknna_perm)``
@@ -88,10 +91,14 @@ class Calibration:
     method: str
     n_perm: int
     seed: int
+    p_mc: torch.Tensor | None = None
+    """Monte-Carlo nulls: the plain permutation p, ``(1 + #{null >= observed}) / (1 + n_perm)``, which
+    :attr:`p_value` equals wherever the permutations resolve it (None for the closed-form CKA nulls)."""
 
     def to_dict(self) -> dict[str, Any]:
+        keys = ("observed", "null_mean", "null_sd", "z", "p_value", "p_holm", *(("p_mc",) if self.p_mc is not None else ()))
         return {"metric": self.metric, "method": self.method, "n_perm": self.n_perm, "seed": self.seed,
-                **{k: getattr(self, k).tolist() for k in ("observed", "null_mean", "null_sd", "z", "p_value", "p_holm")}}
+                **{k: getattr(self, k).tolist() for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,6 +395,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         observed = pair_metric(metric, xs_t, ys_t, **kwargs)
     observed = observed.to(F64).cpu()
     used = 0
+    p_mc = None
     if metric in CKA_METRICS and method == "auto":
         kernel = "linear" if metric.startswith("cka_linear") else "rbf"
         mean, sd, p = _cka_moments(xs_t, ys_t, kernel, metric.endswith("_debiased"), float(kwargs.get("sigma_frac", 1.0)),
@@ -403,20 +411,22 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
             nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
         perms = _perms(n, used, seed).to(nxs[0].indices.device)  # the null runs where the lists are
         null = _mutual_knn_null(nxs, nys, perms) if metric == "mutual_knn" else _cknna_null(nxs, nys, perms, n)
-        mean, sd, p = _from_samples(observed, null)
-        how = f"{used} Monte-Carlo permutations of the neighbour lists"
+        mean, sd, p, p_mc = _from_samples(observed, null)
+        how = (f"{used} Monte-Carlo permutations of the neighbour lists; p beyond their resolution from a Pearson III "
+               "tail fitted to them")
     else:
         used = n_perm
         perms = _perms(n, used, seed)
         if full is not None:
             xs_t, ys_t = [full(x) for x in xs_t], [full(y) for y in ys_t]
         null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs).cpu() for p in perms])
-        mean, sd, p = _from_samples(observed, null)
-        how = f"{used} Monte-Carlo permutations"
+        mean, sd, p, p_mc = _from_samples(observed, null)
+        how = f"{used} Monte-Carlo permutations; p beyond their resolution from a Pearson III tail fitted to them"
     with torch.no_grad():
         z = (observed - mean) / sd
         z = torch.where(sd > 0, z, torch.full_like(z, float("nan")))
-    return Calibration(metric, observed, mean.to(F64), sd.to(F64), z, p.to(F64), holm(p), how, used, seed)
+    return Calibration(metric, observed, mean.to(F64), sd.to(F64), z, p.to(F64), holm(p), how, used, seed,
+                       None if p_mc is None else p_mc.to(F64).cpu())
 
 
 def debiased_cka_null_sd(n: int) -> float:

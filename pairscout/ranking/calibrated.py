@@ -129,6 +129,8 @@ def calibrated_columns(xs: list[torch.Tensor], ys: list[torch.Tensor], metrics: 
                         **metric_kwargs(m, settings))
         out[f"{m}_null"], out[f"{m}_null_sd"], out[f"{m}_z"] = cal.null_mean.numpy(), cal.null_sd.numpy(), cal.z.numpy()
         out[f"{m}_p"], out[f"{m}_p_holm"] = cal.p_value.numpy(), cal.p_holm.numpy()
+        if cal.p_mc is not None:
+            out[f"{m}_p_mc"] = cal.p_mc.numpy()
         how[m] = cal.method
         if progress is not None:
             progress(f"{registry.label(m)}: null", 1, 1)
