@@ -41,7 +41,9 @@ def test_holm_interval_and_order_against_hand_computation():
     df = _frame()
     cols = ["cka_linear_debiased", "mutual_knn", "cknna", "vision_knn_acc", "score"]
     c = P.correlations(df, cols).set_index("metric")
-    raw = {m: stats.spearmanr(df[m], df["mean_r1"]).pvalue for m in ("cka_linear_debiased", "mutual_knn", "cknna")}
+    raw = {m: P.spearman(df[m].to_numpy(), df["mean_r1"].to_numpy())[1] for m in ("cka_linear_debiased", "mutual_knn", "cknna")}
+    assert raw["cka_linear_debiased"] == pytest.approx(2 / 720)  # a perfect order of 6: exact, 2 of 6! orderings
+    assert stats.spearmanr(df["cka_linear_debiased"], df["mean_r1"]).pvalue == 0.0  # (scipy's t approximation says 0)
     # Holm by hand over the three that have a p (the constant column has none, the score twin is not counted)
     order = sorted(raw, key=raw.get)
     m = len(order)
@@ -174,7 +176,8 @@ def test_probe_prints_tables_that_fit_100_columns_to_a_file(tmp_path, tiny_run):
     assert "did the metric predict" in text and "R@1" in text and "SVCCA" in text and "Holm" in text
     import re
 
-    assert re.search(r"read-out ± 95 % half-width \(binomial, \d+ held-out images\), chance 0\.\d{3}", text)
+    words = r"read-out ± 95 % half-width \(binomial, \d+ held-out images\), chance 0\.\d{3}".split(" ")
+    assert re.search(r"\s+".join(words), text)  # the caption may wrap anywhere
     assert len(re.findall(r"│ +\d\.\d\d ± \d\.\d\d │", text)) == 4  # every probed pair's read-out with its half-width
     assert "CKNNA" not in "\n".join(line for line in table[:14])  # the probe table shows the primary measure only
     wide = (tmp_path / "wide.txt").read_text()
@@ -207,3 +210,32 @@ def test_rank_rows_reads_the_rows_and_layers_rank_compared(monkeypatch):
     assert torch.equal(x, torch.ones(4, 2)) and torch.equal(y, torch.full((4, 2), 20.0))
     rows("v", "t")
     assert loads == ["v", "t"]
+
+
+def test_one_encoder_scores_are_correlated_over_encoders_not_pairs():
+    """9 pairs of 3 vision encoders: a vision-only score has 3 independent values, so it is correlated with each
+    encoder's mean read-out (3 points: too few for a p-value), never as 9 points with an overstated p."""
+    from pairscout.align.predictors import correlations
+
+    v, t = ["a", "a", "a", "b", "b", "b", "c", "c", "c"], ["x", "y", "z"] * 3
+    readout = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    pairs = pd.DataFrame({"vision": v, "text": t, "zs_top1": readout, "vision_knn_acc": [0.9] * 3 + [0.5] * 3 + [0.1] * 3,
+                          "cka_linear": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]})
+    c = correlations(pairs, ["cka_linear", "vision_knn_acc"], "zs_top1").set_index("metric")
+    assert c.loc["cka_linear", "n_pairs"] == 9 and c.loc["cka_linear", "spearman_p"] < 1e-3
+    assert c.loc["vision_knn_acc", "n_pairs"] == 3  # encoders, not pairs
+    assert c.loc["vision_knn_acc", "spearman"] == pytest.approx(1.0)  # the encoders' order is the read-out's ...
+    assert not c.loc["vision_knn_acc", "spearman_p"] < 0.05  # ... but 3 points prove nothing
+    pairs4 = pd.concat([pairs, pd.DataFrame({"vision": ["d"] * 3, "text": ["x", "y", "z"], "zs_top1": [0.05] * 3,
+                                             "vision_knn_acc": [0.05] * 3, "cka_linear": [0.05] * 3})])
+    c4 = correlations(pairs4, ["vision_knn_acc"], "zs_top1").set_index("metric")
+    assert c4.loc["vision_knn_acc", "n_pairs"] == 4
+
+
+def test_answer_never_contradicts_its_interval():
+    """p < 0.05 beside a 95 % interval that crosses 0 (two approximations disagreeing at the margin) is no claim."""
+    assert P._answer(0.68, 0.04, 0.5, -0.05, 0.94) == "no"
+    assert P._answer(0.68, 0.04, 0.5, 0.02, 0.94) == "yes (uncorrected)"
+    assert P._answer(-0.9, 0.001, 0.01, -0.99, -0.5) == "reversed"
+    assert P._answer(0.9, 0.001, 0.01, -0.1, 0.99) == "no"
+    assert P._answer(1.0, 0.003, 0.01) == "yes"  # |rho| = 1: no Fisher interval, the exact p decides

@@ -167,13 +167,18 @@ def fisher_interval(rho: float, n: int, level: float = 0.95) -> tuple[float, flo
     return math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half)
 
 
-def _answer(rho: float, p: float, p_holm: float) -> str:
-    """``yes`` / ``reversed`` (Holm-corrected p < 0.05), ``yes (uncorrected)`` / ``reversed (uncorrected)``, ``no``."""
+def _answer(rho: float, p: float, p_holm: float, lo: float = float("nan"), hi: float = float("nan")) -> str:
+    """``yes`` / ``reversed`` (Holm-corrected p < 0.05), ``yes (uncorrected)`` / ``reversed (uncorrected)``, ``no``.
+
+    A claim also needs the 95 % interval to stay on its side of 0 (where there is one): the test's p and the
+    Fisher-z interval are different approximations, and a row reading "yes" beside an interval that crosses 0
+    contradicts itself."""
     if not math.isfinite(rho):
         return "too few values"
-    if p_holm < ALPHA:
+    clear = not (math.isfinite(lo) and math.isfinite(hi)) or (lo > 0 if rho > 0 else hi < 0)
+    if p_holm < ALPHA and clear:
         return "yes" if rho > 0 else "reversed"
-    if p < ALPHA:
+    if p < ALPHA and clear:
         return "yes (uncorrected)" if rho > 0 else "reversed (uncorrected)"
     return "no"
 
@@ -197,7 +202,9 @@ def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = regi
                  computed_here: Sequence[str] = ()) -> pd.DataFrame:
     """Spearman and Kendall correlation of each predictor column with ``target``, intervals and Holm-corrected p.
 
-    Rows with a NaN in either column are left out; fewer than 3 rows or a constant column give NaN. Holm's family:
+    Rows with a NaN in either column are left out; fewer than 3 rows or a constant column give NaN. A score of one
+    encoder alone (``vision_knn_acc``, ...) is correlated over the encoders, with each encoder's mean read-out over
+    its probed pairs (``n_pairs`` then counts encoders): its pairs share one value and are not independent. Holm's family:
     every predictor with a p-value, except a column that repeats an earlier one (:func:`duplicates`), which takes
     its twin's corrected p; ``df.attrs["family_size"]`` says how many. ``computed_here``: predictors this probe
     computed (``computed_by`` column: ``probe``; the others ``rank run``). Sorted by corrected strength.
@@ -211,15 +218,23 @@ def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = regi
         if m not in pairs:
             continue
         info = describe(m)
-        sub = pairs[[m, target]].apply(pd.to_numeric, errors="coerce").astype(float).dropna()
+        side = m.partition("_")[0]
+        if info["kind"] == f"{side} encoder alone" and side in pairs:
+            # one value per encoder, repeated over its pairs: the encoders are the independent units, so it is
+            # correlated with each encoder's mean read-out (9 pairs of 3 vision encoders are 3 points, not 9)
+            sub = pairs[[side, m, target]].assign(**{m: pd.to_numeric(pairs[m], errors="coerce"),
+                                                     target: pd.to_numeric(pairs[target], errors="coerce")}).dropna()
+            sub = sub.groupby(side, sort=False)[[m, target]].mean().astype(float)
+        else:
+            sub = pairs[[m, target]].apply(pd.to_numeric, errors="coerce").astype(float).dropna()
         if info["direction"] == "lower":
             sub[m] = -sub[m]
         n = len(sub)
         rho = rho_p = tau = tau_p = float("nan")
         if n >= 3 and sub[m].nunique() > 1 and sub[target].nunique() > 1:
-            r = stats.spearmanr(sub[m], sub[target])
+            rho, rho_p = spearman(sub[m].to_numpy(), sub[target].to_numpy())
             k = stats.kendalltau(sub[m], sub[target])
-            rho, rho_p, tau, tau_p = float(r.statistic), float(r.pvalue), float(k.statistic), float(k.pvalue)
+            tau, tau_p = float(k.statistic), float(k.pvalue)
         lo, hi = fisher_interval(rho, n)
         rows.append({"metric": m, **info, "direction": "higher" if info["direction"] == "higher" else "lower (negated)",
                      "computed_by": "probe" if m in computed_here else "rank run", "n_pairs": n, "spearman": rho, "spearman_lo": lo, "spearman_hi": hi, "spearman_p": rho_p,
@@ -233,10 +248,27 @@ def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = regi
             df.loc[fam, f"{col}_p_holm"] = holm(np.array(df.loc[fam, f"{col}_p"], dtype=float)).numpy()
         corrected = dict(zip(df["metric"], df[f"{col}_p_holm"], strict=True))
         df.loc[~fam, f"{col}_p_holm"] = [corrected[twins[m]] for m in df.loc[~fam, "metric"]]
-    df["answer"] = [_answer(r, p, ph) for r, p, ph in zip(df["spearman"], df["spearman_p"], df["spearman_p_holm"], strict=True)]
+    df["answer"] = [_answer(r, p, ph, lo, hi) for r, p, ph, lo, hi in
+                    zip(df["spearman"], df["spearman_p"], df["spearman_p_holm"], df["spearman_lo"], df["spearman_hi"], strict=True)]
     out = sort(df)
     out.attrs["family_size"] = int((fam & df["spearman_p"].notna()).sum())
     return out
+
+
+EXACT_BELOW = 9
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Spearman's rho and its two-sided p: exact over all n! orderings below :data:`EXACT_BELOW` points (the t
+    approximation scipy uses gives p = 0 for a perfect order of 3 points, whose exact p is 2 / 6), else scipy's."""
+    from scipy import stats
+
+    rho = float(stats.spearmanr(x, y).statistic)
+    if len(x) >= EXACT_BELOW:
+        return rho, float(stats.spearmanr(x, y).pvalue)
+    res = stats.permutation_test((x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings",
+                                 n_resamples=math.inf)
+    return rho, float(res.pvalue)
 
 
 def sort(df: pd.DataFrame) -> pd.DataFrame:

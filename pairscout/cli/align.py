@@ -129,11 +129,10 @@ def probe_table(res, wide: bool = False) -> Table:
     measures = ranked if wide else [m for m in (primary,) if m]
     tgt = res.meta.get("target", "mean_r1")
     n_items, chance = int(res.meta.get("n_test_items") or 0), res.meta.get("chance")
-    caption = ""
+    caption = "R@1 i2t: image -> its captions; t2i: caption -> its image"
     if n_items:
-        caption = f"read-out ± 95 % half-width (binomial, {n_items} held-out images)"
-        caption += f", chance {chance:.3f}; " if chance is not None and chance == chance else "; "
-    caption += "R@1 i2t: image -> its captions; t2i: caption -> its image"
+        caption += f"; read-out ± 95 % half-width (binomial, {n_items} held-out images)"
+        caption += f", chance {chance:.3f}" if chance is not None and chance == chance else ""
     if not wide:
         caption += "; --wide (or probe.csv) for every measure, R@5, loss and time"
     t = Table(title=L(f"linear probes ({res.meta['settings']['steps']} steps each), held-out read-out: {readout_label(tgt)} ({tgt})"),
