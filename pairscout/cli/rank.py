@@ -113,9 +113,10 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
 
     ds, st = res.meta["dataset"], res.meta["settings"]
     has_p = f"{res.primary}_p" in res.pairs
-    caption = "value ± half-width of the 95 % jackknife interval"
+    caption = "value ± half-width of the 95 % jackknife interval (how much the value moves with the rows)"
     if st.get("permutations") and has_p:
-        caption += "; p: Holm-corrected p-value against shuffled pairings (how: rank.json null_methods)"
+        caption += ("; p: Holm-corrected p-value against shuffled pairings (is it above chance; how: rank.json "
+                    "null_methods), so a small p beside an interval reaching 0 is no contradiction")
     sweep = "vision_layer" in res.pairs
     if sweep:
         lm = res.meta.get("layers", {})

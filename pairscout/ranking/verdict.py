@@ -320,8 +320,6 @@ def _moved(verdict: Verdict, new: Verdict, cands: list[tuple[str, str]], top: tu
     if unread:
         words.append(f"Not probed: {_pairs_str(unread[:4])}{' ...' if len(unread) > 4 else ''}.")
     new.reason = verdict.reason + " " + " ".join(words)
-    if new.tied != verdict.tied and not new.tied:
-        new.reason += " No pair is tied with it any more."
     return new
 
 
