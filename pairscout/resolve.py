@@ -45,6 +45,8 @@ def resolve_data(data: Any = "generated", *, n: int | None = None, seed: int | N
         ds = load_dataset(data, n=n, seed=seed, skip_bad=skip_bad if skip_bad_rows is None else skip_bad_rows)
     else:
         ds = data if n is None else data.subset(n, seed=seed or 0)
+    if n is not None and len(ds) < n:  # a file dataset holds fewer rows than asked: said, not silent
+        log.warning("--n %d asks for more rows than the data has: using all %d", n, len(ds))
     if skip_bad:
         ds, bad = drop_bad_images(ds)
         if bad:

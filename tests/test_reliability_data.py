@@ -175,3 +175,16 @@ def test_plots_go_through_the_atomic_writer(tmp_path, monkeypatch):
         plots.render(fig, tmp_path / "plots", "heat")
     assert not (tmp_path / "plots" / "heat.png").exists()
     assert list((tmp_path / "plots").iterdir()) == []
+
+
+def test_n_larger_than_the_data_is_said(caplog):
+    """--n beyond the rows a dataset holds uses them all and says so (it was silent)."""
+    import logging
+
+    from pairscout.resolve import resolve_data
+
+    ds = resolve_data("generated", n=20)
+    with caplog.at_level(logging.WARNING):
+        got = resolve_data(ds, n=50)
+    assert len(got) == 20
+    assert "--n 50 asks for more rows than the data has: using all 20" in caplog.text
