@@ -72,7 +72,11 @@ def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tu
 
 
 def _check_packs(*zoos: Zoo) -> None:
-    """A ``pack:`` id that names no pack of its modality is one line before anything is encoded."""
+    """A ``pack:`` or ``baseline:`` id that names none of its modality is one line before anything is encoded."""
+    from pairscout.encoders.baselines import check_baseline
+
+    for s in (s for z in zoos for s in z.encoders if s.source == "baseline"):
+        check_baseline(s)
     specs = [s for z in zoos for s in z.encoders if s.source == "pack"]
     if specs:
         from pairscout.encoders.packs import check_pack

@@ -240,6 +240,21 @@ def test_a_misspelled_pack_is_one_line_before_any_encoding(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing was encoded
 
 
+def test_a_misspelled_baseline_is_one_line_before_any_encoding(tmp_path):
+    """Was: the other encoders ranked, then exit 1 with the typo as a load failure."""
+    from typer.testing import CliRunner
+
+    from pairscout.cli import app
+
+    r = CliRunner().invoke(app, ["rank", "--vision-zoo", "baseline:pixel,baseline:random-net", "--text-zoo", "baseline:tfidf",
+                                 "--rows", "16", "--cache-dir", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "there is no vision baseline named 'pixel'" in lines[0]
+    assert "baseline:pixels" in lines[0] and "tfidf" not in lines[0]  # only baselines of that modality
+    assert not (tmp_path / "c").exists()
+
+
 def test_help_shows_defaults_in_words_not_eaten_by_markup():
     from typer.testing import CliRunner
 

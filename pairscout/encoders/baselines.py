@@ -151,11 +151,21 @@ BASELINES: dict[str, tuple[tuple[str, ...], Callable[[EncoderSpec], Encoder]]] =
 """Baseline name -> (modalities it supports, builder)."""
 
 
-def build(spec: EncoderSpec) -> Encoder:
+def check_baseline(spec: EncoderSpec) -> Callable[[EncoderSpec], Encoder]:
+    """The builder of a ``baseline:`` spec, or one line naming the baselines of its modality (checked before any
+    encoding, like a misspelled pack)."""
     entry = BASELINES.get(spec.target)
     if entry is None:
-        raise ZooError(f"{spec.id}: there is no baseline named {spec.target!r}.", fix=f"use one of {', '.join('baseline:' + b for b in BASELINES)}.")
+        mine = [b for b, (mods, _) in BASELINES.items() if spec.modality in mods]
+        raise ZooError(f"{spec.id}: there is no {spec.modality} baseline named {spec.target!r}.",
+                       fix=f"use one of {', '.join('baseline:' + b for b in mine)}.")
     modalities, builder = entry
     if spec.modality not in modalities:
         raise ZooError(f"{spec.id} is a {' or '.join(modalities)} baseline, not a {spec.modality} one.", fix=f'set modality = "{modalities[0]}".')
-    return builder(spec)
+    return builder
+
+
+def build(spec: EncoderSpec) -> Encoder:
+    return check_baseline(spec)(spec)
+
+
