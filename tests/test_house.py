@@ -163,6 +163,9 @@ def test_align_says_which_pair_in_one_line(runner, tiny_run, tmp_path):
     assert ("no better than shuffled pairings" in said[0]) == (verdict["above_chance"] is False)
     assert (f"tied with {n_tied} other pair" in said[0] and f"`pairscout probe {run}`" in said[0]) if n_tied else "tied" not in said[0]
     assert verdict["reason"].split(". ")[0] not in r.output  # the paragraph is rank's to print
+    table = r.output[r.output.index("Recall@1"):]
+    assert "final loss" in table and "scale t" in table and "Recall@10" in table  # the loss below, not under "text -> image"
+    assert "final loss / scale t" not in r.output
     other = ("pixels", "tfidf") if (v, t) != ("pixels", "tfidf") else ("random-vision", "tfidf")
     r = runner.invoke(app, ["align", str(run), "--pair", ",".join(other), *common, "-o", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output

@@ -336,10 +336,11 @@ def _align_table(res) -> Table:
         t.add_column(col, justify="right" if col != "held-out read-out" else "left")
     for k in (1, 5, 10):
         t.add_row(f"Recall@{k}", num(m.get(f"i2t_r{k}")), num(m.get(f"t2i_r{k}")), num(m.get(f"mean_r{k}")))
-    if "zs_top1" in m:
-        t.add_row("zero-shot top-1 / top-5 (per class)", num(m.get("zs_top1")), num(m.get("zs_top5")), "")
+    # zero-shot and the loss are not image -> text / text -> image numbers: they go below, under their own names
     lp = tr.loss_parameters()
-    t.add_row("final loss / scale t / bias b", num(tr.final_loss), f"{lp['scale']:.2f}", f"{lp.get('bias', float('nan')):.2f}")
+    words = [f"zero-shot over the classes: top-1 {num(m.get('zs_top1'))}, top-5 {num(m.get('zs_top5'))}"] if "zs_top1" in m else []
+    words.append(f"final loss {num(tr.final_loss)}, scale t {lp['scale']:.2f}, bias b {lp.get('bias', float('nan')):.2f}")
+    t.caption = L("; ".join(words))
     return t
 
 
