@@ -149,6 +149,11 @@ def test_align_cli_saves_a_model_that_zero_shots_raw_images(rank_run, tmp_path):
     out = json.loads(r.stdout)
     assert len(out) == 3 and all(len(o["top"]) == 3 for o in out)
     assert all(sum(t["p"] for t in o["top"]) == pytest.approx(1.0, abs=1e-5) for o in out)
+    assert "embed identically" not in r.stderr
+    # TF-IDF knows only the training captions' words: unknown class names embed alike, and that is said
+    r = runner.invoke(app, ["zero-shot", "--model", str(model_dir), str(paths[0]), "--classes", "circle,zebra,quokka", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "the classes 'zebra', 'quokka' embed identically through baseline:tfidf" in r.stderr
 
 
 def test_align_errors_are_one_line(rank_run, tmp_path):

@@ -55,6 +55,14 @@ class ZeroShotPrediction:
     """Per image, the top-k (class, probability), best first."""
 
 
+def indistinct(class_emb: Tensor, classnames: Sequence[str], tol: float = 1e-6) -> list[str]:
+    """The class names whose embeddings equal another class's (cosine within ``tol`` of 1), in order."""
+    e = F.normalize(class_emb.float(), dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-1.0)
+    return [c for c, hit in zip(classnames, (sim > 1 - tol).any(1).tolist(), strict=True) if hit]
+
+
 class AlignedModel:
     """Frozen vision and text encoders with trained projector heads into one shared space."""
 
@@ -146,7 +154,12 @@ class AlignedModel:
             raise PairscoutError(f"--top-k {top_k!r} is not an integer >= 1.", fix="pass --top-k 1 or more.")
         _check_templates(templates)
         img = self.embed_images(images)
-        probs = torch.softmax(self.scale * img @ self.embed_classes(classnames, templates).T, dim=-1)
+        cls = self.embed_classes(classnames, templates)
+        same = indistinct(cls, classnames)
+        if same:
+            log.warning("the classes %s embed identically through %s (words it does not know, e.g. outside a TF-IDF "
+                        "vocabulary): zero-shot cannot tell them apart", ", ".join(repr(c) for c in same), self.text_spec.id)
+        probs = torch.softmax(self.scale * img @ cls.T, dim=-1)
         k = min(top_k, len(classnames))
         val, idx = probs.topk(k, dim=-1)
         top = [[(classnames[j], float(p)) for p, j in zip(vr, ir, strict=True)] for vr, ir in zip(val.tolist(), idx.tolist(), strict=True)]
