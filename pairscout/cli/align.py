@@ -186,7 +186,8 @@ def corr_table(res, wide: bool = False) -> Table:
     t = Table(title=L(f"did the metric predict the probe? every measure and unimodal score against {readout_label(tgt)}, "
                       f"sorted by Holm-corrected p"),
               caption=L(f"rho: Spearman, its 95 % interval (Fisher z); p (Holm): corrected over {fam or 'the'} predictors; "
-                        "every predictor oriented higher = more similar; --wide for uncorrected p and Kendall p"))  # fmt: skip
+                        "every predictor oriented higher = more similar; a one-encoder score counts encoders, not pairs; "
+                        "--wide for uncorrected p and Kendall p"))  # fmt: skip
     t.add_column("predictor", overflow="fold")
     if wide:
         t.add_column("kind", overflow="fold")
