@@ -71,7 +71,7 @@ def test_factory_dispatches_and_rejects_unknown_names():
     for spec, needle in [
         (text("pack:no-such-pack"), "no pack named"),
         (vision("pack:all-MiniLM-L6-v2"), "is a text pack"),
-        (text("baseline:nope"), "no baseline named"),
+        (text("baseline:nope"), "baseline named"),
         (text("baseline:pixels"), "not a text one"),
         (text("timm:resnet18"), "modality"),
         (vision("timm:resnet18.nosuchtag"), "no pretrained weights named"),

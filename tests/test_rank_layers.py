@@ -59,7 +59,8 @@ def test_each_pair_is_chosen_on_selection_rows_and_measured_on_the_others(layere
     mc = pairs["layer_p_mc"].to_numpy()
     assert np.all((mc * 20).round(6) == np.round(mc * 20))  # (1 + count) / (1 + 19 permutations)
     assert ((pairs["layer_p_max"] > 0) & (pairs["layer_p_max"] <= 1)).all()
-    assert "@" in output and "chosen by the layer sweep on 32 rows" in output
+    flat = " ".join(output.split())  # the caption wraps at the terminal's width
+    assert "@" in output and "chosen by the layer sweep on 32 rows, every number measured on the other 32" in flat
 
 
 def test_held_out_rows_remove_the_winners_curse():
@@ -79,7 +80,7 @@ def test_held_out_rows_remove_the_winners_curse():
         z = torch.randn(240, 6, generator=g, dtype=torch.float64)
         w = torch.randn(6, 24, generator=g, dtype=torch.float64)
 
-        def view() -> torch.Tensor:
+        def view(z: torch.Tensor = z, w: torch.Tensor = w, g: torch.Generator = g) -> torch.Tensor:
             return z @ w + 2.0 * torch.randn(240, 24, generator=g, dtype=torch.float64)
 
         a, b, t = [view()], [view() for _ in range(16)], [view()]
