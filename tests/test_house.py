@@ -255,3 +255,24 @@ def test_readme_measures_table_matches_the_registry():
     for name, rec in MEASURES.items():
         assert f"| `{name}` | {rec.label} |" in readme, name
     assert "-v standard" not in readme and "--run runs/demo" not in readme
+
+
+def test_prose_wraps_at_a_terminal_and_stays_one_line_in_a_file(monkeypatch):
+    """The verdict and other prose: word-wrapped at a terminal's width (no word cut by the terminal), one literal,
+    greppable line when stderr is a file or pipe."""
+    import io
+
+    from rich.console import Console
+
+    from pairscout.cli import _ui as ui
+
+    text = "verdict: " + " ".join(f"word{i}" for i in range(40))
+    tty = io.StringIO()
+    monkeypatch.setattr(ui, "err", Console(file=tty, width=60, force_terminal=True, highlight=False, color_system=None))
+    ui.say(text)
+    lines = tty.getvalue().splitlines()
+    assert len(lines) > 1 and max(map(len, lines)) <= 60 and " ".join(lines).split() == text.split()
+    pipe = io.StringIO()
+    monkeypatch.setattr(ui, "err", Console(file=pipe, width=60, highlight=False))
+    ui.say(text)
+    assert pipe.getvalue().splitlines() == [text]

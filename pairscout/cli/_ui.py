@@ -31,8 +31,9 @@ WIDE_PIPE = 160
 
 
 def say(message: str, style: str | None = None) -> None:
-    """One literal line for the user on stderr (no markup, no highlighting)."""
-    err.print(Text(message, style=style or ""), soft_wrap=True)
+    """A message for the user on stderr (no markup, no highlighting): word-wrapped at a terminal's width, one
+    literal line in a file or pipe (where a log is grepped and read at any width)."""
+    err.print(Text(message, style=style or ""), soft_wrap=not err.is_terminal)
 
 
 def error(message: str) -> None:
