@@ -102,13 +102,23 @@ def test_update_from_probe_moves_only_when_separated():
     assert same.pair == ("a", "x") and "does not separate" in same.reason and same.tied == [("b", "x")]
 
 
+def test_probe_separation_is_holm_corrected_over_the_tied_pairs():
+    """Two tied pairs each read 0.076 below the best on 400 items (z = 2.17, p = 0.030 each): one comparison would
+    separate it; two comparisons, Holm-corrected (0.060), separate neither."""
+    ver = V.Verdict(pair=("a", "x"), tied=[("b", "x"), ("c", "x")], reason="r")
+    probed = pd.DataFrame({"vision": ["a", "b", "c"], "text": ["x", "x", "x"], "zs_top1": [0.600, 0.524, 0.524]})
+    assert V.update_from_probe(ver, probed, "zs_top1", 400).tied == [("b", "x"), ("c", "x")]
+    one = V.Verdict(pair=("a", "x"), tied=[("b", "x")], reason="r")
+    assert V.update_from_probe(one, probed.iloc[:2], "zs_top1", 400).tied == []
+
+
 def test_update_from_probe_confirms_the_best_pair_and_unties_what_it_separates():
     """The probe reads the metrics' best pair highest: pairs clearly below it leave the tied list, close ones stay."""
     ver = V.Verdict(pair=("a", "x"), tied=[("b", "x"), ("c", "x"), ("d", "x")], reason="r")
     probed = pd.DataFrame({"vision": ["a", "b", "c"], "text": ["x", "x", "x"], "zs_top1": [0.96, 0.80, 0.95]})
     new = V.update_from_probe(ver, probed, "zs_top1", 80)
     assert new.pair == ("a", "x") and new.source == "rank"
-    assert new.tied == [("c", "x"), ("d", "x")]  # b separated (0.16 > 2 se = 0.10); c within; d not probed
+    assert new.tied == [("c", "x"), ("d", "x")]  # b separated (z = 3.2, Holm p 0.003); c within; d not probed
     assert "separates the metrics' best pair from b x x" in new.reason and "does not separate it from c x x" in new.reason
     assert "Not probed: d x x" in new.reason and "does not separate them either" not in new.reason
     only = V.update_from_probe(V.Verdict(pair=("a", "x"), tied=[("b", "x")], reason="r"), probed, "zs_top1", 80)

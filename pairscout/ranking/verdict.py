@@ -21,8 +21,8 @@ are near-duplicates, and why, in words a researcher can act on.
   not below ``alpha``: no pair is then distinguishable from shuffled pairings.
 
 After ``pairscout probe``, :func:`update_from_probe` revisits the verdict with the probe's read-out: where the
-probe separates pairs that the metrics left tied (difference of the read-out larger than twice its binomial
-standard error on the held-out images), the verdict moves to the probe's best pair among them
+probe separates pairs that the metrics left tied (a binomial z-test of the read-outs' difference on the held-out
+images, Holm-corrected over the probed tied pairs, p < 0.05), the verdict moves to the probe's best pair among them
 (``source = "probe"``); where the probe reads the metrics' best pair highest, the tied pairs it reads clearly
 below that pair leave the tied list (the verdict is confirmed, not only left standing).
 """
@@ -248,8 +248,9 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
     """Revisit a rank verdict with the probe's read-out ``target`` (a proportion over ``n_items`` held-out items).
 
     Among the verdict's pair and its tied pairs that were probed, the best by ``target`` becomes the verdict
-    when its read-out exceeds the current pair's by more than twice the standard error of the difference
-    (binomial, unpaired: conservative). Pairs within that margin of it stay tied. Otherwise the verdict stays;
+    when its read-out exceeds the current pair's clearly: an unpaired binomial z-test of the difference (conservative
+    for the same held-out items), Holm-corrected over its comparisons with the other probed pairs of the group,
+    p < 0.05. Pairs it does not clearly exceed stay tied. Otherwise the verdict stays;
     the tied pairs that the probe reads clearly below it (the same margin) leave the tied list, and the reason
     says which were separated and which were not.
     """
@@ -268,9 +269,23 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
         return new
     top = max(cands, key=lambda p: got[p])
 
+    family: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
+
     def separated(a: tuple[str, str], b: tuple[str, str]) -> bool:
-        se = math.sqrt(binomial_se(got[a], n_items) ** 2 + binomial_se(got[b], n_items) ** 2)
-        return got[a] - got[b] > 2 * se
+        """a reads clearly above b: unpaired binomial z-test of the difference, Holm-corrected over a's comparisons
+        with every other probed pair of the group (as the metrics' tie tests are over theirs)."""
+        from statistics import NormalDist
+
+        from pairscout.metrics.calibration import holm
+
+        if a not in family:
+            others = [c for c in cands if c != a]
+            ps = []
+            for c in others:
+                se = math.sqrt(binomial_se(got[a], n_items) ** 2 + binomial_se(got[c], n_items) ** 2)
+                ps.append(2 * (1 - NormalDist().cdf(abs(got[a] - got[c]) / se)))
+            family[a] = dict(zip(others, holm(np.array(ps)).tolist(), strict=True))
+        return got[a] - got[b] > 0 and family[a][b] < ALPHA
 
     new = _moved(verdict, new, cands, top, got, separated, label, n_items)
     every = {(str(v), str(t)): float(x) for v, t, x in zip(probed["vision"], probed["text"], probed[target], strict=True) if not pd.isna(x)}
@@ -293,7 +308,7 @@ def _moved(verdict: Verdict, new: Verdict, cands: list[tuple[str, str]], top: tu
         new.pair, new.tied, new.source = top, still + dup_twins, "probe"
         new.reason = (f"The metrics could not separate {len(group)} pairs; the probe's {label} does: {top[0]} x {top[1]} reads "
                       f"{got[top]:.3f} against {got[verdict.pair]:.3f} for {verdict.pair[0]} x {verdict.pair[1]} (the metrics' best), "
-                      f"more than twice the standard error of the difference on {n_items} held-out items.")
+                      f"on {n_items} held-out items (binomial z-test, Holm-corrected over the probed tied pairs, p < {ALPHA}).")
         if still:
             new.reason += f" Not separated from it by the probe either: {_pairs_str(still)}."
         for a, c in verdict.duplicates:
@@ -312,8 +327,8 @@ def _moved(verdict: Verdict, new: Verdict, cands: list[tuple[str, str]], top: tu
     words = []
     if below:
         words.append(f"The probe's {label} separates the metrics' best pair from {_pairs_str(below)}: {own} against "
-                     f"{', '.join(f'{got[p]:.3f}' for p in below)}, more than twice the standard error of the difference on "
-                     f"{n_items} held-out items; {'it is' if len(below) == 1 else 'they are'} no longer tied.")
+                     f"{', '.join(f'{got[p]:.3f}' for p in below)} on {n_items} held-out items (binomial z-test, Holm-corrected "
+                     f"over the probed tied pairs, p < {ALPHA}); {'it is' if len(below) == 1 else 'they are'} no longer tied.")
     if still:
         words.append(f"The probe's {label} does not separate it from {_pairs_str(still)} ({own} against "
                      f"{', '.join(f'{got[p]:.3f}' for p in still)}); the metrics' best pair stands.")
