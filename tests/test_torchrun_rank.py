@@ -65,6 +65,33 @@ def test_readme_torchrun_rank_equals_one_process(tmp_path):
     assert m1["verdict"]["pair"] == m2["verdict"]["pair"] and m1["verdict"]["tied"] == m2["verdict"]["tied"]
 
 
+@pytest.mark.slow
+def test_torchrun_layer_sweep_equals_one_process(tmp_path):
+    """rank --layers under torchrun: the selection rows are gathered, every process runs the same sweep, the metrics
+    are sharded over the estimation rows; the table equals one process's."""
+    args = ["rank", "--vision-zoo", "baseline:random-net,baseline:pixels", "--text-zoo", "pack:all-MiniLM-L6-v2,baseline:tfidf",
+            "--data", "generated:size=32", "--rows", "64", "--layers", "-1,-2", "--permutations", "19", "--ci-groups", "4",
+            "--no-plots", "--workers", "0", "--device", "cpu"]  # fmt: skip
+    two = subprocess.run([_torchrun(), "--nproc_per_node", "2", "-m", "pairscout", *args, "--out", "two"], cwd=tmp_path,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "pairscout", *args, "--out", "one"], cwd=tmp_path, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    kw = {"dtype": {"vision_layer": str, "text_layer": str}}
+    a = pd.read_csv(tmp_path / "one" / "pairs.csv", **kw).sort_values(["vision", "text"]).reset_index(drop=True)
+    b = pd.read_csv(tmp_path / "two" / "pairs.csv", **kw).sort_values(["vision", "text"]).reset_index(drop=True)
+    assert list(a.columns) == list(b.columns) and len(a) == 4 and "layer_cka_selection" in a
+    for c in a.columns:
+        if a[c].dtype.kind != "f":
+            assert a[c].tolist() == b[c].tolist(), c  # the same layers chosen
+        else:
+            assert np.allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=0, atol=1e-8, equal_nan=True), (c, a[c], b[c])
+    m1, m2 = (json.loads((tmp_path / d / "rank.json").read_text()) for d in ("one", "two"))
+    assert m1["layers"]["estimation_rows"] == m2["layers"]["estimation_rows"] == 32
+    assert m2["distributed"]["world_size"] == 2 and m1["verdict"]["pair"] == m2["verdict"]["pair"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

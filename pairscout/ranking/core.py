@@ -85,9 +85,6 @@ def rank(
     ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad)
     n_rows = len(ds)
     _, world = distributed.rank_world()
-    if world > 1 and settings.layers is not None:
-        raise PairscoutError("a layer sweep (--layers) is not sharded over torch.distributed processes yet.",
-                             fix="run `pairscout rank --layers ...` in one process, or leave out --layers under torchrun.")
     if world > n_rows:
         raise PairscoutError(f"torch.distributed runs {world} processes but the data has {n_rows} rows; every process needs "
                              "at least one row of the shard it ranks.",
@@ -151,21 +148,19 @@ def rank(
     t1 = time.perf_counter()
     choice = None
     if any(len(v) > 1 for v in (*x_views, *y_views)):  # a layer sweep: metrics on each pair's chosen layers
-        if engine.sharded:
-            raise PairscoutError("a layer sweep is not sharded over torch.distributed processes yet.",
-                                 fix="run `pairscout rank --layers ...` in one process, or leave out --layers under torchrun.")
         if progress is not None:
             progress("layer sweep", 0, 1)
-        choice = layered.choose(x_views, y_views, v_names, t_names, primary, used)
+        choice = layered.choose(x_views, y_views, v_names, t_names, primary, used, engine)
         if progress is not None:
             progress("layer sweep", 1, 1)
         # every reported number is measured on the rows the choice did not see: k and groups adapt to them
         used, adapted = calibrated.adapt_to_size(dataclasses.replace(settings, precision=precision), choice.estimation_rows, metrics)
         compute.check_metrics(metrics, choice.estimation_rows, used.knn_k)
     mx, my = (choice.xs, choice.ys) if choice is not None else (xs, ys)
-    pair_values, primary_reps = calibrated.metric_values(mx, my, metrics, used, primary, progress=progress, engine=engine)
+    m_engine = choice.engine if choice is not None else engine  # a sweep's metrics run on the estimation rows
+    pair_values, primary_reps = calibrated.metric_values(mx, my, metrics, used, primary, progress=progress, engine=m_engine)
     cal_values, null_methods = calibrated.calibrated_columns(mx, my, metrics, used, pair_values, progress=progress,
-                                                             sharded=engine.sharded)
+                                                             sharded=m_engine.sharded)
     pair_values.update(cal_values)
     if choice is not None:
         pair_values, primary_reps = choice.gather(pair_values, primary_reps)

@@ -17,7 +17,10 @@ of another rank's block at a time, sums all-reduced; :mod:`pairscout.metrics.sha
   O(n k) per model);
 * the closed-form null moments of every CKA metric (per-model sums over rows, all-reduced; RBF shares the n row
   means of its Gram matrix between two passes over the blocks: O(n) numbers, no features);
-* the verdict's near-duplicate check (screen on at most 512 gathered rows, then sharded linear CKA).
+* the verdict's near-duplicate check (screen on at most 512 gathered rows, then sharded linear CKA);
+* a layer sweep (``--layers``): its selection rows (at most ``layer_rows`` per view) are gathered and every
+  process runs the same sweep; the metrics then run sharded over the estimation rows, each process keeping its
+  own (:func:`pairscout.ranking.layered.choose`).
 
 Gathered, one model at a time (that model's rows on every rank, O(n d_k) memory, the single-process code and
 numbers, the work repeated on every rank rather than divided): the unimodal scores (k-NN accuracy, k-means).

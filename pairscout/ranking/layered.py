@@ -44,6 +44,7 @@ import pandas as pd
 import torch
 
 from pairscout.errors import PairscoutError
+from pairscout.ranking.engine import Engine
 from pairscout.ranking.settings import RankSettings, parse_layers
 
 FINAL = "final"
@@ -101,6 +102,9 @@ class LayerChoice:
     estimation_rows: int = 0
     """The other rows: every reported number is measured on them."""
     split_seed: int = 0
+    engine: Any = None
+    """Where the metrics on :attr:`xs` / :attr:`ys` run (:class:`~pairscout.ranking.engine.Engine`; sharded under
+    torchrun over the estimation rows)."""
 
     def gather(self, values: dict[str, np.ndarray], reps: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Metric matrices over the chosen views (estimation rows) -> (A, B) matrices over encoder pairs, Holm
@@ -169,27 +173,49 @@ def split_rows(n: int, layer_rows: int, seed: int) -> tuple[torch.Tensor, torch.
 
 
 def choose(x_views: list[list[tuple[str, torch.Tensor]]], y_views: list[list[tuple[str, torch.Tensor]]],
-           v_names: Sequence[str], t_names: Sequence[str], primary: str, settings: RankSettings) -> LayerChoice:
+           v_names: Sequence[str], t_names: Sequence[str], primary: str, settings: RankSettings,
+           engine: Engine | None = None) -> LayerChoice:
     """Split the rows (:func:`split_rows`), run the sweep (:func:`~pairscout.metrics.layers.sweep_pairs`) on the
     selection rows and collect the distinct chosen views on the estimation rows (:attr:`LayerChoice.xs` /
-    :attr:`LayerChoice.ys`, the matrices every metric then reads)."""
+    :attr:`LayerChoice.ys`, the matrices every metric then reads).
+
+    ``engine`` sharded (torchrun): the views are this process's rows; the selection rows (at most
+    ``layer_rows`` per view) are gathered on every process, which all run the same sweep, and each process keeps
+    its own estimation rows, a contiguous block of the estimation rows in rank order
+    (:attr:`LayerChoice.engine` shards the metrics over them)."""
     from pairscout.metrics.layers import sweep_pairs
 
     if primary not in SWEEP_METRICS:
         raise PairscoutError(f"a layer sweep chooses layers by linear CKA, but the primary metric is {primary!r}.",
                              fix="pass --primary cka_linear or cka_linear_debiased with --layers.")
-    n = x_views[0][0][1].shape[0]
+    sharded = engine is not None and engine.sharded
+    n = engine.n if sharded else x_views[0][0][1].shape[0]
     split_seed = settings.seed + 7
     sel, held = split_rows(n, settings.layer_rows, split_seed)
+    if sharded:
+        from pairscout.metrics import sharded_rows as R
 
-    def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return t[idx.to(t.device)]
+        counts = R.shard_counts(x_views[0][0][1].shape[0], x_views[0][0][1].device)
+        is_held = torch.zeros(n, dtype=torch.bool)
+        is_held[held] = True
+        mine = is_held[engine.lo:engine.hi]
+        lo = int(is_held[:engine.lo].sum())
+        est_engine = dataclasses.replace(engine, n=len(held), lo=lo, hi=lo + int(mine.sum()))
+
+        def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return R.gather_rows(t, idx, counts) if idx is sel else t[mine.to(t.device)]
+    else:
+        est_engine = engine
+
+        def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return t[idx.to(t.device)]
 
     sw = sweep_pairs([[rows(t, sel) for _, t in v] for v in x_views], [[rows(t, sel) for _, t in v] for v in y_views],
                      debiased=primary == "cka_linear_debiased", permutations=max(settings.permutations, 19),
                      seed=settings.seed + 8, max_rows=None)
     lc = LayerChoice(list(v_names), list(t_names), [[k for k, _ in v] for v in x_views], [[k for k, _ in v] for v in y_views],
-                     sw.best, sweep=sw, selection_rows=len(sel), estimation_rows=len(held), split_seed=split_seed)
+                     sw.best, sweep=sw, selection_rows=len(sel), estimation_rows=len(held), split_seed=split_seed,
+                     engine=est_engine)
     xkeys = list(dict.fromkeys((a, i) for a, row in enumerate(sw.best) for i, _ in row))
     ykeys = list(dict.fromkeys((b, j) for row in sw.best for b, (_, j) in enumerate(row)))
     lc.xs = [rows(x_views[a][i][1], held) for a, i in xkeys]
