@@ -204,3 +204,21 @@ def test_aligned_model_round_trip_and_raw_inputs_match_the_cache(rank_run, tmp_p
     assert scores.shape == (8, 3) and idx.shape == (8, 3)
     zs = loaded.zero_shot(images[:2], ds.classnames, top_k=2)
     assert zs.probs.shape == (2, len(ds.classnames)) and torch.allclose(zs.probs.sum(-1), torch.ones(2))
+
+
+def test_align_says_when_the_short_probe_beat_it(tmp_path):
+    """The run's probe read this pair clearly higher than the aligned model: one line says so and what to try; within
+    the binomial noise, or without a probe, nothing is said."""
+    from types import SimpleNamespace as S
+
+    from pairscout.align.probe_result import ProbeResult
+    from pairscout.cli.align import _against_probe
+
+    pairs = pd.DataFrame({"vision": ["v"], "text": ["t"], "zs_top1": [0.70]})
+    ProbeResult(pairs=pairs, correlations=pd.DataFrame(), meta={"target": "zs_top1", "n_test_items": 400,
+                                                                 "settings": {"steps": 300}}).save(tmp_path)
+    res = S(model=S(vision_spec=S(name="v"), text_spec=S(name="t")), metrics={"zs_top1": 0.60})
+    line = _against_probe(tmp_path, res)
+    assert line.startswith("note: the probe's linear heads (300 steps) read 0.700 zs_top1") and "0.600" in line
+    assert _against_probe(tmp_path, S(model=res.model, metrics={"zs_top1": 0.68})) == ""  # within the noise
+    assert _against_probe(tmp_path / "none", res) == ""

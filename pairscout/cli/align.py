@@ -288,6 +288,10 @@ def align(
                             resume=resume, force=force, keep_checkpoint=keep_checkpoint, progress=rep.training(label),
                             command=ui.command_line())  # fmt: skip
         ui.err.print(_align_table(res))
+        if run is not None:
+            line = _against_probe(run, res)
+            if line:
+                ui.say(line)
         if res.out is not None:
             ui.say(f"aligned model in {res.out}/ (config.json, heads.safetensors, train/train_log.json); "
                    f"use it: pairscout zero-shot --model {res.out} IMAGE... --classes a,b,c")  # fmt: skip
@@ -327,6 +331,31 @@ def _which_pair(rank, run: Path, chosen: tuple[str, str] | None) -> str:
         others = f"{n} other pair{'s' if n > 1 else ''}"
         why += f"; still tied with {others} after the probe" if "verdict_rank" in rank.meta else f"; tied with {others} (`pairscout probe {run}` can separate them)"
     return f"aligning the verdict's pair {v} x {t} of {run}: {why}"
+
+
+def _against_probe(run: Path, res) -> str:
+    """One line when the run's probe read this pair clearly higher than the aligned model does (a real head
+    should not lose to the short linear probe; when it does, the budget or the head is the first suspect)."""
+    from pairscout.align.probe_result import ProbeResult
+    from pairscout.ranking.verdict import binomial_se
+
+    try:
+        probe = ProbeResult.load(run)
+    except Exception:  # noqa: BLE001 - no probe in the run: nothing to compare with
+        return ""
+    target, n_items = probe.meta.get("target"), int(probe.meta.get("n_test_items") or 0)
+    v, t = res.model.vision_spec.name, res.model.text_spec.name
+    row = probe.pairs[(probe.pairs["vision"] == v) & (probe.pairs["text"] == t)]
+    mine = res.metrics.get(target)
+    if row.empty or mine is None or not n_items or target not in row:
+        return ""
+    theirs = float(row[target].iloc[0])
+    se = (binomial_se(theirs, n_items) ** 2 + binomial_se(float(mine), n_items) ** 2) ** 0.5
+    if theirs - float(mine) <= 2 * se:
+        return ""
+    steps = probe.meta.get("settings", {}).get("steps")
+    return (f"note: the probe's linear heads ({steps} steps) read {theirs:.3f} {target} on this pair, clearly above this "
+            f"model's {float(mine):.3f}: more --steps, or --head linear, may align it better")
 
 
 def _align_table(res) -> Table:
