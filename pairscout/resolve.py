@@ -67,11 +67,11 @@ def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tu
     """The vision and the text zoo (each restricted to its modality)."""
     vz = vision_zoo if isinstance(vision_zoo, Zoo) else resolve_zoo(vision_zoo, "vision")
     tz = text_zoo if isinstance(text_zoo, Zoo) else resolve_zoo(text_zoo, "text")
-    _check_packs(vz, tz)
+    _check_ids(vz, tz)
     return vz, tz
 
 
-def _check_packs(*zoos: Zoo) -> None:
+def _check_ids(*zoos: Zoo) -> None:
     """A ``pack:`` or ``baseline:`` id that names none of its modality is one line before anything is encoded."""
     from pairscout.encoders.baselines import check_baseline
 

@@ -263,9 +263,10 @@ def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     approximation scipy uses gives p = 0 for a perfect order of 3 points, whose exact p is 2 / 6), else scipy's."""
     from scipy import stats
 
-    rho = float(stats.spearmanr(x, y).statistic)
+    r = stats.spearmanr(x, y)
+    rho = float(r.statistic)
     if len(x) >= EXACT_BELOW:
-        return rho, float(stats.spearmanr(x, y).pvalue)
+        return rho, float(r.pvalue)
     res = stats.permutation_test((x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings",
                                  n_resamples=math.inf)
     return rho, float(res.pvalue)

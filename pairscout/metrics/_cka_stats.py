@@ -131,6 +131,13 @@ def _feature_stats(xc: Sequence[torch.Tensor], yc: Sequence[torch.Tensor], ybuf:
     return _Stats(cross, self_, rows, diag)
 
 
+def rbf_tile(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``exp(-gamma ||a_i - b_j||^2)`` for rows a, b with squared norms ``a_sq``, ``b_sq``: one product, the distance
+    clamped at 0 (rounding), in the rows' dtype. Rows that are the same row get a distance of rounding size, not 0:
+    callers that hold both set those entries themselves (1 for K, 0 for the off-diagonal part)."""
+    return (a @ b.T).mul_(-2.0).add_(a_sq[:, None]).add_(b_sq[None, :]).clamp_min_(0).mul_(-gamma).exp_()
+
+
 def kernel_tiles(zc: Sequence[torch.Tensor], kernel: Kernel, gammas: Sequence[float] | None,
                  tile: int) -> Iterator[tuple[int, int, int, int, list[torch.Tensor]]]:
     """Upper-triangle Gram tiles of every model: yields ``(a, ea, b, eb, [K_k[a:ea, b:eb] for k])``, b >= a.
@@ -149,13 +156,13 @@ def kernel_tiles(zc: Sequence[torch.Tensor], kernel: Kernel, gammas: Sequence[fl
             eb = min(b + tile, n)
             tiles = []
             for k, z in enumerate(zc):
-                g = z[a:ea] @ z[b:eb].T
                 if kernel == "rbf":
                     assert sq is not None and gammas is not None
-                    g.mul_(-2.0).add_(sq[k][a:ea, None]).add_(sq[k][None, b:eb]).clamp_min_(0)
+                    g = rbf_tile(z[a:ea], sq[k][a:ea], z[b:eb], sq[k][b:eb], gammas[k])
                     if a == b:
-                        g.fill_diagonal_(0)
-                    g.mul_(-gammas[k]).exp_()
+                        g.fill_diagonal_(1.0)  # exactly exp(0)
+                else:
+                    g = z[a:ea] @ z[b:eb].T
                 tiles.append(g)
             yield a, ea, b, eb, tiles
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import pairscout.metrics.cka as _cka
+from pairscout.metrics._cka_stats import rbf_tile
 
 F64 = torch.float64
 
@@ -134,10 +135,9 @@ def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048, precision: str
             bsq = blk.square().sum(1)
             for a in range(0, m, tile):
                 b = min(a + tile, m)
-                g = (x[a:b] @ blk.T).mul_(-2.0).add_(sq[a:b, None]).add_(bsq[None, :]).clamp_min_(0)
                 same = torch.arange(lo + a, lo + b, device=dev)[:, None] == torch.arange(off, off + blk.shape[0], device=dev)[None, :]
-                g.masked_fill_(same, 0.0)  # the diagonal: distance 0 exactly, K_aa = 1
-                yield a, b, off, g.mul_(-gamma).exp_().to(F64), same
+                k = rbf_tile(x[a:b], sq[a:b], blk, bsq, gamma).masked_fill_(same, 1.0)  # the diagonal: K_aa = 1 exactly
+                yield a, b, off, k.to(F64), same
 
     with _cka._matmul_precision(precision, dev):
         r = torch.zeros(m, dtype=F64, device=dev)

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from pairscout.errors import MetricError
 from pairscout.metrics import knn as _knn
-from pairscout.metrics._cka_stats import TILE_BYTES
+from pairscout.metrics._cka_stats import TILE_BYTES, rbf_tile
 from pairscout.metrics.cka import HSICResult, _matmul_precision, _median_sigma
 
 F64 = torch.float64
@@ -180,22 +180,24 @@ def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], deb
     gsum = torch.zeros(nz, nz, dtype=F64, device=dev)
     rows_off = torch.zeros(nz, n, dtype=F64, device=dev)  # every row's off-diagonal row sum, filled by whoever forms it
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    me = rank_world()[0]
     with _matmul_precision(precision, dev):
         for off, blk in row_blocks(zall, counts, ch):
             bs = blk.shape[0]
             src = max(i for i in range(len(counts)) if starts[i] <= off and counts[i])
-            mine = _block_rows(rank_world()[0], src, off - starts[src], counts, ch)
+            mine = _block_rows(me, src, off - starts[src], counts, ch)
             if mine is None:
                 continue
-            twice = src != rank_world()[0]  # a block of two ranks is formed once and stands for its transpose too
+            twice = src != me  # a block of two ranks is formed once and stands for its transpose too
+            parts = [blk[:, offs[k]:offs[k + 1]] for k in range(nz)]
+            part_sq = [b.square().sum(1) for b in parts]
             for a in range(mine, n_local, tile):
                 ea = min(a + tile, n_local)
                 stack = torch.empty(nz, (ea - a) * bs, dtype=F64, device=dev)
                 same = torch.arange(lo + a, lo + ea, device=dev)[:, None] == torch.arange(off, off + bs, device=dev)[None, :]
                 for k in range(nz):
-                    b = blk[:, offs[k]:offs[k + 1]]
-                    g = (zc[k][a:ea] @ b.T).mul_(-2.0).add_(sq[k][a:ea, None]).add_(b.square().sum(1)[None, :]).clamp_min_(0)
-                    g.mul_(-gammas[k]).exp_().masked_fill_(same, 0.0)  # off-diagonal entries only; K_aa = 1 added below
+                    g = rbf_tile(zc[k][a:ea], sq[k][a:ea], parts[k], part_sq[k], gammas[k])
+                    g.masked_fill_(same, 0.0)  # off-diagonal entries only; K_aa = 1 added below
                     rows_off[k, lo + a:lo + ea] += g.sum(1, dtype=F64)
                     if twice:
                         rows_off[k, off:off + bs] += g.sum(0, dtype=F64)

@@ -202,15 +202,21 @@ def choose(x_views: list[list[tuple[str, torch.Tensor]]], y_views: list[list[tup
         lo = int(is_held[:engine.lo].sum())
         est_engine = dataclasses.replace(engine, n=len(held), lo=lo, hi=lo + int(mine.sum()))
 
-        def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return R.gather_rows(t, idx, counts) if idx is sel else t[mine.to(t.device)]
+        def selected(t: torch.Tensor) -> torch.Tensor:  # every selection row, on every process
+            return R.gather_rows(t, sel, counts)
+
+        def estimated(t: torch.Tensor) -> torch.Tensor:  # this process's estimation rows
+            return t[mine.to(t.device)]
     else:
         est_engine = engine
 
-        def rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return t[idx.to(t.device)]
+        def selected(t: torch.Tensor) -> torch.Tensor:
+            return t[sel.to(t.device)]
 
-    sw = sweep_pairs([[rows(t, sel) for _, t in v] for v in x_views], [[rows(t, sel) for _, t in v] for v in y_views],
+        def estimated(t: torch.Tensor) -> torch.Tensor:
+            return t[held.to(t.device)]
+
+    sw = sweep_pairs([[selected(t) for _, t in v] for v in x_views], [[selected(t) for _, t in v] for v in y_views],
                      debiased=primary == "cka_linear_debiased", permutations=max(settings.permutations, 19),
                      seed=settings.seed + 8, max_rows=None)
     lc = LayerChoice(list(v_names), list(t_names), [[k for k, _ in v] for v in x_views], [[k for k, _ in v] for v in y_views],
@@ -218,8 +224,8 @@ def choose(x_views: list[list[tuple[str, torch.Tensor]]], y_views: list[list[tup
                      engine=est_engine)
     xkeys = list(dict.fromkeys((a, i) for a, row in enumerate(sw.best) for i, _ in row))
     ykeys = list(dict.fromkeys((b, j) for row in sw.best for b, (_, j) in enumerate(row)))
-    lc.xs = [rows(x_views[a][i][1], held) for a, i in xkeys]
-    lc.ys = [rows(y_views[b][j][1], held) for b, j in ykeys]
+    lc.xs = [estimated(x_views[a][i][1]) for a, i in xkeys]
+    lc.ys = [estimated(y_views[b][j][1]) for b, j in ykeys]
     xpos, ypos = {k: r for r, k in enumerate(xkeys)}, {k: r for r, k in enumerate(ykeys)}
     A, B = len(v_names), len(t_names)
     lc.ix = np.array([[xpos[(a, sw.best[a][b][0])] for b in range(B)] for a in range(A)], dtype=int)
