@@ -290,8 +290,12 @@ def _update_verdict(src: PairSource, result: ProbeResult) -> dict[str, Any] | No
     if not old:
         return None
     if not result.meta.get("above_chance"):
+        from pairscout.align.predictors import readout_label
+        from pairscout.ranking.verdict import PROBE_ADVICE
+
         v = Verdict.from_dict(old)
-        v.reason += (f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {result.meta['target']}, "
+        v.reason = " ".join(v.reason.replace(PROBE_ADVICE, "").split())
+        v.reason += (f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {readout_label(result.meta['target'])}, "
                      f"not clearly above chance ({result.meta.get('chance', float('nan')):.3f}): it cannot revisit the verdict.")
     else:
         v = update_from_probe(Verdict.from_dict(old), result.pairs, result.meta["target"], int(result.meta["n_test_items"]))

@@ -94,6 +94,9 @@ def probe(
         settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
                                  optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device,
                                  target=target, class_level=class_level)  # fmt: skip
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir if out_dir is not None else run)
         with ui.progress() as rep:
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
@@ -282,6 +285,9 @@ def align(
                 ui.say(line)
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir)
         with ui.progress() as rep:
             label = f"align {chosen[0]} x {chosen[1]}" if chosen else "align best pair"
             res = run_align(chosen, run=run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, config=config,

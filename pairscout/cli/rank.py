@@ -75,6 +75,9 @@ def rank(
     with ui.user_errors():
         if with_report and out is None:
             raise PairscoutError("--report needs --out: the report is rebuilt from the saved results.", fix="add --out DIR.")
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out)
         settings = RankSettings(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else RANK.metrics,
             primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
@@ -156,5 +159,9 @@ def report(
     from pairscout.report import build_report
 
     with ui.user_errors():
+        from pairscout._io import check_out_folder
+
+        target = out if out is not None else output
+        check_out_folder(target.parent if target is not None and target.suffix else target)
         path = build_report(runs, out if out is not None else output, title=title)
         ui.say(f"report written to {path} ({path.stat().st_size / 1024:.0f} KiB)")
