@@ -20,6 +20,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table as _RichTable
 from rich.text import Text
 
 from pairscout.errors import PairscoutError
@@ -28,6 +29,14 @@ err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 WIDE_PIPE = 160
 """Console width when output is not a terminal (files, CI logs) and COLUMNS is not set: tables keep full ids."""
+
+
+class Table(_RichTable):
+    """Every table of the CLI: its caption (the footnote) reads left to right under it, never centred into a block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("caption_justify", "left")
+        super().__init__(*args, **kwargs)
 
 
 def say(message: str, style: str | None = None) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
@@ -29,8 +28,8 @@ from pairscout.cli._options import (
     VerboseOpt,
     pick_run,
 )
+from pairscout.cli._ui import Table, num
 from pairscout.cli._ui import literal as L
-from pairscout.cli._ui import num
 
 PROBE = ProbeSettings()
 TRAIN = TrainConfig()

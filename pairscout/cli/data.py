@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from pairscout.cli import _ui as ui
@@ -28,6 +27,7 @@ from pairscout.cli._options import (
     VisionZoo,
     WorkersOpt,
 )
+from pairscout.cli._ui import Table
 from pairscout.cli._ui import literal as L
 
 if TYPE_CHECKING:
