@@ -6,10 +6,13 @@ does not contradict itself, names each number's pair and reads in words; table f
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pairscout.cli import app
 from tests.conftest import TINY_DATA, TINY_TEXT, TINY_VISION
@@ -116,3 +119,110 @@ def test_table_footnotes_read_left_to_right(tiny_run):
     cap = [ln for ln in text.splitlines() if "value ±" in ln]
     assert cap and cap[0].startswith("value ±"), cap  # not centred into a block
     assert re.search(r"^\S", text.splitlines()[-1])
+
+
+# --- help, cache list, warnings, messages ----------------------------------------------------------------------------
+@pytest.mark.parametrize("cmd", ["rank", "probe", "align", "encode", "report", "zero-shot"])
+def test_help_cuts_no_default_at_80_columns(cmd):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "pairscout", cmd, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "…" not in r.stdout, r.stdout
+    if cmd == "rank":
+        assert "mutual_knn, cknna)" in " ".join(r.stdout.split()).replace("│", "").replace("  ", " ") or "cknna)" in r.stdout
+
+
+def test_cache_list_prints_ids_whole(runner, tmp_path, monkeypatch):
+    from pairscout.cli import _ui as ui
+    from pairscout.encode.cache import EmbeddingCache
+
+    rows = [{"model_id": f"pack:efficientnet-lite{k}", "dataset": "generated", "dataset_fingerprint": "f" * 32, "n": 1000,
+             "dim": 1280, "precision": "float16", "tokens": False, "size_mb": 2.4} for k in range(3)]  # fmt: skip
+    monkeypatch.setattr(EmbeddingCache, "entries", lambda self: rows)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(ui.out, "width", 80)
+    r = runner.invoke(app, ["cache", "list", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    flat = r.output.replace("│", " ")
+    for k in range(3):
+        assert f"pack:efficientnet-lite{k}" in flat, r.output
+
+
+def test_layers_left_out_is_said_once(caplog):
+    from pairscout.encoders._common import sweep_blocks
+    from pairscout.zoo.spec import EncoderSpec
+
+    spec = EncoderSpec(id="pack:test-once", modality="vision", layers=[-1, -4, -8])
+    with caplog.at_level("WARNING"):
+        for _ in range(3):  # each encoding pass asks again
+            assert sweep_blocks(spec, 6) == [2, 5]
+    assert sum("left out" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_missing_image_named_by_its_line_in_the_file(tmp_path):
+    from PIL import Image
+
+    from pairscout.data import load_dataset
+    from pairscout.errors import DataError
+
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "m.csv").write_text("image,caption\n0.png,a\n\n1.png,b\nmissing.png,c\n2.png,d\n")
+    ds = load_dataset(str(tmp_path / "m.csv"))
+    row = [ds.image_id(i) for i in range(len(ds))].index(str(tmp_path / "missing.png"))
+    with pytest.raises(DataError, match=r"line 5 of .*m\.csv"):
+        ds.load_image(row)
+    sub = ds.subset(3, seed=1)  # a view keeps the file's lines
+    rows = [i for i in range(len(sub)) if sub.image_id(i).endswith("missing.png")]
+    for i in rows:
+        assert sub.locate(i).startswith("line 5 of")
+
+
+def test_wrong_column_fix_is_for_the_command_line(tmp_path):
+    from pairscout.data import load_dataset
+    from pairscout.errors import DataError
+
+    (tmp_path / "m.csv").write_text("picture,words\na.png,x\n")
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path / "m.csv"))
+    assert "image_column=" not in str(e.value) and "rename the columns" in str(e.value)
+
+
+def test_p_values_are_not_read_beyond_the_fitted_tail():
+    import torch
+
+    from pairscout.metrics import calibration as C
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(300, 4, generator=g)
+    xs, ys = [s @ torch.randn(4, 16, generator=g)], [s @ torch.randn(4, 12, generator=g)]
+    for metric in ("cka_linear", "cka_linear_debiased", "mutual_knn"):
+        c = C.calibrate(xs, ys, metric, n_perm=19, **({"k": 5} if metric == "mutual_knn" else {}))
+        assert float(c.p_value.min()) >= C.P_FLOOR, metric
+        if metric.startswith("cka"):
+            assert float(c.p_value.min()) == C.P_FLOOR, metric  # a perfect pair: at the floor, not 1e-301
+        assert float(c.z.min()) > 5
+
+
+def test_interrupt_says_what_was_kept_and_that_a_rerun_resumes(runner, monkeypatch, tmp_path):
+    import pairscout.ranking.core as core
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core, "rank", stop)
+    r = runner.invoke(app, ["rank", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 130 and "Traceback" not in r.output
+    assert "cache" in r.output and "rerun" in r.output and "resume" in r.output
+
+
+def test_api_rank_progress_true_prints_phases(tiny_cache, cpu, capsys):
+    import pairscout
+    from pairscout.ranking import RankSettings
+
+    pairscout.rank(TINY_VISION, TINY_TEXT, TINY_DATA, n=24, settings=RankSettings(ci_groups=0, permutations=0), encode_settings=cpu,
+                   cache_dir=tiny_cache, plots=False, progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.search(r"^\d\d:\d\d:\d\d .+ done$", err, re.M), err

@@ -244,7 +244,7 @@ def align(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end).")] = TRAIN.eval_every,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: at the end).")] = 100,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Zero-shot classification read-out when the data has labels.")] = True,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: RUN/align/VISION__TEXT).", show_default=False)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: the folder VISION__TEXT in RUN/align).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     force: ForceOpt = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint/--drop-checkpoint",
