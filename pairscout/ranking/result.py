@@ -4,7 +4,8 @@
 ``text_id``, ``rank``, ``score``, then for each metric ``<m>``, ``<m>_lo``, ``<m>_hi``, ``<m>_se`` (jackknife 95 % CI),
 ``<m>_null`` / ``<m>_null_sd`` (mean and sd under shuffled pairings), ``<m>_z`` (calibrated score in null sds),
 ``<m>_p`` and ``<m>_p_holm`` (p-value, Holm-corrected across pairs); see :mod:`pairscout.metrics.calibration`).
-``meta["verdict"]``: the recommended pair, ties, near-duplicates and the reason (:mod:`pairscout.ranking.verdict`).
+``verdict``: the recommended pair, ties, near-duplicates and the reason (a typed :class:`~pairscout.ranking.verdict.Verdict`,
+the latest of ``revisions``: rank's own from ``rank.json``, then the probe's, see :mod:`pairscout.runs`).
 ``models``: one row per encoder with its unimodal quality (k-NN accuracy, clustering, published scores).
 ``meta``: settings (zoos with revisions, dataset fingerprint, n, seed, preprocessing, metrics),
 package versions, failures, timings. Saved as parquet + CSV + JSON; :meth:`RankResult.load` reads
@@ -16,15 +17,29 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pairscout._io import first_difference, load_result, save_result
 
+if TYPE_CHECKING:
+    from pairscout.ranking.verdict import Verdict
+    from pairscout.runs import VerdictRevision
+
 PAIRS = "pairs"
 MODELS = "models"
 META = "rank.json"
+
+PAIR_KEYS = ("rank", "vision", "text", "vision_id", "text_id", "score")
+"""The columns every ``pairs`` table starts with (a layer-swept run adds ``vision_layer``, ``text_layer``, ``layer_*``)."""
+METRIC_SUFFIXES = ("", "_lo", "_hi", "_se", "_null", "_null_sd", "_z", "_p", "_p_holm")
+"""Per metric ``<m>``: value, 95 % jackknife interval, its se, null mean and sd, calibrated z, p and Holm-corrected p."""
+
+
+def pair_columns(metrics: list[str]) -> list[str]:
+    """The documented columns of a ``pairs`` table for these metrics (a run may add more, never fewer)."""
+    return [*PAIR_KEYS, *(f"{m}{s}" for m in metrics for s in METRIC_SUFFIXES)]
 
 
 @dataclass
@@ -32,6 +47,32 @@ class RankResult:
     pairs: pd.DataFrame
     models: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    revisions: list[VerdictRevision] = field(default_factory=list)
+    """The verdict's revisions, oldest first (rank's own, then the probe's); filled by :meth:`load`."""
+
+    @property
+    def run_id(self) -> str:
+        """This rank run's id (what verdict revisions and probes are bound to); empty for older runs."""
+        return str(self.meta.get("run_id", ""))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every setting of the run (``rank.json["settings"]``: zoos with revisions, dataset fingerprint, n, seed, ...)."""
+        return dict(self.meta.get("settings", {}))
+
+    @property
+    def rank_verdict(self) -> Verdict | None:
+        """The verdict rank itself gave (before any probe)."""
+        from pairscout.ranking.verdict import Verdict
+
+        own = self.meta.get("verdict_rank") or self.meta.get("verdict")
+        return Verdict.from_dict(own) if own else None
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The current verdict: the latest revision (the probe's, once probed), else rank's own; None for runs
+        made before verdicts existed."""
+        return self.revisions[-1].verdict if self.revisions else self.rank_verdict
 
     @property
     def primary(self) -> str:
@@ -46,11 +87,11 @@ class RankResult:
         return str(row["vision"]), str(row["text"])
 
     def recommended(self) -> tuple[tuple[str, str], str]:
-        """The verdict's pair and its reason (``rank.json["verdict"]``, updated by ``probe``); the best-ranked
-        pair for runs made before verdicts existed."""
-        v = self.meta.get("verdict")
-        if v:
-            return (str(v["pair"][0]), str(v["pair"][1])), str(v.get("reason", ""))
+        """The current verdict's pair and its reason (:attr:`verdict`); the best-ranked pair for runs made before
+        verdicts existed."""
+        v = self.verdict
+        if v is not None:
+            return (str(v.pair[0]), str(v.pair[1])), v.reason
         return self.best(), "the best-ranked pair (this run has no verdict)"
 
     def top(self, k: int) -> pd.DataFrame:
@@ -65,13 +106,20 @@ class RankResult:
 
     # --- files -------------------------------------------------------------------------------------
     def save(self, out: str | Path) -> Path:
+        """Write ``pairs``, ``models`` and ``rank.json`` (last) into ``out``; a run gets its ``run_id`` here."""
+        from pairscout.runs import new_run_id
+
+        self.meta.setdefault("run_id", new_run_id())
         return save_result(out, {PAIRS: self.pairs, MODELS: self.models}, META, self.meta)
 
     @classmethod
     def load(cls, out: str | Path) -> RankResult:
+        """Read a run folder (also one written by an older version), with its verdict revisions."""
+        from pairscout.runs import read_revisions
+
         meta, frames = load_result(out, (PAIRS, MODELS), META, what="rank result",
                                    fix="run `pairscout rank --out DIR` first, or point at that DIR.")
-        return cls(pairs=frames[PAIRS], models=frames[MODELS], meta=meta)
+        return cls(pairs=frames[PAIRS], models=frames[MODELS], meta=meta, revisions=read_revisions(out, meta))
 
 
 def settings_conflict(out: Path, settings: dict[str, Any]) -> str | None:
