@@ -36,52 +36,21 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
+from pairscout.ranking.result import META as RANK_JSON
+from pairscout.ranking.result import VERDICTS_JSON, RankResult, VerdictRevision, read_revisions
 
 if TYPE_CHECKING:
     from pairscout.align.probe_result import ProbeResult
     from pairscout.encode.cache import EmbeddingCache, Embeddings
-    from pairscout.ranking.result import RankResult
     from pairscout.ranking.verdict import Verdict
     from pairscout.zoo.spec import EncoderSpec
 
-RANK_JSON = "rank.json"
 PROBE_JSON = "probe.json"
-VERDICTS_JSON = "verdicts.json"
-
-
-def new_run_id() -> str:
-    """A fresh id for a rank run (what a verdict revision is bound to)."""
-    return uuid.uuid4().hex
-
-
-@dataclass(frozen=True)
-class VerdictRevision:
-    """One revision of a run's verdict: the verdict, which stage made it, from which folder, when."""
-
-    verdict: Verdict
-    by: str
-    """``rank`` (the metrics) or ``probe`` (the probe's read-out)."""
-    where: str = ""
-    """The folder holding the evidence (the probe's output folder)."""
-    created: str = ""
-    rank_run_id: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"by": self.by, "where": self.where, "created": self.created, "rank_run_id": self.rank_run_id,
-                "verdict": self.verdict.to_dict()}  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VerdictRevision:
-        from pairscout.ranking.verdict import Verdict
-
-        return cls(verdict=Verdict.from_dict(d["verdict"]), by=str(d.get("by", "")), where=str(d.get("where", "")),
-                   created=str(d.get("created", "")), rank_run_id=str(d.get("rank_run_id", "")))  # fmt: skip
 
 
 def _identity(path: Path) -> tuple[str, int, int] | None:
@@ -90,36 +59,6 @@ def _identity(path: Path) -> tuple[str, int, int] | None:
     except OSError:
         return None
     return str(path.resolve()), st.st_size, st.st_mtime_ns
-
-
-def _unreadable(path: Path, what: str, e: Exception) -> PairscoutError:
-    return PairscoutError(f"the {what} {path} is unreadable ({type(e).__name__}: {e}).",
-                          fix="run the command that wrote it again (with --force).")  # fmt: skip
-
-
-def read_revisions(run: str | Path, rank_meta: dict[str, Any]) -> list[VerdictRevision]:
-    """Every revision of the verdict of the rank run in ``run``, oldest first (rank's own first)."""
-    from pairscout.ranking.verdict import Verdict
-
-    run = Path(run)
-    run_id = str(rank_meta.get("run_id", ""))
-    own = rank_meta.get("verdict_rank") or rank_meta.get("verdict")
-    if not own:
-        return []
-    try:
-        revs = [VerdictRevision(verdict=Verdict.from_dict(own), by="rank", where=str(run), created=str(rank_meta.get("created", "")),
-                                rank_run_id=run_id)]  # fmt: skip
-        if rank_meta.get("verdict_rank") and rank_meta.get("verdict"):  # a folder from before revisions: probe rewrote rank.json
-            revs.append(VerdictRevision(verdict=Verdict.from_dict(rank_meta["verdict"]), by="probe", where=str(run), rank_run_id=run_id))
-        path = run / VERDICTS_JSON
-        if path.is_file():
-            for d in json.loads(path.read_text(encoding="utf-8")).get("revisions", []):
-                rev = VerdictRevision.from_dict(d)
-                if rev.rank_run_id == run_id:  # a revision of this rank run, not of one this folder held before
-                    revs.append(rev)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise _unreadable(run / VERDICTS_JSON, "verdict revisions", e) from None
-    return revs
 
 
 class RunStore:
@@ -135,8 +74,6 @@ class RunStore:
     # --- rank ------------------------------------------------------------------------------------------
     def rank(self, run: str | Path) -> RankResult:
         """The rank result saved in ``run`` (with its verdict revisions); one-line error if there is none."""
-        from pairscout.ranking.result import RankResult
-
         run = Path(run)
         key = _identity(run / RANK_JSON)
         if key is not None and key in self._ranks:

@@ -11,9 +11,9 @@ from conftest import TINY_DATA, TINY_TEXT, TINY_VISION
 
 from pairscout.cli import app
 from pairscout.errors import PairscoutError
-from pairscout.ranking.result import RankResult, pair_columns
+from pairscout.ranking.result import RankResult, VerdictRevision, pair_columns
 from pairscout.ranking.verdict import Verdict
-from pairscout.runs import STORE, RunStore, VerdictRevision, replace_folder
+from pairscout.runs import STORE, RunStore, replace_folder
 
 RANK = ["rank", "--vision-zoo", TINY_VISION, "--text-zoo", TINY_TEXT, "--data", TINY_DATA, "--n", "40", "--ci-groups", "3",
         "--permutations", "3", "--no-plots", "--workers", "0", "--device", "cpu"]  # fmt: skip

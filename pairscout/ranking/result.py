@@ -15,6 +15,7 @@ it back, so probe and report work from the files alone.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,14 +23,16 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pairscout._io import first_difference, load_result, save_result
+from pairscout.errors import PairscoutError
 
 if TYPE_CHECKING:
     from pairscout.ranking.verdict import Verdict
-    from pairscout.runs import VerdictRevision
 
 PAIRS = "pairs"
 MODELS = "models"
 META = "rank.json"
+VERDICTS_JSON = "verdicts.json"
+"""The verdict's revisions (:class:`VerdictRevision`), written only by :class:`pairscout.runs.RunStore`."""
 
 PAIR_KEYS = ("rank", "vision", "text", "vision_id", "text_id", "score")
 """The columns every ``pairs`` table starts with (a layer-swept run adds ``vision_layer``, ``text_layer``, ``layer_*``)."""
@@ -40,6 +43,65 @@ METRIC_SUFFIXES = ("", "_lo", "_hi", "_se", "_null", "_null_sd", "_z", "_p", "_p
 def pair_columns(metrics: list[str]) -> list[str]:
     """The documented columns of a ``pairs`` table for these metrics (a run may add more, never fewer)."""
     return [*PAIR_KEYS, *(f"{m}{s}" for m in metrics for s in METRIC_SUFFIXES)]
+
+
+def new_run_id() -> str:
+    """A fresh id for a rank run (what a verdict revision is bound to)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class VerdictRevision:
+    """One revision of a run's verdict: the verdict, which stage made it, from which folder, when."""
+
+    verdict: Verdict
+    by: str
+    """``rank`` (the metrics) or ``probe`` (the probe's read-out)."""
+    where: str = ""
+    """The folder holding the evidence (the probe's output folder)."""
+    created: str = ""
+    rank_run_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by": self.by, "where": self.where, "created": self.created, "rank_run_id": self.rank_run_id,
+                "verdict": self.verdict.to_dict()}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerdictRevision:
+        from pairscout.ranking.verdict import Verdict
+
+        return cls(verdict=Verdict.from_dict(d["verdict"]), by=str(d.get("by", "")), where=str(d.get("where", "")),
+                   created=str(d.get("created", "")), rank_run_id=str(d.get("rank_run_id", "")))  # fmt: skip
+
+
+def _unreadable(path: Path, what: str, e: Exception) -> PairscoutError:
+    return PairscoutError(f"the {what} {path} is unreadable ({type(e).__name__}: {e}).",
+                          fix="run the command that wrote it again (with --force).")  # fmt: skip
+
+
+def read_revisions(run: str | Path, rank_meta: dict[str, Any]) -> list[VerdictRevision]:
+    """Every revision of the verdict of the rank run in ``run``, oldest first (rank's own first)."""
+    from pairscout.ranking.verdict import Verdict
+
+    run = Path(run)
+    run_id = str(rank_meta.get("run_id", ""))
+    own = rank_meta.get("verdict_rank") or rank_meta.get("verdict")
+    if not own:
+        return []
+    try:
+        revs = [VerdictRevision(verdict=Verdict.from_dict(own), by="rank", where=str(run), created=str(rank_meta.get("created", "")),
+                                rank_run_id=run_id)]  # fmt: skip
+        if rank_meta.get("verdict_rank") and rank_meta.get("verdict"):  # a folder from before revisions: probe rewrote rank.json
+            revs.append(VerdictRevision(verdict=Verdict.from_dict(rank_meta["verdict"]), by="probe", where=str(run), rank_run_id=run_id))
+        path = run / VERDICTS_JSON
+        if path.is_file():
+            for d in json.loads(path.read_text(encoding="utf-8")).get("revisions", []):
+                rev = VerdictRevision.from_dict(d)
+                if rev.rank_run_id == run_id:  # a revision of this rank run, not of one this folder held before
+                    revs.append(rev)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise _unreadable(run / VERDICTS_JSON, "verdict revisions", e) from None
+    return revs
 
 
 @dataclass
@@ -107,16 +169,12 @@ class RankResult:
     # --- files -------------------------------------------------------------------------------------
     def save(self, out: str | Path) -> Path:
         """Write ``pairs``, ``models`` and ``rank.json`` (last) into ``out``; a run gets its ``run_id`` here."""
-        from pairscout.runs import new_run_id
-
         self.meta.setdefault("run_id", new_run_id())
         return save_result(out, {PAIRS: self.pairs, MODELS: self.models}, META, self.meta)
 
     @classmethod
     def load(cls, out: str | Path) -> RankResult:
         """Read a run folder (also one written by an older version), with its verdict revisions."""
-        from pairscout.runs import read_revisions
-
         meta, frames = load_result(out, (PAIRS, MODELS), META, what="rank result",
                                    fix="run `pairscout rank --out DIR` first, or point at that DIR.")
         return cls(pairs=frames[PAIRS], models=frames[MODELS], meta=meta, revisions=read_revisions(out, meta))

@@ -18,10 +18,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import pairscout
 from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
 from pairscout.report.sections import RunFiles, align_section, probe_section, rank_section
+from pairscout.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
         probes=probes,
         aligns=aligns,
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        version=pairscout.__version__,
+        version=__version__,
         sources=[str(r.path) for r in runs],
         json_dump=lambda v: html.escape(json.dumps(v, indent=1, default=str)),
     )
