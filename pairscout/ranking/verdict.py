@@ -32,11 +32,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: the Verdict record is read torch-free (report, CLI)
+    import torch
 
 PROBE_ADVICE = "To separate the tied pairs, run pairscout probe on them; align takes this pair unless told otherwise."
 """The rank verdict's last sentence when pairs are tied; a probe's revisit replaces it (the probe has run)."""
@@ -80,6 +82,8 @@ class Verdict:
 # ----------------------------------------------------------------------------------------------------------
 def jackknife_replicates(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metric: str, *, groups: int, seed: int,
                          engine: Any = None, **kw: Any) -> torch.Tensor:
+    import torch
+
     """(G, m, t) leave-one-group-out values of a pair metric, with the grouping of
     :func:`pairscout.ranking.compute.jackknife_ci` (same seed, same groups), on ``engine``'s device and row shard
     (:mod:`pairscout.ranking.engine`; default: one process, where the tensors are)."""
@@ -123,6 +127,8 @@ def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPL
     under torch.distributed; the screen rows are gathered (at most ``screen_rows`` per model) and the full check
     is the sharded linear CKA (:mod:`pairscout.metrics.sharded`).
     """
+    import torch
+
     from pairscout.metrics import all_pairs_cka
 
     names = list(embeddings)
