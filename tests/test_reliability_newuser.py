@@ -226,3 +226,43 @@ def test_api_rank_progress_true_prints_phases(tiny_cache, cpu, capsys):
                    cache_dir=tiny_cache, plots=False, progress=True)  # fmt: skip
     err = capsys.readouterr().err
     assert re.search(r"^\d\d:\d\d:\d\d .+ done$", err, re.M), err
+
+
+def test_an_aligned_layer_keeps_its_layer_in_every_name():
+    from pairscout.zoo.spec import EncoderSpec, shown_name
+
+    spec = EncoderSpec(id="pack:efficientnet-lite0", modality="vision", name="efficientnet-lite0", layers=[-1, -4, 12])
+    assert spec.narrowed("12").shown == "efficientnet-lite0 @12"
+    assert spec.narrowed("final").shown == "efficientnet-lite0"
+    assert shown_name(spec.narrowed("12").to_dict()) == "efficientnet-lite0 @12"  # what the report reads from config.json
+
+
+@pytest.mark.parametrize(("arg", "modality", "want"), [("all-MiniLM-L6-v2", "text", "pack:all-MiniLM-L6-v2"),
+                                                      ("EfficientNet-Lite0", "vision", "pack:efficientnet-lite0"),
+                                                      ("efficientnet-lite2,tfidf-missing", "vision", None)])
+def test_printed_names_work_as_ids(arg, modality, want):
+    from pairscout.errors import ZooError
+    from pairscout.zoo.registry import resolve_zoo
+
+    if want:
+        assert [s.id for s in resolve_zoo(arg, modality).encoders] == [want]
+    else:
+        with pytest.raises(ZooError, match="tfidf-missing"):
+            resolve_zoo(arg, modality)
+
+
+def test_an_unknown_bare_name_suggests_the_id():
+    from pairscout.errors import ZooError
+    from pairscout.zoo.registry import resolve_zoo
+
+    with pytest.raises(ZooError, match="pack:all-MiniLM-L6-v2") as e:
+        resolve_zoo("all-MiniLM-L6", "text")
+    assert "\n" not in str(e.value)
+
+
+def test_a_zoo_file_with_a_byte_order_mark(tmp_path):
+    from pairscout.zoo.registry import resolve_zoo
+
+    p = tmp_path / "z.toml"
+    p.write_bytes(b"\xef\xbb\xbf" + b'name = "z"\n[[encoder]]\nid = "baseline:pixels"\nmodality = "vision"\n')
+    assert [s.id for s in resolve_zoo(str(p), "vision").encoders] == ["baseline:pixels"]

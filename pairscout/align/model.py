@@ -79,7 +79,7 @@ class AlignedModel:
         self._vision_encoder, self._text_encoder = vision_encoder, text_encoder
 
     def __repr__(self) -> str:
-        return (f"AlignedModel({self.vision_spec.name} [{self.vision_head.config.kind}] x {self.text_spec.name} "
+        return (f"AlignedModel({self.vision_spec.shown} [{self.vision_head.config.kind}] x {self.text_spec.shown} "
                 f"[{self.text_head.config.kind}] -> {self.dim}-d)")  # fmt: skip
 
     @property

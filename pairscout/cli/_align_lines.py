@@ -53,5 +53,7 @@ def _against_probe(run: Path, res) -> str:
     if theirs - float(mine) <= 2 * se:
         return ""
     steps = probe.meta.get("settings", {}).get("steps")
-    return (f"note: the probe's linear heads ({steps} steps) read {theirs:.3f} {target} on this pair, clearly above this "
+    from pairscout.align.predictors import readout_label
+
+    return (f"note: the probe's linear heads ({steps} steps) read {theirs:.3f} {readout_label(target)} on this pair, clearly above this "
             f"model's {float(mine):.3f}: more --steps, or --head linear, may align it better")

@@ -104,7 +104,10 @@ def probe(
         primary = res.meta.get("primary")
         if primary:
             ui.say(verdict(res.correlations, primary, res.meta))
-        ui.say(f"read-out: {res.meta['target']} (chance {res.meta['chance']:.3f}): {res.meta['target_why']}")
+        from pairscout.align.predictors import readout_label
+
+        ui.say(f"read-out: {readout_label(res.meta['target'])} (--target {res.meta['target']}; chance {res.meta['chance']:.3f}): "
+               f"{res.meta['target_why']}")
         if res.meta.get("verdict"):
             ui.say(f"verdict: {res.meta['verdict']['reason']}")
         if res.meta.get("out"):
@@ -315,7 +318,7 @@ def align(
 
 def _align_table(res) -> Table:
     m, tr = res.metrics, res.train
-    t = Table(title=L(f"aligned {res.model.vision_spec.name} x {res.model.text_spec.name}: {tr.config.head} heads -> {tr.config.out_dim}-d, "
+    t = Table(title=L(f"aligned {res.model.vision_spec.shown} x {res.model.text_spec.shown}: {tr.config.head} heads -> {tr.config.out_dim}-d, "
                       f"{tr.steps} steps, {tr.samples_per_s:.0f} images/s on {tr.device}"))  # fmt: skip
     for col in ("held-out read-out", "image -> text", "text -> image", "mean"):
         t.add_column(col, justify="right" if col != "held-out read-out" else "left")

@@ -264,6 +264,8 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
 # --- align -----------------------------------------------------------------------------------------------------------
 def align_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     """Training curves (each of >= 3 points), held-out evaluation as curves when evaluated >= 3 times, else a table."""
+    from pairscout.zoo.spec import shown_name
+
     log = run.train_log or {}
     hist = log.get("history", [])
     train = [h for h in hist if "loss" in h and "eval" not in h]
@@ -289,7 +291,7 @@ def align_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
         "config": log.get("config", {}),
         "model": {k: cfg.get(k) for k in ("vision", "text", "vision_head", "text_head", "loss", "dataset_fingerprint", "command", "versions") if k in cfg},
         "final": [(name, metrics.get(k)) for k, name in FINAL_CARDS if metrics.get(k) is not None],
-        "pair": f"{(cfg.get('vision') or {}).get('name', '?')} × {(cfg.get('text') or {}).get('name', '?')}" if cfg else "",
+        "pair": f"{shown_name(cfg.get('vision'))} × {shown_name(cfg.get('text'))}" if cfg else "",
         "figures": figs,
         "eval_table": eval_table,
     }

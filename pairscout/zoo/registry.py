@@ -76,7 +76,7 @@ def load_zoo_file(path: str | Path) -> Zoo:
     if not path.exists():
         raise ZooError(f"zoo file {path} does not exist.", fix=f"pass a TOML path or one of the named zoos: {', '.join(available_zoos())}.")
     try:
-        text = read_regular_text(path, "utf-8", 16 * 2**20)
+        text = read_regular_text(path, "utf-8-sig", 16 * 2**20)  # a BOM (Windows editors) is not TOML
     except UnicodeDecodeError as e:
         raise ZooError(f"zoo file {path} is not UTF-8 text (byte {e.start}: {e.reason}).", fix="save it as UTF-8 (TOML files must be UTF-8).") from None
     except OSError as e:
@@ -94,14 +94,41 @@ def get_zoo(name: str) -> Zoo:
     return Zoo(zname, desc, tuple(specs), f"package:{name}")
 
 
+def _shipped_specs() -> list[EncoderSpec]:
+    return [spec for zname in available_zoos() for spec in get_zoo(zname).encoders]
+
+
+def _find_shipped(ident: str) -> EncoderSpec | None:
+    """The shipped encoder an id or a printed name means: exact id or name first, then either without regard to case,
+    then the id without its source prefix ("all-MiniLM-L6-v2" for pack:all-MiniLM-L6-v2): the names tables print
+    work as ids."""
+    specs = _shipped_specs()
+    low = ident.lower()
+    for match in (lambda s: ident in (s.id, s.name), lambda s: low in (s.id.lower(), s.name.lower()),
+                  lambda s: s.id.split(":", 1)[-1].lower() == low):
+        found = {s.id: s for s in specs if match(s)}
+        if len(found) == 1:
+            return next(iter(found.values()))
+    return None
+
+
 def _spec_from_id(ident: str, modality: Modality) -> EncoderSpec:
-    """An id given on the command line: looked up in the shipped zoos first (to get their settings)."""
-    for zname in available_zoos():
-        for spec in get_zoo(zname).encoders:
-            if spec.id == ident or spec.name == ident:
-                if spec.modality != modality:
-                    raise ZooError(f"{ident} is a {spec.modality} encoder, not a {modality} one.", fix=f"pass it to --{spec.modality}-zoo.")
-                return spec
+    """An id given on the command line: looked up in the shipped zoos first (to get their settings); a name as the
+    tables print it is accepted; a bare word that names nothing is an error suggesting the ids it is closest to."""
+    spec = _find_shipped(ident)
+    if spec is not None:
+        if spec.modality != modality:
+            raise ZooError(f"{ident} is a {spec.modality} encoder, not a {modality} one.", fix=f"pass it to --{spec.modality}-zoo.")
+        return spec
+    if ":" not in ident:
+        import difflib
+
+        specs = [s for s in _shipped_specs() if s.modality == modality]
+        keys = {k.lower(): s.id for s in specs for k in (s.name, s.id, s.id.split(":", 1)[-1])}
+        close = list(dict.fromkeys(keys[k] for k in difflib.get_close_matches(ident.lower(), list(keys), n=3, cutoff=0.5)))
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ZooError(f"no zoo named {ident!r}, and no encoder has that id or name (ids carry their source, like pack:, hf:, timm:, baseline:).",
+                       fix=f"{hint}`pairscout zoo show offline` lists the ids; zoos: {', '.join(available_zoos())}.")
     return EncoderSpec(id=ident, modality=modality)
 
 
@@ -116,7 +143,7 @@ def resolve_zoo(arg: str | Path, modality: Modality) -> Zoo:
         raise ZooError(f"the {modality} zoo is empty.", fix="pass a zoo name, a TOML path or a comma list of ids.")
     if text.endswith(".toml") or Path(text).exists():
         zoo = load_zoo_file(text)
-    elif ":" not in text and "," not in text:
+    elif ":" not in text and "," not in text and text in available_zoos():
         zoo = get_zoo(text)
     else:
         ids = [t.strip() for t in text.split(",") if t.strip()]

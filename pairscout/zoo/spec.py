@@ -163,6 +163,11 @@ class EncoderSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def shown(self) -> str:
+        """The name as tables show it: ``efficientnet-lite0 @12`` for a spec narrowed to one block, else the name."""
+        return shown_name(self.to_dict())
+
     def narrowed(self, layer: str | None) -> EncoderSpec:
         """This spec reading only what one view of a layer sweep needs: no sweep for ``final`` (or None), else
         the single block ``layers = [k]`` (its features are then ``EncoderOutput.layers[str(k)]``)."""
@@ -197,3 +202,11 @@ class EncoderSpec:
             return cls(**d)
         except ZooError as e:
             raise ZooError(f"{where}: {e}") from None
+
+
+def shown_name(spec: dict[str, Any] | None) -> str:
+    """``name @k`` for a spec dict that reads one block ``k`` of a layer sweep (an aligned model's), else its name."""
+    spec = spec or {}
+    name = str(spec.get("name") or spec.get("id") or "?")
+    layers = spec.get("layers")
+    return f"{name} @{layers[0]}" if isinstance(layers, list | tuple) and len(layers) == 1 else name
