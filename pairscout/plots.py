@@ -27,6 +27,7 @@ GROUP_COLORS = {"top": "#33658a", "middle": "#86bbd8", "bottom": "#f26419", "cho
 LABEL_SIZE, TICK_SIZE, TITLE_SIZE = 9, 9, 11
 """Type sizes (points) of the figures: at the report's scale (about 1.3 px per point) none is below 11 px."""
 plt.rcParams["svg.fonttype"] = "none"  # text stays text in SVG: small files, selectable labels
+plt.rcParams["svg.hashsalt"] = "pairscout"  # clip-path ids from a fixed salt, not random: the same runs give the same page
 plt.rcParams["text.parse_math"] = False  # names are text: "$" or "^" in an encoder name is printed, never parsed as TeX
 
 

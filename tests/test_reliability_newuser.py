@@ -266,3 +266,37 @@ def test_a_zoo_file_with_a_byte_order_mark(tmp_path):
     p = tmp_path / "z.toml"
     p.write_bytes(b"\xef\xbb\xbf" + b'name = "z"\n[[encoder]]\nid = "baseline:pixels"\nmodality = "vision"\n')
     assert [s.id for s in resolve_zoo(str(p), "vision").encoders] == ["baseline:pixels"]
+
+
+# --- make demo -------------------------------------------------------------------------------------------------------
+def test_make_demo_writes_no_tracked_file_and_pins_threads():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "-n", "demo", "PY=true"], cwd=root, capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in r.stdout.splitlines() if "pairscout " in ln]
+    assert lines and all("OMP_NUM_THREADS=" in ln for ln in lines)
+    report = next(ln for ln in lines if "pairscout report" in ln)
+    out = report.split(" -o ")[1].split()[0]
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", out], cwd=root, capture_output=True, timeout=60)
+    assert tracked.returncode != 0, f"make demo rewrites the tracked {out}"
+
+
+def test_the_same_runs_give_the_same_page(probed_run, tmp_path, monkeypatch):
+    from pairscout.report import build_report
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a = build_report([probed_run], tmp_path / "a.html").read_bytes()
+    b = build_report([probed_run], tmp_path / "b.html").read_bytes()
+    assert a == b and b"2023-11-14" in a
+
+
+@pytest.fixture(scope="module")
+def probed_run(tiny_run):
+    from typer.testing import CliRunner
+
+    run, cache = tiny_run
+    r = CliRunner().invoke(app, ["probe", str(run), "--steps", "4", "--top-k", "2", "--bottom-k", "1", "--middle-k", "0",
+                                 "--cache-dir", str(cache), "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return run

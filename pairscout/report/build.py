@@ -93,6 +93,17 @@ def prose(text: Any) -> Markup:
     return Markup(re.sub(r"`([^`<>]+)`", r"<code>\1</code>", str(escape(str(text)))))
 
 
+def generated_stamp() -> str:
+    """When the page was made; ``$SOURCE_DATE_EPOCH`` (the reproducible-builds convention) fixes it, so the same runs
+    give the same bytes."""
+    import os
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch.isdigit():
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(epoch)))
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def build_report(paths: list[str | Path], out: str | Path | None = None, *, title: str = "pairscout report") -> Path:
     """Write one HTML file for the given run folders; returns its path (default ``<first run>/report.html``)."""
     import jinja2
@@ -120,7 +131,7 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
         ranks=ranks,
         probes=probes,
         aligns=aligns,
-        generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        generated=generated_stamp(),
         version=__version__,
         sources=[str(r.path) for r in runs],
         json_dump=lambda v: html.escape(json.dumps(v, indent=1, default=str)),
