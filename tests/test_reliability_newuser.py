@@ -300,3 +300,10 @@ def probed_run(tiny_run):
                                  "--cache-dir", str(cache), "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 0, r.output
     return run
+
+
+def test_rank_settings_metrics_as_one_string():
+    from pairscout.ranking import RankSettings
+
+    assert list(RankSettings(metrics="cka_linear").metrics) == ["cka_linear"]
+    assert list(RankSettings(metrics="cka_linear, mutual_knn").metrics) == ["cka_linear", "mutual_knn"]

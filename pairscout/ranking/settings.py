@@ -58,6 +58,8 @@ class RankSettings:
         """Impossible settings are one-line errors naming the option, before any encoding."""
         from pairscout.errors import PairscoutError
 
+        if isinstance(self.metrics, str):  # "cka_linear" or "cka_linear,mutual_knn" as the CLI takes it, not letters
+            object.__setattr__(self, "metrics", [m.strip() for m in self.metrics.split(",") if m.strip()])
         for name, value, low in (("--permutations", self.permutations, 0), ("--ci-groups", self.ci_groups, 0),
                                  ("--knn-k", self.knn_k, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
