@@ -20,12 +20,23 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.segment import Segment
 from rich.text import Text
 
-from pairscout.errors import PairscoutError
+from pairscout.errors import PairscoutError, printable
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+
+class SafeConsole(Console):
+    """A rich console that never writes a control character it did not make itself: the text of every segment
+    (messages, table cells, titles, progress descriptions) goes through :func:`pairscout.errors.printable`;
+    rich's own styling (colours, cursor moves of the progress bars) is left as is."""
+
+    def _render_buffer(self, buffer):  # noqa: ANN001 - rich's signature
+        return super()._render_buffer(s if s.control else Segment(printable(s.text), s.style, s.control) for s in buffer)
+
+
+err = SafeConsole(stderr=True, highlight=False)
+out = SafeConsole(highlight=False)
 WIDE_PIPE = 160
 """Console width when output is not a terminal (files, CI logs) and COLUMNS is not set: tables keep full ids."""
 
@@ -61,7 +72,7 @@ class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"{stamp} {level}{record.getMessage()}"
+        return printable(f"{stamp} {level}{record.getMessage()}")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -182,7 +193,7 @@ def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
     if need <= err.width:
         err.print(table)
     else:  # Console.print never exceeds the console's width: a console of the width the table needs
-        Console(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
+        SafeConsole(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
 
 
 def num(x: Any, digits: int = 3) -> str:

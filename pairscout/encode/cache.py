@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pairscout._io import atomic_path
+from pairscout._io import atomic_path, safe_name
 from pairscout.encode.inputs import DigestStore, inputs_digest
 from pairscout.errors import CacheError
 from pairscout.zoo.spec import EncoderSpec
@@ -111,7 +111,7 @@ class Embeddings:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "encoder"
+    return safe_name(text, default="encoder")
 
 
 CHECKSUMS = "pairscout_checksums"
