@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pairscout.encode.cache import EmbeddingCache
+from pairscout.encode.cache import PART_NAME, EmbeddingCache
+from pairscout.errors import CacheError
 
 
 @dataclass
@@ -24,7 +26,16 @@ def _size(p: Path) -> int:
 def clear_cache(cache: EmbeddingCache, *, model: str | None = None, dataset: str | None = None, dry_run: bool = False) -> Cleared:
     """Remove the cache entries of ``model`` (an id such as ``pack:efficientnet-lite0``) and/or ``dataset``
     (a fingerprint, or its first characters, or a dataset name); neither: every entry. Only files the cache
-    made are touched (``<root>/<model>/<key>.safetensors`` and their ``.parts`` folders)."""
+    made are touched (``<root>/<slug>/<key>.safetensors`` with the cache's metadata, the chunk files of their
+    ``.parts`` folders, and folders those leave empty): a user's own file in the cache folder stays.
+
+    Raises:
+        CacheError: ``model`` or ``dataset`` is given but empty (it would match every entry).
+    """
+    for what, v in (("--model", model), ("--dataset", dataset)):
+        if v is not None and not str(v).strip():
+            raise CacheError(f"{what} is empty, which would match every cache entry.",
+                             fix=f"name the {what[2:]} to clear (see pairscout cache list), or leave {what} out to clear everything.")
     out = Cleared()
     if not cache.root.is_dir():
         return out
@@ -34,18 +45,30 @@ def clear_cache(cache: EmbeddingCache, *, model: str | None = None, dataset: str
         fp, name = str(e.get("dataset_fingerprint", "")), str(e.get("dataset", ""))
         if dataset is not None and not (fp.startswith(dataset) or name == dataset):
             continue
-        p = Path(e["path"])
-        out.paths.append(p)
+        out.paths.append(Path(e["path"]))
     if model is None and dataset is None:  # unfinished runs too
-        out.paths += sorted(p for p in cache.root.glob("*/*.parts") if p.is_dir())
+        out.paths += cache.unfinished()
     else:
-        out.paths += [q for p in list(out.paths) for q in (p.with_suffix(".parts"), p.with_suffix(".tok.parts")) if q.is_dir()]
+        out.paths += [q for p in list(out.paths) for q in cache.unfinished(p)]
     for p in out.paths:
         out.bytes += _size(p)
         if not dry_run:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    if not dry_run:
-        for d in cache.root.iterdir():
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+            _remove(p)
     return out
+
+
+_PART_TMP = re.compile(r"\.\d+-\d+\.safetensors\.\w+\.tmp")
+"""A chunk's temporary file left by a killed write (:func:`pairscout._io.atomic_path`)."""
+
+
+def _remove(p: Path) -> None:
+    """An entry file, or a ``.parts`` folder's chunk files (then the folder, and its parent, if left empty)."""
+    if p.is_dir():
+        for q in p.iterdir():
+            if (PART_NAME.fullmatch(q.name) or _PART_TMP.fullmatch(q.name)) and q.is_file():
+                q.unlink(missing_ok=True)
+    else:
+        p.unlink(missing_ok=True)
+    for d in ((p,) if p.is_dir() else ()) + (p.parent,):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty folder goes

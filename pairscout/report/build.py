@@ -78,6 +78,25 @@ def collect(paths: list[str | Path]) -> list[RunFiles]:
     return runs
 
 
+GENERATOR = '<meta name="generator" content="pairscout">'
+"""The line every report carries: a file with it (or the footer of reports before it) may be replaced."""
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is an HTML report written by :func:`build_report` (and so may be written over)."""
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+            if not head.startswith("<!DOCTYPE html>"):
+                return False
+            if GENERATOR in head:
+                return True
+            f.seek(max(0, Path(path).stat().st_size - 65536))
+            return "&middot; generated " in f.read().decode("utf-8", "replace")  # reports before the marker
+    except OSError:
+        return False
+
+
 def build_report(paths: list[str | Path], out: str | Path | None = None, *, title: str = "pairscout report") -> Path:
     """Write one HTML file for the given run folders; returns its path (default ``<first run>/report.html``)."""
     import jinja2
@@ -88,6 +107,9 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
         out = out / "report.html"
     if not out.parent.is_dir():
         raise PairscoutError(f"the folder of the report file {out} does not exist.", fix="create it, or pass --out FILE in an existing folder.")
+    if out.exists() and not is_report(out):  # rank.json, a plot, a cache entry, the user's own page: never replaced
+        raise PairscoutError(f"{out} exists and is not a pairscout report; writing the report there would replace it.",
+                             fix="pass --out a new file name (e.g. report.html), or the folder to write report.html into.")
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: resources.files("pairscout").joinpath("templates", name).read_text(encoding="utf-8")),
         autoescape=jinja2.select_autoescape(default=True),
