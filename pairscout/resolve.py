@@ -37,8 +37,12 @@ def resolve_data(data: Any = "generated", *, n: int | None = None, seed: int | N
             and skip malformed manifest rows (counted in ``describe()["skipped_lines"]``).
         skip_bad_rows: skip malformed manifest rows only (default: as ``skip_bad``).
     """
+    from pairscout.bounds import check
     from pairscout.data import load_dataset
 
+    check("--n", n)
+    if seed is not None:
+        check("--seed", seed)
     if isinstance(data, str | Path):
         if isinstance(data, str) and _GENERATED_SEED.match(data):
             seed = None  # the spec's own seed

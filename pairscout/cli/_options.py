@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
 import typer
+from typer.models import OptionInfo
 
 from pairscout.metrics.registry import MEASURES, names_help
 from pairscout.ranking.settings import RankSettings
@@ -38,6 +42,39 @@ def given(cls: type, **values: Any) -> Any:
     """``cls(**values)`` without the values the user did not give (None): the dataclass owns those defaults."""
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if v is not None and k in names})
+
+
+def checked(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` that first checks each of its numeric options against :data:`pairscout.bounds.RANGES` (the
+    table the API's settings use), before anything is read, loaded or encoded: one line naming the option."""
+    from pairscout.bounds import RANGES, check
+    from pairscout.cli import _ui as ui
+
+    sig = inspect.signature(command)
+    ranged = {}
+    for name, hint in get_type_hints(command, include_extras=True).items():
+        if get_origin(hint) is not Annotated:
+            continue
+        base, *extra = get_args(hint)
+        if not ({int, float} & ({base} | set(get_args(base)))):
+            continue
+        info = next((m for m in extra if isinstance(m, OptionInfo)), None)
+        decls = [d for d in (getattr(info, "param_decls", None) or ()) if d.startswith("--")] or ["--" + name.replace("_", "-")]
+        opt = next((d for d in decls if d in RANGES), None)
+        if opt is not None:
+            ranged[name] = opt
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        values = sig.bind_partial(*args, **kwargs).arguments
+        with ui.user_errors():
+            for name, opt in ranged.items():
+                if values.get(name) is not None:
+                    check(opt, values[name])
+        return command(*args, **kwargs)
+
+    run.ranged = ranged  # type: ignore[attr-defined]  # which options are checked (tests read it)
+    return run
 
 
 def pick_run(run: Path | None, alias: Path | None) -> Path | None:

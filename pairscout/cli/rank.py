@@ -73,6 +73,9 @@ def rank(
     from pairscout.ranking import rank as run_rank
 
     with ui.user_errors():
+        from pairscout.bounds import check
+
+        check("--top", top)
         if with_report and out is None:
             raise PairscoutError("--report needs --out: the report is rebuilt from the saved results.", fix="add --out DIR.")
         settings = RankSettings(

@@ -260,8 +260,10 @@ class PairedDataset:
         Stratified by label when labels exist: each class puts ``round(test_fraction * count)`` of
         its rows in test (at least one each side for classes with >= 2 rows).
         """
-        if not 0.0 < test_fraction < 1.0:
-            raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}.", fix="pass e.g. 0.2.")
+        from pairscout.bounds import check
+
+        check("--test-fraction", test_fraction, DataError)
+        check("--seed", seed, DataError)
         n = len(self)
         if n < 2:
             raise DataError(f"Dataset {self.source} has {n} row; a train/test split needs >= 2.", fix="use more rows.")

@@ -53,10 +53,9 @@ class EncodeSettings:
 
     def __post_init__(self) -> None:
         """Impossible values are one-line errors naming the option, before any work."""
-        for name, value, low in (("--batch-size", self.batch_size, 1), ("--workers", self.num_workers, 0),
-                                 ("chunk_batches", self.chunk_batches, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {max(low, 1)} or more.")
+        from pairscout.bounds import check_fields
+
+        check_fields(self)  # every numeric setting against its declared range (pairscout.bounds)
 
 
 class _ImageRows(TorchDataset):
