@@ -78,9 +78,12 @@ def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tu
 def _check_ids(*zoos: Zoo) -> None:
     """A ``pack:`` or ``baseline:`` id that names none of its modality is one line before anything is encoded."""
     from pairscout.encoders.baselines import check_baseline
+    from pairscout.encoders.emb_source import check_spec as check_emb
 
     for s in (s for z in zoos for s in z.encoders if s.source == "baseline"):
         check_baseline(s)
+    for s in (s for z in zoos for s in z.encoders if s.source == "emb"):
+        check_emb(s)
     specs = [s for z in zoos for s in z.encoders if s.source == "pack"]
     if specs:
         from pairscout.encoders.packs import check_pack

@@ -180,6 +180,30 @@ def progress() -> Iterator[Reporter]:
         yield _PlainReporter()
 
 
+# --- JSON on stdout ---------------------------------------------------------------------------------
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float as None (JSON has no NaN: a bare ``NaN`` breaks ``jq`` and
+    ``json.loads`` in other languages); numpy scalars become Python numbers."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    """The one way a command prints its ``--json`` result: valid JSON (no bare NaN), strings as they are."""
+    import json
+
+    out.print_json(json.dumps(finite_json(obj), default=str, allow_nan=False))
+
+
 # --- numbers ---------------------------------------------------------------------------------------
 def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
     """A table on stderr; with ``wide`` (the user asked for every column) as wide as it needs, up to ``max_width``,

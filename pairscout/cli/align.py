@@ -6,7 +6,6 @@ come from :class:`~pairscout.align.probe_settings.ProbeSettings` and :class:`~pa
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Annotated
@@ -115,7 +114,7 @@ def probe(
             from pairscout._io import records
 
             payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta}
-            ui.out.print_json(json.dumps(payload, default=str))
+            ui.print_json(payload)
 
 
 def probe_table(res, wide: bool = False) -> Table:
@@ -305,7 +304,7 @@ def align(
         if as_json:
             payload = {"model": str(res.out) if res.out else None, "vision": res.model.vision_spec.name, "text": res.model.text_spec.name,
                        "metrics": res.metrics, "train": res.train.summary()}  # fmt: skip
-            ui.out.print_json(json.dumps(payload, default=str))
+            ui.print_json(payload)
 
 
 def _align_table(res) -> Table:
@@ -353,4 +352,4 @@ def zero_shot(
             t.add_row(L(f), *[L(f"{c} ({p:.2f})") for c, p in top])
         ui.err.print(t)
         if as_json:
-            ui.out.print_json(json.dumps([{"image": str(f), "top": [{"class": c, "p": p} for c, p in top]} for f, top in zip(files, pred.top, strict=True)]))
+            ui.print_json([{"image": str(f), "top": [{"class": c, "p": p} for c, p in top]} for f, top in zip(files, pred.top, strict=True)])

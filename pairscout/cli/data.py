@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -150,7 +149,7 @@ def encode(
                 "embeddings": {k: {kk: v.meta.get(kk) for kk in ("model_id", "modality", "n", "dim", "precision")} for k, v in res.embeddings.items()},
                 "failures": res.failures,
             }
-            ui.out.print_json(json.dumps(summary, default=str))
+            ui.print_json(summary)
         if res.failures:
             ui.error(f"{len(res.failures)} model(s) failed: {', '.join(res.failures)}; the others are cached.")
             raise typer.Exit(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -102,7 +101,7 @@ def rank(
             ui.say(f"report: {build_report([out])}")
         if as_json:
             payload = {"pairs": res.pairs.to_dict(orient="records"), "models": res.models.to_dict(orient="records"), "meta": res.meta}
-            ui.out.print_json(json.dumps(payload, default=str))
+            ui.print_json(payload)
         if res.meta["failures"]:
             ui.error(f"{len(res.meta['failures'])} model(s) failed and were left out: "
                      + "; ".join(f"{k}: {v}" for k, v in res.meta["failures"].items()))  # fmt: skip

@@ -242,8 +242,13 @@ def encode(
         order = np.argsort([-len(t) for t in texts], kind="stable")
 
     if isinstance(enc, PrecomputedEncoder):
-        out = enc.load(n, tokens=tok)
+        # a file's row i is row i of the whole dataset (not of a --n subset of it): read all, keep this view's rows
+        positions, file_n = dataset.file_rows(spec.modality)
+        out = enc.load(file_n, tokens=tok, subset=None if file_n == n else len(positions))
         merged = _to_cpu(out, tok)
+        if file_n != n:
+            sel = torch.from_numpy(positions)
+            merged = {k: (v[sel] if v is not None else None) for k, v in merged.items()}
     else:
         bs = settings.batch_size or (64 if spec.modality == "vision" else 256)
         chunk = bs * max(1, settings.chunk_batches)
