@@ -286,9 +286,9 @@ def default_out(run: str | Path, pair: tuple[str, str] | None = None) -> Path:
     The folder name is made safe (:func:`pairscout._io.safe_name`): an ``emb:/abs/path`` encoder, an absolute
     ``hf:`` id or a zoo name ``../../x`` still writes inside ``RUN/align/``."""
     from pairscout._io import safe_name
-    from pairscout.ranking import RankResult
+    from pairscout.runs import STORE
 
-    v, t = pair or RankResult.load(run).recommended()[0]
+    v, t = pair or STORE.rank(run).recommended()[0]
     return Path(run) / "align" / f"{safe_name(v)}__{safe_name(t)}"
 
 
