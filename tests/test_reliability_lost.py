@@ -109,3 +109,13 @@ def test_report_replaces_its_own_page_but_not_a_users(tiny_run, runner, tmp_path
     save_file({"x": torch.from_numpy(np.ones(2, dtype=np.float32))}, str(entry))
     r = runner.invoke(app, ["report", str(run), "-o", str(entry)])
     assert r.exit_code == 2
+
+
+def test_a_report_from_before_the_generator_marker_is_still_replaced(tiny_run, runner, tmp_path):
+    run, _ = tiny_run
+    old = tmp_path / "old.html"
+    old.write_text("<!DOCTYPE html>\n<html><head><title>t</title></head><body><footer>\n"
+                   "<p>pairscout 0.3.0 &middot; generated 2026-01-01 &middot; from runs/demo</p></footer></body></html>\n")
+    r = runner.invoke(app, ["report", str(run), "-o", str(old)])
+    assert r.exit_code == 0, r.output
+    assert 'name="generator" content="pairscout"' in old.read_text()

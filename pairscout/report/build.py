@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -89,18 +90,15 @@ GENERATOR = '<meta name="generator" content="pairscout">'
 
 
 def is_report(path: Path) -> bool:
-    """Whether ``path`` is an HTML report written by :func:`build_report` (and so may be written over)."""
+    """Whether ``path`` is an HTML report written by :func:`build_report` (and so may be written over): it starts
+    with the doctype and carries :data:`GENERATOR` (or, before that marker, the "pairscout VERSION &middot; generated"
+    line of the page's header)."""
     try:
         with Path(path).open("rb") as f:
-            head = f.read(4096).decode("utf-8", "replace")
-            if not head.startswith("<!DOCTYPE html>"):
-                return False
-            if GENERATOR in head:
-                return True
-            f.seek(max(0, Path(path).stat().st_size - 65536))
-            return "&middot; generated " in f.read().decode("utf-8", "replace")  # reports before the marker
+            text = f.read(1 << 20).decode("utf-8", "replace")
     except OSError:
         return False
+    return text.startswith("<!DOCTYPE html>") and (GENERATOR in text or re.search(r"<p>pairscout \S+ &middot; generated ", text) is not None)
 
 
 def build_report(paths: list[str | Path], out: str | Path | None = None, *, title: str = "pairscout report") -> Path:

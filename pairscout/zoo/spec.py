@@ -166,7 +166,8 @@ class EncoderSpec:
         defaults = {f.name: f.default for f in fields(self)}
         for fname in MODEL_SETTINGS:
             if fname not in honoured and getattr(self, fname) != defaults[fname]:
-                raise ZooError(f"encoder {self.id!r}: {what} cannot honour {fname} = {getattr(self, fname)!r}; it would be ignored.",
+                why = "cannot read hidden layers" if fname in ("layer", "layers") else "cannot honour"
+                raise ZooError(f"encoder {self.id!r}: {what} {why} ({fname} = {getattr(self, fname)!r}); it would be ignored.",
                                fix=f"remove {fname} from its zoo entry" + (f" (it honours {', '.join(sorted(honoured))})." if honoured else "."))
 
     @property
