@@ -288,8 +288,11 @@ def _update_verdict(src: PairSource, result: ProbeResult, where: Path | None) ->
     if old is None:
         return None
     if not result.meta.get("above_chance"):
-        v = replace(old, reason=old.reason + (
-            f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {result.meta['target']}, "
+        from pairscout.align.predictors import readout_label
+        from pairscout.ranking.verdict import PROBE_ADVICE
+
+        v = replace(old, reason=" ".join(old.reason.replace(PROBE_ADVICE, "").split()) + (
+            f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {readout_label(result.meta['target'])}, "
             f"not clearly above chance ({result.meta.get('chance', float('nan')):.3f}): it cannot revisit the verdict."))
     else:
         v = update_from_probe(old, result.pairs, result.meta["target"], int(result.meta["n_test_items"]))

@@ -34,7 +34,7 @@ ReportOpt = Annotated[bool, typer.Option("--report", help="Also write (or refres
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace earlier results in the output folder.")]
 RunArg = Annotated[Path | None, typer.Argument(help="Folder of a `pairscout rank --out` run (its pairs, zoos, data and cache).", show_default=False)]
 RunAlias = Annotated[Path | None, typer.Option("--run", "-r", hidden=True, help="Old spelling of the RUN argument.")]
-MetricsHelp = f"Comma list of pair metrics from {names_help()} (default: {','.join(RANK.metrics)})."
+MetricsHelp = f"Comma list of pair metrics from {names_help()} (default: {', '.join(RANK.metrics)})."
 PrimaryHelp = "Metric that ranks the pairs (default: cka_linear; cka_linear_debiased below 10,000 rows)."
 
 

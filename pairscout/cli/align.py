@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
@@ -28,8 +27,8 @@ from pairscout.cli._options import (
     VerboseOpt,
     pick_run,
 )
+from pairscout.cli._ui import Table, num
 from pairscout.cli._ui import literal as L
-from pairscout.cli._ui import num
 
 PROBE = ProbeSettings()
 TRAIN = TrainConfig()
@@ -93,6 +92,9 @@ def probe(
         settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
                                  optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device,
                                  target=target, class_level=class_level)  # fmt: skip
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir if out_dir is not None else run)
         with ui.progress() as rep:
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
@@ -241,7 +243,7 @@ def align(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end).")] = TRAIN.eval_every,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: at the end).")] = 100,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Zero-shot classification read-out when the data has labels.")] = True,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: RUN/align/VISION__TEXT).", show_default=False)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: the folder VISION__TEXT in RUN/align).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     force: ForceOpt = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint/--drop-checkpoint",
@@ -281,6 +283,9 @@ def align(
                 ui.say(line)
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir)
         with ui.progress() as rep:
             label = f"align {chosen[0]} x {chosen[1]}" if chosen else "align best pair"
             res = run_align(chosen, run=run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, config=config,

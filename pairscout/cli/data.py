@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from pairscout.cli import _ui as ui
@@ -27,6 +26,7 @@ from pairscout.cli._options import (
     VisionZoo,
     WorkersOpt,
 )
+from pairscout.cli._ui import Table
 from pairscout.cli._ui import literal as L
 
 if TYPE_CHECKING:
@@ -162,11 +162,17 @@ def cache_list(cache_dir: CacheOpt = None) -> None:
 
     with ui.user_errors():
         cache = EmbeddingCache(cache_dir)
-        table = Table(title=L(f"cache {cache.root}"))
-        for col in ("model", "dataset", "fingerprint", "n", "dim", "precision", "tokens", "MB"):
-            table.add_column(col)
-        for r in cache.entries():
-            table.add_row(*(L(r.get(k)) for k in ("model_id", "dataset", "dataset_fingerprint", "n", "dim", "precision", "tokens")),
+        table = Table(title=L(f"cache {cache.root}"), caption=L("fingerprint: its first 12 characters (cache clear --dataset takes a prefix)"))
+        rows = list(cache.entries())
+        # ids are what `cache clear --model` takes: printed whole (folded, never cut to "efficientnet-l…")
+        table.add_column("model", overflow="fold", min_width=min(60, max([len(str(r.get("model_id"))) for r in rows] + [5])))
+        table.add_column("dataset", overflow="fold")
+        table.add_column("fingerprint", no_wrap=True, min_width=12)
+        for col in ("n", "dim", "precision", "tokens", "MB"):
+            table.add_column(col, justify="right" if col in ("n", "dim", "MB") else "left")
+        for r in rows:
+            fp = str(r.get("dataset_fingerprint") or "")[:12]
+            table.add_row(*(L(r.get(k)) for k in ("model_id", "dataset")), L(fp), *(L(r.get(k)) for k in ("n", "dim", "precision", "tokens")),
                           f"{r['size_mb']:.1f}")  # fmt: skip
         ui.out.print(table)
 

@@ -53,7 +53,7 @@ def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | No
         raise DataError(
             f"Manifest {path} has columns ({', '.join(found) or 'none'}) but needs an image column (one of {', '.join(IMAGE_COLUMNS)}) "
             f"and a caption column (one of {', '.join(CAPTION_COLUMNS)}); {what} column missing.",
-            fix="rename the columns, or pass image_column= / caption_column= to load_dataset.",
+            fix="rename the columns in the file to one of those names.",
         )
     return None
 
@@ -255,7 +255,7 @@ def read_manifest(
     labels, names = map_labels(rows.labels, path, rows.where, classnames)
     ds_name = name or (path.parent.name if path.stem.lower() == "metadata" else path.stem)
     return PairedDataset(
-        name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys]),
+        name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys], where=rows.where),
         captions=rows.captions, labels=labels, classnames=names,
         meta={"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else None,
     )  # fmt: skip

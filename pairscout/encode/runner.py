@@ -73,7 +73,7 @@ class _ImageRows(TorchDataset):
         except DataError as e:  # turned into a clean error in the main process
             return i, None, str(e)
         except Exception as e:  # noqa: BLE001 - a transform failing on one image names that image
-            return i, None, f"image {self.dataset.image_id(i)} (row {i}) could not be preprocessed: {e}"
+            return i, None, f"image {self.dataset.image_id(i)} ({self.dataset.locate(i)}) could not be preprocessed: {e}"
 
 
 def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:

@@ -30,6 +30,23 @@ from pairscout.zoo.registry import Zoo
 
 log = logging.getLogger(__name__)
 
+def print_progress(stream: Any = None) -> ProgressFn:
+    """A ``progress`` callback that prints ``HH:MM:SS phase: done/total`` to stderr when a phase starts and ends."""
+    import sys
+
+    started: set[str] = set()
+
+    def cb(phase: str, done: int, total: int | None) -> None:
+        end = total is not None and done >= total
+        if phase in started and not end:
+            return
+        started.add(phase)
+        print(f"{time.strftime('%H:%M:%S')} {phase}: {done}/{total if total is not None else '?'}{' done' if end else ''}",
+              file=stream or sys.stderr, flush=True)
+
+    return cb
+
+
 def rank(
     vision_zoo: str | Zoo = "offline",
     text_zoo: str | Zoo = "offline",
@@ -42,7 +59,7 @@ def rank(
     out: str | Path | None = None,
     force: bool = False,
     plots: bool = True,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | bool | None = None,
     command: str | None = None,
     skip_bad: bool = False,
 ) -> RankResult:
@@ -63,7 +80,9 @@ def rank(
         cache_dir: the embedding cache (default ``~/.cache/pairscout``).
         out: folder for the result files and plots; refused if it holds a run with other settings
             unless ``force``.
-        progress: ``progress(phase, done, total)`` for every phase (encoding per model, each metric, null, plots).
+        progress: ``progress(phase, done, total)`` for every phase (encoding per model, each metric, null, plots);
+            ``True``: a timestamped line on stderr when each phase starts and ends (a rank takes minutes; by default
+            the API prints nothing).
         skip_bad: drop rows whose image is missing or corrupt.
 
     Returns:
@@ -74,6 +93,10 @@ def rank(
         >>> res.best()
     """
     t_start = time.perf_counter()
+    if progress is True:
+        progress = print_progress()
+    elif progress is False:
+        progress = None
     settings = settings or RankSettings()
     vz, tz = resolve_zoos(vision_zoo, text_zoo)
     if settings.layers is not None:  # --layers: a sweep for every encoder that can read hidden layers
