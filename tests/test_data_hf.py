@@ -142,7 +142,7 @@ def test_imagefolder_with_metadata_jsonl_reads_as_datasets_does(tmp_path):
     assert {c[0]: pixel(ours, i) for i, c in enumerate(ours.captions)} == want == {cap: col for _, col, cap in rows}
     # the split layout (train/metadata.jsonl, test/metadata.jsonl) names the splits
     split = tmp_path / "split"
-    for s, (rel, colour, cap) in zip(("train", "test"), rows[:2], strict=True):
+    for s, (_rel, colour, cap) in zip(("train", "test"), rows[:2], strict=True):
         (split / s).mkdir(parents=True)
         image(colour).save(split / s / "x.png")
         (split / s / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": cap}) + "\n")
