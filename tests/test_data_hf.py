@@ -205,3 +205,17 @@ def test_a_rank_run_reloads_its_dataset_with_the_recorded_columns(tmp_path, runn
     assert r.exit_code == 0, r.output
     src = source_from_rank(run, cache_dir=tmp_path / "cache")
     assert src.dataset.labels is None and src.dataset.captions[3] == ["a fox beside a owl"]  # '' kept the label column out
+
+
+def test_encoding_workers_read_a_saved_dataset(tmp_path):
+    """DataLoader workers get the dataset pickled (file references) and read the same pixels."""
+    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.zoo.spec import EncoderSpec
+
+    coco_like().save_to_disk(str(tmp_path / "saved"))
+    ds = load_dataset(tmp_path / "saved")
+    spec = EncoderSpec(id="baseline:pixels", modality="vision", options={"size": 4})
+    one = encode(spec, ds, settings=EncodeSettings(device="cpu", num_workers=0, batch_size=2), cache=EmbeddingCache(tmp_path / "c0"))
+    two = encode(spec, ds, settings=EncodeSettings(device="cpu", num_workers=2, batch_size=2), cache=EmbeddingCache(tmp_path / "c2"))
+    assert one.pooled.shape == (3, 48) and np.array_equal(one.pooled.numpy(), two.pooled.numpy())
