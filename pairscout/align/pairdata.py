@@ -103,7 +103,9 @@ def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None
     else:
         where = str(data if data is not None else desc.get("source", ""))
         try:
-            ds = load_dataset(where)
+            cols = desc.get("columns") or {}  # the columns the run read (manifests, Hugging Face datasets)
+            ds = load_dataset(where, image_column=cols.get("image"), caption_column=cols.get("caption"),
+                              label_column=cols.get("label"))
             if ds.fingerprint != expected and desc.get("selection"):
                 ds = ds.subset(int(desc["selection"]["n"]), seed=int(settings.get("seed", 0)))
         except DataError as e:

@@ -18,13 +18,17 @@ from pairscout.cli import _ui as ui
 from pairscout.cli._align_lines import _against_probe, _which_pair  # noqa: F401 - _against_probe: tests import it here
 from pairscout.cli._options import (
     CacheOpt,
+    CaptionColOpt,
     DeviceOpt,
     ForceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     ReportOpt,
     RunAlias,
     RunArg,
     VerboseOpt,
+    data_with_columns,
     pick_run,
 )
 from pairscout.cli._ui import Table, num
@@ -54,6 +58,9 @@ def probe(
     text_zoo: TextOpt = None,
     data: DataOpt = None,
     n: NOpt = None,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Probe the K best-ranked pairs.")] = PROBE.top_k,
     bottom_k: Annotated[int, typer.Option("--bottom-k", help="... and the K worst-ranked ones.")] = PROBE.bottom_k,
     middle_k: Annotated[int, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.")] = PROBE.middle_k,
@@ -96,6 +103,7 @@ def probe(
 
         check_out_folder(out_dir if out_dir is not None else run)
         with ui.progress() as rep:
+            data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
         for table in (probe_table(res, wide), corr_table(res, wide)):
@@ -223,6 +231,9 @@ def align(
     text_zoo: TextOpt = None,
     data: DataOpt = None,
     n: NOpt = None,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     head: Annotated[str, typer.Option(help="linear, mlp, glu (SAIL) or local_global (freeze-align; needs `encode --tokens`).")] = TRAIN.head,
     out_dim: Annotated[int, typer.Option(help="Shared space dimension (SAIL: 1024).")] = TRAIN.out_dim,
     hidden_mult: Annotated[int, typer.Option(help="GLU hidden width / input dim (SAIL: 8).")] = TRAIN.hidden_mult,
@@ -288,6 +299,7 @@ def align(
         check_out_folder(out_dir)
         with ui.progress() as rep:
             label = f"align {chosen[0]} x {chosen[1]}" if chosen else "align best pair"
+            data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_align(chosen, run=run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, config=config,
                             test_fraction=test_fraction, split_seed=seed, zero_shot=zero_shot, cache_dir=cache_dir, out=out_dir,
                             resume=resume, force=force, keep_checkpoint=keep_checkpoint, progress=rep.training(label),

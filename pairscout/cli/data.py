@@ -14,9 +14,12 @@ from pairscout.cli._options import (
     RANK,
     BatchOpt,
     CacheOpt,
+    CaptionColOpt,
     DataOpt,
     DeviceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     NOpt,
     SeedOpt,
     SkipBadOpt,
@@ -102,6 +105,9 @@ def encode(
     data: DataOpt = "generated",
     n: NOpt = None,
     seed: SeedOpt = RANK.seed,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,
@@ -116,7 +122,7 @@ def encode(
 ) -> None:
     """Encode a paired dataset with every model of two zoos (cached, resumable)."""
     ui.setup_logging(verbose)
-    from pairscout.cli._options import given
+    from pairscout.cli._options import columns, given
     from pairscout.encode.cache import EmbeddingCache
     from pairscout.encode.runner import EncodeSettings, encode_zoo
     from pairscout.resolve import drop_bad_images, resolve_data, resolve_zoos
@@ -124,7 +130,7 @@ def encode(
 
     with ui.user_errors():
         vz, tz = resolve_zoos(vision_zoo, text_zoo)
-        ds = resolve_data(data, n=n, seed=seed, skip_bad_rows=skip_bad)
+        ds = resolve_data(data, n=n, seed=seed, skip_bad_rows=skip_bad, columns=columns(image_column, caption_column, label_column))
         if skip_bad:
             ds, bad = drop_bad_images(ds)
             if bad:

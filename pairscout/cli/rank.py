@@ -12,10 +12,13 @@ from pairscout.cli._options import (
     RANK,
     BatchOpt,
     CacheOpt,
+    CaptionColOpt,
     DataOpt,
     DeviceOpt,
     ForceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     MetricsHelp,
     NOpt,
     PrimaryHelp,
@@ -37,6 +40,9 @@ def rank(
     data: DataOpt = "generated",
     n: NOpt = None,
     seed: SeedOpt = RANK.seed,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     metrics: Annotated[str | None, typer.Option(help=MetricsHelp, show_default=False)] = None,
     primary: Annotated[str | None, typer.Option(help=PrimaryHelp, show_default=False)] = None,
     score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = RANK.score,
@@ -65,7 +71,7 @@ def rank(
 ) -> None:
     """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
     ui.setup_logging(verbose)
-    from pairscout.cli._options import given
+    from pairscout.cli._options import columns, given
     from pairscout.encode.runner import EncodeSettings
     from pairscout.errors import PairscoutError
     from pairscout.ranking import RankSettings
@@ -94,6 +100,7 @@ def rank(
         )  # fmt: skip
         with ui.progress() as rep:
             res = run_rank(vision_zoo, text_zoo, data, n=n, settings=settings, skip_bad=skip_bad,
+                           columns=columns(image_column, caption_column, label_column),
                            encode_settings=given(EncodeSettings, device=device, batch_size=batch_size, num_workers=workers,
                                                         trust_remote_code=trust_remote_code),
                            cache_dir=cache_dir, out=out, force=force, plots=plots, progress=rep.phases(), command=ui.command_line())  # fmt: skip

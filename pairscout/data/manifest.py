@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | None, what: str, path: Path, required: bool) -> str | None:
     lower = {c.strip().lower(): c for c in found}
+    if override == "" and not required:  # label_column="": no labels
+        return None
     if override is not None:
         if override in found:
             return override
@@ -257,5 +259,6 @@ def read_manifest(
     return PairedDataset(
         name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys], where=rows.where),
         captions=rows.captions, labels=labels, classnames=names,
-        meta={"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else None,
+        meta={"columns": {"image": img_col, "caption": cap_col, "label": lab_col or ""},
+              **({"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else {})},
     )  # fmt: skip
