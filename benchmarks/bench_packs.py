@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
 from pairscout.data import load_dataset  # noqa: E402
-from pairscout.encode.cache import EmbeddingCache  # noqa: E402
-from pairscout.encode.runner import EncodeSettings, encode  # noqa: E402
+from pairscout.embeddings.cache import EmbeddingCache  # noqa: E402
+from pairscout.embeddings.runner import EncodeSettings, encode  # noqa: E402
 from pairscout.zoo.registry import get_zoo  # noqa: E402
 
 DEFAULT_IDS = ("efficientnet-lite0,efficientnet-lite2,open-nsfw-resnet50,dinov2-s-cls+mean,"

@@ -46,7 +46,7 @@ from pairscout.ranking.result import VERDICTS_JSON, RankResult, VerdictRevision,
 
 if TYPE_CHECKING:
     from pairscout.align.probe_result import ProbeResult
-    from pairscout.encode.cache import EmbeddingCache, Embeddings
+    from pairscout.embeddings.cache import EmbeddingCache, Embeddings
     from pairscout.ranking.verdict import Verdict
     from pairscout.zoo.spec import EncoderSpec
 

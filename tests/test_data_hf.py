@@ -209,8 +209,8 @@ def test_a_rank_run_reloads_its_dataset_with_the_recorded_columns(tmp_path, runn
 
 def test_encoding_workers_read_a_saved_dataset(tmp_path):
     """DataLoader workers get the dataset pickled (file references) and read the same pixels."""
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode
     from pairscout.zoo.spec import EncoderSpec
 
     coco_like().save_to_disk(str(tmp_path / "saved"))

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 
 from pairscout import distributed
 from pairscout.data import load_dataset
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, encode
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, encode
 from pairscout.zoo.spec import EncoderSpec
 
 SPEC = EncoderSpec(id="baseline:pixels", modality="vision", options={"size": 8})

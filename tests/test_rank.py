@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import pairscout
 from pairscout.cli import app
-from pairscout.encode.runner import EncodeSettings
+from pairscout.embeddings.runner import EncodeSettings
 from pairscout.errors import PairscoutError
 from pairscout.ranking import RankResult, RankSettings
 from pairscout.ranking.compute import jackknife_ci

@@ -15,7 +15,7 @@ import pairscout.metrics.knn as knn
 import pairscout.ranking.calibrated as calibrated
 import pairscout.ranking.verdict as verdict
 from pairscout import runtime
-from pairscout.encode.runner import EncodeSettings
+from pairscout.embeddings.runner import EncodeSettings
 from pairscout.errors import PairscoutError
 from pairscout.ranking import RankSettings, rank
 
@@ -114,7 +114,7 @@ def test_cli_bad_precision_exits_2(tmp_path):
 
 
 def test_missing_embeddings_of_probe_and_align_are_encoded_on_the_users_device(tmp_path, monkeypatch):
-    import pairscout.encode.runner as runner
+    import pairscout.embeddings.runner as runner
     from pairscout.align.pairdata import load_embeddings, source_from_zoos
 
     seen = []

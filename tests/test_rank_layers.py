@@ -110,7 +110,7 @@ def test_held_out_rows_remove_the_winners_curse():
 def test_one_cache_entry_holds_every_layer(layered_run):
     from safetensors import safe_open
 
-    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.embeddings.cache import EmbeddingCache
 
     _, cache, _ = layered_run
     entries = [e for e in EmbeddingCache(cache).entries() if e.get("model_id") == "baseline:random-net"]

@@ -84,8 +84,8 @@ def test_negative_epochs_refused():
 
 def test_garbage_timm_weights_fail_that_model_alone(tmp_path):
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode_zoo
     from pairscout.zoo.spec import EncoderSpec
 
     bad = tmp_path / "garbage.safetensors"

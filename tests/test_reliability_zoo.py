@@ -92,8 +92,8 @@ def test_cli_refuses_remote_code_model_and_ranks_the_rest(tmp_path):
 
 def test_model_raising_inside_its_own_code_fails_alone(tmp_path, monkeypatch):
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode_zoo
 
     data = load_dataset("generated:n=12,size=16")
     spec = EncoderSpec(id="baseline:random", modality="text", options={"dim": 4})
@@ -152,7 +152,7 @@ def test_zero_encoders_are_failed_models_and_the_rest_are_ranked(tmp_path):
     [({"batch_size": -4}, "--batch-size -4"), ({"num_workers": -1}, "--workers -1"), ({"batch_size": 0}, "--batch-size 0")],
 )
 def test_impossible_encode_settings_are_errors_up_front(kwargs, match):
-    from pairscout.encode.runner import EncodeSettings
+    from pairscout.embeddings.runner import EncodeSettings
     from pairscout.errors import PairscoutError
 
     with pytest.raises(PairscoutError, match=match):
@@ -173,7 +173,7 @@ def test_impossible_rank_settings_are_errors_up_front(kwargs, match):
 
 
 def test_unknown_device_is_one_line_error():
-    from pairscout.encode.runner import pick_device
+    from pairscout.embeddings.runner import pick_device
     from pairscout.errors import PairscoutError
 
     with pytest.raises(PairscoutError, match="'gpu0' is not a device name"):
@@ -194,8 +194,8 @@ def test_rank_out_that_is_a_file_fails_before_encoding(tmp_path, monkeypatch):
 @pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root can write anywhere")
 def test_read_only_cache_fails_before_encoding(tmp_path):
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode
     from pairscout.errors import CacheError
 
     root = tmp_path / "ro"
@@ -212,8 +212,8 @@ def test_read_only_cache_fails_before_encoding(tmp_path):
 def test_unwritable_cache_fails_before_encoding(tmp_path, monkeypatch):
     from pairscout import _io
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode
     from pairscout.errors import CacheError
 
     def full(*a, **k):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from pairscout.align.evaluate import TEMPLATES, EvalSet
-from pairscout.encode.cache import EmbeddingCache, Embeddings
+from pairscout.embeddings.cache import EmbeddingCache, Embeddings
 from pairscout.errors import CacheError, DataError, PairscoutError
 from pairscout.zoo.spec import EncoderSpec
 
@@ -142,7 +142,7 @@ def load_embeddings(src: PairSource, spec: EncoderSpec, *, tokens: bool = False,
         if hit is not None:
             return hit
     if src.encode_missing:
-        from pairscout.encode.runner import EncodeSettings, encode
+        from pairscout.embeddings.runner import EncodeSettings, encode
 
         return encode(spec, src.dataset, cache=src.cache, settings=EncodeSettings(tokens=tokens, device=src.device))
     pair = (spec, partner) if spec.modality == "vision" else (partner, spec)

@@ -212,7 +212,7 @@ def probe(
     settings = settings or ProbeSettings()
     t_start = time.perf_counter()
     if run is None:
-        from pairscout.encode.runner import EncodeSettings
+        from pairscout.embeddings.runner import EncodeSettings
         from pairscout.ranking import rank
 
         rank_res = rank(vision_zoo or "offline", text_zoo or "offline", data or "generated", n=n, cache_dir=cache_dir, out=out,

@@ -123,8 +123,8 @@ def encode(
     """Encode a paired dataset with every model of two zoos (cached, resumable)."""
     ui.setup_logging(verbose)
     from pairscout.cli._options import columns, given
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode_zoo
     from pairscout.resolve import drop_bad_images, resolve_data, resolve_zoos
     from pairscout.runtime import pick_device
 
@@ -164,7 +164,7 @@ def encode(
 @cache_app.command("list")
 def cache_list(cache_dir: CacheOpt = None) -> None:
     """Every cached embedding set with its model, dataset and size."""
-    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.embeddings.cache import EmbeddingCache
 
     with ui.user_errors():
         cache = EmbeddingCache(cache_dir)
@@ -192,8 +192,8 @@ def cache_clear(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before removing every entry.")] = False,
 ) -> None:
     """Remove cached embeddings (all, or of one model and/or dataset)."""
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.housekeeping import clear_cache
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.housekeeping import clear_cache
     from pairscout.errors import PairscoutError
 
     with ui.user_errors():

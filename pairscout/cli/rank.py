@@ -72,7 +72,7 @@ def rank(
     """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
     ui.setup_logging(verbose)
     from pairscout.cli._options import columns, given
-    from pairscout.encode.runner import EncodeSettings
+    from pairscout.embeddings.runner import EncodeSettings
     from pairscout.errors import PairscoutError
     from pairscout.ranking import RankSettings
     from pairscout.ranking import rank as run_rank

