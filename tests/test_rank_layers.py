@@ -61,6 +61,7 @@ def test_each_pair_is_chosen_on_selection_rows_and_measured_on_the_others(layere
     assert "@" in output and "chosen by the layer sweep on 32 rows, every number measured on the other 32" in flat
 
 
+@pytest.mark.slow
 def test_held_out_rows_remove_the_winners_curse():
     """Encoder B has 16 views whose true CKA with the text equals encoder A's single view. Scored on the rows that
     chose the view, B's maximum sits above A on average and the paired jackknife test calls B better far more often

@@ -46,6 +46,7 @@ def test_truncated_heads_and_missing_config_key(model_dir):
         AlignedModel.load(m2)
 
 
+@pytest.mark.slow
 def test_cli_zero_shot_bad_inputs_are_one_line(model_dir):
     big = model_dir / "big.png"
     Image.new("RGB", (20000, 20000), "red").save(big)  # 400 M pixels: over PIL's decompression-bomb limit
