@@ -82,10 +82,10 @@ def test_negative_epochs_refused():
     assert torch.tensor(1.0).item() == 1.0
 
 
-def test_garbage_timm_weights_fail_that_model_alone(tmp_path):
+def test_garbage_timm_weights_fail_that_model_alone(cpu, tmp_path):
     from pairscout.data import load_dataset
     from pairscout.embeddings.cache import EmbeddingCache
-    from pairscout.embeddings.runner import EncodeSettings, encode_zoo
+    from pairscout.embeddings.runner import encode_zoo
     from pairscout.zoo.spec import EncoderSpec
 
     bad = tmp_path / "garbage.safetensors"
@@ -93,7 +93,7 @@ def test_garbage_timm_weights_fail_that_model_alone(tmp_path):
     specs = [EncoderSpec(id="timm:test_vit", modality="vision", weights=str(bad)),
              EncoderSpec(id="baseline:pixels", modality="vision", options={"size": 8})]
     res = encode_zoo(specs, load_dataset("generated:n=12,size=16"), cache=EmbeddingCache(tmp_path / "c"),
-                     settings=EncodeSettings(device="cpu", num_workers=0))
+                     settings=cpu)
     assert "pixels" in res.embeddings and "test_vit" in res.failures
     assert "\n" not in res.failures["test_vit"] and "test_vit" in res.failures["test_vit"]
 
