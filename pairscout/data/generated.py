@@ -132,7 +132,9 @@ def parse_spec(spec: str) -> dict[str, int]:
 
 
 def check_params(params: dict[str, int], spec: str = "generated") -> dict[str, int]:
-    limits = {"n": (1, None), "size": (16, 4096), "distractors": (0, 2), "noise": (0, 64), "classes": (2, len(CLASSES))}
+    from pairscout.bounds import SEED_MAX
+
+    limits = {"n": (1, None), "seed": (0, SEED_MAX), "size": (16, 4096), "distractors": (0, 2), "noise": (0, 64), "classes": (2, len(CLASSES))}
     for key, (lo, hi) in limits.items():
         v = params[key]
         if v < lo or (hi is not None and v > hi):
