@@ -14,8 +14,8 @@ from PIL import Image
 
 from pairscout.cli import app
 from pairscout.data import load_dataset
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, encode
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, encode
 from pairscout.errors import DataError, ZooError
 from pairscout.zoo.spec import EncoderSpec
 

@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from pairscout.cli import app
 from pairscout.data import load_dataset
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.housekeeping import clear_cache
-from pairscout.encode.runner import EncodeSettings, encode
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.housekeeping import clear_cache
+from pairscout.embeddings.runner import EncodeSettings, encode
 from pairscout.errors import CacheError
 from pairscout.zoo.spec import EncoderSpec
 

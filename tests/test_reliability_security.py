@@ -55,7 +55,7 @@ def test_plot_stems_stay_in_their_folder(tmp_path):
 
 
 def test_cache_folder_for_an_absolute_id_stays_in_the_cache(tmp_path):
-    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.embeddings.cache import EmbeddingCache
     from pairscout.zoo.spec import EncoderSpec
 
     cache = EmbeddingCache(tmp_path / "cache")

@@ -238,6 +238,12 @@ def _check_templates(templates: Sequence[str] | None) -> list[str]:
     bad = next((t for t in templates if "{c}" not in t), None)
     if bad is not None:
         raise PairscoutError(f"template {bad!r} has no {{c}}.", fix="put {c} where the class name goes.")
+    for t in templates:  # any other field ({x}, {0}, a lone brace) would fail at format time with a traceback
+        try:
+            t.format(c="class")
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise PairscoutError(f"template {t!r} has a placeholder other than {{c}} or a lone brace ({type(e).__name__}: {e}).",
+                                 fix="use only {c} (the class name); write a literal brace as {{ or }}.") from None
     return templates
 
 

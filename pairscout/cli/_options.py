@@ -19,7 +19,10 @@ RANK = RankSettings()
 
 VisionZoo = Annotated[str, typer.Option("--vision-zoo", help="Zoo name, TOML path, or comma list of vision encoder ids.")]
 TextZoo = Annotated[str, typer.Option("--text-zoo", help="Zoo name, TOML path, or comma list of text encoder ids.")]
-DataOpt = Annotated[str, typer.Option("--data", "-d", help="'generated[:n=..,seed=..]', a CSV/JSONL manifest, COCO caption JSON, image folder, or WebDataset tar(s).")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="'generated[:n=..,seed=..]', a CSV/JSONL manifest, COCO caption JSON, image folder (sidecar .txt or metadata.jsonl), WebDataset tar(s), or a Hugging Face dataset: save_to_disk folder, .parquet/.arrow file, hf:ORG/NAME[:SPLIT].")]
+ImageColOpt = Annotated[str | None, typer.Option("--image-column", help="Image column of a manifest or Hugging Face dataset (default: detected: image, jpg, img, file_name, ...).", show_default=False)]
+CaptionColOpt = Annotated[str | None, typer.Option("--caption-column", help="Caption column (default: detected: caption, captions, text, sentences, ...; a list cell is several captions).", show_default=False)]
+LabelColOpt = Annotated[str | None, typer.Option("--label-column", help="Label column (default: detected: label, class, category, ...; '' for none).", show_default=False)]
 NOpt = Annotated[int | None, typer.Option("--rows", "--n", help="Rows: the generated dataset renders N rows; a file dataset gives a fixed-seed random subset of N (--n is the same; under torchrun write --rows, which torchrun's own parser leaves alone).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated data (unless its spec sets one), subsets and splits.")]
 CacheOpt = Annotated[Path | None, typer.Option("--cache-dir", help="Embedding cache folder (default: $PAIRSCOUT_CACHE or ~/.cache/pairscout).")]
@@ -34,7 +37,7 @@ ReportOpt = Annotated[bool, typer.Option("--report", help="Also write (or refres
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace earlier results in the output folder.")]
 RunArg = Annotated[Path | None, typer.Argument(help="Folder of a `pairscout rank --out` run (its pairs, zoos, data and cache).", show_default=False)]
 RunAlias = Annotated[Path | None, typer.Option("--run", "-r", hidden=True, help="Old spelling of the RUN argument.")]
-MetricsHelp = f"Comma list of pair metrics from {names_help()} (default: {','.join(RANK.metrics)})."
+MetricsHelp = f"Comma list of pair metrics from {names_help()} (default: {', '.join(RANK.metrics)})."
 PrimaryHelp = "Metric that ranks the pairs (default: cka_linear; cka_linear_debiased below 10,000 rows)."
 
 
@@ -75,6 +78,28 @@ def checked(command: Callable[..., Any]) -> Callable[..., Any]:
 
     run.ranged = ranged  # type: ignore[attr-defined]  # which options are checked (tests read it)
     return run
+
+
+def columns(image: str | None, caption: str | None, label: str | None) -> dict[str, str] | None:
+    """The column names the user gave (``--image-column`` ...), or None for none."""
+    given = {k: v for k, v in (("image", image), ("caption", caption), ("label", label)) if v is not None}
+    return given or None
+
+
+def data_with_columns(data: str | None, image: str | None, caption: str | None, label: str | None) -> Any:
+    """``data`` as given, or loaded with the chosen columns when any was given (commands whose core takes a
+    dataset spec or a loaded dataset: probe, align)."""
+    cols = columns(image, caption, label)
+    if cols is None or data is None:
+        if cols is not None:
+            from pairscout.errors import PairscoutError
+
+            raise PairscoutError("--image-column / --caption-column / --label-column need --data (a rank run records its columns).",
+                                 fix="drop them, or pass --data with the dataset.")
+        return data
+    from pairscout.data import load_dataset
+
+    return load_dataset(data, image_column=cols.get("image"), caption_column=cols.get("caption"), label_column=cols.get("label"))
 
 
 def pick_run(run: Path | None, alias: Path | None) -> Path | None:

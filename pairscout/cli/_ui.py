@@ -21,6 +21,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.segment import Segment
+from rich.table import Table as _RichTable
 from rich.text import Text
 
 from pairscout.errors import PairscoutError, printable
@@ -39,6 +40,14 @@ err = SafeConsole(stderr=True, highlight=False)
 out = SafeConsole(highlight=False)
 WIDE_PIPE = 160
 """Console width when output is not a terminal (files, CI logs) and COLUMNS is not set: tables keep full ids."""
+
+
+class Table(_RichTable):
+    """Every table of the CLI: its caption (the footnote) reads left to right under it, never centred into a block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("caption_justify", "left")
+        super().__init__(*args, **kwargs)
 
 
 def say(message: str, style: str | None = None) -> None:
@@ -66,6 +75,34 @@ def user_errors() -> Iterator[None]:
     except PairscoutError as e:
         error(str(e))
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # a write or read the system refused (full disk, read-only folder, a file where a folder goes)
+        error(os_error_line(e))
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        error(f"interrupted. {INTERRUPT_KEPT}")
+        raise typer.Exit(130) from None
+
+
+INTERRUPT_KEPT = ("Kept: every embedding encoded so far (in the cache), align's last checkpoint, and the results written "
+                  "before the interrupt (a result file is written whole or not at all); rerunning the same command resumes from them.")
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an error of the operating system: which file, what went wrong, and what to do."""
+    import errno
+
+    name = e.filename if e.filename is not None else "a file"
+    what = e.strerror or str(e) or type(e).__name__
+    fix = {errno.ENOSPC: "free some space there (or pass --out/--cache-dir on another disk) and rerun the same command.",
+           errno.EDQUOT: "free some space there (or pass --out/--cache-dir on another disk) and rerun the same command.",
+           errno.EACCES: "choose a folder you can write to (--out / --cache-dir), or change its permissions.",
+           errno.EPERM: "choose a folder you can write to (--out / --cache-dir), or change its permissions.",
+           errno.EROFS: "choose a folder on a writable disk (--out / --cache-dir).",
+           errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path.",
+           errno.EEXIST: "a file is in the way: remove it or choose another path.",
+           errno.EISDIR: "that path is a folder: pass a file name.",
+           errno.ENAMETOOLONG: "choose a shorter path."}.get(e.errno or 0, "check the path and the disk, then rerun the same command.")  # fmt: skip
+    return " ".join(f"{name}: {what}. Fix: {fix}".split())
 
 
 class _PlainFormatter(logging.Formatter):

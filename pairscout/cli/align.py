@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
@@ -19,17 +18,21 @@ from pairscout.cli import _ui as ui
 from pairscout.cli._align_lines import _against_probe, _which_pair  # noqa: F401 - _against_probe: tests import it here
 from pairscout.cli._options import (
     CacheOpt,
+    CaptionColOpt,
     DeviceOpt,
     ForceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     ReportOpt,
     RunAlias,
     RunArg,
     VerboseOpt,
+    data_with_columns,
     pick_run,
 )
+from pairscout.cli._ui import Table, num
 from pairscout.cli._ui import literal as L
-from pairscout.cli._ui import num
 
 PROBE = ProbeSettings()
 TRAIN = TrainConfig()
@@ -55,6 +58,9 @@ def probe(
     text_zoo: TextOpt = None,
     data: DataOpt = None,
     n: NOpt = None,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Probe the K best-ranked pairs.")] = PROBE.top_k,
     bottom_k: Annotated[int, typer.Option("--bottom-k", help="... and the K worst-ranked ones.")] = PROBE.bottom_k,
     middle_k: Annotated[int, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.")] = PROBE.middle_k,
@@ -93,7 +99,11 @@ def probe(
         settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
                                  optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device,
                                  target=target, class_level=class_level)  # fmt: skip
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir if out_dir is not None else run)
         with ui.progress() as rep:
+            data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
         for table in (probe_table(res, wide), corr_table(res, wide)):
@@ -221,6 +231,9 @@ def align(
     text_zoo: TextOpt = None,
     data: DataOpt = None,
     n: NOpt = None,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     head: Annotated[str, typer.Option(help="linear, mlp, glu (SAIL) or local_global (freeze-align; needs `encode --tokens`).")] = TRAIN.head,
     out_dim: Annotated[int, typer.Option(help="Shared space dimension (SAIL: 1024).")] = TRAIN.out_dim,
     hidden_mult: Annotated[int, typer.Option(help="GLU hidden width / input dim (SAIL: 8).")] = TRAIN.hidden_mult,
@@ -241,7 +254,7 @@ def align(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end).")] = TRAIN.eval_every,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: at the end).")] = 100,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Zero-shot classification read-out when the data has labels.")] = True,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: RUN/align/VISION__TEXT).", show_default=False)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: the folder VISION__TEXT in RUN/align).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     force: ForceOpt = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint/--drop-checkpoint",
@@ -281,8 +294,12 @@ def align(
                 ui.say(line)
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir)
         with ui.progress() as rep:
             label = f"align {chosen[0]} x {chosen[1]}" if chosen else "align best pair"
+            data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_align(chosen, run=run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, config=config,
                             test_fraction=test_fraction, split_seed=seed, zero_shot=zero_shot, cache_dir=cache_dir, out=out_dir,
                             resume=resume, force=force, keep_checkpoint=keep_checkpoint, progress=rep.training(label),

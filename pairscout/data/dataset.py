@@ -151,13 +151,21 @@ class PairedDataset:
         """The image's path, ``shard.tar:member`` or ``generated:<seed>:<index>`` (for messages)."""
         return self._images.image_id(self._src(self._row(i)))
 
+    def locate(self, i: int) -> str:
+        """Where row ``i`` is, as the user can find it: ``line 9 of x.csv`` for a manifest, else ``row 7 of SOURCE``."""
+        i = self._row(i)
+        where = getattr(self._images, "where", None)
+        if where:
+            return f"{where[self._src(i)]} of {self.source}"
+        return f"row {i} of {self.source}"
+
     def load_image(self, i: int) -> Image.Image:
         """Row ``i``'s image as RGB. A missing or corrupt image raises :class:`DataError`."""
         i = self._row(i)
         try:
             return self._images.open(self._src(i))
         except ImageReadError as e:
-            raise DataError(f"Image {self.image_id(i)} (row {i} of {self.source}) {e}.", fix=SKIP_BAD_FIX) from None
+            raise DataError(f"Image {self.image_id(i)} ({self.locate(i)}) {e}.", fix=SKIP_BAD_FIX) from None
 
     def flat_captions(self) -> tuple[list[str], np.ndarray]:
         """Every caption in row order, and each caption's row index (int64)."""

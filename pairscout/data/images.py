@@ -106,8 +106,10 @@ class FileImages:
     kind = "files"
     can_fail = True
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], where: list[str] | None = None) -> None:
         self.paths = [str(p) for p in paths]  # str: compact to pickle into workers
+        self.where = list(where) if where is not None else None
+        """Per image, where the file that listed it names it ("line 9"): messages point there, not at a row index."""
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | None, what: str, path: Path, required: bool) -> str | None:
     lower = {c.strip().lower(): c for c in found}
+    if override == "" and not required:  # label_column="": no labels
+        return None
     if override is not None:
         if override in found:
             return override
@@ -53,7 +55,7 @@ def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | No
         raise DataError(
             f"Manifest {path} has columns ({', '.join(found) or 'none'}) but needs an image column (one of {', '.join(IMAGE_COLUMNS)}) "
             f"and a caption column (one of {', '.join(CAPTION_COLUMNS)}); {what} column missing.",
-            fix="rename the columns, or pass image_column= / caption_column= to load_dataset.",
+            fix="rename the columns in the file to one of those names.",
         )
     return None
 
@@ -255,7 +257,8 @@ def read_manifest(
     labels, names = map_labels(rows.labels, path, rows.where, classnames)
     ds_name = name or (path.parent.name if path.stem.lower() == "metadata" else path.stem)
     return PairedDataset(
-        name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys]),
+        name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys], where=rows.where),
         captions=rows.captions, labels=labels, classnames=names,
-        meta={"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else None,
+        meta={"columns": {"image": img_col, "caption": cap_col, "label": lab_col or ""},
+              **({"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else {})},
     )  # fmt: skip

@@ -30,6 +30,8 @@ def as_matrix(x: ArrayLike, name: str, device: torch.device | None = None) -> to
     elif not isinstance(x, torch.Tensor):
         raise MetricError(f"{name} is a {type(x).__name__}, not a tensor or numpy array.",
                           fix="pass an (n, d) torch.Tensor or numpy array.")
+    if x.requires_grad:  # a measure is a read-out, never part of a graph: numpy and in-place steps need a plain tensor
+        x = x.detach()
     if x.is_meta:
         raise MetricError(f"{name} is a meta tensor (shape only, no values).", fix="pass a tensor with data (e.g. on cpu or cuda).")
     if x.is_complex():

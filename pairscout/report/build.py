@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup, escape
+
 from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
 from pairscout.report.sections import RunFiles, align_section, probe_section, rank_section
@@ -101,6 +103,13 @@ def is_report(path: Path) -> bool:
     return text.startswith("<!DOCTYPE html>") and (GENERATOR in text or re.search(r"<p>pairscout \S+ &middot; generated ", text) is not None)
 
 
+def prose(text: Any) -> Markup:
+    """A sentence of the CLI's (verdict, read-out rule) as HTML: escaped, and its `commands` set as code, not backticks."""
+    import re
+
+    return Markup(re.sub(r"`([^`<>]+)`", r"<code>\1</code>", str(escape(str(text)))))
+
+
 def build_report(paths: list[str | Path], out: str | Path | None = None, *, title: str = "pairscout report") -> Path:
     """Write one HTML file for the given run folders; returns its path (default ``<first run>/report.html``)."""
     import jinja2
@@ -119,6 +128,7 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
         autoescape=jinja2.select_autoescape(default=True),
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["prose"] = prose
     several = len(runs) > 1
     ranks = [rank_section(r, several) for r in runs if r.rank is not None]
     probes = [probe_section(r, several) for r in runs if r.probe is not None]

@@ -14,7 +14,7 @@ interrupted resumes from its finished chunks.
 Trust nothing read back: an entry or chunk that does not parse, lacks a tensor, or whose bytes do not
 match the checksums in its metadata (a flipped bit, a file cut short by a full disk) is reported,
 removed and encoded again. Encoders that read local files (``emb:`` vectors, local ``weights``, ONNX
-files, model folders) are keyed by the content of those files too (:mod:`pairscout.encode.inputs`),
+files, model folders) are keyed by the content of those files too (:mod:`pairscout.embeddings.inputs`),
 so re-exporting a file under the same name is a cache miss.
 """
 
@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pairscout._io import atomic_path, safe_name
-from pairscout.encode.inputs import DigestStore, inputs_digest
+from pairscout.embeddings.inputs import DigestStore, inputs_digest
 from pairscout.errors import CacheError
 from pairscout.zoo.spec import EncoderSpec
 

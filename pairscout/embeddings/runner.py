@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from pairscout import distributed
-from pairscout.encode.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
+from pairscout.embeddings.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, EmbeddingError, PairscoutError, ZooError
 from pairscout.runtime import default_workers, pick_device  # noqa: F401 - re-exported
@@ -73,7 +73,7 @@ class _ImageRows(TorchDataset):
         except DataError as e:  # turned into a clean error in the main process
             return i, None, str(e)
         except Exception as e:  # noqa: BLE001 - a transform failing on one image names that image
-            return i, None, f"image {self.dataset.image_id(i)} (row {i}) could not be preprocessed: {e}"
+            return i, None, f"image {self.dataset.image_id(i)} ({self.dataset.locate(i)}) could not be preprocessed: {e}"
 
 
 def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
@@ -189,7 +189,7 @@ def encode(
     Args:
         spec_or_encoder: the encoder's spec (built lazily, only on a cache miss) or a built encoder.
         dataset: a :class:`~pairscout.data.PairedDataset`.
-        cache: where entries live (default: :func:`~pairscout.encode.cache.default_cache_dir`).
+        cache: where entries live (default: :func:`~pairscout.embeddings.cache.default_cache_dir`).
         settings: device, batch size, workers, amp, tokens.
         progress: callback ``(model, done, total)``.
         refresh: ignore a finished entry and its chunks and encode again.

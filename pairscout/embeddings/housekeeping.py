@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pairscout.encode.cache import PART_NAME, EmbeddingCache
+from pairscout.embeddings.cache import PART_NAME, EmbeddingCache
 from pairscout.errors import CacheError
 
 
