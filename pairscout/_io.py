@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -84,6 +85,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def safe_name(text: str, default: str = "x", max_len: int = 80) -> str:
+    """``text`` as ONE harmless path component: the only place where a name (an encoder's, a zoo's, a pair's)
+    becomes part of a file or folder name.
+
+    Every character outside ``A-Z a-z 0-9 . _ -`` becomes ``_`` (so ``/``, ``\\``, ``:`` and control characters
+    cannot make a path), leading dots become ``_`` (never ``..``, ``.`` or a hidden file), and the result is cut
+    to ``max_len`` characters; an empty result is ``default``. ``emb:/abs/path`` and ``../../x`` stay inside the
+    folder they are joined to.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")
+    name = re.sub(r"^\.+", lambda m: "_" * len(m.group()), name)[:max_len]
+    return name or default
 
 
 class NotRegularFileError(OSError):

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pairscout._io import atomic_path  # noqa: E402
+from pairscout._io import atomic_path, safe_name  # noqa: E402
 
 MODALITY_COLORS = {"vision": "#86bbd8", "text": "#f6ae2d"}
 GROUP_COLORS = {"top": "#33658a", "middle": "#86bbd8", "bottom": "#f26419", "chosen": "#33658a"}
@@ -45,7 +45,7 @@ def render(fig: Figure, out: Path | None, stem: str) -> Plot:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for ext in ("png", "svg"):
-            p = out / f"{stem}.{ext}"
+            p = out / f"{safe_name(stem)}.{ext}"  # stems name measures and targets: one path component
             with atomic_path(p) as tmp:  # a full disk leaves the old plot or none, never a truncated one
                 fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
             paths.append(p)

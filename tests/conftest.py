@@ -25,7 +25,7 @@ def runner() -> CliRunner:
 @pytest.fixture(scope="session")
 def cpu():
     """Encode on the CPU in the main process (no DataLoader workers)."""
-    from pairscout.encode.runner import EncodeSettings
+    from pairscout.embeddings.runner import EncodeSettings
 
     return EncodeSettings(device="cpu", num_workers=0)
 

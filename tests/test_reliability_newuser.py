@@ -136,7 +136,7 @@ def test_help_cuts_no_default_at_80_columns(cmd):
 
 def test_cache_list_prints_ids_whole(runner, tmp_path, monkeypatch):
     from pairscout.cli import _ui as ui
-    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.embeddings.cache import EmbeddingCache
 
     rows = [{"model_id": f"pack:efficientnet-lite{k}", "dataset": "generated", "dataset_fingerprint": "f" * 32, "n": 1000,
              "dim": 1280, "precision": "float16", "tokens": False, "size_mb": 2.4} for k in range(3)]  # fmt: skip

@@ -287,11 +287,15 @@ class AlignResult:
 
 
 def default_out(run: str | Path, pair: tuple[str, str] | None = None) -> Path:
-    """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best)."""
+    """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best).
+
+    The folder name is made safe (:func:`pairscout._io.safe_name`): an ``emb:/abs/path`` encoder, an absolute
+    ``hf:`` id or a zoo name ``../../x`` still writes inside ``RUN/align/``."""
+    from pairscout._io import safe_name
     from pairscout.runs import STORE
 
     v, t = pair or STORE.rank(run).recommended()[0]
-    return Path(run) / "align" / f"{v}__{t}"
+    return Path(run) / "align" / f"{safe_name(v)}__{safe_name(t)}"
 
 
 def align(

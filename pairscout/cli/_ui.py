@@ -20,13 +20,24 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.segment import Segment
 from rich.table import Table as _RichTable
 from rich.text import Text
 
-from pairscout.errors import PairscoutError
+from pairscout.errors import PairscoutError, printable
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+
+class SafeConsole(Console):
+    """A rich console that never writes a control character it did not make itself: the text of every segment
+    (messages, table cells, titles, progress descriptions) goes through :func:`pairscout.errors.printable`;
+    rich's own styling (colours, cursor moves of the progress bars) is left as is."""
+
+    def _render_buffer(self, buffer):  # noqa: ANN001 - rich's signature
+        return super()._render_buffer(s if s.control else Segment(printable(s.text), s.style, s.control) for s in buffer)
+
+
+err = SafeConsole(stderr=True, highlight=False)
+out = SafeConsole(highlight=False)
 WIDE_PIPE = 160
 """Console width when output is not a terminal (files, CI logs) and COLUMNS is not set: tables keep full ids."""
 
@@ -98,7 +109,7 @@ class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"{stamp} {level}{record.getMessage()}"
+        return printable(f"{stamp} {level}{record.getMessage()}")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -206,6 +217,30 @@ def progress() -> Iterator[Reporter]:
         yield _PlainReporter()
 
 
+# --- JSON on stdout ---------------------------------------------------------------------------------
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float as None (JSON has no NaN: a bare ``NaN`` breaks ``jq`` and
+    ``json.loads`` in other languages); numpy scalars become Python numbers."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    """The one way a command prints its ``--json`` result: valid JSON (no bare NaN), strings as they are."""
+    import json
+
+    out.print_json(json.dumps(finite_json(obj), default=str, allow_nan=False))
+
+
 # --- numbers ---------------------------------------------------------------------------------------
 def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
     """A table on stderr; with ``wide`` (the user asked for every column) as wide as it needs, up to ``max_width``,
@@ -219,7 +254,7 @@ def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
     if need <= err.width:
         err.print(table)
     else:  # Console.print never exceeds the console's width: a console of the width the table needs
-        Console(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
+        SafeConsole(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
 
 
 def num(x: Any, digits: int = 3) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,9 +14,12 @@ from pairscout.cli._options import (
     RANK,
     BatchOpt,
     CacheOpt,
+    CaptionColOpt,
     DataOpt,
     DeviceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     NOpt,
     SeedOpt,
     SkipBadOpt,
@@ -103,6 +105,9 @@ def encode(
     data: DataOpt = "generated",
     n: NOpt = None,
     seed: SeedOpt = RANK.seed,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,
@@ -117,15 +122,15 @@ def encode(
 ) -> None:
     """Encode a paired dataset with every model of two zoos (cached, resumable)."""
     ui.setup_logging(verbose)
-    from pairscout.cli._options import given
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo
+    from pairscout.cli._options import columns, given
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode_zoo
     from pairscout.resolve import drop_bad_images, resolve_data, resolve_zoos
     from pairscout.runtime import pick_device
 
     with ui.user_errors():
         vz, tz = resolve_zoos(vision_zoo, text_zoo)
-        ds = resolve_data(data, n=n, seed=seed, skip_bad_rows=skip_bad)
+        ds = resolve_data(data, n=n, seed=seed, skip_bad_rows=skip_bad, columns=columns(image_column, caption_column, label_column))
         if skip_bad:
             ds, bad = drop_bad_images(ds)
             if bad:
@@ -150,7 +155,7 @@ def encode(
                 "embeddings": {k: {kk: v.meta.get(kk) for kk in ("model_id", "modality", "n", "dim", "precision")} for k, v in res.embeddings.items()},
                 "failures": res.failures,
             }
-            ui.out.print_json(json.dumps(summary, default=str))
+            ui.print_json(summary)
         if res.failures:
             ui.error(f"{len(res.failures)} model(s) failed: {', '.join(res.failures)}; the others are cached.")
             raise typer.Exit(1)
@@ -159,7 +164,7 @@ def encode(
 @cache_app.command("list")
 def cache_list(cache_dir: CacheOpt = None) -> None:
     """Every cached embedding set with its model, dataset and size."""
-    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.embeddings.cache import EmbeddingCache
 
     with ui.user_errors():
         cache = EmbeddingCache(cache_dir)
@@ -187,8 +192,8 @@ def cache_clear(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before removing every entry.")] = False,
 ) -> None:
     """Remove cached embeddings (all, or of one model and/or dataset)."""
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.housekeeping import clear_cache
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.housekeeping import clear_cache
     from pairscout.errors import PairscoutError
 
     with ui.user_errors():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -13,10 +12,13 @@ from pairscout.cli._options import (
     RANK,
     BatchOpt,
     CacheOpt,
+    CaptionColOpt,
     DataOpt,
     DeviceOpt,
     ForceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     MetricsHelp,
     NOpt,
     PrimaryHelp,
@@ -38,6 +40,9 @@ def rank(
     data: DataOpt = "generated",
     n: NOpt = None,
     seed: SeedOpt = RANK.seed,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     metrics: Annotated[str | None, typer.Option(help=MetricsHelp, show_default=False)] = None,
     primary: Annotated[str | None, typer.Option(help=PrimaryHelp, show_default=False)] = None,
     score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = RANK.score,
@@ -66,13 +71,17 @@ def rank(
 ) -> None:
     """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
     ui.setup_logging(verbose)
-    from pairscout.cli._options import given
-    from pairscout.encode.runner import EncodeSettings
+    from pairscout.cli._options import columns, given
+    from pairscout.embeddings.runner import EncodeSettings
     from pairscout.errors import PairscoutError
     from pairscout.ranking import RankSettings
     from pairscout.ranking import rank as run_rank
 
     with ui.user_errors():
+        from pairscout.bounds import check
+
+        check("--top", top)
+
         import os
 
         defaulted = out is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1  # torchrun: each process would pick its own
@@ -91,6 +100,7 @@ def rank(
         )  # fmt: skip
         with ui.progress() as rep:
             res = run_rank(vision_zoo, text_zoo, data, n=n, settings=settings, skip_bad=skip_bad,
+                           columns=columns(image_column, caption_column, label_column),
                            encode_settings=given(EncodeSettings, device=device, batch_size=batch_size, num_workers=workers,
                                                         trust_remote_code=trust_remote_code),
                            cache_dir=cache_dir, out=out, force=force, plots=plots, progress=rep.phases(), command=ui.command_line())  # fmt: skip
@@ -111,7 +121,7 @@ def rank(
             ui.say(f"report: {build_report([out])}")
         if as_json:
             payload = {"pairs": res.pairs.to_dict(orient="records"), "models": res.models.to_dict(orient="records"), "meta": res.meta}
-            ui.out.print_json(json.dumps(payload, default=str))
+            ui.print_json(payload)
         if res.meta["failures"]:
             ui.error(f"{len(res.meta['failures'])} model(s) failed and were left out: "
                      + "; ".join(f"{k}: {v}" for k, v in res.meta["failures"].items()))  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import pandas as pd
 import torch
 
 from pairscout import distributed, runtime
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
 from pairscout.metrics import registry
 from pairscout.provenance import provenance
@@ -62,6 +63,7 @@ def rank(
     progress: ProgressFn | bool | None = None,
     command: str | None = None,
     skip_bad: bool = False,
+    columns: Mapping[str, str | None] | None = None,
 ) -> RankResult:
     """Rank every vision x text pair of two zoos on a paired dataset.
 
@@ -84,6 +86,8 @@ def rank(
             ``True``: a timestamped line on stderr when each phase starts and ends (a rank takes minutes; by default
             the API prints nothing).
         skip_bad: drop rows whose image is missing or corrupt.
+        columns: image / caption / label column names of a manifest or Hugging Face dataset
+            (``{"caption": "sentences"}``; the rest are detected), as ``--caption-column`` etc. give them.
 
     Returns:
         A :class:`RankResult` (pairs ranked best first, unimodal quality per model, metadata).
@@ -105,7 +109,7 @@ def rank(
         vz, tz = dataclasses.replace(vz, encoders=tuple(v_specs)), dataclasses.replace(tz, encoders=tuple(t_specs))
         if v_skip or t_skip:
             log.info("--layers: %s cannot read hidden layers; their final features are used", ", ".join(v_skip + t_skip))
-    ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad)
+    ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad, columns=columns)
     n_rows = len(ds)
     _, world = distributed.rank_world()
     if world > n_rows:

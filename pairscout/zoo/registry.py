@@ -63,12 +63,15 @@ def _parse(text: str, where: str) -> tuple[str, str, list[EncoderSpec]]:
 
 
 def _check_unique(specs: list[EncoderSpec], where: str) -> None:
-    ids = [s.id for s in specs]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    """Every entry has its own name and its own settings. One id may appear with different settings (the same
+    model pooled two ways); results, probes and alignments name entries by ``name``."""
     names = [s.name for s in specs]
     dupe_names = sorted({n for n in names if names.count(n) > 1})
+    keys = [s.fingerprint() for s in specs]
+    dupes = sorted({s.id for s, k in zip(specs, keys, strict=True) if keys.count(k) > 1})
     if dupes or dupe_names:
-        raise ZooError(f"{where} lists {', '.join(dupes or dupe_names)} twice.", fix="give each encoder a unique id and name.")
+        raise ZooError(f"{where} lists {', '.join(dupes or dupe_names)} twice.",
+                       fix="give each encoder a unique name, and an id used twice different settings (pooling, layer, ...).")
 
 
 def load_zoo_file(path: str | Path) -> Zoo:
@@ -103,18 +106,24 @@ def _find_shipped(ident: str) -> EncoderSpec | None:
     then the id without its source prefix ("all-MiniLM-L6-v2" for pack:all-MiniLM-L6-v2): the names tables print
     work as ids."""
     specs = _shipped_specs()
+    exact = next((s for s in specs if ident in (s.id, s.name)), None)
+    if exact is not None:
+        return exact
     low = ident.lower()
-    for match in (lambda s: ident in (s.id, s.name), lambda s: low in (s.id.lower(), s.name.lower()),
-                  lambda s: s.id.split(":", 1)[-1].lower() == low):
-        found = {s.id: s for s in specs if match(s)}
+    for match in (lambda s: low in (s.id.lower(), s.name.lower()), lambda s: s.id.split(":", 1)[-1].lower() == low):
+        found: dict[str, EncoderSpec] = {}
+        for s in specs:
+            if match(s):
+                found.setdefault(s.id, s)  # an id several entries share: the first one's settings
         if len(found) == 1:
             return next(iter(found.values()))
     return None
 
 
 def _spec_from_id(ident: str, modality: Modality) -> EncoderSpec:
-    """An id given on the command line: looked up in the shipped zoos first (to get their settings); a name as the
-    tables print it is accepted; a bare word that names nothing is an error suggesting the ids it is closest to."""
+    """An id or name given on the command line: looked up in the shipped zoos first (to get their settings). An id
+    that several entries share (one model, several poolings) takes the first one's; its name picks another. A name
+    as the tables print it is accepted; a bare word that names nothing is an error suggesting the closest ids."""
     spec = _find_shipped(ident)
     if spec is not None:
         if spec.modality != modality:
