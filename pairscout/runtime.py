@@ -69,5 +69,8 @@ def metric_precision(device: torch.device) -> str:
 
 
 def resolve_precision(asked: str | None, device: torch.device) -> str:
-    """The CKA products' precision for a setting (``auto``/None: :func:`metric_precision` on ``device``)."""
-    return metric_precision(device) if asked in (None, "auto") else asked
+    """The CKA products' precision for a setting (``auto``/None: :func:`metric_precision` on ``device``). ``tf32`` exists
+    on CUDA tensor cores only: elsewhere the products are plain float32, and that is what is used and recorded."""
+    if asked in (None, "auto"):
+        return metric_precision(device)
+    return "float32" if asked == "tf32" and device.type != "cuda" else asked

@@ -307,3 +307,28 @@ def test_rank_settings_metrics_as_one_string():
 
     assert list(RankSettings(metrics="cka_linear").metrics) == ["cka_linear"]
     assert list(RankSettings(metrics="cka_linear, mutual_knn").metrics) == ["cka_linear", "mutual_knn"]
+
+
+def test_tf32_on_cpu_is_recorded_as_what_ran():
+    import torch
+
+    from pairscout.runtime import resolve_precision
+
+    assert resolve_precision("tf32", torch.device("cpu")) == "float32"
+    assert resolve_precision("tf32", torch.device("cuda")) == "tf32"
+    assert resolve_precision("auto", torch.device("cpu")) == "float64"
+
+
+def test_no_zero_width_interval_from_a_perfect_order_of_five():
+    import math
+
+    from scipy.stats import spearmanr
+
+    from pairscout.align.predictors import fisher_interval
+
+    rho = float(spearmanr([0.1, 0.2, 0.3, 0.4, 0.5], [0.11, 0.5, 0.52, 0.7, 0.71]).statistic)
+    for r in (rho, 0.9999999999999999, -0.9999999999999999, 1.0):
+        lo, hi = fisher_interval(r, 5)
+        assert math.isnan(lo) and math.isnan(hi), r  # undefined, never "+1.00 [+1.00, +1.00]"
+    lo, hi = fisher_interval(0.9, 5)
+    assert hi - lo > 0.5

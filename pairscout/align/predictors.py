@@ -159,8 +159,9 @@ def predictor_columns(pairs: pd.DataFrame) -> list[str]:
 
 def fisher_interval(rho: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """Approximate interval of Spearman's rho: ``tanh(atanh(rho) +- z sqrt((1 + rho^2/2) / (n - 3)))`` (Bonett & Wright
-    2000); NaN for n < 4 or |rho| = 1 (where the transform is undefined)."""
-    if n < 4 or not math.isfinite(rho) or abs(rho) >= 1:
+    2000); NaN for n < 4 or |rho| = 1 (where the transform is undefined): also for a rho that is 1 up to rounding
+    (scipy gives 0.9999999999999999 for a perfect order), which would read as a zero-width "[+1.00, +1.00]"."""
+    if n < 4 or not math.isfinite(rho) or abs(rho) >= 1 - 1e-9:
         return float("nan"), float("nan")
     z = NormalDist().inv_cdf(0.5 + level / 2)
     half = z * math.sqrt((1 + rho * rho / 2) / (n - 3))
