@@ -332,3 +332,20 @@ def test_no_zero_width_interval_from_a_perfect_order_of_five():
         assert math.isnan(lo) and math.isnan(hi), r  # undefined, never "+1.00 [+1.00, +1.00]"
     lo, hi = fisher_interval(0.9, 5)
     assert hi - lo > 0.5
+
+
+def test_one_label_per_row_is_not_a_clustering_problem():
+    import torch
+
+    from pairscout.errors import MetricError
+    from pairscout.metrics import clustering_quality
+    from pairscout.ranking.compute import unimodal
+    from pairscout.ranking.settings import RankSettings
+    from pairscout.zoo.spec import EncoderSpec
+
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
+    row = unimodal(EncoderSpec(id="baseline:pixels", modality="vision"), x, np.arange(30), RankSettings())
+    assert "nmi" not in row and "knn_acc" not in row  # the rank goes on without label measures
+    with pytest.raises(MetricError) as e:
+        clustering_quality(x, np.arange(30))
+    assert "fewer clusters" not in str(e.value) and "each row its own class" in str(e.value)

@@ -134,8 +134,12 @@ def clustering_quality(x: ArrayLike, labels: ArrayLike | Sequence[Any] | None = 
     if n_clusters is None:
         raise MetricError("clustering_quality needs labels or n_clusters.", fix="pass labels=... or n_clusters=...")
     if not 2 <= n_clusters < n:
+        if y is not None and n_clusters >= n:  # the clusters come from the labels: every row its own class
+            raise MetricError(f"the labels give {n_clusters} classes for {n} rows (each row its own class): nothing to cluster.",
+                              fix="use labels that group rows into classes (or none: the label column is then not read), or more rows.")
         raise MetricError(f"n_clusters={n_clusters} must be in [2, {n - 1}] for {n} rows.",
-                          fix="use more rows or fewer clusters.")
+                          fix="use more rows, or pass n_clusters= between 2 and the rows - 1." if y is None else
+                          "use labels with at least 2 classes.")
     pred = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(feats)
     out: dict[str, float] = {"n_clusters": float(n_clusters)}
     if y is not None:

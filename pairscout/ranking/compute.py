@@ -124,8 +124,9 @@ def unimodal(spec: EncoderSpec, emb: torch.Tensor, labels: np.ndarray | None, se
         "name": spec.name, "id": spec.id, "modality": spec.modality, "dim": int(emb.shape[1]),
         "params_m": spec.params_m, "revision": spec.revision,
     }
-    if labels is not None and len(np.unique(labels)) > 1:
-        n_cls = len(np.unique(labels))
+    counts = np.unique(labels, return_counts=True)[1] if labels is not None else np.array([])
+    if len(counts) > 1 and counts.max() > 1:  # labels that group rows (one label per row is an id, not a class)
+        n_cls = len(counts)
         k = min(20, max(1, len(labels) // (2 * n_cls)))
         row["knn_acc"] = M.knn_accuracy(emb, labels, k=k, seed=settings.seed)
         row["knn_k"] = k
