@@ -349,3 +349,15 @@ def test_one_label_per_row_is_not_a_clustering_problem():
     with pytest.raises(MetricError) as e:
         clustering_quality(x, np.arange(30))
     assert "fewer clusters" not in str(e.value) and "each row its own class" in str(e.value)
+
+
+def test_float64_beyond_float32_is_not_called_nan(tmp_path):
+    import torch
+
+    from pairscout.encoders.emb_source import _check_float32_range
+    from pairscout.errors import DataError
+
+    with pytest.raises(DataError, match="beyond float32's range") as e:
+        _check_float32_range(torch.full((4, 3), 1e200, dtype=torch.float64), tmp_path / "e.npy")
+    assert "NaN" not in str(e.value)
+    _check_float32_range(torch.ones(4, 3, dtype=torch.float64), tmp_path / "e.npy")  # in range: nothing to say

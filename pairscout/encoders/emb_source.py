@@ -123,7 +123,9 @@ class EmbeddingFileEncoder(PrecomputedEncoder):
 
     def load(self, n_rows: int, *, tokens: bool = False, subset: int | None = None) -> EncoderOutput:
         tensors = _read_all(self.path)
-        pooled = self._pick(tensors, self.spec.options.get("key"), "key").float()
+        raw = self._pick(tensors, self.spec.options.get("key"), "key")
+        _check_float32_range(raw, self.path)
+        pooled = raw.float()
         if pooled.ndim != 2:
             raise DataError(f"embeddings file {self.path} holds a tensor of shape {tuple(pooled.shape)}, not (rows, dim).",
                             fix="save one row per dataset item, or set options.key to the right tensor.")
@@ -154,3 +156,14 @@ def check_spec(spec: EncoderSpec) -> None:
 
 def build(spec: EncoderSpec) -> EmbeddingFileEncoder:
     return EmbeddingFileEncoder(spec)
+
+
+def _check_float32_range(t: torch.Tensor, path: object) -> None:
+    """Finite float64 values that float32 cannot hold would turn into inf on reading: say so, not "NaN or infinite"."""
+    if not t.is_floating_point() or t.dtype != torch.float64 or not bool(torch.isfinite(t).all()):
+        return
+    big = float(t.abs().max()) if t.numel() else 0.0
+    if big > torch.finfo(torch.float32).max:
+        raise DataError(f"embeddings file {path} holds float64 values up to {big:.3g}, beyond float32's range (3.4e38), "
+                        "in which pairscout reads embeddings.",
+                        fix="divide them by one constant before saving (every measure is scale-invariant), e.g. by their largest value.")
