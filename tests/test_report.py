@@ -59,8 +59,7 @@ def test_report_cli_and_rank_flag(rank_run, tmp_path):
     assert (tmp_path / "x.html").stat().st_size > 10_000
     r = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "holds no pairscout results" in r.output
-    r = CliRunner().invoke(app, ["rank", "--report"])
-    assert r.exit_code == 2 and "--report needs --out" in r.output
+    # `rank --report` without --out is no longer refused: the rank saves to a new runs/rank-DATE-TIME folder (issue 23)
     with pytest.raises(PairscoutError, match="is not a folder"):
         build_report([tmp_path / "missing"])
 
