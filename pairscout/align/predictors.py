@@ -48,6 +48,7 @@ CORRECTION = ("Holm step-down across the predictors compared (pairscout.metrics.
 READOUT_LABELS = {
     "zs_top1": "zero-shot top-1", "zs_top5": "zero-shot top-5", "class_mean_r1": "class-aware R@1", "class_mean_r5": "class-aware R@5",
     "mean_r1": "R@1 (mean of both directions)", "mean_r5": "R@5 (mean)", "mean_r10": "R@10 (mean)",
+    "class_map": "class-aware mAP", "heldout_loss": "held-out sigmoid loss", "loss_auc": "held-out loss curve area",
 }  # fmt: skip
 """Human names of the probe's read-outs (:data:`pairscout.align.probe.TARGETS`)."""
 
@@ -278,13 +279,13 @@ def sort(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[key.sort_values(["p", "rho"], kind="stable").index].reset_index(drop=True)
 
 
-def blank(df: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
-    """The table with every statistic removed (a probe not above chance correlates nothing), in ``order`` (the
-    predictors' own order: sorted by p it would still rank noise)."""
+def blank(df: pd.DataFrame, order: Sequence[str] | None = None, answer: str = "probe at chance") -> pd.DataFrame:
+    """The table with every statistic removed (a probe not above chance, or whose read-outs do not separate the pairs,
+    correlates nothing), in ``order`` (the predictors' own order: sorted by p it would still rank noise)."""
     out = df.copy()
     if order is not None:
         pos = {m: i for i, m in enumerate(order)}
         out = out.iloc[sorted(range(len(out)), key=lambda i: pos.get(out["metric"].iloc[i], len(pos)))].reset_index(drop=True)
     out[STATS] = float("nan")
-    out["answer"] = "probe at chance"
+    out["answer"] = answer
     return out

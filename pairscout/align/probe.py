@@ -55,7 +55,7 @@ __all__ = ["CORR_TABLE", "PROBE_JSON", "PROBE_TABLE", "ProbeResult", "ProbeSetti
            "probe", "probe_pairs", "select_pairs", "verdict"]  # fmt: skip
 TARGET = "mean_r1"
 """Read-out of data without labels: instance retrieval R@1, mean of both directions (identical captions interchangeable)."""
-TARGETS = ("zs_top1", "class_mean_r1", "mean_r1", "mean_r5", "mean_r10", "class_mean_r5", "zs_top5")
+TARGETS = ("zs_top1", "class_mean_r1", "mean_r1", "mean_r5", "mean_r10", "zs_top5", "class_map", "heldout_loss", "loss_auc")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,36 @@ def select_pairs(ranked: pd.DataFrame, top_k: int, bottom_k: int, middle_k: int 
     return pd.concat([top, middle, bottom]).reset_index(drop=True)
 
 
+def choose_pairs(ranked: pd.DataFrame, settings: ProbeSettings, pairs: Sequence[tuple[str, str]] | None = None) -> tuple[pd.DataFrame, str]:
+    """The pairs to probe and one line saying which and why: ``pairs`` when given, every pair with ``all_pairs``, the
+    top / middle / bottom counts when set, else as many as ``settings.budget`` pair-steps allow (all of them when they fit;
+    otherwise the top 5, the bottom 2 and the rest evenly spaced between)."""
+    n = len(ranked)
+    if pairs:
+        keys = set(zip(ranked["vision"], ranked["text"], strict=True))
+        missing = [p for p in pairs if tuple(p) not in keys]
+        if missing:
+            raise PairscoutError(f"pair {missing[0][0]},{missing[0][1]} is not in the rank run.", fix="pick pairs from its pairs.csv.")
+        want = set(map(tuple, pairs))
+        chosen = ranked[[(v, t) in want for v, t in zip(ranked["vision"], ranked["text"], strict=True)]].assign(group="chosen")
+        return chosen.reset_index(drop=True), f"probing the {len(chosen)} pairs given with --pairs (of {n})"
+    if settings.all_pairs:
+        return ranked.assign(group="all").reset_index(drop=True), f"probing all {n} pairs (--pairs all), {n} x {settings.steps} steps, fused"
+    if any(k is not None for k in (settings.top_k, settings.bottom_k, settings.middle_k)):
+        chosen = select_pairs(ranked, settings.top_k or 0, settings.bottom_k or 0, settings.middle_k or 0)
+        return chosen, (f"probing {len(chosen)} of {n} pairs: the top {settings.top_k or 0}, {settings.middle_k or 0} between and the bottom "
+                        f"{settings.bottom_k or 0} (--top-k / --middle-k / --bottom-k)")
+    fit = max(1, settings.budget // max(1, settings.steps))
+    if fit >= n:
+        return ranked.assign(group="all").reset_index(drop=True), (
+            f"probing all {n} pairs: {n} x {settings.steps} steps fit the budget of {settings.budget:,} pair-steps (--budget), fused in one pass")
+    top, bottom = min(5, fit), min(2, max(0, fit - 5))
+    chosen = select_pairs(ranked, top, bottom, max(0, fit - top - bottom))
+    return chosen, (f"probing {len(chosen)} of {n} pairs (the top {top}, the bottom {bottom}, the rest evenly spaced between): all {n} x "
+                    f"{settings.steps} steps exceed the budget of {settings.budget:,} pair-steps; --pairs all (or --budget "
+                    f"{n * settings.steps}) probes every pair, which the regret table needs")
+
+
 def probe_pairs(
     chosen: pd.DataFrame,
     load: Callable[[str, str], PairData],
@@ -122,64 +152,170 @@ def probe_pairs(
     progress: ProgressFn | None = None,
     readout: ReadOut | None = None,
     computed_here: Sequence[str] = (),
+    *,
+    models: pd.DataFrame | None = None,
+    verdict_pair: tuple[str, str] | None = None,
 ) -> ProbeResult:
-    """Probe the pairs in ``chosen`` (columns ``vision``, ``text`` and the metric columns) and correlate.
+    """Probe the pairs in ``chosen`` (columns ``vision``, ``text``, the metric columns, optionally ``baseline``) and
+    correlate.
 
-    ``load(vision, text)`` returns the pair's :class:`PairData`. This is the core of :func:`probe`,
-    usable on embeddings that never went through a rank run. ``readout``: the target (default instance
-    retrieval ``mean_r1``). The chance level of the target is recorded; when the best probed pair is not
-    clearly above it (by two binomial standard errors on the held-out items), no correlation is computed.
+    ``load(vision, text)`` returns the pair's :class:`PairData`. This is the core of :func:`probe`, usable on
+    embeddings that never went through a rank run. All pairs train in one fused pass (:mod:`pairscout.align.fused`;
+    under ``torchrun`` one by one, data-parallel). Every read-out of :data:`pairscout.align.readouts.READOUTS` the data
+    allows is recorded per pair; the target is the read-out that separates the non-baseline pairs most clearly
+    against its own noise (:func:`pairscout.align.readouts.choose_target`; ``settings.target`` overrides, ``readout``
+    gives the fallback). When nothing separates them, or a proportion target's best pair is not clearly above chance
+    (two binomial standard errors), no correlation is computed. ``models`` (the rank run's models table) and
+    ``verdict_pair`` feed the regret table (:mod:`pairscout.align.regret`).
     """
-    from pairscout.align.evaluate import keyed_chance
+    from pairscout.align import readouts as R
+    from pairscout.align.regret import regret_table, rule_pairs
     from pairscout.ranking.verdict import binomial_se
 
     settings = settings or ProbeSettings()
     readout = readout or ReadOut(settings.target or TARGET, "instance retrieval (default)")
     cfg = settings.train_config()
-    chance: float | None = None
-    n_items = 0
-    rows = []
-    for _, row in chosen.iterrows():
-        v, t = str(row["vision"]), str(row["text"])
-        label = f"probe {v} x {t}"
-        data = load(v, t)
-        cb = (lambda s, total, info, label=label: progress(label, s, total)) if progress else None
-        t0 = time.perf_counter()
-        res = train(data.vision, data.text, data.text_image_index, cfg, eval_data=data.eval, progress=cb,
-                    caption_keys=data.text_keys, **data.tokens)  # fmt: skip
-        if chance is None:
-            ev = data.eval
-            n_items = int(ev.vision.shape[0])
-            if readout.target.startswith("zs_"):
-                chance = min(1.0, int(readout.target[-1]) / ev.class_prompts.shape[0]) if ev.class_prompts is not None else float("nan")
-            else:
-                k = int(readout.target.rsplit("_r", 1)[1])
-                keys = ev.text_keys if ev.text_keys is not None else torch.arange(ev.text.shape[0])
-                if readout.target.startswith("class_"):
-                    keys = ev.labels.long()[ev.text_image_index.long()]
-                chance = keyed_chance(ev.text_image_index, keys, n_items, k)[f"mean_r{k}"]
+    t0 = time.perf_counter()
+    keys = [(str(v), str(t)) for v, t in zip(chosen["vision"], chosen["text"], strict=True)]
+    datas = [load(v, t) for v, t in keys]
+    trained = _train_all(datas, keys, cfg, settings, progress)
+    train_s = time.perf_counter() - t0
+    rows, items = [], []
+    for (_, row), data, tr in zip(chosen.iterrows(), datas, trained, strict=True):
         rec = row.to_dict()
-        rec.update(res.metrics)
-        rec.update({"final_loss": res.final_loss, "train_s": round(time.perf_counter() - t0, 3), "samples_per_s": res.samples_per_s,
+        got, contrib = _read_out(data, tr, settings)
+        rec.update(got)
+        rec.update({"final_loss": tr.final_loss, "train_s": round(train_s / len(keys), 3), "samples_per_s": tr.samples_per_s,
                     "n_train": int(data.vision.shape[0]), "n_test": int(data.eval.vision.shape[0])})  # fmt: skip
         rows.append(rec)
-        log.info("%s: R@1 i2t %.3f t2i %.3f", label, res.metrics["i2t_r1"], res.metrics["t2i_r1"])
+        items.append(contrib)
+        log.info("probe %s x %s: R@1 i2t %.3f t2i %.3f", *keys[len(rows) - 1], got["i2t_r1"], got["t2i_r1"])
     pairs = pd.DataFrame(rows)
+    if "baseline" not in pairs:
+        pairs["baseline"] = False
+    pairs["baseline"] = pairs["baseline"].fillna(False).astype(bool)
+    ev = datas[0].eval
+    n_items = int(ev.vision.shape[0])
+    if any(int(d.eval.vision.shape[0]) != n_items for d in datas):
+        raise PairscoutError("the probed pairs have held-out sets of different sizes.", fix="probe pairs of one dataset and split.")
+
+    # every read-out's per-pair value and its paired bootstrap replicates (one resampling of the held-out images for all)
+    counts = R.bootstrap_counts(n_items, settings.bootstrap, settings.seed)
+    cands = [r for r in R.READOUTS if all(r in c and c[r] is not None for c in items)]
+    boot = {}
+    for r in cands:
+        mat = np.stack([np.asarray(c[r], dtype=np.float64) for c in items], axis=1)  # (n, P)
+        boot[r] = (mat.sum(0), counts @ mat)
+    real = ~pairs["baseline"].to_numpy()
+    seps = [R.separation(v[real], b[:, real], r, len(cands)) for r, (v, b) in boot.items()]
+    if settings.target is not None and settings.target not in pairs:
+        raise PairscoutError(f"the probe read no {settings.target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
+    choice = R.choose_target(seps, readout.target, settings.target)
+    target = choice.target
+    if target not in pairs:
+        raise PairscoutError(f"the probe read no {target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
+    chance = _chance(ev, target, n_items)
+    best = float(pairs[target].max() if R.direction(target) > 0 else pairs[target].min())
+    above = True if chance is None else bool(not math.isnan(chance) and best - chance > 2 * binomial_se(chance, n_items))
+    evidence = above and choice.separated
+    oriented = pairs.assign(**{target: R.direction(target) * pairs[target].astype(float)})
     metric_cols = [m for m in metrics if m in pairs]
     if "score" in pairs and "score" not in metric_cols:
         metric_cols.append("score")
-    if readout.target not in pairs:
-        raise PairscoutError(f"the probe read no {readout.target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
-    best = float(pairs[readout.target].max())
-    above = bool(chance is not None and not math.isnan(chance) and best - chance > 2 * binomial_se(chance, n_items))
-    corr = correlations(pairs, metric_cols, readout.target, computed_here=computed_here)
-    family = int(corr.attrs.get("family_size", 0)) if above else 0
-    if not above:  # correlating noise would read as evidence: leave the table empty and say why
-        corr = P.blank(corr, metric_cols)
+    corr = correlations(oriented, metric_cols, target, computed_here=computed_here)
+    corr_real = correlations(oriented[real].reset_index(drop=True), metric_cols, target, computed_here=computed_here)
+    family = int(corr.attrs.get("family_size", 0)) if evidence else 0
+    if not evidence:  # correlating noise would read as evidence: leave the tables empty and say why
+        why = "probe at chance" if not above else "pairs not separated"
+        corr, corr_real = P.blank(corr, metric_cols, why), P.blank(corr_real, metric_cols, why)
+    regret = None
+    if target in boot and len(keys) >= 2:
+        values, reps = boot[target]
+        regret = regret_table(pairs, target, values, reps, rule_pairs(pairs, verdict_pair, models), higher_better=R.direction(target) > 0,
+                              n_items=n_items, conclusive=evidence, label=P.readout_label(target))  # fmt: skip
     meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
-            "target": readout.target, "target_why": readout.why, "chance": chance, "n_test_items": n_items,
-            "best_target": best, "above_chance": above, "correction": P.CORRECTION, "family_size": family}  # fmt: skip
-    return ProbeResult(pairs=pairs, correlations=corr, meta=meta)
+            "target": target, "target_why": choice.why if not choice.overridden else f"{choice.why}; {readout.why}",
+            "target_direction": R.READOUTS.get(target, ("", "higher"))[1], "target_choice": choice.to_dict(),
+            "chance": chance, "n_test_items": n_items, "best_target": best, "above_chance": above, "separated": choice.separated,
+            "evidence": evidence, "correction": P.CORRECTION, "family_size": family, "curve_steps": settings.curve_steps(),
+            "readouts": {r: {"label": lab, "better": way} for r, (lab, way) in R.READOUTS.items() if r in pairs},
+            "n_baseline_pairs": int((~real).sum()), "regret": None if regret is None else regret.to_dict(),
+            "fused": _fused_ok(), "train_s": round(train_s, 3)}  # fmt: skip
+    return ProbeResult(pairs=pairs, correlations=corr, meta=meta, correlations_without_baselines=corr_real)
+
+
+def _fused_ok() -> bool:
+    from pairscout import distributed
+
+    return distributed.rank_world()[1] == 1
+
+
+def _train_all(datas: Sequence[PairData], keys: Sequence[tuple[str, str]], cfg: Any, settings: ProbeSettings,
+               progress: ProgressFn | None) -> list[Any]:
+    """Every pair's heads, loss and held-out loss curve: one fused pass (under ``torchrun``: one by one, data-parallel)."""
+    from pairscout.align.fused import FusedPair, FusedResult, HeldOut, fused_train, heldout_positives
+
+    steps = settings.curve_steps()
+    if _fused_ok():
+        fps = [FusedPair(d.vision, d.text, d.text_image_index, caption_keys=d.text_keys, label=f"{v} x {t}",
+                         heldout=HeldOut(d.eval.vision, d.eval.text, heldout_positives(d.eval.text_image_index, int(d.eval.vision.shape[0]), d.eval.text_keys)))
+               for d, (v, t) in zip(datas, keys, strict=True)]  # fmt: skip
+        label = f"probe {len(keys)} pairs, fused"
+        return fused_train(fps, cfg, curve_steps=steps, progress=(lambda s, total: progress(label, s, total)) if progress else None)
+    out = []
+    for d, (v, t) in zip(datas, keys, strict=True):
+        label = f"probe {v} x {t}"
+        cb = (lambda s, total, info, label=label: progress(label, s, total)) if progress else None
+        res = train(d.vision, d.text, d.text_image_index, cfg, progress=cb, caption_keys=d.text_keys, **d.tokens)
+        out.append(FusedResult(res.vision_head, res.text_head, res.loss_fn, res.history, res.final_loss, {}, res.samples_per_s))
+    return out
+
+
+def _read_out(data: PairData, tr: Any, settings: ProbeSettings) -> tuple[dict[str, float], dict[str, Any]]:
+    """A trained pair's read-outs (``evaluate``'s, plus class-aware mAP, the held-out loss and its curve) and their
+    per-image contributions (:func:`pairscout.align.readouts.item_contributions`)."""
+    from pairscout.align import readouts as R
+    from pairscout.align.evaluate import class_embeddings, evaluate, project
+    from pairscout.align.fused import heldout_positives
+
+    ev = data.eval
+    got = dict(evaluate(tr.vision_head, tr.text_head, ev))
+    img, txt = project(tr.vision_head, ev.vision), project(tr.text_head, ev.text)
+    cls = None
+    if ev.labels is not None and ev.class_prompts is not None:
+        c, p, d = ev.class_prompts.shape
+        cls = class_embeddings(project(tr.text_head, ev.class_prompts.reshape(c * p, d)).reshape(c, p, -1))
+    n = int(ev.vision.shape[0])
+    contrib: dict[str, Any] = R.item_contributions(
+        img, txt, ev.text_image_index, text_keys=ev.text_keys, labels=ev.labels, class_emb=cls,
+        positives=heldout_positives(ev.text_image_index, n, ev.text_keys), scale=float(tr.loss_fn.logit_scale.detach().exp()),
+        bias=float(tr.loss_fn.logit_bias.detach()))  # fmt: skip
+    contrib["loss_auc"] = R.curve_area(tr.curve)
+    for r, c in contrib.items():
+        if c is not None:
+            got[r] = float(np.sum(c))
+    for s, c in sorted(tr.curve.items()):
+        got[f"heldout_loss@{s}"] = float(c.sum())
+    got["logit_scale"], got["logit_bias"] = float(tr.loss_fn.logit_scale.detach().exp()), float(tr.loss_fn.logit_bias.detach())
+    return got, contrib
+
+
+def _chance(ev: Any, target: str, n_items: int) -> float | None:
+    """The target's chance level (None for a loss, which has none on this scale)."""
+    from pairscout.align.evaluate import keyed_chance
+
+    if target in ("heldout_loss", "loss_auc"):
+        return None
+    if target.startswith("zs_"):
+        return min(1.0, int(target[-1]) / ev.class_prompts.shape[0]) if ev.class_prompts is not None else float("nan")
+    if target == "class_map":
+        cls = ev.labels.long()
+        return float((cls[:, None] == cls[ev.text_image_index.long()][None, :]).double().mean())
+    k = int(target.rsplit("_r", 1)[1])
+    keys = ev.text_keys if ev.text_keys is not None else torch.arange(ev.text.shape[0])
+    if target.startswith("class_"):
+        keys = ev.labels.long()[ev.text_image_index.long()]
+    return keyed_chance(ev.text_image_index, keys, n_items, k)[f"mean_r{k}"]
 
 
 def probe(
@@ -226,14 +362,10 @@ def probe(
         src = source_from_rank(run, data=data, cache_dir=cache_dir)
     src.device = settings.device  # missing embeddings are encoded on the user's device
     ranked = src.rank.pairs
-    if pairs:
-        keys = set(zip(ranked["vision"], ranked["text"], strict=True))
-        missing = [p for p in pairs if tuple(p) not in keys]
-        if missing:
-            raise PairscoutError(f"pair {missing[0][0]},{missing[0][1]} is not in the rank run.", fix="pick pairs from its pairs.csv.")
-        chosen = ranked[[(v, t) in set(map(tuple, pairs)) for v, t in zip(ranked["vision"], ranked["text"], strict=True)]].assign(group="chosen")
-    else:
-        chosen = select_pairs(ranked, settings.top_k, settings.bottom_k, settings.middle_k)
+    chosen, selection = choose_pairs(ranked, settings, pairs)
+    chosen = chosen.assign(baseline=[src.spec(str(v), "vision").source == "baseline" or src.spec(str(t), "text").source == "baseline"
+                                     for v, t in zip(chosen["vision"], chosen["text"], strict=True)])  # fmt: skip
+    log.info("%s", selection)
     # every pair's cache entry is checked before any training starts: a miss fails fast
     _check_cached(src, chosen)
     # which measure predicts? every registered measure (the ones rank left out computed here) and the unimodal scores
@@ -256,8 +388,12 @@ def probe(
         return d
 
     here = [m for m in P.registry.MEASURES if m not in src.rank.metrics]
-    result = probe_pairs(chosen, load, P.predictor_columns(chosen), settings, progress, readout, computed_here=here)
+    old = src.rank.meta.get("verdict_rank") or src.rank.meta.get("verdict") or {}
+    vpair = tuple(old["pair"]) if old.get("pair") else (str(ranked["vision"].iloc[0]), str(ranked["text"].iloc[0]))
+    result = probe_pairs(chosen, load, P.predictor_columns(chosen), settings, progress, readout, computed_here=here,
+                         models=src.rank.models, verdict_pair=vpair)  # fmt: skip
     result.meta.update({
+        "selection": selection,
         "measures_from_rank": [m for m in src.rank.metrics if m in result.pairs],
         "measures_computed_by_probe": here,
         "measure_options": {"k": options["k"], "clip_quantile": options["preprocess"].clip_quantile, "sigma_frac": options["sigma_frac"]},
@@ -289,7 +425,14 @@ def _update_verdict(src: PairSource, result: ProbeResult) -> dict[str, Any] | No
     old = meta.get("verdict_rank") or meta.get("verdict")
     if not old:
         return None
-    if not result.meta.get("above_chance"):
+    if result.meta.get("separated") is False:
+        v = Verdict.from_dict(old)
+        v.reason += " The probe cannot tell the non-baseline pairs apart on this data: it cannot revisit the verdict."
+    elif result.meta.get("target_direction") == "lower":  # a loss: the binomial tests of update_from_probe do not apply
+        v = Verdict.from_dict(old)
+        rg = result.meta.get("regret") or {}
+        v.reason += f" The probe's target is the {P.readout_label(result.meta['target'])}; see its regret table: {rg.get('sentence', '')}"
+    elif not result.meta.get("above_chance"):
         v = Verdict.from_dict(old)
         v.reason += (f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {result.meta['target']}, "
                      f"not clearly above chance ({result.meta.get('chance', float('nan')):.3f}): it cannot revisit the verdict.")
@@ -313,11 +456,16 @@ def _check_cached(src: PairSource, chosen: pd.DataFrame) -> None:
                 seen.add(spec.id)
 
 
-def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None) -> str:
-    """One line: did ``metric`` predict the probe's read-out (Holm-corrected), and which predictor did best?"""
+def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None, corr_real: pd.DataFrame | None = None) -> str:
+    """One line: did ``metric`` predict the probe's read-out (Holm-corrected), and which predictor did best? With
+    ``corr_real`` (the table over the non-baseline pairs), the same rho without the baseline pairs."""
     from pairscout.metrics.registry import label
 
     meta = meta or {}
+    if meta.get("separated") is False:
+        from pairscout.align.readouts import TargetChoice, cannot_tell
+
+        return cannot_tell(TargetChoice.from_dict(meta["target_choice"]), int(meta.get("n_test_items") or 0))
     if meta.get("above_chance") is False:
         return (f"the probe's best pair reads {meta.get('best_target', float('nan')):.3f} {meta.get('target')}, not clearly above chance "
                 f"({meta.get('chance', float('nan')):.3f}): no correlation computed, it would correlate noise.")
@@ -330,6 +478,13 @@ def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None)
     fam = meta.get("family_size")
     line = (f"did {label(metric)} predict the probe's {meta.get('target', TARGET)}? {answer} (Spearman rho {rho:+.2f}, p = {p:.3g}, "
             f"Holm-corrected{f' over {fam} predictors' if fam else ''} p = {ph:.3g}, {int(row['n_pairs'].iloc[0])} pairs).")  # fmt: skip
+    if corr_real is not None and int(meta.get("n_baseline_pairs") or 0):
+        rr = corr_real[corr_real["metric"] == metric]
+        if not rr.empty and rr["spearman"].notna().iloc[0]:
+            line += (f" Without the {meta['n_baseline_pairs']} baseline pairs: rho {float(rr['spearman'].iloc[0]):+.2f}, Holm-corrected "
+                     f"p = {float(rr['spearman_p_holm'].iloc[0]):.3g} ({int(rr['n_pairs'].iloc[0])} pairs).")
+        else:
+            line += f" Without the {meta['n_baseline_pairs']} baseline pairs: too few pairs or values to tell."
     ok = corr[corr["spearman"].notna()] if "spearman_p_holm" in corr else corr.iloc[:0]
     if not ok.empty and ok["metric"].iloc[0] != metric:
         b = ok.iloc[0]

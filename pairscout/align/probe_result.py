@@ -3,8 +3,19 @@
 Files (written and read through the shared result helper :func:`pairscout._io.save_result` /
 :func:`pairscout._io.load_result`, like :class:`~pairscout.ranking.RankResult`): ``probe.parquet`` /
 ``probe.csv`` (one row per probed pair), ``probe_correlations.parquet`` / ``probe_correlations.csv`` (one row per
-predictor compared with the read-out, see :mod:`pairscout.align.predictors`) and ``probe.json`` (settings, read-out,
-chance level, the verdict and both tables as records), written last so a folder holding it is complete.
+predictor compared with the read-out, see :mod:`pairscout.align.predictors`), the same table over the non-baseline pairs
+only (``probe_correlations_without_baselines.*``: baseline pairs never carry a correlation alone) and ``probe.json``
+(settings, read-out, chance level, the verdict and the tables as records), written last so a folder holding it is complete.
+
+``probe.json`` fields added by the fused probe (typed views: :attr:`ProbeResult.target_choice`, :attr:`ProbeResult.regret`):
+
+- ``target_choice``: :class:`~pairscout.align.readouts.TargetChoice` - the target, why, the statistic's definition,
+  ``separated`` (False: no read-out tells the non-baseline pairs apart beyond noise) and ``separation``, one
+  :class:`~pairscout.align.readouts.ReadoutSeparation` per read-out (F, p, between-pair and noise variance, spread);
+- ``regret``: :class:`~pairscout.align.regret.Regret` - the oracle pair and the regret of pairscout's verdict,
+  freeze-align's and SAIL's rules and a random pair, with paired bootstrap intervals, and one sentence;
+- ``selection``: which pairs were probed and why (the budget line); ``readouts``: every recorded read-out and which
+  way is better; ``curve_steps``: the steps the held-out loss was read at (columns ``heldout_loss@STEP``).
 
 Example:
     >>> res = ProbeResult.load("runs/demo")   # doctest: +SKIP
@@ -20,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 PROBE_JSON, PROBE_TABLE, CORR_NAME = "probe.json", "probe", "probe_correlations"
+CORR_REAL_NAME = "probe_correlations_without_baselines"
 CORR_TABLE = f"{CORR_NAME}.csv"
 BASE_COLUMNS = ["metric", "n_pairs", "spearman", "spearman_p", "kendall", "kendall_p"]
 """The correlation columns every probe result has (runs made before the predictor table hold only these)."""
@@ -32,6 +44,24 @@ class ProbeResult:
     pairs: pd.DataFrame
     correlations: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    correlations_without_baselines: pd.DataFrame | None = None
+    """The correlation table over the non-baseline pairs only (None: an older run)."""
+
+    @property
+    def target_choice(self) -> Any:
+        """The :class:`~pairscout.align.readouts.TargetChoice` (None: a run made before targets were chosen by separation)."""
+        from pairscout.align.readouts import TargetChoice
+
+        d = self.meta.get("target_choice")
+        return TargetChoice.from_dict(d) if d else None
+
+    @property
+    def regret(self) -> Any:
+        """The :class:`~pairscout.align.regret.Regret` table (None when the probe made none)."""
+        from pairscout.align.regret import Regret
+
+        d = self.meta.get("regret")
+        return Regret.from_dict(d) if d else None
 
     @property
     def metrics(self) -> list[str]:
@@ -43,17 +73,22 @@ class ProbeResult:
         from pairscout._io import records, save_result
 
         payload = {**self.meta, "correlations": records(self.correlations), "pairs": records(self.pairs)}
+        tables = {PROBE_TABLE: self.pairs, CORR_NAME: self.correlations}
+        if self.correlations_without_baselines is not None:
+            payload["correlations_without_baselines"] = records(self.correlations_without_baselines)
+            tables[CORR_REAL_NAME] = self.correlations_without_baselines
         payload.pop("out", None)  # where it was saved is not a property of the result
-        return save_result(out, {PROBE_TABLE: self.pairs, CORR_NAME: self.correlations}, PROBE_JSON, payload)
+        return save_result(out, tables, PROBE_JSON, payload)
 
     @classmethod
     def load(cls, out: str | Path) -> ProbeResult:
         """Read what :meth:`save` wrote (also a folder of a run made before ``probe_correlations.parquet`` existed)."""
         from pairscout._io import load_result
 
-        meta, frames = load_result(out, (PROBE_TABLE,), PROBE_JSON, what="probe result", optional=(CORR_NAME,),
+        meta, frames = load_result(out, (PROBE_TABLE,), PROBE_JSON, what="probe result", optional=(CORR_NAME, CORR_REAL_NAME),
                                    fix="run `pairscout probe RUN` first, or point at the folder it wrote.")  # fmt: skip
         meta.pop("pairs", None)
+        meta.pop("correlations_without_baselines", None)
         rows = meta.pop("correlations", [])
         corr = frames.get(CORR_NAME)
         if corr is None:  # an older run: the table lives only in probe.json
@@ -61,4 +96,4 @@ class ProbeResult:
             corr = corr.reindex(columns=[*BASE_COLUMNS, *[c for c in corr.columns if c not in BASE_COLUMNS]])
             floats = [c for c in corr.columns if c.startswith(("spearman", "kendall"))]
             corr = corr.astype(dict.fromkeys(floats, float))
-        return cls(pairs=frames[PROBE_TABLE], correlations=corr, meta=meta)
+        return cls(pairs=frames[PROBE_TABLE], correlations=corr, meta=meta, correlations_without_baselines=frames.get(CORR_REAL_NAME))

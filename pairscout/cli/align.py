@@ -56,10 +56,11 @@ def probe(
     text_zoo: TextOpt = None,
     data: DataOpt = None,
     n: NOpt = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="Probe the K best-ranked pairs.")] = PROBE.top_k,
-    bottom_k: Annotated[int, typer.Option("--bottom-k", help="... and the K worst-ranked ones.")] = PROBE.bottom_k,
-    middle_k: Annotated[int, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.")] = PROBE.middle_k,
-    pairs: Annotated[str | None, typer.Option("--pairs", help="Probe these pairs instead: 'v1,t1;v2,t2'.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Probe the K best-ranked pairs (default: as many pairs as --budget allows).", show_default=False)] = PROBE.top_k,
+    bottom_k: Annotated[int | None, typer.Option("--bottom-k", help="... and the K worst-ranked ones.", show_default=False)] = PROBE.bottom_k,
+    middle_k: Annotated[int | None, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.", show_default=False)] = PROBE.middle_k,
+    pairs: Annotated[str | None, typer.Option("--pairs", help="'all': every pair of the run; or these pairs: 'v1,t1;v2,t2'.")] = None,
+    budget: Annotated[int, typer.Option(help="Pair-steps (pairs x steps) the default selection may spend; all pairs when they fit.")] = PROBE.budget,
     steps: Annotated[int, typer.Option(help="Optimiser steps per probe (the same for every pair).")] = PROBE.steps,
     batch_size: Annotated[int, typer.Option(help="Images per step, the global batch: under torchrun each of the W processes takes batch / W (a multiple of W).")] = PROBE.batch_size,
     out_dim: Annotated[int, typer.Option(help="Probe output dimension (SAIL: 2048).")] = PROBE.out_dim,
@@ -67,7 +68,7 @@ def probe(
     optimizer: Annotated[str, typer.Option(help="adamw or lion.")] = PROBE.optimizer,
     test_fraction: Annotated[float, typer.Option(help="Held-out share of the images.")] = PROBE.test_fraction,
     seed: Annotated[int, typer.Option(help="Seed of the split and the probes.")] = PROBE.seed,
-    target: Annotated[str | None, typer.Option(help="Read-out to correlate with: zs_top1, class_mean_r1, mean_r1, ... (default: chosen from the data).", show_default=False)] = None,
+    target: Annotated[str | None, typer.Option(help="Read-out to correlate with: zs_top1, class_map, mean_r1, heldout_loss, loss_auc, ... (default: the one that separates the pairs most clearly).", show_default=False)] = None,
     class_level: Annotated[bool, typer.Option("--class-level", help="Train with same-class captions as positives (identical captions always are).")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv (default: the RUN folder).", show_default=False)] = None,
     cache_dir: CacheOpt = None,
@@ -87,22 +88,33 @@ def probe(
         run = pick_run(run, run_alias)
         _check_source(run, vision_zoo, text_zoo)
         chosen = None
-        if pairs:
+        every = bool(pairs) and pairs.strip().lower() == "all"
+        if pairs and not every:
             chosen = [tuple(p.split(",", 1)) for p in pairs.split(";") if p.strip()]
             if any(len(p) != 2 for p in chosen):
-                raise PairscoutError(f"--pairs {pairs!r} is malformed.", fix="write it as 'vision1,text1;vision2,text2'.")
-        settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
-                                 optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device,
-                                 target=target, class_level=class_level)  # fmt: skip
+                raise PairscoutError(f"--pairs {pairs!r} is malformed.", fix="write it as 'all' or 'vision1,text1;vision2,text2'.")
+        if budget < 1:
+            raise PairscoutError(f"--budget {budget} probes no pair.", fix="pass a positive number of pair-steps, or --pairs all.")
+        settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, all_pairs=every, budget=budget, steps=steps,
+                                 batch_size=batch_size, out_dim=out_dim, lr=lr, optimizer=optimizer, test_fraction=test_fraction, seed=seed,
+                                 device=device or PROBE.device, target=target, class_level=class_level)  # fmt: skip
         with ui.progress() as rep:
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
-        for table in (probe_table(res, wide), corr_table(res, wide)):
+        if res.meta.get("selection"):
+            ui.say(res.meta["selection"])
+        tables = [probe_table(res, wide), corr_table(res, wide)]
+        if res.regret is not None:
+            tables.append(regret_table(res))
+        for table in tables:
             ui.print_table(table, wide)
         primary = res.meta.get("primary")
         if primary:
-            ui.say(verdict(res.correlations, primary, res.meta))
-        ui.say(f"read-out: {res.meta['target']} (chance {res.meta['chance']:.3f}): {res.meta['target_why']}")
+            ui.say(verdict(res.correlations, primary, res.meta, res.correlations_without_baselines))
+        chance = res.meta.get("chance")
+        ui.say(f"read-out: {res.meta['target']}" + (f" (chance {chance:.3f})" if chance is not None else "") + f": {res.meta['target_why']}")
+        if res.regret is not None:
+            ui.say(f"regret: {res.regret.sentence}")
         if res.meta.get("verdict"):
             ui.say(f"verdict: {res.meta['verdict']['reason']}")
         if res.meta.get("out"):
@@ -114,7 +126,8 @@ def probe(
         if as_json:
             from pairscout._io import records
 
-            payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta}
+            payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta,
+                       "correlations_without_baselines": None if res.correlations_without_baselines is None else records(res.correlations_without_baselines)}
             ui.out.print_json(json.dumps(payload, default=str))
 
 
@@ -150,7 +163,8 @@ def probe_table(res, wide: bool = False) -> Table:
         t.add_column(col, justify="right", no_wrap=True)
     for _, r in res.pairs.iterrows():
         cells = [ui.with_interval(r, m) if not wide else num(r.get(m)) for m in measures]
-        tail = [_readout(r.get(tgt), n_items), num(r.get("i2t_r1")), num(r.get("t2i_r1"))]
+        loss = res.meta.get("target_direction") == "lower"  # a loss has no binomial half-width
+        tail = [num(r.get(tgt)) if loss else _readout(r.get(tgt), n_items), num(r.get("i2t_r1")), num(r.get("t2i_r1"))]
         if wide:
             tail += [num(r.get("mean_r5")), num(r.get("final_loss")), f"{r['train_s']:.1f}"]
         head = [str(r.get("rank", ""))] + ([L(r.get("group", ""))] if wide else [])
@@ -184,7 +198,8 @@ def corr_table(res, wide: bool = False) -> Table:
 
     tgt = res.meta.get("target", "mean_r1")
     fam = res.meta.get("family_size")
-    t = Table(title=L(f"did the metric predict the probe? every measure and unimodal score against {readout_label(tgt)}, "
+    neg = " (negated: lower loss = higher)" if res.meta.get("target_direction") == "lower" else ""
+    t = Table(title=L(f"did the metric predict the probe? every measure and unimodal score against {readout_label(tgt)}{neg}, "
                       f"sorted by Holm-corrected p"),
               caption=L(f"rho: Spearman, its 95 % interval (Fisher z); p (Holm): corrected over {fam or 'the'} predictors; "
                         "every predictor oriented higher = more similar; a one-encoder score counts encoders, not pairs; "
@@ -210,6 +225,27 @@ def corr_table(res, wide: bool = False) -> Table:
         cells += ([_p(r["spearman_p"])] if wide else []) + [_p(r.get("spearman_p_holm", r["spearman_p"])), _signed(r["kendall"])]
         cells += [_p(r["kendall_p"]), _p(r.get("kendall_p_holm"))] if wide else []
         t.add_row(*cells, L(r.get("answer", "")))
+    return t
+
+
+def regret_table(res) -> Table:
+    """The verdict's regret against the rules researchers use: oracle pair, each rule's pair, its read-out and regret
+    with the paired bootstrap interval (fits 100 columns)."""
+    from pairscout.align.predictors import readout_label
+
+    rg = res.regret
+    lab = readout_label(rg.target)
+    worse = "lower" if rg.direction == "higher" else "higher"
+    t = Table(title=L(f"had you followed each rule: regret against the best probed pair ({rg.oracle[0]} x {rg.oracle[1]}, {lab} "
+                      f"{rg.oracle_value:.3f}), over {rg.n_pairs} pairs"),
+              caption=L(f"regret: the oracle's {lab} minus the rule's pair's ({worse} read-out = positive regret); {rg.interval}, "
+                        f"{rg.n_items} images" + ("" if rg.conclusive else "; the read-out does not separate the pairs: no evidence either way")))
+    for col, just in (("rule", "left"), ("pair", "left"), ("#", "right"), ("read-out", "right"), ("regret [95 %]", "right")):
+        t.add_column(col, justify=just, overflow="fold" if col == "pair" else None, no_wrap=col != "pair")
+    for r in rg.rules:
+        pair = f"{r.pair[0]} x {r.pair[1]}" if r.pair else r.why
+        reg = "" if r.regret != r.regret else f"{r.regret:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
+        t.add_row(L(r.label), L(pair), "" if r.rank is None else str(r.rank), num(r.value), reg)
     return t
 
 
