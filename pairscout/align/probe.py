@@ -1,25 +1,32 @@
-"""``probe``: did the ranking predict which pairs align? (SAIL's linear probe, on a few pairs.)
+"""``probe``: did the ranking predict which pairs align, and had you followed the verdict, how far are you from the best pair?
 
-For the top-K and a few of the bottom pairs of a rank run, :func:`probe` trains a short linear probe
-(one linear layer per side, sigmoid loss, the same budget for every pair) on the train part of the
-run's dataset and reads retrieval Recall@1/5/10 both ways on the held-out part (the dataset's
-fixed-seed, label-stratified split). Then it asks which measure predicts: every registered measure (those the
-rank run left out computed here for the probed pairs) and every unimodal score is correlated with the read-out
-across the probed pairs, Spearman and Kendall with p-values, an interval of rho and Holm's correction across the
-predictors (:mod:`pairscout.align.predictors`). A high positive rho says the measure ranked the pairs the way
-alignment did.
+:func:`probe` trains a short linear probe (one linear layer per side, sigmoid loss, the same budget for every pair) on
+the train part of the run's dataset for as many pairs as the budget allows (every pair of the demo; ``--pairs all``:
+every pair), all of them in one fused pass (:mod:`pairscout.align.fused`), and reads on the held-out part (the
+dataset's fixed-seed, label-stratified split) every read-out of :data:`pairscout.align.readouts.READOUTS`: zero-shot
+top-1 / top-5 and class-aware mAP and R@1 (labels), instance R@1/5/10 both ways, the held-out sigmoid loss, and the
+held-out loss at a few fixed steps with the area under that curve. The target is the read-out that separates the
+non-baseline pairs most clearly against its own sampling noise (:func:`pairscout.align.readouts.choose_target`; the F
+statistic and its p for every read-out are recorded). Then it asks which measure predicts the target: every registered
+measure (those the rank run left out computed here for the probed pairs) and every unimodal score is correlated with it
+across the probed pairs, with and without the baseline pairs, Spearman and Kendall with p-values, an interval of rho and
+Holm's correction across the predictors (:mod:`pairscout.align.predictors`). Last, the regret table
+(:mod:`pairscout.align.regret`): the oracle pair and the regret of pairscout's verdict, freeze-align's and SAIL's rules
+and a random pair, with paired bootstrap intervals. When no read-out separates the pairs, it says so in one line and
+reports no correlation as evidence either way.
 
-Under ``torchrun`` every rank probes the same pairs in the same order and each probe trains data-parallel
-(:mod:`pairscout.align.ddp`; ``batch_size`` is the global batch), so the table equals a one-process run's; rank 0
-alone writes the files and the revisited verdict.
+Under ``torchrun`` every rank probes the same pairs in the same order, one by one, each data-parallel
+(:mod:`pairscout.align.ddp`; ``batch_size`` is the global batch), so the table equals a one-process run's up to float
+rounding; rank 0 alone writes the files and the revisited verdict.
 
-Files (``out``, by default the rank run's folder): ``probe.json`` (settings, correlations, pairs),
-``probe.csv`` / ``probe.parquet`` (one row per probed pair), ``probe_correlations.csv`` / ``.parquet``.
-:meth:`ProbeResult.load` reads them back (:mod:`pairscout.align.probe_result`).
+Files (``out``, by default the rank run's folder): ``probe.json`` (settings, target choice, correlations, regret, pairs),
+``probe.csv`` / ``probe.parquet`` (one row per probed pair), ``probe_correlations.csv`` / ``.parquet`` and
+``probe_correlations_without_baselines.csv`` / ``.parquet``. :meth:`ProbeResult.load` reads them back
+(:mod:`pairscout.align.probe_result`).
 
 Example:
-    >>> res = probe("runs/demo", top_k=5, bottom_k=2)   # doctest: +SKIP
-    >>> res.correlations[["metric", "spearman", "spearman_p_holm"]]
+    >>> res = probe("runs/demo")   # doctest: +SKIP
+    >>> res.regret.sentence, res.correlations[["metric", "spearman", "spearman_p_holm"]]
 """
 
 from __future__ import annotations
@@ -332,14 +339,15 @@ def probe(
     progress: ProgressFn | None = None,
     command: str | None = None,
 ) -> ProbeResult:
-    """Linear probes on the top and bottom pairs of a ranking, and whether the metrics predicted them.
+    """Linear probes on the pairs of a ranking (as many as the budget allows), whether the metrics predicted them, and
+    the verdict's regret.
 
     Args:
         run: a :class:`~pairscout.ranking.RankResult` or the folder ``pairscout rank --out`` wrote.
             Without it, the zoos are ranked first (``pairscout.rank(vision_zoo, text_zoo, data, n=n)``).
         vision_zoo, text_zoo, data, n: zoos and dataset when there is no ``run``.
-        settings: pairs to probe (top_k, bottom_k), the probe's budget, the split.
-        pairs: probe these (vision, text) names instead of top/bottom.
+        settings: which pairs (``all_pairs``, ``budget``, or top_k / middle_k / bottom_k), steps, the split.
+        pairs: probe these (vision, text) names instead.
         cache_dir: the embedding cache the rank run used.
         out: where ``probe.json`` / ``probe.csv`` go (default: the run's folder; None with an in-memory run).
 

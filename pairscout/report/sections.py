@@ -242,6 +242,9 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
                  *[(m, label(m)) for m in measures], ("final_loss", "final loss"), ("train_s", "seconds")]  # fmt: skip
     best = corr[corr["spearman"].notna()].head(1) if "spearman" in corr else corr
     return {
+        "regret": _regret(res.regret, tlabel),
+        "selection": meta.get("selection", ""),
+        "cannot_tell": _cannot_tell(res, meta),
         "label": run.label,
         "path": str(run.path),
         "target": target,
@@ -259,6 +262,31 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
         "pairs": table(pairs, pair_cols, sticky=4) if not pairs.empty else None,
         "settings": meta.get("settings", {}),
     }
+
+
+def _regret(rg: Any, tlabel: str) -> dict[str, Any] | None:
+    """The regret table of a probe (:class:`~pairscout.align.regret.Regret`) as a small sortable table and its sentence."""
+    if rg is None:
+        return None
+    df = pd.DataFrame([{"rule": r.label, "pair": f"{r.pair[0]} × {r.pair[1]}" if r.pair else r.why, "rank": r.rank, "value": r.value,
+                        "regret": r.regret, "interval": "" if r.lo != r.lo else f"{r.lo:.3f} – {r.hi:.3f}", "lo": r.lo, "why": r.why if r.pair else ""}
+                       for r in rg.rules])  # fmt: skip
+    cols = [("rule", "rule"), ("pair", "pair"), ("rank", "place by the read-out"), ("value", tlabel), ("regret", "regret"),
+            ("interval", "95 % interval (paired bootstrap)"), ("why", "why this pair")]  # fmt: skip
+    df["why"] = [r.why for r in rg.rules]
+    return {"sentence": rg.sentence, "table": table(df, cols, sticky=1, keys={"interval": "lo"}, formats={"rank": lambda v: "" if v != v or v is None else f"{int(v)}"},
+                                                    wrap=("why",)),
+            "interval": rg.interval, "n_items": rg.n_items, "n_pairs": rg.n_pairs}
+
+
+def _cannot_tell(res: Any, meta: dict[str, Any]) -> str:
+    """The line a researcher reads when no read-out separates the probed pairs (empty otherwise)."""
+    choice = res.target_choice
+    if choice is None or choice.separated:
+        return ""
+    from pairscout.align.readouts import cannot_tell
+
+    return cannot_tell(choice, int(meta.get("n_test_items") or 0))
 
 
 # --- align -----------------------------------------------------------------------------------------------------------
