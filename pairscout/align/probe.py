@@ -377,7 +377,9 @@ def probe(
     _check_cached(src, chosen)
     # which measure predicts? every registered measure (the ones rank left out computed here) and the unimodal scores
     options = P.measure_options(src.rank.meta)
+    t_measures = time.perf_counter()
     chosen, failed = P.add_measures(chosen, P.rank_rows(src), options, progress)
+    t_measures = time.perf_counter() - t_measures
     chosen = P.add_unimodal(chosen, src.rank.models)
 
     readout = choose_readout(src.dataset, settings.target, settings.class_level)
@@ -411,6 +413,7 @@ def probe(
         "dataset_fingerprint": src.dataset.fingerprint,
         "n_pairs_ranked": len(ranked),
         "seconds": round(time.perf_counter() - t_start, 3),
+        "measures_s": round(t_measures, 3),
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })  # fmt: skip

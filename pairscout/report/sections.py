@@ -232,7 +232,7 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     p_fmt = dict.fromkeys(("spearman_p", "spearman_p_holm", "kendall_p", "kendall_p_holm"), fmt_p)
     measures = [m for m in MEASURES if m in pairs]
     n_items = int(meta.get("n_test_items") or 0)
-    if n_items and target in pairs:  # the read-out's uncertainty beside it: binomial on the held-out images
+    if n_items and target in pairs and meta.get("target_direction", "higher") == "higher":  # a proportion's binomial half-width
         from pairscout.ranking.verdict import binomial_se
 
         pairs[f"{target}_hw"] = [1.96 * binomial_se(float(x), n_items) if x == x else float("nan") for x in pairs[target]]
