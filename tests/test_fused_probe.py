@@ -194,3 +194,16 @@ def test_regret_table_on_a_planted_zoo_with_a_known_oracle():
     from pairscout.align.regret import Regret
 
     assert Regret.from_dict(rg.to_dict()) == rg
+
+
+def test_the_budget_says_which_pairs_and_why():
+    from pairscout.align.probe import choose_pairs
+
+    ranked = pd.DataFrame({"vision": [f"v{i}" for i in range(20)], "text": [f"t{i}" for i in range(20)], "rank": range(1, 21)})
+    every, line = choose_pairs(ranked, ProbeSettings(steps=100, budget=2000))
+    assert len(every) == 20 and line.startswith("probing all 20 pairs: 20 x 100 steps fit the budget of 2,000 pair-steps")
+    some, line = choose_pairs(ranked, ProbeSettings(steps=100, budget=1200))
+    assert len(some) == 12 and some["rank"].tolist()[:5] == [1, 2, 3, 4, 5] and some["rank"].tolist()[-2:] == [19, 20]
+    assert line.startswith("probing 12 of 20 pairs") and "--pairs all" in line and "\n" not in line
+    assert len(choose_pairs(ranked, ProbeSettings(steps=100, budget=10, all_pairs=True))[0]) == 20
+    assert choose_pairs(ranked, ProbeSettings(top_k=2, bottom_k=1))[0]["rank"].tolist() == [1, 2, 20]

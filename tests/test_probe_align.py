@@ -102,6 +102,27 @@ def test_probe_cli_on_a_rank_run(rank_run):
     assert saved.correlations["metric"].tolist() == [c["metric"] for c in payload["correlations"]]
 
 
+def test_probe_cli_pairs_all_records_the_readouts_the_target_and_the_regret(rank_run, tmp_path):
+    """--pairs all probes every pair of the run (fused), says so first, records every read-out's separation and the
+    regret table (printed too), and the correlations without the baseline pairs."""
+    run, cache = rank_run
+    r = runner.invoke(app, ["probe", "--run", str(run), "--cache-dir", str(cache), "--pairs", "all", "--steps", "20", "--out-dim", "16",
+                            "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    meta = payload["meta"]
+    assert len(payload["pairs"]) == 4 and "probing all 4 pairs (--pairs all)" in r.stderr
+    assert meta["separation_over"] == "all probed pairs"  # every encoder here is a weight-free baseline
+    assert {s["readout"] for s in meta["target_choice"]["separation"]} >= {"zs_top1", "class_map", "class_mean_r1", "mean_r1", "heldout_loss", "loss_auc"}
+    assert all(f"heldout_loss@{s}" in payload["pairs"][0] for s in meta["curve_steps"]) and meta["curve_steps"] == [2, 5, 10, 20]
+    assert [x["rule"] for x in meta["regret"]["rules"]] == ["pairscout", "freeze_align", "sail", "random"]
+    assert "had you followed each rule" in r.stderr and "regret: " in r.stderr
+    assert payload["correlations_without_baselines"] is not None
+    saved = ProbeResult.load(tmp_path)
+    assert saved.regret.oracle == tuple(meta["regret"]["oracle"]) and saved.target_choice.target == meta["target"]
+    assert saved.correlations_without_baselines is not None and (tmp_path / "probe_correlations_without_baselines.csv").is_file()
+
+
 def test_missing_cache_names_the_command(rank_run, tmp_path):
     run, _ = rank_run
     r = runner.invoke(app, ["probe", "--run", str(run), "--cache-dir", str(tmp_path / "empty"), "--steps", "5"])

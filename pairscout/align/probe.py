@@ -213,7 +213,8 @@ def probe_pairs(
         mat = np.stack([np.asarray(c[r], dtype=np.float64) for c in items], axis=1)  # (n, P)
         boot[r] = (mat.sum(0), counts @ mat)
     real = ~pairs["baseline"].to_numpy()
-    seps = [R.separation(v[real], b[:, real], r, len(cands)) for r, (v, b) in boot.items()]
+    among = real if real.sum() >= 3 else np.ones(len(pairs), dtype=bool)  # fewer than 3 without a baseline: all pairs
+    seps = [R.separation(v[among], b[:, among], r, len(cands)) for r, (v, b) in boot.items()]
     if settings.target is not None and settings.target not in pairs:
         raise PairscoutError(f"the probe read no {settings.target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
     choice = R.choose_target(seps, readout.target, settings.target)
@@ -245,7 +246,7 @@ def probe_pairs(
             "chance": chance, "n_test_items": n_items, "best_target": best, "above_chance": above, "separated": choice.separated,
             "evidence": evidence, "correction": P.CORRECTION, "family_size": family, "curve_steps": settings.curve_steps(),
             "readouts": {r: {"label": lab, "better": way} for r, (lab, way) in R.READOUTS.items() if r in pairs},
-            "n_baseline_pairs": int((~real).sum()), "regret": None if regret is None else regret.to_dict(),
+            "n_baseline_pairs": int((~real).sum()), "separation_over": "non-baseline pairs" if among is real else "all probed pairs", "regret": None if regret is None else regret.to_dict(),
             "fused": _fused_ok(), "train_s": round(train_s, 3)}  # fmt: skip
     return ProbeResult(pairs=pairs, correlations=corr, meta=meta, correlations_without_baselines=corr_real)
 
@@ -472,7 +473,8 @@ def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None,
     if meta.get("separated") is False:
         from pairscout.align.readouts import TargetChoice, cannot_tell
 
-        return cannot_tell(TargetChoice.from_dict(meta["target_choice"]), int(meta.get("n_test_items") or 0))
+        return cannot_tell(TargetChoice.from_dict(meta["target_choice"]), int(meta.get("n_test_items") or 0),
+                           meta.get("separation_over", "non-baseline pairs"))
     if meta.get("above_chance") is False:
         return (f"the probe's best pair reads {meta.get('best_target', float('nan')):.3f} {meta.get('target')}, not clearly above chance "
                 f"({meta.get('chance', float('nan')):.3f}): no correlation computed, it would correlate noise.")

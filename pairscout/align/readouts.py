@@ -239,11 +239,11 @@ def choose_target(seps: Sequence[ReadoutSeparation], fallback: str, override: st
                         separated=False, separation=list(seps))
 
 
-def cannot_tell(choice: TargetChoice, n_items: int) -> str:
-    """The one line a researcher reads when nothing separates the pairs."""
+def cannot_tell(choice: TargetChoice, n_items: int, over: str = "non-baseline pairs") -> str:
+    """The one line a researcher reads when nothing separates the pairs (``over``: which pairs were compared)."""
     n = next((s.n_pairs for s in choice.separation), 0)
     top = max((s for s in choice.separation if s.f == s.f), key=lambda s: s.f, default=None)
     best = f" (most: {top.label}, F = {top.f:.2f}, p = {top.p:.2g})" if top is not None else ""
-    return (f"the probe cannot tell the {n} non-baseline pairs apart: no read-out differs between them by more than the noise of "
+    return (f"the probe cannot tell the {n} {over} apart: no read-out differs between them by more than the noise of "
             f"{n_items} held-out images{best}; its correlations and regret are not evidence either way (use more held-out data, "
             "harder captions, or more classes).")

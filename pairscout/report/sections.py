@@ -286,7 +286,7 @@ def _cannot_tell(res: Any, meta: dict[str, Any]) -> str:
         return ""
     from pairscout.align.readouts import cannot_tell
 
-    return cannot_tell(choice, int(meta.get("n_test_items") or 0))
+    return cannot_tell(choice, int(meta.get("n_test_items") or 0), meta.get("separation_over", "non-baseline pairs"))
 
 
 # --- align -----------------------------------------------------------------------------------------------------------
