@@ -41,13 +41,17 @@ def _run(args: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def one(name: str, data: str, run: Path, steps: int, reuse: bool) -> dict:
+def one(name: str, data: str, run: Path, steps: int, reuse: bool, reuse_probe: bool = False) -> dict:
     from pairscout.align.probe_result import ProbeResult
+    from pairscout.ranking import RankResult
 
     rank_s = None
     if not (reuse and (run / "rank.json").is_file()):
         rank_s = _run(["rank", "--data", data, "--out", str(run), "--force", "--no-plots"])
-    probe_s = _run(["probe", str(run), "--pairs", "all", "--steps", str(steps)])
+    old = ProbeResult.load(run) if reuse_probe and (run / "probe.json").is_file() else None
+    if old is not None and (len(old.pairs) < len(RankResult.load(run).pairs) or old.meta["settings"]["steps"] != steps):
+        old = None  # not every pair, or another budget: probe again
+    probe_s = float(old.meta["seconds"]) if old is not None else _run(["probe", str(run), "--pairs", "all", "--steps", str(steps)])
     res = ProbeResult.load(run)
     choice, rg = res.target_choice, res.regret
 
@@ -63,7 +67,8 @@ def one(name: str, data: str, run: Path, steps: int, reuse: bool) -> dict:
             "selection": res.meta.get("selection"), "target": res.meta["target"], "target_why": res.meta["target_why"],
             "separated": choice.separated, "separation": [s.to_dict() for s in choice.separation], "regret": rg.to_dict() if rg else None,
             "correlations": corr(res.correlations), "correlations_without_baselines": corr(res.correlations_without_baselines),
-            "train_s": res.meta.get("train_s"), "steps": steps}  # fmt: skip
+            "train_s": res.meta.get("train_s"), "measures_s": res.meta.get("measures_s"), "steps": steps,
+            "probe_command": res.meta.get("command")}  # fmt: skip
 
 
 def _f(x: float, d: int = 3) -> str:
@@ -78,7 +83,8 @@ def markdown(results: list[dict], command: str, info: dict) -> str:
     for r in results:
         out.append(f"## {r['name']} (`{r['data']}`)\n")
         out.append(f"{r['n_pairs']} pairs ({r['n_baseline']} with a weight-free baseline encoder), {r['n_items']} held-out images, "
-                   f"{r['steps']} steps; probe {r['probe_s']:.0f} s (training, fused: {r['train_s']:.0f} s)"
+                   f"{r['steps']} steps; `{r['probe_command'] or 'pairscout probe'}` {r['probe_s']:.0f} s (training, fused: {r['train_s']:.0f} s; "
+                   f"the measures the rank run left out, for every pair: {r['measures_s'] or 0:.0f} s)"
                    + (f", rank {r['rank_s']:.0f} s" if r["rank_s"] else "") + ".\n")
         out.append("| read-out | better | F | p | separates? | spread over the non-baseline pairs |\n|---|---|---:|---:|---|---|")
         for s in r["separation"]:
@@ -112,8 +118,9 @@ def main() -> None:
     ap.add_argument("--mnist-per-class", type=int, default=60)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--skip-mnist", action="store_true")
+    ap.add_argument("--reuse-probe", action="store_true", help="Use a run's probe.json when it probed every pair with --steps.")
     args = ap.parse_args()
-    results = [one("generated set (the demo's data)", "generated", Path(args.generated_run), args.steps, reuse=True)]
+    results = [one("generated set (the demo's data)", "generated", Path(args.generated_run), args.steps, reuse=True, reuse_probe=args.reuse_probe)]
     if not args.skip_mnist:
         mdir = Path(args.mnist_dir)
         if not mdir.is_dir():
@@ -122,7 +129,7 @@ def main() -> None:
             if r.returncode != 0:
                 sys.exit(r.stderr.strip() or r.stdout.strip())
         results.append(one(f"MNIST, {args.mnist_per_class} digits per class, templated captions", str(mdir), Path(args.mnist_run), args.steps,
-                           reuse=True))
+                           reuse=True, reuse_probe=args.reuse_probe))
     command = " ".join(shlex.quote(a) for a in sys.argv)
     info = machine()
     md = markdown(results, command, info)

@@ -207,3 +207,19 @@ def test_the_budget_says_which_pairs_and_why():
     assert line.startswith("probing 12 of 20 pairs") and "--pairs all" in line and "\n" not in line
     assert len(choose_pairs(ranked, ProbeSettings(steps=100, budget=10, all_pairs=True))[0]) == 20
     assert choose_pairs(ranked, ProbeSettings(top_k=2, bottom_k=1))[0]["rank"].tolist() == [1, 2, 20]
+
+
+def test_shared_sides_reuse_each_encoders_svd_with_the_same_values():
+    """The probe computes the measures the rank run left out for every pair; inside shared_sides SVCCA, PWCCA and
+    Procrustes reuse each input's SVD (one per encoder, not per pair) and give exactly the values they give alone."""
+    from pairscout.metrics import measures as M
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(200, 30, generator=g) for _ in range(2)]
+    ys = [torch.randn(200, 20, generator=g) @ torch.randn(20, 20, generator=g) for _ in range(3)]
+    names = ("svcca", "pwcca", "procrustes")
+    alone = {(i, j, m): getattr(M, m)(x, y) for i, x in enumerate(xs) for j, y in enumerate(ys) for m in names}
+    with M.shared_sides():
+        shared = {(i, j, m): getattr(M, m)(x, y) for i, x in enumerate(xs) for j, y in enumerate(ys) for m in names}
+        assert len(M._SIDES) == 5  # one SVD per input tensor
+    assert shared == alone and M._SIDES is None

@@ -89,6 +89,15 @@ def add_measures(chosen: pd.DataFrame, rows: Callable[[str, str], tuple[Any, Any
     failed: dict[str, str] = {}
     total = len(missing) * len(out)
     done = 0
+    from pairscout.metrics.measures import shared_sides
+
+    with shared_sides():  # each encoder's SVD once for every pair it is in (same values)
+        done = _add(out, missing, rows, options, failed, progress, done, total)
+    return out, failed
+
+
+def _add(out: pd.DataFrame, missing: Sequence[str], rows: Callable[[str, str], tuple[Any, Any]], options: dict[str, Any],
+         failed: dict[str, str], progress: ProgressFn | None, done: int, total: int) -> int:
     for m in missing:
         vals = []
         for v, t in zip(out["vision"], out["text"], strict=True):
@@ -101,7 +110,7 @@ def add_measures(chosen: pd.DataFrame, rows: Callable[[str, str], tuple[Any, Any
             if progress is not None:
                 progress(f"measures not in the rank run: {registry.label(m)}", done, total)
         out[m] = vals
-    return out, failed
+    return done
 
 
 def rank_rows(src: Any) -> Callable[[str, str], tuple[Any, Any]]:
