@@ -13,7 +13,7 @@ install: $(BIN)/activate
 	$(BIN)/pip install $(PIP_FLAGS) -q -e ".[offline,test]"
 
 ## The main job on the built-in offline default: rank the offline zoos on the generated dataset, probe
-## the top and bottom pairs, align the best pair, and write the report (reports/demo.html).
+## every pair (fused; the verdict's regret), align the best pair, and write the report (reports/demo.html).
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/pairscout rank --out runs/demo --force
 	HF_HUB_OFFLINE=1 $(BIN)/pairscout probe runs/demo

@@ -236,10 +236,17 @@ def probe_pairs(
         why = "probe at chance" if not above else "pairs not separated"
         corr, corr_real = P.blank(corr, metric_cols, why), P.blank(corr_real, metric_cols, why)
     regret = None
-    if target in boot and len(keys) >= 2:
+    # the candidates a researcher chooses among: the pairs without a weight-free baseline encoder (the baselines are
+    # controls; biased linear CKA, for one, rates two random encoders highly); all pairs when fewer than 2 are left or the
+    # verdict itself holds a baseline
+    cand = real if real.sum() >= 2 and (verdict_pair is None or verdict_pair in {k for k, r in zip(keys, real, strict=True) if r}) \
+        else np.ones(len(pairs), dtype=bool)
+    if target in boot and cand.sum() >= 2:
         values, reps = boot[target]
-        regret = regret_table(pairs, target, values, reps, rule_pairs(pairs, verdict_pair, models), higher_better=R.direction(target) > 0,
-                              n_items=n_items, conclusive=evidence, label=P.readout_label(target))  # fmt: skip
+        sub = pairs[cand].reset_index(drop=True)
+        regret = regret_table(sub, target, values[cand], reps[:, cand], rule_pairs(sub, verdict_pair, models),
+                              higher_better=R.direction(target) > 0, n_items=n_items, conclusive=evidence, label=P.readout_label(target),
+                              over="pairs without a baseline encoder" if not cand.all() else "probed pairs")  # fmt: skip
     meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
             "target": target, "target_why": choice.why if not choice.overridden else f"{choice.why}; {readout.why}",
             "target_direction": R.READOUTS.get(target, ("", "higher"))[1], "target_choice": choice.to_dict(),

@@ -7,7 +7,8 @@ For the probe's target (oriented so that higher is better: a loss is negated), o
 - **regret** of a rule's pair = oracle's read-out minus the pair's (0: the rule found the best pair), with a 95 %
   **paired bootstrap interval** over the held-out images (the same resampling for both pairs,
   :mod:`pairscout.align.readouts`; percentile interval);
-- the rules (:func:`rule_pairs`): **pairscout** (the rank run's verdict), **freeze-align** (the pair with the highest
+- the candidates are the pairs without a weight-free baseline encoder (``Regret.over``; every probed pair when fewer
+than two are left): the baselines are controls, not choices. The rules (:func:`rule_pairs`): **pairscout** (the rank run's verdict), **freeze-align** (the pair with the highest
   biased linear CKA, ``cka_linear``), **SAIL** (the vision encoder with the best k-NN accuracy with the text encoder
   with the best published MTEB score, where one is known for a probed text encoder, else with the best k-NN
   accuracy of its own), **random** (the expected regret of a pair drawn uniformly from the probed pairs).
@@ -73,6 +74,9 @@ class Regret:
     n_pairs: int
     n_items: int
     interval: str = "95 % paired bootstrap over the held-out images, percentile"
+    over: str = "probed pairs"
+    """Which pairs are the candidates: ``pairs without a baseline encoder`` (the default when there are 2 or more: the
+    weight-free baselines are controls, not choices) or every ``probed pairs``."""
     rules: list[RuleRegret] = field(default_factory=list)
     sentence: str = ""
     conclusive: bool = True
@@ -80,13 +84,13 @@ class Regret:
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "direction": self.direction, "oracle": list(self.oracle), "oracle_value": self.oracle_value,
-                "n_pairs": self.n_pairs, "n_items": self.n_items, "interval": self.interval, "rules": [r.to_dict() for r in self.rules],
+                "n_pairs": self.n_pairs, "n_items": self.n_items, "interval": self.interval, "over": self.over, "rules": [r.to_dict() for r in self.rules],
                 "sentence": self.sentence, "conclusive": self.conclusive}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Regret:
         return cls(target=d["target"], direction=d["direction"], oracle=(d["oracle"][0], d["oracle"][1]), oracle_value=d["oracle_value"],
-                   n_pairs=d["n_pairs"], n_items=d["n_items"], interval=d.get("interval", ""), rules=[RuleRegret.from_dict(r) for r in d.get("rules", [])],
+                   n_pairs=d["n_pairs"], n_items=d["n_items"], interval=d.get("interval", ""), over=d.get("over", "probed pairs"), rules=[RuleRegret.from_dict(r) for r in d.get("rules", [])],
                    sentence=d.get("sentence", ""), conclusive=d.get("conclusive", True))
 
     def rule(self, name: str) -> RuleRegret | None:
@@ -121,7 +125,8 @@ def rule_pairs(pairs: pd.DataFrame, verdict_pair: tuple[str, str] | None, models
 
 
 def regret_table(pairs: pd.DataFrame, target: str, values: np.ndarray, reps: np.ndarray, choices: dict[str, tuple[tuple[str, str] | None, str]],
-                 *, higher_better: bool = True, n_items: int = 0, conclusive: bool = True, label: str | None = None) -> Regret:
+                 *, higher_better: bool = True, n_items: int = 0, conclusive: bool = True, label: str | None = None,
+                 over: str = "probed pairs") -> Regret:
     """The regret of each rule's pair against the oracle (module docstring).
 
     ``values`` (P,) the target per probed pair (rows of ``pairs``), ``reps`` (R, P) its paired bootstrap replicates,
@@ -151,10 +156,10 @@ def regret_table(pairs: pd.DataFrame, target: str, values: np.ndarray, reps: np.
         rows.append(RuleRegret(rule, RULES[rule], pair, why, float(sign * v[i]), float(v[o] - v[i]), lo, hi, place[i]))
     mean_rep = r[:, o] - np.nanmean(np.where(ok, r, np.nan), axis=1) if r.size else np.array([])
     lo, hi = interval(mean_rep)
-    rows.append(RuleRegret("random", RULES["random"], None, f"mean over the {int(ok.sum())} probed pairs", float(sign * np.nanmean(v[ok])),
+    rows.append(RuleRegret("random", RULES["random"], None, f"mean over the {int(ok.sum())} {over}", float(sign * np.nanmean(v[ok])),
                            float(v[o] - np.nanmean(v[ok])), lo, hi))
     res = Regret(target=target, direction="higher" if higher_better else "lower", oracle=keys[o], oracle_value=float(sign * v[o]),
-                 n_pairs=int(ok.sum()), n_items=n_items, rules=rows, conclusive=conclusive)
+                 n_pairs=int(ok.sum()), n_items=n_items, over=over, rules=rows, conclusive=conclusive)
     res.sentence = sentence(res, label or target)
     return res
 

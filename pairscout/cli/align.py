@@ -237,7 +237,7 @@ def regret_table(res) -> Table:
     lab = readout_label(rg.target)
     worse = "lower" if rg.direction == "higher" else "higher"
     t = Table(title=L(f"had you followed each rule: regret against the best probed pair ({rg.oracle[0]} x {rg.oracle[1]}, {lab} "
-                      f"{rg.oracle_value:.3f}), over {rg.n_pairs} pairs"),
+                      f"{rg.oracle_value:.3f}), over the {rg.n_pairs} {rg.over}"),
               caption=L(f"regret: the oracle's {lab} minus the rule's pair's ({worse} read-out = positive regret); {rg.interval}, "
                         f"{rg.n_items} images" + ("" if rg.conclusive else "; the read-out does not separate the pairs: no evidence either way")))
     for col, just in (("rule", "left"), ("pair", "left"), ("#", "right"), ("read-out", "right"), ("regret [95 %]", "right")):

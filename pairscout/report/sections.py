@@ -276,7 +276,7 @@ def _regret(rg: Any, tlabel: str) -> dict[str, Any] | None:
     df["why"] = [r.why for r in rg.rules]
     return {"sentence": rg.sentence, "table": table(df, cols, sticky=1, keys={"interval": "lo"}, formats={"rank": lambda v: "" if v != v or v is None else f"{int(v)}"},
                                                     wrap=("why",)),
-            "interval": rg.interval, "n_items": rg.n_items, "n_pairs": rg.n_pairs}
+            "interval": rg.interval, "n_items": rg.n_items, "n_pairs": rg.n_pairs, "over": rg.over}
 
 
 def _cannot_tell(res: Any, meta: dict[str, Any]) -> str:
