@@ -161,7 +161,8 @@ def test_probe_prints_tables_that_fit_100_columns_to_a_file(tmp_path, tiny_run):
     """`pairscout probe` with COLUMNS=100 and stderr to a file: every table line fits, full names, the rest in --wide."""
     run, cache = tiny_run
     args = [sys.executable, "-m", "pairscout", "probe", str(run), "--cache-dir", str(cache), "--top-k", "2", "--middle-k", "1",
-            "--bottom-k", "1", "--steps", "10", "--out-dim", "16", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "p")]  # fmt: skip
+            "--bottom-k", "1", "--steps", "10", "--out-dim", "16", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "p"),
+            "--target", "zs_top1"]  # fmt: skip  (a proportion: the table shows its binomial half-width)
     env = {**os.environ, "COLUMNS": "100", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for extra, name in (([], "narrow.txt"), (["--wide"], "wide.txt")):
         with open(tmp_path / name, "w") as f:

@@ -144,7 +144,7 @@ def probe_table(res, wide: bool = False) -> Table:
     tgt = res.meta.get("target", "mean_r1")
     n_items, chance = int(res.meta.get("n_test_items") or 0), res.meta.get("chance")
     caption = "R@1 i2t: image -> its captions; t2i: caption -> its image"
-    if n_items:
+    if n_items and res.meta.get("target_direction", "higher") == "higher":  # a proportion: its binomial half-width
         caption += f"; read-out ± 95 % half-width (binomial, {n_items} held-out images)"
         caption += f", chance {chance:.3f}" if chance is not None and chance == chance else ""
     if not wide:
