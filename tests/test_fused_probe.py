@@ -19,7 +19,7 @@ from pairscout.align.pairdata import PairData, split_pair
 from pairscout.align.probe import ProbeSettings, probe_pairs, verdict
 from pairscout.align.regret import regret_table, rule_pairs
 from pairscout.align.train import TrainConfig, train
-from pairscout.encode.cache import Embeddings
+from pairscout.embeddings.cache import Embeddings
 from pairscout.zoo.spec import EncoderSpec
 
 

@@ -44,6 +44,11 @@ class ProbeSettings:
     class_level: bool = False
     """Train with every caption of the same class as a positive (identical captions always are)."""
 
+    def __post_init__(self) -> None:
+        from pairscout.bounds import check_fields
+
+        check_fields(self)  # every numeric setting against its declared range (pairscout.bounds)
+
     def curve_steps(self) -> list[int]:
         """The steps (1..steps) the held-out loss is read at."""
         return sorted({max(1, min(self.steps, round(f * self.steps))) for f in self.curve})

@@ -132,6 +132,12 @@ def holm(p: torch.Tensor | np.ndarray) -> torch.Tensor:
     return out.reshape(t.shape)
 
 
+P_FLOOR = 1e-12
+"""Smallest p reported. Below it a p-value is the far tail of a fitted law (gamma from exact moments, Pearson III
+from the permutations), an extrapolation no permutation count or moment fit can back (a bare 2.8e-301 from 199
+permutations); p reads ``P_FLOOR`` there and the calibrated score ``z`` says how far above chance the value is."""
+
+
 def _gamma_sf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """P(G >= x) for G ~ Gamma(shape = mean^2 / var, scale = var / mean); 1 where var <= 0 and x <= mean."""
     from scipy import stats
@@ -285,6 +291,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs).cpu() for p in perms])
         mean, sd, p, p_mc = _from_samples(observed, null)
         how = f"{used} Monte-Carlo permutations; p beyond their resolution from a Pearson III tail fitted to them"
+    p = torch.as_tensor(p, dtype=F64).clamp(min=P_FLOOR)  # NaN stays NaN
     with torch.no_grad():
         z = (observed - mean) / sd
         z = torch.where(sd > 0, z, torch.full_like(z, float("nan")))
@@ -299,4 +306,4 @@ def debiased_cka_null_sd(n: int) -> float:
     return math.sqrt(2.0 / (n * (n - 3)))
 
 
-__all__ = ["Calibration", "CKA_METRICS", "NEIGHBOUR_METRICS", "N_PERM", "calibrate", "debiased_cka_null_sd", "holm"]
+__all__ = ["Calibration", "CKA_METRICS", "NEIGHBOUR_METRICS", "N_PERM", "P_FLOOR", "calibrate", "debiased_cka_null_sd", "holm"]
