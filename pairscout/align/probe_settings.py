@@ -19,8 +19,9 @@ class ProbeSettings:
     all_pairs: bool = False
     """Probe every pair of the run (``--pairs all``), whatever the budget."""
     budget: int = 12_600
-    """Pair-steps (pairs x ``steps``) the default selection may spend: 12,600 = the demo's 42 pairs x 300 steps. The pairs
-    train fused (:mod:`pairscout.align.fused`), so this costs less wall time than 10 pairs one by one did."""
+    """Pair-steps (pairs x ``steps``) the default selection may spend: 12,600 = 42 pairs x 300 steps (every pair of a 7 x 6
+    zoo). The pairs train fused (:mod:`pairscout.align.fused`) at ``out_dim`` 128, so this costs less wall time than 10 pairs
+    one by one at 512 did (``benchmarks/results/probe_fused.md``)."""
     steps: int = 300
     """Optimiser steps per pair (the same for every pair)."""
     curve: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
