@@ -5,7 +5,7 @@ else the offline zoo's: vision 1280, 1280, 1280, 2048, 768, 384, 384; text 384, 
 values: the speed does not depend on them), N training images, batch B, linear heads to D, sigmoid loss, AdamW:
 
 * ``one by one``: :func:`pairscout.align.train.train` per pair (today's probe), on ``--one-by-one-pairs`` pairs;
-* ``fused``: :func:`pairscout.align.fused.fused_train` on all P pairs at once;
+* ``fused``: :func:`pairscout.evaluation.fused.fused_train` on all P pairs at once;
 * ``bare products``: only the batched matrix products of one fused step (per input width the forward ``baddbmm`` and
   the weight gradient ``bmm``, the loss's ``bmm`` forward and its two backward ``bmm``), on inputs already stacked;
   ``fraction`` = bare time / fused step time (target: at least 0.5, i.e. the step within 2x of its products).
@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
-from pairscout.align.fused import FusedPair, fused_train  # noqa: E402
-from pairscout.align.probe_settings import ProbeSettings  # noqa: E402
 from pairscout.align.train import TrainConfig, train  # noqa: E402
+from pairscout.evaluation.fused import FusedPair, fused_train  # noqa: E402
+from pairscout.evaluation.result import ProbeSettings  # noqa: E402
 
 VISION = [1280, 1280, 1280, 2048, 768, 384, 384]
 TEXT = [384, 384, 384, 300, 256, 384]

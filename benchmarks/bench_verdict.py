@@ -42,7 +42,7 @@ def _run(args: list[str]) -> float:
 
 
 def one(name: str, data: str, run: Path, steps: int, reuse: bool, reuse_probe: bool = False) -> dict:
-    from pairscout.align.probe_result import ProbeResult
+    from pairscout.evaluation.result import ProbeResult
     from pairscout.ranking import RankResult
 
     rank_s = None

@@ -14,12 +14,12 @@ import torch
 
 from pairscout.align import readouts as R
 from pairscout.align.evaluate import EvalSet, evaluate, project
-from pairscout.align.fused import FusedPair, HeldOut, fused_train, heldout_positives
 from pairscout.align.pairdata import PairData, split_pair
-from pairscout.align.probe import ProbeSettings, probe_pairs, verdict
-from pairscout.align.regret import regret_table, rule_pairs
 from pairscout.align.train import TrainConfig, train
 from pairscout.embeddings.cache import Embeddings
+from pairscout.evaluation.fused import FusedPair, HeldOut, fused_train, heldout_positives
+from pairscout.evaluation.probe import ProbeSettings, probe_pairs, verdict
+from pairscout.evaluation.regret import regret_table, rule_pairs
 from pairscout.zoo.spec import EncoderSpec
 
 
@@ -191,13 +191,13 @@ def test_regret_table_on_a_planted_zoo_with_a_known_oracle():
     assert lossy.oracle == ("v2", "t1") and {r.rule: r.regret for r in lossy.rules} == pytest.approx({r.rule: r.regret for r in rg.rules})
     # without a published score the SAIL rule takes the text encoder's own k-NN accuracy
     assert rule_pairs(pairs, None, models.assign(published_score=np.nan))["sail"][0] == ("v1", "t1")
-    from pairscout.align.regret import Regret
+    from pairscout.evaluation.regret import Regret
 
     assert Regret.from_dict(rg.to_dict()) == rg
 
 
 def test_the_budget_says_which_pairs_and_why():
-    from pairscout.align.probe import choose_pairs
+    from pairscout.evaluation.probe import choose_pairs
 
     ranked = pd.DataFrame({"vision": [f"v{i}" for i in range(20)], "text": [f"t{i}" for i in range(20)], "rank": range(1, 21)})
     every, line = choose_pairs(ranked, ProbeSettings(steps=100, budget=2000))

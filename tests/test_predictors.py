@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pairscout.align import predictors as P
-from pairscout.align.probe_result import ProbeResult
+from pairscout.evaluation import predictors as P
+from pairscout.evaluation.result import ProbeResult
 from pairscout.metrics import registry
 
 
@@ -216,7 +216,7 @@ def test_rank_rows_reads_the_rows_and_layers_rank_compared(monkeypatch):
 def test_one_encoder_scores_are_correlated_over_encoders_not_pairs():
     """9 pairs of 3 vision encoders: a vision-only score has 3 independent values, so it is correlated with each
     encoder's mean read-out (3 points: too few for a p-value), never as 9 points with an overstated p."""
-    from pairscout.align.predictors import correlations
+    from pairscout.evaluation.predictors import correlations
 
     v, t = ["a", "a", "a", "b", "b", "b", "c", "c", "c"], ["x", "y", "z"] * 3
     readout = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]

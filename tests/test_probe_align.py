@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from pairscout.align.evaluate import EvalSet, project
 from pairscout.align.model import AlignedModel, align
 from pairscout.align.pairdata import PairData, split_pair
-from pairscout.align.probe import ProbeResult, ProbeSettings, correlations, probe_pairs, select_pairs
 from pairscout.align.train import TrainConfig
 from pairscout.cli import app
 from pairscout.embeddings.cache import Embeddings
+from pairscout.evaluation.probe import ProbeResult, ProbeSettings, correlations, probe_pairs, select_pairs
 from pairscout.zoo.spec import EncoderSpec
 
 runner = CliRunner()
@@ -232,14 +232,14 @@ def test_align_says_when_the_short_probe_beat_it(tmp_path):
     the binomial noise, or without a probe, nothing is said."""
     from types import SimpleNamespace as S
 
-    from pairscout.align.probe_result import ProbeResult
-    from pairscout.cli.align import _against_probe
+    from pairscout.cli.align import against_probe_line
+    from pairscout.evaluation.result import ProbeResult
 
     pairs = pd.DataFrame({"vision": ["v"], "text": ["t"], "zs_top1": [0.70]})
     ProbeResult(pairs=pairs, correlations=pd.DataFrame(), meta={"target": "zs_top1", "n_test_items": 400,
                                                                  "settings": {"steps": 300}}).save(tmp_path)
     res = S(model=S(vision_spec=S(name="v"), text_spec=S(name="t")), metrics={"zs_top1": 0.60})
-    line = _against_probe(tmp_path, res)
+    line = against_probe_line(tmp_path, res)
     assert line.startswith("note: the probe's linear heads (300 steps) read 0.700 zs_top1") and "0.600" in line
-    assert _against_probe(tmp_path, S(model=res.model, metrics={"zs_top1": 0.68})) == ""  # within the noise
-    assert _against_probe(tmp_path / "none", res) == ""
+    assert against_probe_line(tmp_path, S(model=res.model, metrics={"zs_top1": 0.68})) == ""  # within the noise
+    assert against_probe_line(tmp_path / "none", res) == ""

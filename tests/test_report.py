@@ -295,7 +295,7 @@ def test_forest_plot_orders_predictors_and_marks_the_corrected_ones():
     import pandas as pd
 
     from pairscout import plots
-    from pairscout.align.predictors import correlations
+    from pairscout.evaluation.predictors import correlations
 
     df = pd.DataFrame({"mean_r1": range(8), "cka_linear": range(8), "svcca": [0, 2, 1, 3, 5, 4, 7, 6], "rsa": [3, 1, 4, 1, 5, 9, 2, 6]})
     corr = correlations(df, ["rsa", "svcca", "cka_linear"])

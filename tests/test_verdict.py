@@ -200,8 +200,8 @@ def test_class_aware_retrieval_and_chance_known_answer():
 
 
 def test_choose_readout_labels_absent_present_and_override():
-    from pairscout.align.probe import choose_readout
     from pairscout.data import load_dataset
+    from pairscout.evaluation.probe import choose_readout
 
     ds = load_dataset("generated:n=20,seed=0,size=16")
     assert choose_readout(ds).target == "zs_top1" and choose_readout(ds).zero_shot

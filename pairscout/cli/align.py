@@ -1,7 +1,7 @@
 """``pairscout probe``, ``pairscout align`` and ``pairscout zero-shot``.
 
-They parse, call the core (:mod:`pairscout.align.probe`, :mod:`pairscout.align.model`) and print. Defaults
-come from :class:`~pairscout.align.probe_settings.ProbeSettings` and :class:`~pairscout.align.train_config.TrainConfig`.
+They parse, call the core (:mod:`pairscout.evaluation.probe`, :mod:`pairscout.align.model`) and print. Defaults
+come from :class:`~pairscout.evaluation.result.ProbeSettings` and :class:`~pairscout.align.train_config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from typing import Annotated
 
 import typer
 
-from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
 from pairscout.cli import _ui as ui
-from pairscout.cli._align_lines import _against_probe, _which_pair  # noqa: F401 - _against_probe: tests import it here
 from pairscout.cli._options import (
     CacheOpt,
     CaptionColOpt,
@@ -33,6 +31,7 @@ from pairscout.cli._options import (
 )
 from pairscout.cli._ui import Table, num
 from pairscout.cli._ui import literal as L
+from pairscout.evaluation.result import ProbeSettings
 
 PROBE = ProbeSettings()
 TRAIN = TrainConfig()
@@ -85,9 +84,9 @@ def probe(
 ) -> None:
     """Short linear probes on the top, middle and bottom pairs of a ranking: did the metrics predict alignment?"""
     ui.setup_logging(verbose)
-    from pairscout.align.probe import probe as run_probe
-    from pairscout.align.probe import verdict
     from pairscout.errors import PairscoutError
+    from pairscout.evaluation.probe import probe as run_probe
+    from pairscout.evaluation.probe import verdict
 
     with ui.user_errors():
         run = pick_run(run, run_alias)
@@ -144,8 +143,7 @@ def probe_table(res, wide: bool = False) -> Table:
     """Rank, full model names, the primary measure ± its interval, the read-out and R@1 both ways (fits 100
     columns for names up to ~25 characters; longer names fold, never cut); with ``wide`` every measure of the rank run,
     the group, R@5, the final loss and the time (the measures the probe computed are in ``probe.csv``)."""
-    from pairscout.align.predictors import readout_label
-    from pairscout.metrics.registry import MEASURES, label
+    from pairscout.metrics.registry import MEASURES, label, readout_label
 
     primary = res.meta.get("primary") or next((m for m in res.metrics if m in MEASURES), None)
     ranked = res.meta.get("measures_from_rank") or [m for m in res.metrics if m in MEASURES]
@@ -203,7 +201,7 @@ def _p(x) -> str:
 def corr_table(res, wide: bool = False) -> Table:
     """Which measure predicts the probe: every predictor, sorted by Holm-corrected strength (fits 100 columns);
     with ``wide`` the kind, who computed it, and the uncorrected and Kendall p-values too."""
-    from pairscout.align.predictors import readout_label
+    from pairscout.metrics.registry import readout_label
 
     tgt = res.meta.get("target", "mean_r1")
     fam = res.meta.get("family_size")
@@ -240,7 +238,7 @@ def corr_table(res, wide: bool = False) -> Table:
 def regret_table(res) -> Table:
     """The verdict's regret against the rules researchers use: oracle pair, each rule's pair, its read-out and regret
     with the paired bootstrap interval (fits 100 columns)."""
-    from pairscout.align.predictors import readout_label
+    from pairscout.metrics.registry import readout_label
 
     rg = res.regret
     lab = readout_label(rg.target)
@@ -325,7 +323,7 @@ def align(
         if run is not None:
             from pairscout.runs import STORE
 
-            line = _which_pair(STORE.rank(run), run, chosen)
+            line = which_pair_line(STORE.rank(run), run, chosen)
             if line:
                 ui.say(line)
         if out_dir is None and run is not None:
@@ -342,7 +340,7 @@ def align(
                             command=ui.command_line())  # fmt: skip
         ui.err.print(_align_table(res))
         if run is not None:
-            line = _against_probe(run, res)
+            line = against_probe_line(run, res)
             if line:
                 ui.say(line)
         if res.out is not None:
@@ -406,3 +404,55 @@ def zero_shot(
         ui.err.print(t)
         if as_json:
             ui.print_json([{"image": str(f), "top": [{"class": c, "p": p} for c, p in top]} for f, top in zip(files, pred.top, strict=True)])
+
+
+# --- the lines align says beside its table: which pair it trains and why, and how it compares with the run's probe
+def which_pair_line(rank, run: Path, chosen: tuple[str, str] | None) -> str:
+    """One line on the pair align trains and why: the verdict's full reason was printed by rank (and is in the
+    report), so repeating it here buried the one thing align adds, which pair; ties and a verdict no better than
+    chance stay visible because they are reasons not to trust the choice."""
+    verdict = rank.verdict.to_dict() if rank.verdict is not None else None  # the latest revision
+    if chosen is not None and tuple(chosen) not in set(zip(rank.pairs["vision"], rank.pairs["text"], strict=True)):
+        return ""  # not a pair of the run: align's own one-line error follows, nothing is aligned
+    if chosen is not None:
+        line = f"aligning {chosen[0]} x {chosen[1]} (--pair)"
+        if verdict and tuple(verdict["pair"]) != chosen:
+            line += f"; the verdict of {run} is {verdict['pair'][0]} x {verdict['pair'][1]}"
+        return line
+    if not verdict:
+        v, t = rank.best()
+        return f"aligning the best-ranked pair {v} x {t} ({run} has no verdict)"
+    v, t = verdict["pair"]
+    why = "the probe's best of the pairs the metrics tied" if verdict.get("source") == "probe" else "ranked first"
+    if verdict.get("above_chance") is False:
+        why += ", but no better than shuffled pairings"
+    n = len(verdict.get("tied", []))
+    if n:
+        others = f"{n} other pair{'s' if n > 1 else ''}"
+        why += f"; still tied with {others} after the probe" if len(rank.revisions) > 1 else f"; tied with {others} (`pairscout probe {run}` can separate them)"
+    return f"aligning the verdict's pair {v} x {t} of {run}: {why}"
+
+
+def against_probe_line(run: Path, res) -> str:
+    """One line when the run's probe read this pair clearly higher than the aligned model does (a real head
+    should not lose to the short linear probe; when it does, the budget or the head is the first suspect)."""
+    from pairscout.evaluation.result import ProbeResult
+    from pairscout.ranking.verdict import binomial_se
+
+    try:
+        probe = ProbeResult.load(run)
+    except Exception:  # noqa: BLE001 - no probe in the run: nothing to compare with
+        return ""
+    target, n_items = probe.meta.get("target"), int(probe.meta.get("n_test_items") or 0)
+    v, t = res.model.vision_spec.name, res.model.text_spec.name
+    row = probe.pairs[(probe.pairs["vision"] == v) & (probe.pairs["text"] == t)]
+    mine = res.metrics.get(target)
+    if row.empty or mine is None or not n_items or target not in row:
+        return ""
+    theirs = float(row[target].iloc[0])
+    se = (binomial_se(theirs, n_items) ** 2 + binomial_se(float(mine), n_items) ** 2) ** 0.5
+    if theirs - float(mine) <= 2 * se:
+        return ""
+    steps = probe.meta.get("settings", {}).get("steps")
+    return (f"note: the probe's linear heads ({steps} steps) read {theirs:.3f} {target} on this pair, clearly above this "
+            f"model's {float(mine):.3f}: more --steps, or --head linear, may align it better")

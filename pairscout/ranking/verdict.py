@@ -274,7 +274,7 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
     says which were separated and which were not.
     """
     if label is None:
-        from pairscout.align.predictors import readout_label
+        from pairscout.metrics.registry import readout_label
 
         label = readout_label(target)
     group = [verdict.pair, *verdict.tied]

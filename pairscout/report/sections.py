@@ -38,7 +38,7 @@ class RunFiles:
     rank: Any = None
     """A :class:`~pairscout.ranking.RankResult`."""
     probe: Any = None
-    """A :class:`~pairscout.align.probe_result.ProbeResult`."""
+    """A :class:`~pairscout.evaluation.result.ProbeResult`."""
     train_log: dict[str, Any] | None = None
     model_config: dict[str, Any] | None = None
     label: str = ""
@@ -163,7 +163,7 @@ def rank_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
 # --- probe -----------------------------------------------------------------------------------------------------------
 def _corr_display(corr: pd.DataFrame) -> pd.DataFrame:
     """The correlation table with labels and kinds filled in (probe runs made before they were saved lack them)."""
-    from pairscout.align import predictors as P
+    from pairscout.evaluation import predictors as P
 
     d = corr.copy()
     info = pd.DataFrame([P.describe(m) for m in d["metric"]], index=d.index)
@@ -199,7 +199,7 @@ def _highlights(pairs: pd.DataFrame, verdict: dict[str, Any], target: str) -> tu
 def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     """Which measure predicts the probe: the sorted table, a forest plot of every rho, scatter plots of the primary
     measure, the strongest predictor and the encoders' own k-NN accuracy, and the probed pairs."""
-    from pairscout.align.predictors import readout_label
+    from pairscout.metrics.registry import readout_label
 
     res = run.probe
     meta = res.meta
@@ -265,7 +265,7 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
 
 
 def _regret(rg: Any, tlabel: str) -> dict[str, Any] | None:
-    """The regret table of a probe (:class:`~pairscout.align.regret.Regret`) as a small sortable table and its sentence."""
+    """The regret table of a probe (:class:`~pairscout.evaluation.regret.Regret`) as a small sortable table and its sentence."""
     if rg is None:
         return None
     df = pd.DataFrame([{"rule": r.label, "pair": f"{r.pair[0]} × {r.pair[1]}" if r.pair else r.why, "rank": r.rank, "value": r.value,
@@ -284,7 +284,7 @@ def _cannot_tell(res: Any, meta: dict[str, Any]) -> str:
     choice = res.target_choice
     if choice is None or choice.separated:
         return ""
-    from pairscout.align.readouts import cannot_tell
+    from pairscout.evaluation.readouts import cannot_tell
 
     return cannot_tell(choice, int(meta.get("n_test_items") or 0), meta.get("separation_over", "non-baseline pairs"))
 

@@ -2,16 +2,16 @@
 
 :func:`probe` trains a short linear probe (one linear layer per side, sigmoid loss, the same budget for every pair) on
 the train part of the run's dataset for as many pairs as the budget allows (every pair of the demo; ``--pairs all``:
-every pair), all of them in one fused pass (:mod:`pairscout.align.fused`), and reads on the held-out part (the
-dataset's fixed-seed, label-stratified split) every read-out of :data:`pairscout.align.readouts.READOUTS`: zero-shot
+every pair), all of them in one fused pass (:mod:`pairscout.evaluation.fused`), and reads on the held-out part (the
+dataset's fixed-seed, label-stratified split) every read-out of :data:`pairscout.evaluation.readouts.READOUTS`: zero-shot
 top-1 / top-5 and class-aware mAP and R@1 (labels), instance R@1/5/10 both ways, the held-out sigmoid loss, and the
 held-out loss at a few fixed steps with the area under that curve. The target is the read-out that separates the
-non-baseline pairs most clearly against its own sampling noise (:func:`pairscout.align.readouts.choose_target`; the F
+non-baseline pairs most clearly against its own sampling noise (:func:`pairscout.evaluation.readouts.choose_target`; the F
 statistic and its p for every read-out are recorded). Then it asks which measure predicts the target: every registered
 measure (those the rank run left out computed here for the probed pairs) and every unimodal score is correlated with it
 across the probed pairs, with and without the baseline pairs, Spearman and Kendall with p-values, an interval of rho and
-Holm's correction across the predictors (:mod:`pairscout.align.predictors`). Last, the regret table
-(:mod:`pairscout.align.regret`): the oracle pair and the regret of pairscout's verdict, freeze-align's and SAIL's rules
+Holm's correction across the predictors (:mod:`pairscout.evaluation.predictors`). Last, the regret table
+(:mod:`pairscout.evaluation.regret`): the oracle pair and the regret of pairscout's verdict, freeze-align's and SAIL's rules
 and a random pair, with paired bootstrap intervals. When no read-out separates the pairs, it says so in one line and
 reports no correlation as evidence either way.
 
@@ -22,7 +22,7 @@ rounding; rank 0 alone writes the files and the revisited verdict.
 Files (``out``, by default the rank run's folder): ``probe.json`` (settings, target choice, correlations, regret, pairs),
 ``probe.csv`` / ``probe.parquet`` (one row per probed pair), ``probe_correlations.csv`` / ``.parquet`` and
 ``probe_correlations_without_baselines.csv`` / ``.parquet``. :meth:`ProbeResult.load` reads them back
-(:mod:`pairscout.align.probe_result`).
+(:mod:`pairscout.evaluation.result`).
 
 Example:
     >>> res = probe("runs/demo")   # doctest: +SKIP
@@ -43,14 +43,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pairscout.align import predictors as P
 from pairscout.align.pairdata import PairData, PairSource, pair_data, source_from_rank
-from pairscout.align.predictors import correlations
-from pairscout.align.probe_result import CORR_TABLE, PROBE_JSON, PROBE_TABLE, ProbeResult
-from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train import train
 from pairscout.distributed import is_main
 from pairscout.errors import PairscoutError
+from pairscout.evaluation import predictors as P
+from pairscout.evaluation.predictors import correlations
+from pairscout.evaluation.result import CORR_TABLE, PROBE_JSON, PROBE_TABLE, ProbeResult, ProbeSettings
+from pairscout.metrics import registry
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +166,16 @@ def probe_pairs(
     correlate.
 
     ``load(vision, text)`` returns the pair's :class:`PairData`. This is the core of :func:`probe`, usable on
-    embeddings that never went through a rank run. All pairs train in one fused pass (:mod:`pairscout.align.fused`;
-    under ``torchrun`` one by one, data-parallel). Every read-out of :data:`pairscout.align.readouts.READOUTS` the data
+    embeddings that never went through a rank run. All pairs train in one fused pass (:mod:`pairscout.evaluation.fused`;
+    under ``torchrun`` one by one, data-parallel). Every read-out of :data:`pairscout.evaluation.readouts.READOUTS` the data
     allows is recorded per pair; the target is the read-out that separates the non-baseline pairs most clearly
-    against its own noise (:func:`pairscout.align.readouts.choose_target`; ``settings.target`` overrides, ``readout``
+    against its own noise (:func:`pairscout.evaluation.readouts.choose_target`; ``settings.target`` overrides, ``readout``
     gives the fallback). When nothing separates them, or a proportion target's best pair is not clearly above chance
     (two binomial standard errors), no correlation is computed. ``models`` (the rank run's models table) and
-    ``verdict_pair`` feed the regret table (:mod:`pairscout.align.regret`).
+    ``verdict_pair`` feed the regret table (:mod:`pairscout.evaluation.regret`).
     """
     from pairscout.align import readouts as R
-    from pairscout.align.regret import regret_table, rule_pairs
+    from pairscout.evaluation.regret import regret_table, rule_pairs
     from pairscout.ranking.verdict import binomial_se
 
     settings = settings or ProbeSettings()
@@ -245,7 +245,7 @@ def probe_pairs(
         values, reps = boot[target]
         sub = pairs[cand].reset_index(drop=True)
         regret = regret_table(sub, target, values[cand], reps[:, cand], rule_pairs(sub, verdict_pair, models),
-                              higher_better=R.direction(target) > 0, n_items=n_items, conclusive=evidence, label=P.readout_label(target),
+                              higher_better=R.direction(target) > 0, n_items=n_items, conclusive=evidence, label=registry.readout_label(target),
                               over="pairs without a baseline encoder" if not cand.all() else "probed pairs")  # fmt: skip
     meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
             "target": target, "target_why": choice.why if not choice.overridden else f"{choice.why}; {readout.why}",
@@ -267,7 +267,7 @@ def _fused_ok() -> bool:
 def _train_all(datas: Sequence[PairData], keys: Sequence[tuple[str, str]], cfg: Any, settings: ProbeSettings,
                progress: ProgressFn | None) -> list[Any]:
     """Every pair's heads, loss and held-out loss curve: one fused pass (under ``torchrun``: one by one, data-parallel)."""
-    from pairscout.align.fused import FusedPair, FusedResult, HeldOut, fused_train, heldout_positives
+    from pairscout.evaluation.fused import FusedPair, FusedResult, HeldOut, fused_train, heldout_positives
 
     steps = settings.curve_steps()
     if _fused_ok():
@@ -287,10 +287,10 @@ def _train_all(datas: Sequence[PairData], keys: Sequence[tuple[str, str]], cfg: 
 
 def _read_out(data: PairData, tr: Any, settings: ProbeSettings) -> tuple[dict[str, float], dict[str, Any]]:
     """A trained pair's read-outs (``evaluate``'s, plus class-aware mAP, the held-out loss and its curve) and their
-    per-image contributions (:func:`pairscout.align.readouts.item_contributions`)."""
+    per-image contributions (:func:`pairscout.evaluation.readouts.item_contributions`)."""
     from pairscout.align import readouts as R
     from pairscout.align.evaluate import class_embeddings, evaluate, project
-    from pairscout.align.fused import heldout_positives
+    from pairscout.evaluation.fused import heldout_positives
 
     ev = data.eval
     got = dict(evaluate(tr.vision_head, tr.text_head, ev))
@@ -404,7 +404,7 @@ def probe(
             d.eval.class_prompts = prompts[key]
         return d
 
-    here = [m for m in P.registry.MEASURES if m not in src.rank.metrics]
+    here = [m for m in registry.MEASURES if m not in src.rank.metrics]
     own = src.rank.rank_verdict  # pairscout's own verdict (rank's, before any probe revisited it)
     vpair = tuple(own.pair) if own is not None else (str(ranked["vision"].iloc[0]), str(ranked["text"].iloc[0]))
     result = probe_pairs(chosen, load, P.predictor_columns(chosen), settings, progress, readout, computed_here=here,
@@ -442,7 +442,7 @@ def _update_verdict(src: PairSource, result: ProbeResult, where: Path | None) ->
     old = src.rank.rank_verdict if src.rank is not None else None
     if old is None:
         return None
-    from pairscout.align.predictors import readout_label
+    from pairscout.metrics.registry import readout_label
     from pairscout.ranking.verdict import PROBE_ADVICE
 
     before = " ".join(old.reason.replace(PROBE_ADVICE, "").split())  # the advice to probe is done
@@ -482,7 +482,7 @@ def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None,
 
     meta = meta or {}
     if meta.get("separated") is False:
-        from pairscout.align.readouts import TargetChoice, cannot_tell
+        from pairscout.evaluation.readouts import TargetChoice, cannot_tell
 
         return cannot_tell(TargetChoice.from_dict(meta["target_choice"]), int(meta.get("n_test_items") or 0),
                            meta.get("separation_over", "non-baseline pairs"))

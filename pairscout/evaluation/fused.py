@@ -11,7 +11,7 @@ element, so the stacked optimiser steps each pair exactly as its own optimiser w
 pairs one by one up to float rounding (``tests/test_fused_probe.py``).
 
 Along the way the held-out sigmoid loss of every pair is read at a few fixed steps (``curve_steps``) as per-image
-contributions (:func:`pairscout.align.readouts.heldout_loss_items`): the learning curve and its area.
+contributions (:func:`pairscout.evaluation.readouts.heldout_loss_items`): the learning curve and its area.
 
 Example:
     >>> import torch
@@ -317,7 +317,7 @@ def _sigmoid_losses(zi: Tensor, zt: Tensor, logit_scale: Tensor, logit_bias: Ten
 def _heldout_curve(pairs: Sequence[FusedPair], vision: _Side, text: _Side, logit_scale: Tensor, logit_bias: Tensor,
                    device: torch.device) -> dict[int, Tensor]:
     """Per pair with held-out data: (n,) per-image contributions to its held-out sigmoid loss now."""
-    from pairscout.align.readouts import heldout_loss_items
+    from pairscout.evaluation.readouts import heldout_loss_items
 
     have = [p for p, pr in enumerate(pairs) if pr.heldout is not None]
     if not have:

@@ -6,7 +6,7 @@ For the probe's target (oriented so that higher is better: a loss is negated), o
 - **oracle**: the pair with the best read-out;
 - **regret** of a rule's pair = oracle's read-out minus the pair's (0: the rule found the best pair), with a 95 %
   **paired bootstrap interval** over the held-out images (the same resampling for both pairs,
-  :mod:`pairscout.align.readouts`; percentile interval);
+  :mod:`pairscout.evaluation.readouts`; percentile interval);
 - the candidates are the pairs without a weight-free baseline encoder (``Regret.over``; every probed pair when fewer
 than two are left): the baselines are controls, not choices. The rules (:func:`rule_pairs`): **pairscout** (the rank run's verdict), **freeze-align** (the pair with the highest
   biased linear CKA, ``cka_linear``), **SAIL** (the vision encoder with the best k-NN accuracy with the text encoder

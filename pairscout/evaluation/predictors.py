@@ -45,19 +45,6 @@ CORRECTION = ("Holm step-down across the predictors compared (pairscout.metrics.
               "95 % interval of Spearman rho: Fisher z with the Bonett-Wright standard error")  # fmt: skip
 
 
-READOUT_LABELS = {
-    "zs_top1": "zero-shot top-1", "zs_top5": "zero-shot top-5", "class_mean_r1": "class-aware R@1", "class_mean_r5": "class-aware R@5",
-    "mean_r1": "R@1 (mean of both directions)", "mean_r5": "R@5 (mean)", "mean_r10": "R@10 (mean)",
-    "class_map": "class-aware mAP", "heldout_loss": "held-out sigmoid loss", "loss_auc": "held-out loss curve area",
-}  # fmt: skip
-"""Human names of the probe's read-outs (:data:`pairscout.align.probe.TARGETS`)."""
-
-
-def readout_label(target: str) -> str:
-    """``"zero-shot top-1"`` for ``zs_top1``; the name itself when unknown."""
-    return READOUT_LABELS.get(target, registry.label(target))
-
-
 def describe(name: str) -> dict[str, str]:
     """Label, kind and direction of a predictor column (a measure, ``<side>_<unimodal column>``, ``score``)."""
     if name in registry.MEASURES:
