@@ -10,14 +10,14 @@ The Python API mirrors the CLI::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from pairscout.version import __version__
 
-__all__ = ["RankResult", "RankSettings", "rank"]
+__all__ = ["RankResult", "RankSettings", "rank", "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy: `import pairscout` stays cheap (the CLI's --help does not import torch models).
-    if name in __all__:
+    if name in ("RankResult", "RankSettings", "rank"):
         from pairscout import ranking
 
         return getattr(ranking, name)

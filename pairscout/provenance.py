@@ -15,7 +15,7 @@ PACKAGES = ("torch", "timm", "transformers", "sentence-transformers", "numpy", "
 
 def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     """``{"pairscout": ..., package: version}`` for the installed ``packages`` (missing ones left out)."""
-    from pairscout import __version__
+    from pairscout.version import __version__
 
     out = {"pairscout": __version__}
     for pkg in packages:

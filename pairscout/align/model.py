@@ -282,9 +282,9 @@ class AlignResult:
 
 def default_out(run: str | Path, pair: tuple[str, str] | None = None) -> Path:
     """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best)."""
-    from pairscout.ranking import RankResult
+    from pairscout.runs import STORE
 
-    v, t = pair or RankResult.load(run).recommended()[0]
+    v, t = pair or STORE.rank(run).recommended()[0]
     return Path(run) / "align" / f"{v}__{t}"
 
 

@@ -88,11 +88,12 @@ def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None
     """
     from pairscout.data import load_dataset
     from pairscout.ranking import RankResult
+    from pairscout.runs import STORE
 
     run_dir = None
     if not isinstance(run, RankResult):
         run_dir = Path(run)
-        run = RankResult.load(run_dir)
+        run = STORE.rank(run_dir)
     settings = run.meta["settings"]
     specs = [EncoderSpec.from_dict(d, where="rank.json") for z in ("vision_zoo", "text_zoo") for d in settings[z]["encoders"]]
     expected = settings["dataset_fingerprint"]
@@ -132,8 +133,10 @@ def source_from_zoos(vision_zoo: Any, text_zoo: Any, data: Any, *, n: int | None
 def load_embeddings(src: PairSource, spec: EncoderSpec, *, tokens: bool = False, partner: EncoderSpec | None = None) -> Embeddings:
     """A model's cached embeddings of the source's dataset (fp32 entry first, then bf16)."""
     fp = src.dataset.fingerprint
+    from pairscout.runs import STORE
+
     for precision in ("fp32", "bf16"):
-        hit = src.cache.load(spec, fp, precision=precision, tokens=tokens)
+        hit = STORE.embeddings(src.cache, spec, fp, precision=precision, tokens=tokens)  # read once per process
         if hit is not None:
             return hit
     if src.encode_missing:

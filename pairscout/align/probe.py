@@ -24,12 +24,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -271,33 +270,32 @@ def probe(
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })  # fmt: skip
-    result.meta["verdict"] = _update_verdict(src, result)
     target = out if out is not None else src.run_dir
+    result.meta["verdict"] = _update_verdict(src, result, None if target is None else Path(target))
     if target is not None and is_main():  # under torchrun every rank probed the same pairs data-parallel; rank 0 writes
         result.save(target)
         result.meta["out"] = str(target)
     return result
 
 
-def _update_verdict(src: PairSource, result: ProbeResult) -> dict[str, Any] | None:
-    """The rank run's verdict revisited with the probe's read-out; written back into the run's ``rank.json``."""
-    from pairscout._io import atomic_write_text
-    from pairscout.ranking.result import META
-    from pairscout.ranking.verdict import Verdict, update_from_probe
+def _update_verdict(src: PairSource, result: ProbeResult, where: Path | None) -> dict[str, Any] | None:
+    """The rank run's verdict revisited with the probe's read-out, kept as a revision by the run store
+    (:mod:`pairscout.runs`): the probe never edits the rank run's ``rank.json``."""
+    from pairscout.ranking.verdict import update_from_probe
+    from pairscout.runs import STORE
 
-    meta = src.rank.meta
-    old = meta.get("verdict_rank") or meta.get("verdict")
-    if not old:
+    old = src.rank.rank_verdict if src.rank is not None else None
+    if old is None:
         return None
     if not result.meta.get("above_chance"):
-        v = Verdict.from_dict(old)
-        v.reason += (f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {result.meta['target']}, "
-                     f"not clearly above chance ({result.meta.get('chance', float('nan')):.3f}): it cannot revisit the verdict.")
+        v = replace(old, reason=old.reason + (
+            f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {result.meta['target']}, "
+            f"not clearly above chance ({result.meta.get('chance', float('nan')):.3f}): it cannot revisit the verdict."))
     else:
-        v = update_from_probe(Verdict.from_dict(old), result.pairs, result.meta["target"], int(result.meta["n_test_items"]))
-    meta["verdict_rank"], meta["verdict"] = old, v.to_dict()
-    if src.run_dir is not None and (src.run_dir / META).is_file() and is_main():
-        atomic_write_text(src.run_dir / META, json.dumps(meta, indent=2, default=str) + "\n")
+        v = update_from_probe(old, result.pairs, result.meta["target"], int(result.meta["n_test_items"]))
+    result.meta["rank_run_id"] = src.rank.run_id
+    if src.run_dir is not None and (src.run_dir / "rank.json").is_file() and is_main():
+        STORE.revise_verdict(src.run_dir, v, by="probe", where=where or src.run_dir)
     return v.to_dict()
 
 

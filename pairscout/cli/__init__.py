@@ -15,12 +15,12 @@ from typing import Annotated
 
 import typer
 
-from pairscout import __version__
 from pairscout.cli import _ui as ui
 from pairscout.cli import align as _align
 from pairscout.cli import data as _data
 from pairscout.cli import rank as _rank
 from pairscout.errors import PairscoutError
+from pairscout.version import __version__
 
 __all__ = ["app", "main"]
 

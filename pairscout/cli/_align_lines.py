@@ -10,7 +10,7 @@ def _which_pair(rank, run: Path, chosen: tuple[str, str] | None) -> str:
     """One line on the pair align trains and why: the verdict's full reason was printed by rank (and is in the
     report), so repeating it here buried the one thing align adds, which pair; ties and a verdict no better than
     chance stay visible because they are reasons not to trust the choice."""
-    verdict = rank.meta.get("verdict")
+    verdict = rank.verdict.to_dict() if rank.verdict is not None else None  # the latest revision
     if chosen is not None and tuple(chosen) not in set(zip(rank.pairs["vision"], rank.pairs["text"], strict=True)):
         return ""  # not a pair of the run: align's own one-line error follows, nothing is aligned
     if chosen is not None:
@@ -28,7 +28,7 @@ def _which_pair(rank, run: Path, chosen: tuple[str, str] | None) -> str:
     n = len(verdict.get("tied", []))
     if n:
         others = f"{n} other pair{'s' if n > 1 else ''}"
-        why += f"; still tied with {others} after the probe" if "verdict_rank" in rank.meta else f"; tied with {others} (`pairscout probe {run}` can separate them)"
+        why += f"; still tied with {others} after the probe" if len(rank.revisions) > 1 else f"; tied with {others} (`pairscout probe {run}` can separate them)"
     return f"aligning the verdict's pair {v} x {t} of {run}: {why}"
 
 

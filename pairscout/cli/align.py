@@ -275,9 +275,9 @@ def align(
                              warmup=warmup, grad_clip=grad_clip or None, captions=captions, seed=seed, device=device or TRAIN.device,
                              eval_every=eval_every, checkpoint_every=checkpoint_every)  # fmt: skip
         if run is not None:
-            from pairscout.ranking import RankResult
+            from pairscout.runs import STORE
 
-            line = _which_pair(RankResult.load(run), run, chosen)
+            line = _which_pair(STORE.rank(run), run, chosen)
             if line:
                 ui.say(line)
         if out_dir is None and run is not None:

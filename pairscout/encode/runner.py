@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-import pairscout
 from pairscout import distributed
 from pairscout.encode.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, EmbeddingError, PairscoutError, ZooError
 from pairscout.runtime import default_workers, pick_device  # noqa: F401 - re-exported
+from pairscout.version import __version__
 from pairscout.zoo.spec import EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def encode(
         "device": str(device),
         "tokens": tok,
         "encode_seconds": round(time.perf_counter() - t0, 3),
-        "pairscout_version": pairscout.__version__,
+        "pairscout_version": __version__,
         "torch_version": torch.__version__,
     }
     layers = {k[len(LAYER_PREFIX):]: v for k, v in merged.items() if k.startswith(LAYER_PREFIX)} or None

@@ -105,8 +105,10 @@ def rank(
         "dataset_fingerprint": ds.fingerprint,
         "n": n_rows,
     }
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise PairscoutError(f"--out {out} is an existing file, not a folder.", fix="pass a folder path for the results.")
+    if out is not None:
+        from pairscout.runs import check_replaceable
+
+        check_replaceable(out)  # before any work: a file, or a folder of someone's files, is never replaced
     if out is not None and not force:
         diff = settings_conflict(Path(out), run_settings)
         if diff is not None:
@@ -223,10 +225,14 @@ def rank(
         },
     )
     if out is not None and distributed.is_main():  # under torchrun every process ranks, rank 0 writes
-        result.save(out)
-        if plots:
-            result.meta["plots"] = [str(p.relative_to(out)) for p in write_plots(result, Path(out), progress=progress)]
-            result.save(out)
+        from pairscout.runs import replace_folder
+
+        # the run is built beside ``out`` and swapped in whole: no file of an older run (a probe of it, old
+        # plots) survives, and a failed write leaves the old run as it was
+        with replace_folder(out) as staging:
+            if plots:
+                result.meta["plots"] = [str(p.relative_to(staging)) for p in write_plots(result, staging, progress=progress)]
+            result.save(staging)
     return result
 
 

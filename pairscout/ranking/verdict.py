@@ -32,11 +32,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: the Verdict record is read torch-free (report, CLI)
+    import torch
 
 DUPLICATE_CKA = 0.99
 """Linear CKA (biased) between two encoders of one modality at or above which they count as near-duplicates."""
@@ -112,6 +114,8 @@ def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPL
     under torch.distributed; the screen rows are gathered (at most ``screen_rows`` per model) and the full check
     is the sharded linear CKA (:mod:`pairscout.metrics.sharded`).
     """
+    import torch
+
     from pairscout.metrics import all_pairs_cka
 
     names = list(embeddings)

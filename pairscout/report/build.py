@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import pairscout
 from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
 from pairscout.report.sections import RunFiles, align_section, probe_section, rank_section
+from pairscout.version import __version__
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RunFiles", "build_report", "collect", "run_labels"]
 
@@ -52,8 +55,7 @@ def run_labels(paths: list[Path]) -> list[str]:
 
 def collect(paths: list[str | Path]) -> list[RunFiles]:
     """Find the result files in each folder (a folder may hold a rank run, a probe and an alignment)."""
-    from pairscout.align.probe_result import PROBE_JSON, ProbeResult
-    from pairscout.ranking.result import RankResult
+    from pairscout.runs import STORE
 
     folders = [Path(p) for p in paths]
     for p in folders:
@@ -63,9 +65,13 @@ def collect(paths: list[str | Path]) -> list[RunFiles]:
     for p, lbl in zip(folders, run_labels(folders), strict=True):
         run = RunFiles(p, label=lbl)
         if (p / "rank.json").is_file():
-            run.rank = RankResult.load(p)
-        if (p / PROBE_JSON).is_file():
-            run.probe = ProbeResult.load(p)
+            run.rank = STORE.rank(p)
+        run.probe = STORE.probe(p)
+        bound = run.probe.meta.get("rank_run_id") if run.probe is not None else None
+        if bound and run.rank is not None and run.rank.run_id and bound != run.rank.run_id:
+            log.warning("%s: its probe.json probed another rank run (%s, not %s); the report leaves it out. Fix: "
+                        "`pairscout probe %s` again.", p, bound[:8], run.rank.run_id[:8], p)  # fmt: skip
+            run.probe = None
         for sub in (p, p / "train", p / "model"):
             if (sub / "train_log.json").is_file() and run.train_log is None:
                 run.train_log = _read_json(sub / "train_log.json")
@@ -105,7 +111,7 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
         probes=probes,
         aligns=aligns,
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        version=pairscout.__version__,
+        version=__version__,
         sources=[str(r.path) for r in runs],
         json_dump=lambda v: html.escape(json.dumps(v, indent=1, default=str)),
     )

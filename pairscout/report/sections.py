@@ -128,7 +128,7 @@ def rank_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
             cols.append((pcol, "p (Holm)" if pcol.endswith("_holm") else "p"))
             formats[pcol] = fmt_p
     st = res.meta["settings"]
-    verdict = res.meta.get("verdict") or {}
+    verdict = res.verdict.to_dict() if res.verdict is not None else {}  # the latest revision (the probe's, once probed)
     (v, t), why = res.recommended()
     models = res.models.copy()
     return {
