@@ -181,14 +181,15 @@ def main() -> None:
     stem = "rank_phase_cuda" if a.device.startswith("cuda") else "rank_phase"
     old = json.loads((RESULTS / f"{stem}.json").read_text())["results"] if a.append and (RESULTS / f"{stem}.json").exists() else []
     results = [r for r in old if not (r["n"] in sizes and r["models"] in zoos)]
+    md = ""
     for models in zoos:
         for n in sizes:
             for mode in ("bare", "phase"):
                 r = run(mode, n, models, dims, a.device, a.threads)
-                print(json.dumps({k: v for k, v in r.items() if k != "phases"}), flush=True)
+                print(json.dumps(r), flush=True)
                 results.append(r)
-    md = table(results, dims, a.device, a.threads)
-    write_results(stem, {"machine": machine(), "dims": dims, "threads": a.threads, "results": results}, md)
+                md = table(results, dims, a.device, a.threads)  # written after every run: a long run keeps what it measured
+                write_results(stem, {"machine": machine(), "dims": dims, "threads": a.threads, "results": results}, md)
     print(md)
 
 
