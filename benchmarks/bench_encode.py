@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_results  # noqa: E402
 
 from pairscout.data import load_dataset  # noqa: E402
-from pairscout.encode.cache import EmbeddingCache  # noqa: E402
-from pairscout.encode.runner import EncodeSettings, encode, pick_device  # noqa: E402
+from pairscout.embeddings.cache import EmbeddingCache  # noqa: E402
+from pairscout.embeddings.runner import EncodeSettings, encode, pick_device  # noqa: E402
 from pairscout.encoders import build_encoder  # noqa: E402
 from pairscout.zoo.registry import get_zoo  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="image-loading processes for both sides")
     args = ap.parse_args()
 
-    from pairscout.encode.runner import default_workers
+    from pairscout.embeddings.runner import default_workers
     from pairscout.zoo.spec import EncoderSpec
 
     device = pick_device(args.device)

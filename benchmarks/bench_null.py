@@ -33,8 +33,8 @@ from _common import machine, write_results  # noqa: E402
 PHASE = r'''
 import json, sys, time, dataclasses
 from pairscout.data import load_dataset
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, encode_zoo
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, encode_zoo
 from pairscout.ranking import RankSettings, compute
 from pairscout.zoo.registry import resolve_zoo
 ds = load_dataset("generated")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -35,9 +36,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename in (None, tmp, str(tmp)):  # name the file the user knows, not our temporary one
+            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_out_folder(path: str | Path | None) -> None:
+    """Before any work: ``path`` can become a folder we write in (its first existing ancestor is a folder we may write to).
+
+    Raises the ``OSError`` the write would raise at the end (``NotADirectoryError`` for a path under a file,
+    ``PermissionError`` for a read-only folder), so a long run is not thrown away for its output folder.
+    """
+    import errno
+
+    if path is None:
+        return
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe if probe != path else path))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(probe))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -59,6 +85,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def safe_name(text: str, default: str = "x", max_len: int = 80) -> str:
+    """``text`` as ONE harmless path component: the only place where a name (an encoder's, a zoo's, a pair's)
+    becomes part of a file or folder name.
+
+    Every character outside ``A-Z a-z 0-9 . _ -`` becomes ``_`` (so ``/``, ``\\``, ``:`` and control characters
+    cannot make a path), leading dots become ``_`` (never ``..``, ``.`` or a hidden file), and the result is cut
+    to ``max_len`` characters; an empty result is ``default``. ``emb:/abs/path`` and ``../../x`` stay inside the
+    folder they are joined to.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")
+    name = re.sub(r"^\.+", lambda m: "_" * len(m.group()), name)[:max_len]
+    return name or default
 
 
 class NotRegularFileError(OSError):
@@ -123,8 +163,55 @@ def save_result(out: str | Path, tables: dict[str, Any], meta_file: str, meta: d
     return out
 
 
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a whole number", float: "a number", bool: "true or false",
+               type(None): "null"}
+
+
+def check_shape(meta: Any, shape: dict[str, Any], where: str) -> None:
+    """Refuse a hand-edited or foreign JSON file in one line: ``shape`` maps dotted keys ("settings.metrics") to the
+    type(s) their values must have (a missing key passes: older runs lack some). ints pass for floats, never bools.
+
+    Raises:
+        PairscoutError: naming the file, the key, what it holds and what it should hold.
+    """
+    from pairscout.errors import PairscoutError
+
+    def bad(key: str, got: Any, want: tuple[type, ...]) -> PairscoutError:
+        words = " or ".join(dict.fromkeys(_JSON_TYPES.get(t, t.__name__) for t in want))
+        return PairscoutError(f"{where}: {key or 'the file'} holds {_JSON_TYPES.get(type(got), type(got).__name__)} "
+                              f"({json_repr(got)}), not {words}; the file was edited or is not pairscout's.",
+                              fix="restore it, or rerun the command that wrote it (with --force).")
+
+    if not isinstance(meta, dict):
+        raise bad("", meta, (dict,))
+    for key, want in shape.items():
+        want = want if isinstance(want, tuple) else (want,)
+        node: Any = meta
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                node = _MISSING
+                break
+            node = node[part]
+        if node is _MISSING:
+            continue
+        ok = any(isinstance(node, t) and not (t in (int, float) and isinstance(node, bool)) for t in want)
+        ok = ok or (float in want and isinstance(node, int) and not isinstance(node, bool))
+        if not ok:
+            raise bad(key, node, want)
+
+
+_MISSING = object()
+
+
+def json_repr(v: Any, limit: int = 40) -> str:
+    import json
+
+    text = json.dumps(v, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, what: str, fix: str,
-                optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+                optional: tuple[str, ...] = (), shape: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read what :func:`save_result` wrote: ``(meta, {name: frame})`` from ``<name>.parquet`` files.
 
     ``optional`` tables are read when their file exists and left out of the dict when not (folders written
@@ -148,6 +235,7 @@ def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, wha
         frames.update({name: pd.read_parquet(out / f"{name}.parquet") for name in optional if (out / f"{name}.parquet").is_file()})
     except (OSError, ValueError) as e:
         raise PairscoutError(f"the {what} in {out} is unreadable ({e}).", fix="run the command that wrote it again (with --force).") from None
+    check_shape(meta, shape or {}, str(out / meta_file))
     return meta, frames
 
 

@@ -7,6 +7,22 @@ The CLI prints that line and exits with ``exit_code``; it never shows a tracebac
 
 from __future__ import annotations
 
+import re
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""C0/C1 control characters (ESC starts a terminal escape sequence), DEL and the bidirectional overrides;
+newline and tab are kept."""
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\u202e``), never sent raw.
+
+    The one function through which names, paths and file contents reach a terminal (error messages, the
+    CLI's consoles and log lines): an encoder name or an image path that holds ``ESC [2J`` cannot clear the
+    screen, retitle the window or hide text; it is printed so the user sees what is there.
+    """
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text))
+
 
 class PairscoutError(Exception):
     """An error caused by input the user can fix. ``str(err)`` is a single line."""
@@ -14,9 +30,9 @@ class PairscoutError(Exception):
     exit_code: int = 2
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:
-        message = " ".join(message.split())
+        message = " ".join(printable(message).split())
         if fix:
-            message = f"{message} Fix: {' '.join(fix.split())}"
+            message = f"{message} Fix: {' '.join(printable(fix).split())}"
         super().__init__(message)
 
 

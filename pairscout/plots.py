@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pairscout._io import atomic_path  # noqa: E402
+from pairscout._io import atomic_path, safe_name  # noqa: E402
 
 MODALITY_COLORS = {"vision": "#86bbd8", "text": "#f6ae2d"}
 GROUP_COLORS = {"top": "#33658a", "middle": "#86bbd8", "bottom": "#f26419", "chosen": "#33658a"}
 LABEL_SIZE, TICK_SIZE, TITLE_SIZE = 9, 9, 11
 """Type sizes (points) of the figures: at the report's scale (about 1.3 px per point) none is below 11 px."""
 plt.rcParams["svg.fonttype"] = "none"  # text stays text in SVG: small files, selectable labels
+plt.rcParams["text.parse_math"] = False  # names are text: "$" or "^" in an encoder name is printed, never parsed as TeX
 
 
 @dataclass
@@ -42,7 +44,7 @@ def render(fig: Figure, out: Path | None, stem: str) -> Plot:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for ext in ("png", "svg"):
-            p = out / f"{stem}.{ext}"
+            p = out / f"{safe_name(stem)}.{ext}"  # stems name measures and targets: one path component
             with atomic_path(p) as tmp:  # a full disk leaves the old plot or none, never a truncated one
                 fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
             paths.append(p)
@@ -102,33 +104,39 @@ def _natural(text: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
 
 
-def point_labels(ax: plt.Axes, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], gap: float = 0.075) -> list:
-    """Short labels beside chosen points, never on top of each other: points closer than ``gap`` (axes fraction)
-    share one label ("1, 2"), and labels are pushed apart vertically (greedy, in axes fraction). Each label is an
-    annotation with ``gid="point-label"`` (the browser test checks that none overlaps another)."""
+def point_labels(ax: plt.Axes, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], gap: float = 0.065,
+                 same: float = 0.02) -> list:
+    """Short labels beside chosen points, each with a leader line to its own marker, never on top of each other.
+
+    Only points whose markers overlap (closer than ``same``, axes fraction) share one label ("#1, #2"); every other
+    point gets its own. Labels stand in one column per side (left of points in the right 30 % of the axes, right of
+    the others), at their point's height where free, pushed down by ``gap`` where not, so a leader line always ends
+    on the marker its label names. Each label is an annotation with ``gid="point-label"`` (the browser test checks
+    that none overlaps another)."""
     x0, x1 = ax.get_xlim()
     y0, y1 = ax.get_ylim()
     pts = [((x - x0) / ((x1 - x0) or 1), (y - y0) / ((y1 - y0) or 1), str(t)) for x, y, t in zip(xs, ys, texts, strict=True)
            if np.isfinite(x) and np.isfinite(y)]  # fmt: skip
     groups: list[list[tuple[float, float, str]]] = []
     for p in sorted(pts, key=lambda p: -p[1]):
-        near = next((g for g in groups if abs(g[0][0] - p[0]) < gap and abs(g[0][1] - p[1]) < gap), None)
+        near = next((g for g in groups if any(math.hypot(q[0] - p[0], q[1] - p[1]) < same for q in g)), None)
         if near is None:
             groups.append([p])
         else:
             near.append(p)
-    groups.sort(key=lambda g: -g[0][1])  # one vertical stack over both sides: no two labels share a band
+    anchors = [(float(np.mean([q[0] for q in g])), float(np.mean([q[1] for q in g])), g) for g in groups]
+    anchors.sort(key=lambda a: -a[1])  # one vertical stack over both sides: no two labels share a band
     placed: list[float] = []
-    for g in groups:
-        placed.append(min(g[0][1], placed[-1] - gap) if placed else g[0][1])
+    for _, py, _ in anchors:
+        placed.append(min(py, placed[-1] - gap) if placed else py)
     shift = max(0.0, 0.03 - min(placed, default=0.5))  # pushed below the axes: move the stack up as a whole
     anns = []
-    for g, y in zip(groups, placed, strict=True):
-        x, py = g[0][0], g[0][1]
+    for (x, py, g), y in zip(anchors, placed, strict=True):
         right = x <= 0.7
-        a = ax.annotate(", ".join(sorted((t for _, _, t in g), key=_natural)), (x, py), xycoords="axes fraction", xytext=(x + (0.04 if right else -0.04), y + shift),
-                        textcoords="axes fraction", fontsize=LABEL_SIZE, ha="left" if right else "right", va="center",
-                        arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.6, "shrinkA": 0, "shrinkB": 3})  # fmt: skip
+        a = ax.annotate(", ".join(sorted((t for _, _, t in g), key=_natural)), (x, py), xycoords="axes fraction",
+                        xytext=(x + (0.07 if right else -0.07), y + shift), textcoords="axes fraction", fontsize=LABEL_SIZE,
+                        ha="left" if right else "right", va="center",
+                        arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.6, "shrinkA": 1, "shrinkB": 3.5})  # fmt: skip
         a.set_gid("point-label")
         anns.append(a)
     return anns

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ _GENERATED_SEED = re.compile(r"^\s*generated:.*\bseed\s*=")
 
 
 def resolve_data(data: Any = "generated", *, n: int | None = None, seed: int | None = 0, skip_bad: bool = False,
-                 skip_bad_rows: bool | None = None) -> Any:
+                 skip_bad_rows: bool | None = None, columns: Mapping[str, str | None] | None = None) -> Any:
     """The :class:`~pairscout.data.PairedDataset` that ``data`` (+ ``n``, ``seed``) names.
 
     Args:
@@ -36,13 +37,21 @@ def resolve_data(data: Any = "generated", *, n: int | None = None, seed: int | N
         skip_bad: drop rows whose image is missing or corrupt (:func:`drop_bad_images`), logging how many,
             and skip malformed manifest rows (counted in ``describe()["skipped_lines"]``).
         skip_bad_rows: skip malformed manifest rows only (default: as ``skip_bad``).
+        columns: ``{"image": ..., "caption": ..., "label": ...}`` column names of a manifest or Hugging Face
+            dataset (``--image-column`` / ``--caption-column`` / ``--label-column``); missing keys are detected.
     """
+    from pairscout.bounds import check
     from pairscout.data import load_dataset
 
+    check("--n", n)
+    if seed is not None:
+        check("--seed", seed)
     if isinstance(data, str | Path):
         if isinstance(data, str) and _GENERATED_SEED.match(data):
             seed = None  # the spec's own seed
-        ds = load_dataset(data, n=n, seed=seed, skip_bad=skip_bad if skip_bad_rows is None else skip_bad_rows)
+        cols = dict(columns or {})
+        ds = load_dataset(data, n=n, seed=seed, skip_bad=skip_bad if skip_bad_rows is None else skip_bad_rows,
+                          image_column=cols.get("image"), caption_column=cols.get("caption"), label_column=cols.get("label"))
     else:
         ds = data if n is None else data.subset(n, seed=seed or 0)
     if n is not None and len(ds) < n:  # a file dataset holds fewer rows than asked: said, not silent
@@ -74,9 +83,12 @@ def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tu
 def _check_ids(*zoos: Zoo) -> None:
     """A ``pack:`` or ``baseline:`` id that names none of its modality is one line before anything is encoded."""
     from pairscout.encoders.baselines import check_baseline
+    from pairscout.encoders.emb_source import check_spec as check_emb
 
     for s in (s for z in zoos for s in z.encoders if s.source == "baseline"):
         check_baseline(s)
+    for s in (s for z in zoos for s in z.encoders if s.source == "emb"):
+        check_emb(s)
     specs = [s for z in zoos for s in z.encoders if s.source == "pack"]
     if specs:
         from pairscout.encoders.packs import check_pack

@@ -46,7 +46,7 @@ from pairscout.ranking.result import VERDICTS_JSON, RankResult, VerdictRevision,
 
 if TYPE_CHECKING:
     from pairscout.align.probe_result import ProbeResult
-    from pairscout.encode.cache import EmbeddingCache, Embeddings
+    from pairscout.embeddings.cache import EmbeddingCache, Embeddings
     from pairscout.ranking.verdict import Verdict
     from pairscout.zoo.spec import EncoderSpec
 
@@ -157,6 +157,10 @@ def check_replaceable(out: str | Path) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PairscoutError(f"--out {out} is an existing file, not a folder.", fix="pass a folder path for the results.")
+    parent = out.resolve().parent
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise PairscoutError(f"a run is written beside --out {out} and swapped in whole, but {parent} is read-only.",
+                             fix="choose an --out inside a folder you may write to.")  # fmt: skip
     if out.is_dir() and not (out / RANK_JSON).is_file() and any(out.iterdir()):
         raise PairscoutError(f"--out {out} is a folder that holds files but no pairscout run; replacing it would delete them.",
                              fix="choose a new or empty folder for --out.")  # fmt: skip
@@ -170,8 +174,8 @@ def replace_folder(out: str | Path) -> Iterator[Path]:
     moment ``out`` holds the complete old content or the complete new one. On an error the staging folder is
     removed and ``out`` is untouched. A folder that holds files but no pairscout run is never replaced.
     """
-    out = Path(out)
     check_replaceable(out)
+    out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     staging = out.parent / f".{out.name}.partial-{tag}"

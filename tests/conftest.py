@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the network
+os.environ.setdefault("PAIRSCOUT_RUNS", tempfile.mkdtemp(prefix="pairscout-runs-"))  # a rank without --out saves here, not in the repo
 
 #: Weight-free encoders and a small generated dataset: a rank run takes seconds on a CPU.
 TINY_VISION = "baseline:pixels,baseline:random-vision"
@@ -23,7 +25,7 @@ def runner() -> CliRunner:
 @pytest.fixture(scope="session")
 def cpu():
     """Encode on the CPU in the main process (no DataLoader workers)."""
-    from pairscout.encode.runner import EncodeSettings
+    from pairscout.embeddings.runner import EncodeSettings
 
     return EncodeSettings(device="cpu", num_workers=0)
 

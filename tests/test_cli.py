@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
-
 from pairscout.cli import app
 
-runner = CliRunner()
 SMALL = ["--vision-zoo", "baseline:pixels", "--text-zoo", "baseline:random,baseline:tfidf", "--data", "generated:n=12,seed=0,size=32", "--device", "cpu", "--workers", "0"]
 
 
-def test_zoo_list_and_show():
+def test_zoo_list_and_show(runner):
     r = runner.invoke(app, ["zoo", "list"])
     assert r.exit_code == 0, r.output
     assert "offline" in r.output and "standard" in r.output
@@ -21,7 +18,7 @@ def test_zoo_list_and_show():
     assert "dinov2" in r.output.lower()
 
 
-def test_encode_json_then_cache_hit(tmp_path):
+def test_encode_json_then_cache_hit(runner, tmp_path):
     args = ["encode", *SMALL, "--cache-dir", str(tmp_path), "--json"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -39,7 +36,7 @@ def test_encode_json_then_cache_hit(tmp_path):
     assert r.exit_code == 0 and "baseline:tfidf" in r.output
 
 
-def test_failing_model_exits_nonzero_but_keeps_the_others(tmp_path):
+def test_failing_model_exits_nonzero_but_keeps_the_others(runner, tmp_path):
     args = ["encode", "--vision-zoo", "baseline:pixels", "--text-zoo", "baseline:random,hf:pairscout-tests/nope",
             "--data", "generated:n=8,seed=0,size=32", "--device", "cpu", "--workers", "0", "--cache-dir", str(tmp_path)]
     r = runner.invoke(app, args)
@@ -48,7 +45,7 @@ def test_failing_model_exits_nonzero_but_keeps_the_others(tmp_path):
     assert len(list(tmp_path.glob("*/*.safetensors"))) == 2
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path):
+def test_bad_inputs_are_one_line_errors(runner, tmp_path):
     cases = [
         (["encode", "--data", str(tmp_path / "nope.csv")], "nope.csv"),
         (["encode", "--vision-zoo", "zz:model"], "unknown source prefix"),
@@ -62,7 +59,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         assert sum(1 for line in r.output.splitlines() if line.startswith("error:")) == 1
 
 
-def test_skip_bad_reports_and_continues(tmp_path):
+def test_skip_bad_reports_and_continues(runner, tmp_path):
     from PIL import Image
 
     for name, colour in (("a", "red"), ("b", "blue")):  # two different images: constant pixels are a failed model

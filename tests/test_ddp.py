@@ -71,7 +71,7 @@ def _loss_worker(rank: int, world: int, tmp: str) -> None:
         distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])  # 2: one one-way hop; 3: one round both ways; 4: a round and a hop
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])  # 2: one one-way hop; 3: one round both ways; 4: a round and a hop
 def test_cross_rank_losses_equal_one_process_in_value_and_gradients(tmp_path, world):
     mp.spawn(_loss_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
     parts = [torch.load(tmp_path / f"loss{r}.pt") for r in range(world)]
@@ -185,7 +185,7 @@ def _probe(settings_kw=None):
     from pairscout.align.evaluate import EvalSet
     from pairscout.align.pairdata import PairData, split_pair
     from pairscout.align.probe import ProbeSettings, probe_pairs
-    from pairscout.encode.cache import Embeddings
+    from pairscout.embeddings.cache import Embeddings
     from pairscout.zoo.spec import EncoderSpec
 
     g = torch.Generator().manual_seed(0)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pairscout import distributed
 from pairscout.data import load_dataset
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, encode
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, encode
 from pairscout.zoo.spec import EncoderSpec
 
 SPEC = EncoderSpec(id="baseline:pixels", modality="vision", options={"size": 8})
@@ -34,6 +35,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_rows_and_agree_with_one(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ds = load_dataset(DATA)

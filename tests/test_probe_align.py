@@ -15,7 +15,7 @@ from pairscout.align.pairdata import PairData, split_pair
 from pairscout.align.probe import ProbeResult, ProbeSettings, correlations, probe_pairs, select_pairs
 from pairscout.align.train import TrainConfig
 from pairscout.cli import app
-from pairscout.encode.cache import Embeddings
+from pairscout.embeddings.cache import Embeddings
 from pairscout.zoo.spec import EncoderSpec
 
 runner = CliRunner()

@@ -8,25 +8,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import pairscout
 from pairscout.cli import app
-from pairscout.encode.runner import EncodeSettings
 from pairscout.errors import PairscoutError
 from pairscout.ranking import RankResult, RankSettings
 from pairscout.ranking.compute import jackknife_ci
 
-runner = CliRunner()
-CPU = EncodeSettings(device="cpu", num_workers=0)
 FAST = RankSettings(ci_groups=4, permutations=5)
 SMALL = ["--vision-zoo", "baseline:pixels,baseline:random-vision", "--text-zoo", "baseline:random-text,baseline:tfidf",
          "--data", "generated:n=40,seed=0,size=32", "--device", "cpu", "--workers", "0", "--ci-groups", "4", "--permutations", "5"]
 
 
-def test_python_api_ranks_all_pairs_and_round_trips(tmp_path):
+def test_python_api_ranks_all_pairs_and_round_trips(cpu, tmp_path):
     res = pairscout.rank("baseline:pixels,baseline:random-vision", "baseline:random-text,baseline:tfidf",
-                         "generated:n=40,seed=0,size=32", settings=FAST, encode_settings=CPU,
+                         "generated:n=40,seed=0,size=32", settings=FAST, encode_settings=cpu,
                          cache_dir=tmp_path / "cache", out=tmp_path / "run")
     assert len(res.pairs) == 4
     assert res.primary == "cka_linear_debiased"  # n < 10,000
@@ -51,11 +47,11 @@ def test_python_api_ranks_all_pairs_and_round_trips(tmp_path):
     assert back.matrix("cka_linear").shape == (2, 2)
 
 
-def test_combined_score_is_mean_z(tmp_path):
+def test_combined_score_is_mean_z(cpu, tmp_path):
     res = pairscout.rank("baseline:pixels,baseline:random-vision", "baseline:random-text,baseline:tfidf",
                          "generated:n=40,seed=0,size=32", settings=RankSettings(score="combined", ci_groups=0, permutations=0,
                                                                                 metrics=["cka_linear", "mutual_knn"]),
-                         encode_settings=CPU, cache_dir=tmp_path)
+                         encode_settings=cpu, cache_dir=tmp_path)
     p = res.pairs
     z = sum((p[m] - p[m].mean()) / p[m].std(ddof=0) for m in res.metrics) / len(res.metrics)
     assert np.allclose(p["score"], z)
@@ -73,7 +69,7 @@ def test_jackknife_interval_covers_and_shrinks():
     assert (hi2 - lo2)[0, 0] > (hi - lo)[0, 0]  # less data, wider interval
 
 
-def test_cli_json_and_refusal_of_other_settings(tmp_path):
+def test_cli_json_and_refusal_of_other_settings(runner, tmp_path):
     out = tmp_path / "run"
     args = ["rank", *SMALL, "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
     r = runner.invoke(app, [*args, "--json"])
@@ -89,7 +85,7 @@ def test_cli_json_and_refusal_of_other_settings(tmp_path):
     assert RankResult.load(out).meta["settings"]["knn_k"] == 5
 
 
-def test_a_model_failing_mid_run_is_reported_and_the_rest_ranked(tmp_path):
+def test_a_model_failing_mid_run_is_reported_and_the_rest_ranked(runner, tmp_path):
     args = ["rank", "--vision-zoo", "baseline:pixels,baseline:random-vision", "--text-zoo", "baseline:random-text,hf:pairscout-tests/nope",
             "--data", "generated:n=30,seed=0,size=32", "--device", "cpu", "--workers", "0", "--ci-groups", "0", "--permutations", "0",
             "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "run")]
@@ -110,13 +106,13 @@ def test_a_model_failing_mid_run_is_reported_and_the_rest_ranked(tmp_path):
         (["--score", "best"], "score 'best' is unknown"),
     ],
 )
-def test_rank_errors_are_one_line(tmp_path, extra, needle):
+def test_rank_errors_are_one_line(runner, tmp_path, extra, needle):
     r = runner.invoke(app, ["rank", *SMALL, "--cache-dir", str(tmp_path), *extra])
     assert r.exit_code == 2, r.output
     assert needle in r.output and "Traceback" not in r.output
 
 
-def test_small_data_runs_with_k_and_groups_adapted_and_said(tmp_path):
+def test_small_data_runs_with_k_and_groups_adapted_and_said(runner, tmp_path):
     """12 rows (issue 9): k and the jackknife groups adapt, the output says so, and CKNNA stays in range."""
     r = runner.invoke(app, ["rank", *SMALL, "--cache-dir", str(tmp_path), "--data", "generated:n=12,seed=0,size=32",
                             "--metrics", "mutual_knn,cknna", "--out", str(tmp_path / "run"), "--no-plots"])
@@ -129,11 +125,11 @@ def test_small_data_runs_with_k_and_groups_adapted_and_said(tmp_path):
     assert "verdict" in res.meta and res.meta["verdict"]["pair"] == [res.pairs["vision"][0], res.pairs["text"][0]]
 
 
-def test_empty_zoo_file(tmp_path):
+def test_empty_zoo_file(cpu, tmp_path):
     p = tmp_path / "empty.toml"
     p.write_text('name = "empty"\n')
     with pytest.raises(PairscoutError, match="defines no encoders"):
-        pairscout.rank(str(p), "baseline:random-text", "generated:n=20", encode_settings=CPU, cache_dir=tmp_path)
+        pairscout.rank(str(p), "baseline:random-text", "generated:n=20", encode_settings=cpu, cache_dir=tmp_path)
 
 
 def test_load_of_a_folder_without_a_result(tmp_path):
@@ -142,13 +138,13 @@ def test_load_of_a_folder_without_a_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrained_pairs_rank_above_weight_free_baselines(tmp_path):
+def test_pretrained_pairs_rank_above_weight_free_baselines(cpu, tmp_path):
     """The reduced offline default: every pretrained x pretrained pair above every pair with a baseline."""
     pretrained = {"efficientnet-lite0", "all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"}
     res = pairscout.rank("pack:efficientnet-lite0,baseline:pixels,baseline:random-net,baseline:random-vision",
                          "pack:all-MiniLM-L6-v2,pack:paraphrase-MiniLM-L3-v2,baseline:tfidf,baseline:random-text",
                          "generated:n=300,seed=0", settings=RankSettings(ci_groups=0, permutations=0, metrics=["cka_linear_debiased"]),
-                         encode_settings=CPU, cache_dir=tmp_path)
+                         encode_settings=cpu, cache_dir=tmp_path)
     both = res.pairs["vision"].isin(pretrained) & res.pairs["text"].isin(pretrained)
     assert both.sum() == 2
     assert res.pairs.loc[both, "score"].min() > res.pairs.loc[~both, "score"].max()

@@ -12,7 +12,6 @@ import torch
 import pairscout.metrics as M
 import pairscout.ranking.verdict as verdict
 from pairscout import runtime
-from pairscout.encode.runner import EncodeSettings
 from pairscout.errors import PairscoutError
 from pairscout.ranking import RankSettings, rank
 
@@ -71,11 +70,11 @@ def spies(monkeypatch):
 
 
 @pytest.mark.parametrize("policy", ["float32", "tf32"])
-def test_metrics_run_on_the_requested_device_with_the_policys_precision(tmp_path, monkeypatch, spies, policy):
+def test_metrics_run_on_the_requested_device_with_the_policys_precision(cpu, tmp_path, monkeypatch, spies, policy):
     calls, asked, real_pick = spies
     monkeypatch.setattr(runtime, "metric_precision", lambda device: policy)  # the policy rank must follow
     res = rank(*ZOOS, "generated", n=40, settings=RankSettings(permutations=9), cache_dir=tmp_path / "c",
-               encode_settings=EncodeSettings(device="cpu", num_workers=0), out=tmp_path / "run", plots=False)
+               encode_settings=cpu, out=tmp_path / "run", plots=False)
     assert asked and asked[0] == "cpu"  # resolved once from the user's --device
     want = real_pick("cpu")
     names = {c[0] for c in calls}
@@ -93,17 +92,17 @@ def test_metrics_run_on_the_requested_device_with_the_policys_precision(tmp_path
     assert res.pairs["cka_linear"].between(0, 1).all()
 
 
-def test_an_explicit_precision_overrides_the_policy(tmp_path, monkeypatch, spies):
+def test_an_explicit_precision_overrides_the_policy(cpu, tmp_path, monkeypatch, spies):
     calls, _, _ = spies
     monkeypatch.setattr(runtime, "metric_precision", lambda device: "float32")
     rank(*ZOOS, "generated", n=40, settings=RankSettings(permutations=0, ci_groups=0, precision="float64"),
-         cache_dir=tmp_path / "c", encode_settings=EncodeSettings(device="cpu", num_workers=0), plots=False)
+         cache_dir=tmp_path / "c", encode_settings=cpu, plots=False)
     assert {p for name, _, p in calls if name == "estimate"} == {"float64"}
     assert {p for name, _, p in calls if name in ("model_sums", "gram_sums")} == {"float64 products"}
 
 
-def test_float32_products_stay_close_to_float64(tmp_path):
-    kw = dict(cache_dir=tmp_path / "c", encode_settings=EncodeSettings(device="cpu", num_workers=0), plots=False)
+def test_float32_products_stay_close_to_float64(cpu, tmp_path):
+    kw = dict(cache_dir=tmp_path / "c", encode_settings=cpu, plots=False)
     a = rank(*ZOOS, "generated", n=60, settings=RankSettings(permutations=0, precision="float64"), **kw).pairs
     b = rank(*ZOOS, "generated", n=60, settings=RankSettings(permutations=0, precision="float32"), **kw).pairs
     a, b = a.sort_values(["vision", "text"]), b.sort_values(["vision", "text"])
@@ -125,7 +124,7 @@ def test_cli_bad_precision_exits_2(tmp_path):
 
 
 def test_missing_embeddings_of_probe_and_align_are_encoded_on_the_users_device(tmp_path, monkeypatch):
-    import pairscout.encode.runner as runner
+    import pairscout.embeddings.runner as runner
     from pairscout.align.pairdata import load_embeddings, source_from_zoos
 
     seen = []

@@ -8,17 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pairscout.cli import app
 
-runner = CliRunner()
 VISION = "baseline:random-net,baseline:pixels"  # random-net: a timm resnet18 (5 stages) with random weights
 TEXT = "pack:all-MiniLM-L6-v2,baseline:tfidf"  # MiniLM: 6 transformer blocks, shipped by pip
 
 
 @pytest.fixture(scope="module")
-def layered_run(tmp_path_factory):
+def layered_run(runner, tmp_path_factory):
     d = tmp_path_factory.mktemp("layers")
     run, cache = d / "run", d / "cache"
     r = runner.invoke(app, ["rank", "--vision-zoo", VISION, "--text-zoo", TEXT, "--data", "generated:size=32", "--n", "64",
@@ -63,6 +61,7 @@ def test_each_pair_is_chosen_on_selection_rows_and_measured_on_the_others(layere
     assert "@" in output and "chosen by the layer sweep on 32 rows, every number measured on the other 32" in flat
 
 
+@pytest.mark.slow
 def test_held_out_rows_remove_the_winners_curse():
     """Encoder B has 16 views whose true CKA with the text equals encoder A's single view. Scored on the rows that
     chose the view, B's maximum sits above A on average and the paired jackknife test calls B better far more often
@@ -110,7 +109,7 @@ def test_held_out_rows_remove_the_winners_curse():
 def test_one_cache_entry_holds_every_layer(layered_run):
     from safetensors import safe_open
 
-    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.embeddings.cache import EmbeddingCache
 
     _, cache, _ = layered_run
     entries = [e for e in EmbeddingCache(cache).entries() if e.get("model_id") == "baseline:random-net"]
@@ -120,7 +119,7 @@ def test_one_cache_entry_holds_every_layer(layered_run):
         assert f.get_tensor("layer.3").shape == (64, 256) and f.get_tensor("layer.4").shape == (64, 512)
 
 
-def test_align_trains_on_the_chosen_layers_and_the_model_uses_them(layered_run, tmp_path):
+def test_align_trains_on_the_chosen_layers_and_the_model_uses_them(runner, layered_run, tmp_path):
     from pairscout.align.model import AlignedModel
 
     run, cache, _ = layered_run
@@ -144,7 +143,7 @@ def test_align_trains_on_the_chosen_layers_and_the_model_uses_them(layered_run, 
     torch.testing.assert_close(emb, expect, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_layers_option_is_one_line(tmp_path):
+def test_bad_layers_option_is_one_line(runner, tmp_path):
     r = runner.invoke(app, ["rank", "--vision-zoo", "baseline:pixels", "--text-zoo", "baseline:tfidf", "--layers", "deep",
                             "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])  # fmt: skip
     assert r.exit_code == 2

@@ -46,6 +46,7 @@ def test_truncated_heads_and_missing_config_key(model_dir):
         AlignedModel.load(m2)
 
 
+@pytest.mark.slow
 def test_cli_zero_shot_bad_inputs_are_one_line(model_dir):
     big = model_dir / "big.png"
     Image.new("RGB", (20000, 20000), "red").save(big)  # 400 M pixels: over PIL's decompression-bomb limit
@@ -82,10 +83,10 @@ def test_negative_epochs_refused():
     assert torch.tensor(1.0).item() == 1.0
 
 
-def test_garbage_timm_weights_fail_that_model_alone(tmp_path):
+def test_garbage_timm_weights_fail_that_model_alone(cpu, tmp_path):
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import encode_zoo
     from pairscout.zoo.spec import EncoderSpec
 
     bad = tmp_path / "garbage.safetensors"
@@ -93,7 +94,7 @@ def test_garbage_timm_weights_fail_that_model_alone(tmp_path):
     specs = [EncoderSpec(id="timm:test_vit", modality="vision", weights=str(bad)),
              EncoderSpec(id="baseline:pixels", modality="vision", options={"size": 8})]
     res = encode_zoo(specs, load_dataset("generated:n=12,size=16"), cache=EmbeddingCache(tmp_path / "c"),
-                     settings=EncodeSettings(device="cpu", num_workers=0))
+                     settings=cpu)
     assert "pixels" in res.embeddings and "test_vit" in res.failures
     assert "\n" not in res.failures["test_vit"] and "test_vit" in res.failures["test_vit"]
 

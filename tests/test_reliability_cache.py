@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pairscout.data import load_dataset
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, encode, encode_zoo
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, encode, encode_zoo
 from pairscout.errors import CacheError, DataError, EmbeddingError
 from pairscout.zoo.spec import EncoderSpec
 
@@ -42,7 +42,7 @@ def test_emb_file_reexported_under_same_name_is_a_miss(tmp_path, data):
 
 
 def test_emb_file_same_content_elsewhere_hits_by_content(tmp_path, data):
-    from pairscout.encode.inputs import inputs_digest
+    from pairscout.embeddings.inputs import inputs_digest
 
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
     x = np.arange(len(data) * 3, dtype=np.float32).reshape(len(data), 3)
@@ -55,7 +55,7 @@ def test_emb_file_same_content_elsewhere_hits_by_content(tmp_path, data):
 
 
 def test_local_weights_folder_keys_by_content(tmp_path):
-    from pairscout.encode.inputs import inputs_digest
+    from pairscout.embeddings.inputs import inputs_digest
 
     d = tmp_path / "model"
     d.mkdir()
@@ -82,7 +82,7 @@ def test_flipped_bytes_in_cache_entry_are_detected_and_reencoded(tmp_path, data,
 
 
 def test_cache_entry_without_pooled_is_reencoded(tmp_path, data):
-    from pairscout.encode.cache import atomic_save
+    from pairscout.embeddings.cache import atomic_save
 
     cache = EmbeddingCache(tmp_path)
     ref = encode(PIXELS, data, cache=cache, settings=SETTINGS).pooled.clone()

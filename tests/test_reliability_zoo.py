@@ -90,10 +90,10 @@ def test_cli_refuses_remote_code_model_and_ranks_the_rest(tmp_path):
     assert "--trust-remote-code" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_model_raising_inside_its_own_code_fails_alone(tmp_path, monkeypatch):
+def test_model_raising_inside_its_own_code_fails_alone(cpu, tmp_path, monkeypatch):
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import encode_zoo
 
     data = load_dataset("generated:n=12,size=16")
     spec = EncoderSpec(id="baseline:random", modality="text", options={"dim": 4})
@@ -113,7 +113,7 @@ def test_model_raising_inside_its_own_code_fails_alone(tmp_path, monkeypatch):
         return enc
 
     monkeypatch.setattr(encs, "build_encoder", build)
-    res = encode_zoo([spec, ok], data, cache=EmbeddingCache(tmp_path), settings=EncodeSettings(device="cpu", num_workers=0))
+    res = encode_zoo([spec, ok], data, cache=EmbeddingCache(tmp_path), settings=cpu)
     assert set(res.embeddings) == {"tfidf"}
     assert "ValueError: inside the model" in res.failures["random"] and "baseline:random" in res.failures["random"]
 
@@ -152,7 +152,7 @@ def test_zero_encoders_are_failed_models_and_the_rest_are_ranked(tmp_path):
     [({"batch_size": -4}, "--batch-size -4"), ({"num_workers": -1}, "--workers -1"), ({"batch_size": 0}, "--batch-size 0")],
 )
 def test_impossible_encode_settings_are_errors_up_front(kwargs, match):
-    from pairscout.encode.runner import EncodeSettings
+    from pairscout.embeddings.runner import EncodeSettings
     from pairscout.errors import PairscoutError
 
     with pytest.raises(PairscoutError, match=match):
@@ -173,7 +173,7 @@ def test_impossible_rank_settings_are_errors_up_front(kwargs, match):
 
 
 def test_unknown_device_is_one_line_error():
-    from pairscout.encode.runner import pick_device
+    from pairscout.embeddings.runner import pick_device
     from pairscout.errors import PairscoutError
 
     with pytest.raises(PairscoutError, match="'gpu0' is not a device name"):
@@ -192,10 +192,10 @@ def test_rank_out_that_is_a_file_fails_before_encoding(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root can write anywhere")
-def test_read_only_cache_fails_before_encoding(tmp_path):
+def test_read_only_cache_fails_before_encoding(cpu, tmp_path):
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import encode
     from pairscout.errors import CacheError
 
     root = tmp_path / "ro"
@@ -204,16 +204,16 @@ def test_read_only_cache_fails_before_encoding(tmp_path):
     try:
         with pytest.raises(CacheError, match="not writable"):
             encode(EncoderSpec(id="baseline:pixels", modality="vision"), load_dataset("generated:n=8,size=16"),
-                   cache=EmbeddingCache(root), settings=EncodeSettings(device="cpu", num_workers=0))
+                   cache=EmbeddingCache(root), settings=cpu)
     finally:
         root.chmod(0o755)
 
 
-def test_unwritable_cache_fails_before_encoding(tmp_path, monkeypatch):
+def test_unwritable_cache_fails_before_encoding(cpu, tmp_path, monkeypatch):
     from pairscout import _io
     from pairscout.data import load_dataset
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import encode
     from pairscout.errors import CacheError
 
     def full(*a, **k):
@@ -223,15 +223,14 @@ def test_unwritable_cache_fails_before_encoding(tmp_path, monkeypatch):
     monkeypatch.setattr("pairscout.encoders.build_encoder", lambda spec: pytest.fail("built before checking the cache"))
     with pytest.raises(CacheError, match="No space left"):
         encode(EncoderSpec(id="baseline:pixels", modality="vision"), load_dataset("generated:n=8,size=16"),
-               cache=EmbeddingCache(tmp_path), settings=EncodeSettings(device="cpu", num_workers=0))
+               cache=EmbeddingCache(tmp_path), settings=cpu)
 
 
-def test_a_misspelled_pack_is_one_line_before_any_encoding(tmp_path):
-    from typer.testing import CliRunner
+def test_a_misspelled_pack_is_one_line_before_any_encoding(runner, tmp_path):
 
     from pairscout.cli import app
 
-    r = CliRunner().invoke(app, ["rank", "--vision-zoo", "pack:efficientnet-lit0", "--text-zoo", "baseline:tfidf", "--rows", "16",
+    r = runner.invoke(app, ["rank", "--vision-zoo", "pack:efficientnet-lit0", "--text-zoo", "baseline:tfidf", "--rows", "16",
                                  "--cache-dir", str(tmp_path / "c")])  # fmt: skip
     assert r.exit_code == 2
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
@@ -240,13 +239,12 @@ def test_a_misspelled_pack_is_one_line_before_any_encoding(tmp_path):
     assert not (tmp_path / "c").exists()  # nothing was encoded
 
 
-def test_a_misspelled_baseline_is_one_line_before_any_encoding(tmp_path):
+def test_a_misspelled_baseline_is_one_line_before_any_encoding(runner, tmp_path):
     """Was: the other encoders ranked, then exit 1 with the typo as a load failure."""
-    from typer.testing import CliRunner
 
     from pairscout.cli import app
 
-    r = CliRunner().invoke(app, ["rank", "--vision-zoo", "baseline:pixel,baseline:random-net", "--text-zoo", "baseline:tfidf",
+    r = runner.invoke(app, ["rank", "--vision-zoo", "baseline:pixel,baseline:random-net", "--text-zoo", "baseline:tfidf",
                                  "--rows", "16", "--cache-dir", str(tmp_path / "c")])  # fmt: skip
     assert r.exit_code == 2
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
@@ -255,11 +253,10 @@ def test_a_misspelled_baseline_is_one_line_before_any_encoding(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_help_shows_defaults_in_words_not_eaten_by_markup():
-    from typer.testing import CliRunner
+def test_help_shows_defaults_in_words_not_eaten_by_markup(runner):
 
     from pairscout.cli import app
 
-    out = CliRunner().invoke(app, ["rank", "--help"], env={"COLUMNS": "200"}).output
+    out = runner.invoke(app, ["rank", "--help"], env={"COLUMNS": "200"}).output
     assert "(default: auto)" in out and "(default: cka_linear;" in out
     assert " .  " not in out.replace("│", " ")

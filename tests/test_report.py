@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import pairscout
 from pairscout.cli import app
-from pairscout.encode.runner import EncodeSettings
+from pairscout.embeddings.runner import EncodeSettings
 from pairscout.errors import PairscoutError
 from pairscout.ranking import RankSettings
 from pairscout.report import build_report

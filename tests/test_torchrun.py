@@ -46,11 +46,10 @@ def test_python_m_entry_points(module):
 
 
 @pytest.mark.slow
-def test_readme_torchrun_align_equals_one_process(tmp_path, monkeypatch):
+def test_readme_torchrun_align_equals_one_process(runner, tmp_path, monkeypatch):
     """The README's two lines (a small baseline rank run, then `torchrun ... align` on 2 gloo processes) run as
     typed; the heads they save equal `pairscout align` in one process on the same global batch."""
     from safetensors.torch import load_file
-    from typer.testing import CliRunner
 
     from pairscout.cli import app
 
@@ -75,7 +74,7 @@ def test_readme_torchrun_align_equals_one_process(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PAIRSCOUT_CACHE", env["PAIRSCOUT_CACHE"])
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, [*align_line[5:], "--out", str(tmp_path / "one")], catch_exceptions=False)
+    r = runner.invoke(app, [*align_line[5:], "--out", str(tmp_path / "one")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     w1, w2 = load_file(tmp_path / "one" / "heads.safetensors"), load_file(two / "heads.safetensors")
     assert w1.keys() == w2.keys() and len(w1) >= 4

@@ -8,12 +8,25 @@ from pairscout.zoo.spec import EncoderSpec
 
 
 def test_shipped_zoos_parse_and_split_by_modality():
-    assert {"offline", "standard"} <= set(available_zoos())
-    for name in ("offline", "standard"):
+    assert {"offline", "offline-large", "standard"} <= set(available_zoos())
+    for name in ("offline", "offline-large", "standard"):
         z = get_zoo(name)
         assert z.of("vision") and z.of("text")
         assert all(e.modality == "vision" for e in z.of("vision"))
-        assert len({e.id for e in z.encoders}) == len(z.encoders)
+        assert len({e.name for e in z.encoders}) == len({e.fingerprint() for e in z.encoders}) == len(z.encoders)
+
+
+def test_offline_large_is_the_offline_zoo_plus_the_dinov2_poolings():
+    small, large = get_zoo("offline").encoders, get_zoo("offline-large").encoders
+    assert all(e in large for e in small)  # every offline entry, unchanged
+    extra = [e for e in large if e not in small]
+    assert {(e.id, e.pooling) for e in extra} == {("pack:dinov2-s14-imgfocus", "cls"), ("pack:dinov2-s14-imgfocus", "mean")}
+    dino = [e for e in large if e.id == "pack:dinov2-s14-imgfocus"]
+    assert sorted(e.pooling for e in dino) == ["cls", "cls+mean", "mean"]
+    assert all("possibly fine-tuned" in e.notes for e in dino)
+    # one id pooled three ways: the id picks the first entry (offline's), a name picks any
+    assert resolve_zoo("pack:dinov2-s14-imgfocus,", "vision").encoders[0].pooling == "cls+mean"
+    assert resolve_zoo("dinov2-s-mean,dinov2-s-cls", "vision").encoders[0].pooling == "mean"
 
 
 def test_resolve_by_name_path_and_ids(tmp_path):
@@ -53,6 +66,8 @@ def test_bad_zoo_files(tmp_path):
         "none.toml": ('name = "x"\n', "defines no encoders"),
         "field.toml": ('[[encoder]]\nid = "st:x"\nmodality = "text"\npoolling = "mean"\n', "unknown field"),
         "dup.toml": ('[[encoder]]\nid = "st:x"\nmodality = "text"\n[[encoder]]\nid = "st:x"\nmodality = "text"\n', "twice"),
+        "same.toml": ('[[encoder]]\nid = "st:x"\nmodality = "text"\nname = "a"\n[[encoder]]\nid = "st:x"\nmodality = "text"\nname = "b"\n',
+                      "lists st:x twice"),  # two names, one set of settings: the same embeddings twice
         "nomod.toml": ('[[encoder]]\nid = "st:x"\n', "modality"),
     }
     for fname, (text, needle) in cases.items():
@@ -60,6 +75,10 @@ def test_bad_zoo_files(tmp_path):
         p.write_text(text)
         with pytest.raises(ZooError, match=needle):
             load_zoo_file(p)
+    p = tmp_path / "pooled.toml"  # one id with two poolings is two encoders
+    p.write_text('[[encoder]]\nid = "hf:x"\nmodality = "vision"\nname = "a"\npooling = "cls"\n'
+                 '[[encoder]]\nid = "hf:x"\nmodality = "vision"\nname = "b"\npooling = "mean"\n')
+    assert [e.pooling for e in load_zoo_file(p).encoders] == ["cls", "mean"]
     p = tmp_path / "vis.toml"
     p.write_text('[[encoder]]\nid = "baseline:pixels"\nmodality = "vision"\n')
     with pytest.raises(ZooError, match="has no text encoders"):

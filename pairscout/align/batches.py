@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pairscout.encode.cache import Embeddings
+from pairscout.embeddings.cache import Embeddings
 from pairscout.errors import TrainError
 
 

@@ -44,7 +44,7 @@ def load_head_state(state: dict[str, Tensor], vision_head: nn.Module, text_head:
 
 
 def save_heads(path: Path, vision_head: nn.Module, text_head: nn.Module, loss_fn: nn.Module | None = None) -> None:
-    from pairscout.encode.cache import atomic_save
+    from pairscout.embeddings.cache import atomic_save
 
     atomic_save(head_state(vision_head, text_head, loss_fn), path)
 

@@ -238,6 +238,12 @@ def _check_templates(templates: Sequence[str] | None) -> list[str]:
     bad = next((t for t in templates if "{c}" not in t), None)
     if bad is not None:
         raise PairscoutError(f"template {bad!r} has no {{c}}.", fix="put {c} where the class name goes.")
+    for t in templates:  # any other field ({x}, {0}, a lone brace) would fail at format time with a traceback
+        try:
+            t.format(c="class")
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise PairscoutError(f"template {t!r} has a placeholder other than {{c}} or a lone brace ({type(e).__name__}: {e}).",
+                                 fix="use only {c} (the class name); write a literal brace as {{ or }}.") from None
     return templates
 
 
@@ -281,11 +287,15 @@ class AlignResult:
 
 
 def default_out(run: str | Path, pair: tuple[str, str] | None = None) -> Path:
-    """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best)."""
+    """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best).
+
+    The folder name is made safe (:func:`pairscout._io.safe_name`): an ``emb:/abs/path`` encoder, an absolute
+    ``hf:`` id or a zoo name ``../../x`` still writes inside ``RUN/align/``."""
+    from pairscout._io import safe_name
     from pairscout.runs import STORE
 
     v, t = pair or STORE.rank(run).recommended()[0]
-    return Path(run) / "align" / f"{v}__{t}"
+    return Path(run) / "align" / f"{safe_name(v)}__{safe_name(t)}"
 
 
 def align(

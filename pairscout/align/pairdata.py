@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from pairscout.align.evaluate import TEMPLATES, EvalSet
-from pairscout.encode.cache import EmbeddingCache, Embeddings
+from pairscout.embeddings.cache import EmbeddingCache, Embeddings
 from pairscout.errors import CacheError, DataError, PairscoutError
 from pairscout.zoo.spec import EncoderSpec
 
@@ -103,7 +103,9 @@ def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None
     else:
         where = str(data if data is not None else desc.get("source", ""))
         try:
-            ds = load_dataset(where)
+            cols = desc.get("columns") or {}  # the columns the run read (manifests, Hugging Face datasets)
+            ds = load_dataset(where, image_column=cols.get("image"), caption_column=cols.get("caption"),
+                              label_column=cols.get("label"))
             if ds.fingerprint != expected and desc.get("selection"):
                 ds = ds.subset(int(desc["selection"]["n"]), seed=int(settings.get("seed", 0)))
         except DataError as e:
@@ -140,7 +142,7 @@ def load_embeddings(src: PairSource, spec: EncoderSpec, *, tokens: bool = False,
         if hit is not None:
             return hit
     if src.encode_missing:
-        from pairscout.encode.runner import EncodeSettings, encode
+        from pairscout.embeddings.runner import EncodeSettings, encode
 
         return encode(spec, src.dataset, cache=src.cache, settings=EncodeSettings(tokens=tokens, device=src.device))
     pair = (spec, partner) if spec.modality == "vision" else (partner, spec)

@@ -212,7 +212,7 @@ def probe(
     settings = settings or ProbeSettings()
     t_start = time.perf_counter()
     if run is None:
-        from pairscout.encode.runner import EncodeSettings
+        from pairscout.embeddings.runner import EncodeSettings
         from pairscout.ranking import rank
 
         rank_res = rank(vision_zoo or "offline", text_zoo or "offline", data or "generated", n=n, cache_dir=cache_dir, out=out,
@@ -288,8 +288,11 @@ def _update_verdict(src: PairSource, result: ProbeResult, where: Path | None) ->
     if old is None:
         return None
     if not result.meta.get("above_chance"):
-        v = replace(old, reason=old.reason + (
-            f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {result.meta['target']}, "
+        from pairscout.align.predictors import readout_label
+        from pairscout.ranking.verdict import PROBE_ADVICE
+
+        v = replace(old, reason=" ".join(old.reason.replace(PROBE_ADVICE, "").split()) + (
+            f" The probe's best pair reads {result.meta.get('best_target', float('nan')):.3f} {readout_label(result.meta['target'])}, "
             f"not clearly above chance ({result.meta.get('chance', float('nan')):.3f}): it cannot revisit the verdict."))
     else:
         v = update_from_probe(old, result.pairs, result.meta["target"], int(result.meta["n_test_items"]))
@@ -306,9 +309,9 @@ def _check_cached(src: PairSource, chosen: pd.DataFrame) -> None:
     for v, t in zip(chosen["vision"], chosen["text"], strict=True):
         vs, ts = src.spec(str(v), "vision"), src.spec(str(t), "text")
         for spec, partner in ((vs, ts), (ts, vs)):
-            if spec.id not in seen:
+            if spec.fingerprint() not in seen:  # one id may be pooled two ways: its settings tell them apart
                 load_embeddings(src, spec, partner=partner)
-                seen.add(spec.id)
+                seen.add(spec.fingerprint())
 
 
 def verdict(corr: pd.DataFrame, metric: str, meta: dict[str, Any] | None = None) -> str:

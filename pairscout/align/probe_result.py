@@ -50,8 +50,18 @@ class ProbeResult:
     def load(cls, out: str | Path) -> ProbeResult:
         """Read what :meth:`save` wrote (also a folder of a run made before ``probe_correlations.parquet`` existed)."""
         from pairscout._io import load_result
+        from pairscout.ranking.result import _VERDICT
 
-        meta, frames = load_result(out, (PROBE_TABLE,), PROBE_JSON, what="probe result", optional=(CORR_NAME,),
+        num, opt = (float, type(None)), type(None)
+        shape = {"kind": str, "settings": dict, "train_config": dict, "metrics": list, "target": str, "target_why": str, "chance": num,
+                 "n_test_items": (int, opt), "best_target": num, "above_chance": bool, "family_size": (int, opt),
+                 "measures_from_rank": list, "measures_computed_by_probe": list, "measure_options": dict, "measure_failures": dict,
+                 "rank_run": (str, opt), "primary": (str, opt), "dataset": dict, "dataset_fingerprint": (str, opt),
+                 "n_pairs_ranked": (int, opt), "command": (str, opt), "verdict": (dict, opt), "correlations": list, "pairs": list,
+                 "settings.top_k": int, "settings.bottom_k": int, "settings.middle_k": int, "settings.steps": int,
+                 "settings.batch_size": int, "settings.out_dim": int, "settings.lr": float, "settings.test_fraction": float,
+                 "settings.seed": int, "settings.target": (str, opt), **{f"verdict.{k}": v for k, v in _VERDICT.items()}}  # fmt: skip
+        meta, frames = load_result(out, (PROBE_TABLE,), PROBE_JSON, what="probe result", optional=(CORR_NAME,), shape=shape,
                                    fix="run `pairscout probe RUN` first, or point at the folder it wrote.")  # fmt: skip
         meta.pop("pairs", None)
         rows = meta.pop("correlations", [])

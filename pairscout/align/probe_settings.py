@@ -33,6 +33,11 @@ class ProbeSettings:
     class_level: bool = False
     """Train with every caption of the same class as a positive (identical captions always are)."""
 
+    def __post_init__(self) -> None:
+        from pairscout.bounds import check_fields
+
+        check_fields(self)  # every numeric setting against its declared range (pairscout.bounds)
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(head="linear", out_dim=self.out_dim, loss="sigmoid", loss_norm=self.loss_norm, optimizer=self.optimizer,
                            lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size, steps=self.steps,

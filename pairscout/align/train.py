@@ -76,7 +76,7 @@ from pairscout.align.train_config import (
     build_optimizer,
     lr_factor,
 )
-from pairscout.encode.cache import Embeddings
+from pairscout.embeddings.cache import Embeddings
 from pairscout.errors import DivergenceError, HeadError, TrainError
 from pairscout.provenance import versions
 

@@ -89,20 +89,15 @@ class TrainConfig:
     RUN_ONLY = ("device", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints")
 
     def __post_init__(self) -> None:
+        from pairscout.bounds import check_fields
+
+        check_fields(self, TrainError)  # every numeric setting against its declared range (pairscout.bounds)
         if self.optimizer not in OPTIMIZERS:
             raise TrainError(f"optimizer {self.optimizer!r} is unknown.", fix=f"use one of {', '.join(OPTIMIZERS)}.")
         if self.captions not in ("sample", "all"):
             raise TrainError(f"captions={self.captions!r} is unknown.", fix="use 'sample' or 'all'.")
         if self.schedule not in ("cosine", "constant"):
             raise TrainError(f"schedule={self.schedule!r} is unknown.", fix="use 'cosine' or 'constant'.")
-        if self.batch_size < 1 or (self.steps is not None and self.steps < 1):
-            raise TrainError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1.", fix="pass positive numbers.")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not self.epochs > 0):
-            raise TrainError(f"--epochs {self.epochs!r} must be > 0.", fix="pass a positive number of epochs, or --steps.")
-        if not 0.0 <= self.warmup < 1.0:
-            raise TrainError(f"warmup={self.warmup} must be a fraction in [0, 1).", fix="use e.g. 0.1.")
-        if self.lr is not None and not self.lr > 0:
-            raise TrainError(f"lr={self.lr} must be > 0.", fix="use e.g. 1e-3 (AdamW) or 1e-4 (Lion).")
 
     @property
     def peak_lr(self) -> float:

@@ -19,6 +19,7 @@ from pairscout.cli import _ui as ui
 from pairscout.cli import align as _align
 from pairscout.cli import data as _data
 from pairscout.cli import rank as _rank
+from pairscout.cli._options import checked
 from pairscout.errors import PairscoutError
 from pairscout.version import __version__
 
@@ -51,12 +52,12 @@ def _root(
 
 app.add_typer(_data.zoo_app, name="zoo")
 app.add_typer(_data.cache_app, name="cache")
-app.command("encode")(_data.encode)
-app.command("rank")(_rank.rank)
-app.command("probe")(_align.probe)
-app.command("align")(_align.align)
-app.command("report")(_rank.report)
-app.command("zero-shot")(_align.zero_shot)
+app.command("encode")(checked(_data.encode))
+app.command("rank")(checked(_rank.rank))
+app.command("probe")(checked(_align.probe))
+app.command("align")(checked(_align.align))
+app.command("report")(checked(_rank.report))
+app.command("zero-shot")(checked(_align.zero_shot))
 
 
 def main() -> None:

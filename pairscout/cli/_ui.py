@@ -20,14 +20,34 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.segment import Segment
+from rich.table import Table as _RichTable
 from rich.text import Text
 
-from pairscout.errors import PairscoutError
+from pairscout.errors import PairscoutError, printable
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+
+class SafeConsole(Console):
+    """A rich console that never writes a control character it did not make itself: the text of every segment
+    (messages, table cells, titles, progress descriptions) goes through :func:`pairscout.errors.printable`;
+    rich's own styling (colours, cursor moves of the progress bars) is left as is."""
+
+    def _render_buffer(self, buffer):  # noqa: ANN001 - rich's signature
+        return super()._render_buffer(s if s.control else Segment(printable(s.text), s.style, s.control) for s in buffer)
+
+
+err = SafeConsole(stderr=True, highlight=False)
+out = SafeConsole(highlight=False)
 WIDE_PIPE = 160
 """Console width when output is not a terminal (files, CI logs) and COLUMNS is not set: tables keep full ids."""
+
+
+class Table(_RichTable):
+    """Every table of the CLI: its caption (the footnote) reads left to right under it, never centred into a block."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("caption_justify", "left")
+        super().__init__(*args, **kwargs)
 
 
 def say(message: str, style: str | None = None) -> None:
@@ -55,13 +75,41 @@ def user_errors() -> Iterator[None]:
     except PairscoutError as e:
         error(str(e))
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # a write or read the system refused (full disk, read-only folder, a file where a folder goes)
+        error(os_error_line(e))
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        error(f"interrupted. {INTERRUPT_KEPT}")
+        raise typer.Exit(130) from None
+
+
+INTERRUPT_KEPT = ("Kept: every embedding encoded so far (in the cache), align's last checkpoint, and the results written "
+                  "before the interrupt (a result file is written whole or not at all); rerunning the same command resumes from them.")
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an error of the operating system: which file, what went wrong, and what to do."""
+    import errno
+
+    name = e.filename if e.filename is not None else "a file"
+    what = e.strerror or str(e) or type(e).__name__
+    fix = {errno.ENOSPC: "free some space there (or pass --out/--cache-dir on another disk) and rerun the same command.",
+           errno.EDQUOT: "free some space there (or pass --out/--cache-dir on another disk) and rerun the same command.",
+           errno.EACCES: "choose a folder you can write to (--out / --cache-dir), or change its permissions.",
+           errno.EPERM: "choose a folder you can write to (--out / --cache-dir), or change its permissions.",
+           errno.EROFS: "choose a folder on a writable disk (--out / --cache-dir).",
+           errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path.",
+           errno.EEXIST: "a file is in the way: remove it or choose another path.",
+           errno.EISDIR: "that path is a folder: pass a file name.",
+           errno.ENAMETOOLONG: "choose a shorter path."}.get(e.errno or 0, "check the path and the disk, then rerun the same command.")  # fmt: skip
+    return " ".join(f"{name}: {what}. Fix: {fix}".split())
 
 
 class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        return f"{stamp} {level}{record.getMessage()}"
+        return printable(f"{stamp} {level}{record.getMessage()}")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -169,6 +217,30 @@ def progress() -> Iterator[Reporter]:
         yield _PlainReporter()
 
 
+# --- JSON on stdout ---------------------------------------------------------------------------------
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float as None (JSON has no NaN: a bare ``NaN`` breaks ``jq`` and
+    ``json.loads`` in other languages); numpy scalars become Python numbers."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    """The one way a command prints its ``--json`` result: valid JSON (no bare NaN), strings as they are."""
+    import json
+
+    out.print_json(json.dumps(finite_json(obj), default=str, allow_nan=False))
+
+
 # --- numbers ---------------------------------------------------------------------------------------
 def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
     """A table on stderr; with ``wide`` (the user asked for every column) as wide as it needs, up to ``max_width``,
@@ -182,7 +254,7 @@ def print_table(table: Any, wide: bool = False, max_width: int = 400) -> None:
     if need <= err.width:
         err.print(table)
     else:  # Console.print never exceeds the console's width: a console of the width the table needs
-        Console(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
+        SafeConsole(stderr=True, highlight=False, width=min(need, max_width), force_terminal=err.is_terminal).print(table)
 
 
 def num(x: Any, digits: int = 3) -> str:

@@ -6,13 +6,11 @@ come from :class:`~pairscout.align.probe_settings.ProbeSettings` and :class:`~pa
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
@@ -20,17 +18,21 @@ from pairscout.cli import _ui as ui
 from pairscout.cli._align_lines import _against_probe, _which_pair  # noqa: F401 - _against_probe: tests import it here
 from pairscout.cli._options import (
     CacheOpt,
+    CaptionColOpt,
     DeviceOpt,
     ForceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     ReportOpt,
     RunAlias,
     RunArg,
     VerboseOpt,
+    data_with_columns,
     pick_run,
 )
+from pairscout.cli._ui import Table, num
 from pairscout.cli._ui import literal as L
-from pairscout.cli._ui import num
 
 PROBE = ProbeSettings()
 TRAIN = TrainConfig()
@@ -56,6 +58,9 @@ def probe(
     text_zoo: TextOpt = None,
     data: DataOpt = None,
     n: NOpt = None,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Probe the K best-ranked pairs.")] = PROBE.top_k,
     bottom_k: Annotated[int, typer.Option("--bottom-k", help="... and the K worst-ranked ones.")] = PROBE.bottom_k,
     middle_k: Annotated[int, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.")] = PROBE.middle_k,
@@ -94,7 +99,11 @@ def probe(
         settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
                                  optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device,
                                  target=target, class_level=class_level)  # fmt: skip
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir if out_dir is not None else run)
         with ui.progress() as rep:
+            data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
         for table in (probe_table(res, wide), corr_table(res, wide)):
@@ -115,7 +124,7 @@ def probe(
             from pairscout._io import records
 
             payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta}
-            ui.out.print_json(json.dumps(payload, default=str))
+            ui.print_json(payload)
 
 
 def probe_table(res, wide: bool = False) -> Table:
@@ -222,6 +231,9 @@ def align(
     text_zoo: TextOpt = None,
     data: DataOpt = None,
     n: NOpt = None,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     head: Annotated[str, typer.Option(help="linear, mlp, glu (SAIL) or local_global (freeze-align; needs `encode --tokens`).")] = TRAIN.head,
     out_dim: Annotated[int, typer.Option(help="Shared space dimension (SAIL: 1024).")] = TRAIN.out_dim,
     hidden_mult: Annotated[int, typer.Option(help="GLU hidden width / input dim (SAIL: 8).")] = TRAIN.hidden_mult,
@@ -242,7 +254,7 @@ def align(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: at the end).")] = TRAIN.eval_every,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: at the end).")] = 100,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Zero-shot classification read-out when the data has labels.")] = True,
-    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: RUN/align/VISION__TEXT).", show_default=False)] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the aligned model (default: the folder VISION__TEXT in RUN/align).", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
     force: ForceOpt = False,
     keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint/--drop-checkpoint",
@@ -282,8 +294,12 @@ def align(
                 ui.say(line)
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out_dir)
         with ui.progress() as rep:
             label = f"align {chosen[0]} x {chosen[1]}" if chosen else "align best pair"
+            data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_align(chosen, run=run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, config=config,
                             test_fraction=test_fraction, split_seed=seed, zero_shot=zero_shot, cache_dir=cache_dir, out=out_dir,
                             resume=resume, force=force, keep_checkpoint=keep_checkpoint, progress=rep.training(label),
@@ -305,7 +321,7 @@ def align(
         if as_json:
             payload = {"model": str(res.out) if res.out else None, "vision": res.model.vision_spec.name, "text": res.model.text_spec.name,
                        "metrics": res.metrics, "train": res.train.summary()}  # fmt: skip
-            ui.out.print_json(json.dumps(payload, default=str))
+            ui.print_json(payload)
 
 
 def _align_table(res) -> Table:
@@ -353,4 +369,4 @@ def zero_shot(
             t.add_row(L(f), *[L(f"{c} ({p:.2f})") for c, p in top])
         ui.err.print(t)
         if as_json:
-            ui.out.print_json(json.dumps([{"image": str(f), "top": [{"class": c, "p": p} for c, p in top]} for f, top in zip(files, pred.top, strict=True)]))
+            ui.print_json([{"image": str(f), "top": [{"class": c, "p": p} for c, p in top]} for f, top in zip(files, pred.top, strict=True)])

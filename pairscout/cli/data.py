@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from pairscout.cli import _ui as ui
@@ -16,9 +14,12 @@ from pairscout.cli._options import (
     RANK,
     BatchOpt,
     CacheOpt,
+    CaptionColOpt,
     DataOpt,
     DeviceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     NOpt,
     SeedOpt,
     SkipBadOpt,
@@ -28,6 +29,7 @@ from pairscout.cli._options import (
     VisionZoo,
     WorkersOpt,
 )
+from pairscout.cli._ui import Table
 from pairscout.cli._ui import literal as L
 
 if TYPE_CHECKING:
@@ -103,6 +105,9 @@ def encode(
     data: DataOpt = "generated",
     n: NOpt = None,
     seed: SeedOpt = RANK.seed,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
     batch_size: BatchOpt = None,
@@ -117,15 +122,15 @@ def encode(
 ) -> None:
     """Encode a paired dataset with every model of two zoos (cached, resumable)."""
     ui.setup_logging(verbose)
-    from pairscout.cli._options import given
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.runner import EncodeSettings, encode_zoo
+    from pairscout.cli._options import columns, given
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.runner import EncodeSettings, encode_zoo
     from pairscout.resolve import drop_bad_images, resolve_data, resolve_zoos
     from pairscout.runtime import pick_device
 
     with ui.user_errors():
         vz, tz = resolve_zoos(vision_zoo, text_zoo)
-        ds = resolve_data(data, n=n, seed=seed, skip_bad_rows=skip_bad)
+        ds = resolve_data(data, n=n, seed=seed, skip_bad_rows=skip_bad, columns=columns(image_column, caption_column, label_column))
         if skip_bad:
             ds, bad = drop_bad_images(ds)
             if bad:
@@ -150,7 +155,7 @@ def encode(
                 "embeddings": {k: {kk: v.meta.get(kk) for kk in ("model_id", "modality", "n", "dim", "precision")} for k, v in res.embeddings.items()},
                 "failures": res.failures,
             }
-            ui.out.print_json(json.dumps(summary, default=str))
+            ui.print_json(summary)
         if res.failures:
             ui.error(f"{len(res.failures)} model(s) failed: {', '.join(res.failures)}; the others are cached.")
             raise typer.Exit(1)
@@ -159,15 +164,21 @@ def encode(
 @cache_app.command("list")
 def cache_list(cache_dir: CacheOpt = None) -> None:
     """Every cached embedding set with its model, dataset and size."""
-    from pairscout.encode.cache import EmbeddingCache
+    from pairscout.embeddings.cache import EmbeddingCache
 
     with ui.user_errors():
         cache = EmbeddingCache(cache_dir)
-        table = Table(title=L(f"cache {cache.root}"))
-        for col in ("model", "dataset", "fingerprint", "n", "dim", "precision", "tokens", "MB"):
-            table.add_column(col)
-        for r in cache.entries():
-            table.add_row(*(L(r.get(k)) for k in ("model_id", "dataset", "dataset_fingerprint", "n", "dim", "precision", "tokens")),
+        table = Table(title=L(f"cache {cache.root}"), caption=L("fingerprint: its first 12 characters (cache clear --dataset takes a prefix)"))
+        rows = list(cache.entries())
+        # ids are what `cache clear --model` takes: printed whole (folded, never cut to "efficientnet-l…")
+        table.add_column("model", overflow="fold", min_width=min(60, max([len(str(r.get("model_id"))) for r in rows] + [5])))
+        table.add_column("dataset", overflow="fold")
+        table.add_column("fingerprint", no_wrap=True, min_width=12)
+        for col in ("n", "dim", "precision", "tokens", "MB"):
+            table.add_column(col, justify="right" if col in ("n", "dim", "MB") else "left")
+        for r in rows:
+            fp = str(r.get("dataset_fingerprint") or "")[:12]
+            table.add_row(*(L(r.get(k)) for k in ("model_id", "dataset")), L(fp), *(L(r.get(k)) for k in ("n", "dim", "precision", "tokens")),
                           f"{r['size_mb']:.1f}")  # fmt: skip
         ui.out.print(table)
 
@@ -181,8 +192,8 @@ def cache_clear(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before removing every entry.")] = False,
 ) -> None:
     """Remove cached embeddings (all, or of one model and/or dataset)."""
-    from pairscout.encode.cache import EmbeddingCache
-    from pairscout.encode.housekeeping import clear_cache
+    from pairscout.embeddings.cache import EmbeddingCache
+    from pairscout.embeddings.housekeeping import clear_cache
     from pairscout.errors import PairscoutError
 
     with ui.user_errors():

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from pairscout.cli import _ui as ui
 from pairscout.cli._options import (
     RANK,
     BatchOpt,
     CacheOpt,
+    CaptionColOpt,
     DataOpt,
     DeviceOpt,
     ForceOpt,
+    ImageColOpt,
     JsonOpt,
+    LabelColOpt,
     MetricsHelp,
     NOpt,
     PrimaryHelp,
@@ -29,6 +30,7 @@ from pairscout.cli._options import (
     VisionZoo,
     WorkersOpt,
 )
+from pairscout.cli._ui import Table
 from pairscout.cli._ui import literal as L
 
 
@@ -38,6 +40,9 @@ def rank(
     data: DataOpt = "generated",
     n: NOpt = None,
     seed: SeedOpt = RANK.seed,
+    image_column: ImageColOpt = None,
+    caption_column: CaptionColOpt = None,
+    label_column: LabelColOpt = None,
     metrics: Annotated[str | None, typer.Option(help=MetricsHelp, show_default=False)] = None,
     primary: Annotated[str | None, typer.Option(help=PrimaryHelp, show_default=False)] = None,
     score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = RANK.score,
@@ -49,7 +54,7 @@ def rank(
     layers: Annotated[str | None, typer.Option(help="Layer sweep: 'all' or block indices like -1,-4,-8 for every encoder that can read hidden layers; each pair is scored at its best layer pair, p corrected for the search.", show_default=False)] = RANK.layers,
     layer_rows: Annotated[int, typer.Option(help="Rows the layer sweep chooses layers on (a seeded subset, at most half the rows; every number is measured on the others).")] = RANK.layer_rows,
     precision: Annotated[str, typer.Option(help="CKA products: auto (float32 on GPUs, float64 on CPU), float64, float32 or tf32; sums are float64 always.")] = RANK.precision,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for results (parquet, CSV, JSON) and plots (default: a new runs/rank-DATE-TIME; $PAIRSCOUT_RUNS sets the parent).", show_default=False)] = None,
     force: ForceOpt = False,
     top: Annotated[int, typer.Option(help="Rows of the table printed.")] = 10,
     wide: Annotated[bool, typer.Option("--wide", help="Print every metric, not only the primary one.")] = False,
@@ -66,15 +71,27 @@ def rank(
 ) -> None:
     """Rank every vision x text pair of two zoos (defaults: offline zoos on the generated dataset)."""
     ui.setup_logging(verbose)
-    from pairscout.cli._options import given
-    from pairscout.encode.runner import EncodeSettings
+    from pairscout.cli._options import columns, given
+    from pairscout.embeddings.runner import EncodeSettings
     from pairscout.errors import PairscoutError
     from pairscout.ranking import RankSettings
     from pairscout.ranking import rank as run_rank
 
     with ui.user_errors():
+        from pairscout.bounds import check
+
+        check("--top", top)
+
+        import os
+
+        defaulted = out is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1  # torchrun: each process would pick its own
+        if defaulted:  # probe, align and report read a saved run: a rank is never thrown away
+            out = default_run_folder()
         if with_report and out is None:
             raise PairscoutError("--report needs --out: the report is rebuilt from the saved results.", fix="add --out DIR.")
+        from pairscout._io import check_out_folder
+
+        check_out_folder(out)
         settings = RankSettings(
             metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else RANK.metrics,
             primary=primary, score=score, knn_k=knn_k, clip_quantile=clip_quantile, ci_groups=ci_groups,
@@ -83,6 +100,7 @@ def rank(
         )  # fmt: skip
         with ui.progress() as rep:
             res = run_rank(vision_zoo, text_zoo, data, n=n, settings=settings, skip_bad=skip_bad,
+                           columns=columns(image_column, caption_column, label_column),
                            encode_settings=given(EncodeSettings, device=device, batch_size=batch_size, num_workers=workers,
                                                         trust_remote_code=trust_remote_code),
                            cache_dir=cache_dir, out=out, force=force, plots=plots, progress=rep.phases(), command=ui.command_line())  # fmt: skip
@@ -95,19 +113,38 @@ def rank(
         total = phases.pop("total", 0.0)
         if total > 0:  # where the metrics phase spent its time, one line per phase with its share
             ui.say(f"metrics phase {total:.1f} s: " + "; ".join(f"{k} {v:.1f} s ({100 * v / total:.0f} %)" for k, v in phases.items()))
+        if out is None:
+            ui.warn("no --out under torchrun: nothing was saved; probe, align and report need a saved run (add --out DIR).")
         if out is not None:
-            ui.say(f"results in {out}/ (pairs.parquet, pairs.csv, models.csv, rank.json, plots/)")
+            ui.say(f"results in {out}/ (pairs.parquet, pairs.csv, models.csv, rank.json, plots/)"
+                   + (" (no --out given: a new folder; pass --out DIR to choose one)" if defaulted else ""))
+            ui.say(f"next: pairscout probe {out}   (then: pairscout align {out}; pairscout report {out})")
         if with_report and out is not None:
             from pairscout.report import build_report
 
             ui.say(f"report: {build_report([out])}")
         if as_json:
             payload = {"pairs": res.pairs.to_dict(orient="records"), "models": res.models.to_dict(orient="records"), "meta": res.meta}
-            ui.out.print_json(json.dumps(payload, default=str))
+            ui.print_json(payload)
         if res.meta["failures"]:
             ui.error(f"{len(res.meta['failures'])} model(s) failed and were left out: "
                      + "; ".join(f"{k}: {v}" for k, v in res.meta["failures"].items()))  # fmt: skip
             raise typer.Exit(1)
+
+
+def default_run_folder() -> Path:
+    """Where a rank without ``--out`` saves: ``$PAIRSCOUT_RUNS`` (default ``runs``) / ``rank-YYYYMMDD-HHMMSS``, a new
+    folder each time (a ``-2``, ``-3`` suffix if two runs start in the same second)."""
+    import os
+    import time
+
+    root = Path(os.environ.get("PAIRSCOUT_RUNS") or "runs")
+    base = root / time.strftime("rank-%Y%m%d-%H%M%S")
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
 
 
 def rank_table(res, top: int, wide: bool = False) -> Table:
@@ -160,5 +197,9 @@ def report(
     from pairscout.report import build_report
 
     with ui.user_errors():
+        from pairscout._io import check_out_folder
+
+        target = out if out is not None else output
+        check_out_folder(target.parent if target is not None and target.suffix else target)
         path = build_report(runs, out if out is not None else output, title=title)
         ui.say(f"report written to {path} ({path.stat().st_size / 1024:.0f} KiB)")

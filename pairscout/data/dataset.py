@@ -90,6 +90,8 @@ class PairedDataset:
         self._fingerprint = fingerprint
         self._parent: PairedDataset | None = None
         self._selection: np.ndarray | None = None
+        self._root: tuple[int, np.ndarray, np.ndarray] | None = None
+        """(rows, caption offsets) of the dataset this view was selected from, and this view's rows in it."""
         self._meta = dict(meta or {})
         self._check()
 
@@ -149,13 +151,21 @@ class PairedDataset:
         """The image's path, ``shard.tar:member`` or ``generated:<seed>:<index>`` (for messages)."""
         return self._images.image_id(self._src(self._row(i)))
 
+    def locate(self, i: int) -> str:
+        """Where row ``i`` is, as the user can find it: ``line 9 of x.csv`` for a manifest, else ``row 7 of SOURCE``."""
+        i = self._row(i)
+        where = getattr(self._images, "where", None)
+        if where:
+            return f"{where[self._src(i)]} of {self.source}"
+        return f"row {i} of {self.source}"
+
     def load_image(self, i: int) -> Image.Image:
         """Row ``i``'s image as RGB. A missing or corrupt image raises :class:`DataError`."""
         i = self._row(i)
         try:
             return self._images.open(self._src(i))
         except ImageReadError as e:
-            raise DataError(f"Image {self.image_id(i)} (row {i} of {self.source}) {e}.", fix=SKIP_BAD_FIX) from None
+            raise DataError(f"Image {self.image_id(i)} ({self.locate(i)}) {e}.", fix=SKIP_BAD_FIX) from None
 
     def flat_captions(self) -> tuple[list[str], np.ndarray]:
         """Every caption in row order, and each caption's row index (int64)."""
@@ -242,8 +252,29 @@ class PairedDataset:
             meta=self._meta,
         )
         view._parent, view._selection = self, idx
+        root_n, root_offsets, root_rows = self.root_rows()
+        view._root = (root_n, root_offsets, root_rows[idx])
         view._meta = {**self._meta, "selection": {"of_n": len(self), "n": int(idx.size)}}
         return view
+
+    def root_rows(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(rows of the dataset this one was selected from, its caption offsets, this view's rows in it)``;
+        a dataset that is no view is its own root."""
+        root = getattr(self, "_root", None)
+        if root is not None:
+            return root
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in self.captions], dtype=np.int64)]).astype(np.int64)
+        return len(self), offsets, np.arange(len(self), dtype=np.int64)
+
+    def file_rows(self, modality: str) -> tuple[np.ndarray, int]:
+        """Where this dataset's images (``vision``) or flattened captions (``text``) sit in a file exported for the
+        whole dataset it was selected from (``emb:`` sources): ``(positions, rows such a file has)``."""
+        root_n, offsets, rows = self.root_rows()
+        if modality == "vision":
+            return rows, root_n
+        counts = offsets[rows + 1] - offsets[rows]
+        starts = np.repeat(offsets[rows] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return (starts + np.arange(int(counts.sum()), dtype=np.int64)).astype(np.int64), int(offsets[-1])
 
     def subset(self, n: int, seed: int = 0) -> PairedDataset:
         """``n`` rows drawn at random with ``seed`` (kept in original order); ``self`` if n >= len."""
@@ -260,8 +291,10 @@ class PairedDataset:
         Stratified by label when labels exist: each class puts ``round(test_fraction * count)`` of
         its rows in test (at least one each side for classes with >= 2 rows).
         """
-        if not 0.0 < test_fraction < 1.0:
-            raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}.", fix="pass e.g. 0.2.")
+        from pairscout.bounds import check
+
+        check("--test-fraction", test_fraction, DataError)
+        check("--seed", seed, DataError)
         n = len(self)
         if n < 2:
             raise DataError(f"Dataset {self.source} has {n} row; a train/test split needs >= 2.", fix="use more rows.")

@@ -21,12 +21,22 @@ log = logging.getLogger(__name__)
 
 
 def find_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive, hidden entries skipped), sorted by relative path."""
-    out = []
+    """Image files under ``root`` (recursive, hidden entries skipped), sorted by relative path.
+
+    An image name that is no readable file (a symlink loop, a broken link, a FIFO) is left out, counted and
+    reported in one warning, never dropped silently."""
+    out, unreadable = [], []
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts) and p.is_file():
-            out.append(p)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts):
+            try:
+                (out if p.is_file() else unreadable if not p.is_dir() else []).append(p)
+            except OSError:  # ELOOP and friends on some systems
+                unreadable.append(p)
+    if unreadable:
+        unreadable.sort()
+        log.warning("%s: left out %d image name(s) that are not readable files (symlink loops, broken links or special files), e.g. %s",
+                    root, len(unreadable), unreadable[0].relative_to(root).as_posix())
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 

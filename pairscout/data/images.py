@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pairscout._io import open_regular
 from pairscout.errors import ImageReadError
@@ -56,7 +56,7 @@ def _high_depth_to_8bit(im: Image.Image) -> Image.Image:
 
 
 def decode_image(fp: str | Path | BinaryIO) -> Image.Image:
-    """Decode fully into an RGB image (transparent pixels over white); raise ImageReadError.
+    """Decode fully into an RGB image (EXIF orientation applied, transparent pixels over white); raise ImageReadError.
 
     A path is opened only if it is a regular file of at most :data:`MAX_IMAGE_BYTES` (a FIFO or
     ``/dev/zero`` in a manifest is a bad image, not a hang).
@@ -64,8 +64,9 @@ def decode_image(fp: str | Path | BinaryIO) -> Image.Image:
     try:
         if isinstance(fp, str | Path):
             fp = open_regular(fp, MAX_IMAGE_BYTES)
-        with fp, Image.open(fp) as im:
-            im.load()
+        with fp, Image.open(fp) as raw:
+            raw.load()
+            im = ImageOps.exif_transpose(raw)  # a phone photo's EXIF orientation: the pixels as the camera meant them
             if im.mode.startswith("I") or im.mode == "F":
                 return _high_depth_to_8bit(im).convert("RGB")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -105,8 +106,10 @@ class FileImages:
     kind = "files"
     can_fail = True
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], where: list[str] | None = None) -> None:
         self.paths = [str(p) for p in paths]  # str: compact to pickle into workers
+        self.where = list(where) if where is not None else None
+        """Per image, where the file that listed it names it ("line 9"): messages point there, not at a row index."""
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | None, what: str, path: Path, required: bool) -> str | None:
     lower = {c.strip().lower(): c for c in found}
+    if override == "" and not required:  # label_column="": no labels
+        return None
     if override is not None:
         if override in found:
             return override
@@ -53,7 +55,7 @@ def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | No
         raise DataError(
             f"Manifest {path} has columns ({', '.join(found) or 'none'}) but needs an image column (one of {', '.join(IMAGE_COLUMNS)}) "
             f"and a caption column (one of {', '.join(CAPTION_COLUMNS)}); {what} column missing.",
-            fix="rename the columns, or pass image_column= / caption_column= to load_dataset.",
+            fix="rename the columns in the file to one of those names.",
         )
     return None
 
@@ -124,8 +126,18 @@ def _read_csv(path: Path, bad: _Bad) -> tuple[list[str], list[tuple[str, dict[st
         if len(fields) != len(header):
             bad(f"line {lineno}", f"has {len(fields)} fields but the header has {len(header)}", "quote fields that contain the delimiter")
             continue
-        rows.append((f"line {lineno}", dict(zip(header, fields, strict=True))))
+        rec: dict[str, Any] = {}
+        for name, value in zip(header, fields, strict=True):
+            if header.count(name) > 1:  # a repeated column (image,caption,caption): every cell kept, in order
+                rec.setdefault(name, _Repeated()).append(value)
+            else:
+                rec[name] = value
+        rows.append((f"line {lineno}", rec))
     return header, rows
+
+
+class _Repeated(list):
+    """The cells of a column name the header repeats (several ``caption`` columns: several captions)."""
 
 
 def _read_json_records(path: Path, bad: _Bad) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
@@ -162,6 +174,8 @@ def _captions(value: Any, column: str, where: str, path: Path) -> list[str]:
     """A cell's captions; anything but text (or a list of text) is an error naming the line."""
     if value is None:
         return []
+    if isinstance(value, _Repeated):  # several caption columns: each non-empty cell is a caption
+        return [c for cell in value if cell.strip() for c in _captions(cell, column, where, path)]
     if isinstance(value, list):
         odd = [v for v in value if v is not None and not isinstance(v, str)]
         if odd:
@@ -207,6 +221,10 @@ def read_manifest(
     cap_col = _find_column(columns, CAPTION_COLUMNS, caption_column, "caption", path, True)
     lab_col = _find_column(columns, LABEL_COLUMNS, label_column, "label", path, False)
     root = images_root if images_root is not None else path.parent
+    for col, what in ((img_col, "image"), (lab_col, "label")):
+        if col is not None and columns.count(col) > 1:
+            raise DataError(f"Manifest {path} has the {what} column '{col}' {columns.count(col)} times; one {what} per line is allowed.",
+                            fix=f"keep one '{col}' column (a repeated caption column is fine: each cell is a caption).")
 
     def gen() -> Iterator[Record]:
         for where, rec in records:
@@ -239,7 +257,8 @@ def read_manifest(
     labels, names = map_labels(rows.labels, path, rows.where, classnames)
     ds_name = name or (path.parent.name if path.stem.lower() == "metadata" else path.stem)
     return PairedDataset(
-        name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys]),
+        name=ds_name, source=str(path), fmt=fmt, images=FileImages([Path(k) for k in rows.keys], where=rows.where),
         captions=rows.captions, labels=labels, classnames=names,
-        meta={"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else None,
+        meta={"columns": {"image": img_col, "caption": cap_col, "label": lab_col or ""},
+              **({"skipped_lines": {"count": len(bad.skipped), "first": bad.skipped[:3]}} if bad.skipped else {})},
     )  # fmt: skip

@@ -73,6 +73,10 @@ def group_records(records: Iterable[Record], source: str | Path) -> Rows:
     return rows
 
 
+MISSING_LABELS = frozenset({"nan", "null", "<na>", "n/a"})
+"""Label cells that mean "no label" (pandas writes a missing value as ``nan`` or ``<NA>``): never a class."""
+
+
 def map_labels(
     raw: Sequence[int | str | None],
     source: str | Path,
@@ -84,6 +88,7 @@ def map_labels(
     All ``None``: no labels. Integers (or integer strings): used as ids; ``classnames`` as given.
     Any other string: class names, ids in sorted-name order (or the order of ``classnames``).
     """
+    raw = [None if isinstance(v, str) and v.strip().lower() in MISSING_LABELS else v for v in raw]
     if all(v is None or (isinstance(v, str) and not v.strip()) for v in raw):
         return None, list(classnames) if classnames is not None else None
     for v, w in zip(raw, where, strict=True):

@@ -84,9 +84,18 @@ def _check_uncompressed(path: Path) -> None:
         raise DataError(f"Shard {path} is compressed; random access needs an uncompressed .tar.", fix=f"decompress it (e.g. gunzip {path.name}).")
 
 
-def _text(tf: tarfile.TarFile, m: tarfile.TarInfo) -> str:
+def _text(tf: tarfile.TarFile, m: tarfile.TarInfo, path: Path) -> str:
+    """A text member as UTF-8 (a BOM dropped); other bytes are one line naming the member, never replaced by '?'
+    (the same rule as manifests and caption files)."""
     f = tf.extractfile(m)
-    return "" if f is None else f.read().decode("utf-8", errors="replace")
+    if f is None:
+        return ""
+    data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{m.name} in shard {path} is not UTF-8 text (byte {e.start}: {e.reason}; e.g. Latin-1 captions).",
+                        fix=f"re-encode its text as UTF-8 (e.g. iconv -f latin1 -t utf-8), or remove {m.name}.") from None
 
 
 def _index_shard(path: Path, shard: int, members: list[TarMember], records: list[Record]) -> None:
@@ -111,16 +120,16 @@ def _index_shard(path: Path, shard: int, members: list[TarMember], records: list
                 where = f"sample {key}"
                 caps: list[str] = []
                 if "txt" in parts:
-                    caps = _text(tf, parts["txt"]).splitlines()
+                    caps = _text(tf, parts["txt"], path).splitlines()
                 elif "json" in parts:
                     try:
-                        meta = json.loads(_text(tf, parts["json"]))
+                        meta = json.loads(_text(tf, parts["json"], path))
                     except json.JSONDecodeError as e:
                         raise DataError(f"The json of {where} in shard {path} does not parse ({e.msg}).", fix="fix or remove that sample.") from None
                     if isinstance(meta, dict):
                         c = meta.get("captions", meta.get("caption"))
                         caps = [str(x) for x in c] if isinstance(c, list) else ([] if c is None else [str(c)])
-                label = _text(tf, parts["cls"]).strip() if "cls" in parts else None
+                label = _text(tf, parts["cls"], path).strip() if "cls" in parts else None
                 members.append(TarMember(shard, img.name, img.offset_data, img.size))
                 records.append(Record(f"{path}:{key}", caps, label, where))
             if n_skipped:

@@ -75,7 +75,7 @@ def build_encoder(spec: EncoderSpec) -> Encoder:
 
 
 LAYER_SOURCES = ("timm:", "hf:", "st:", "baseline:random-net", "pack:efficientnet-lite*", "pack:all-MiniLM-L6-v2",
-                 "pack:all-mpnet-base-v2")
+                 "pack:all-mpnet-base-v2", "pack:dinov2-s14-imgfocus")
 """Encoders that can read hidden layers for a layer sweep (``layers`` in a zoo entry, ``rank --layers``)."""
 
 

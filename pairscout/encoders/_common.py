@@ -192,11 +192,15 @@ def sweep_blocks(spec: EncoderSpec, n_blocks: int) -> list[int]:
     if not out:
         raise ZooError(f"{spec.id}: layers {spec.layers} are all outside this model's {n_blocks} blocks.",
                        fix=f"use indices in -{n_blocks} .. {n_blocks - 1}, or layers = \"all\".")
-    if dropped:
+    if dropped and (spec.id, n_blocks, tuple(dropped)) not in _WARNED:  # the blocks are asked for on every pass: say it once
         import logging
 
+        _WARNED.add((spec.id, n_blocks, tuple(dropped)))
         logging.getLogger(__name__).warning("%s has %d blocks: layers %s left out of its sweep", spec.id, n_blocks, dropped)
     return sorted(out)
+
+
+_WARNED: set[tuple[str, int, tuple[int, ...]]] = set()
 
 
 def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

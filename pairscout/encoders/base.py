@@ -80,6 +80,7 @@ class Encoder(ABC):
 class PrecomputedEncoder(Encoder):
     """Embeddings computed elsewhere (``emb:`` source): rows are read, not encoded."""
 
-    def load(self, n_rows: int, *, tokens: bool = False) -> EncoderOutput:
-        """Return all rows; must raise :class:`~pairscout.errors.DataError` if the count differs."""
+    def load(self, n_rows: int, *, tokens: bool = False, subset: int | None = None) -> EncoderOutput:
+        """Return all rows; must raise :class:`~pairscout.errors.DataError` if the count differs from ``n_rows``
+        (the whole dataset's; ``subset``: the rows of the ``--n`` subset that will be kept, for the message)."""
         raise NotImplementedError

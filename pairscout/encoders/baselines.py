@@ -150,6 +150,10 @@ BASELINES: dict[str, tuple[tuple[str, ...], Callable[[EncoderSpec], Encoder]]] =
 }
 """Baseline name -> (modalities it supports, builder)."""
 
+HONOURS = {"random-net": frozenset({"pooling", "layer", "layers", "image_size", "preprocess"})}
+"""The model settings (:data:`pairscout.zoo.spec.MODEL_SETTINGS`) each baseline honours; the others honour none
+(they have no weights, layers or pooling: their knobs are ``options``)."""
+
 
 def check_baseline(spec: EncoderSpec) -> Callable[[EncoderSpec], Encoder]:
     """The builder of a ``baseline:`` spec, or one line naming the baselines of its modality (checked before any
@@ -162,6 +166,7 @@ def check_baseline(spec: EncoderSpec) -> Callable[[EncoderSpec], Encoder]:
     modalities, builder = entry
     if spec.modality not in modalities:
         raise ZooError(f"{spec.id} is a {' or '.join(modalities)} baseline, not a {spec.modality} one.", fix=f'set modality = "{modalities[0]}".')
+    spec.refuse_settings(HONOURS.get(spec.target, frozenset()), f"the {spec.target} baseline")
     return builder
 
 

@@ -5,7 +5,7 @@ file is the embedding of row ``i`` of the dataset: image ``i`` for vision encode
 of the dataset's flattened caption list for text encoders.
 
 ``options``: ``key`` -- the tensor to read from a ``.safetensors`` / ``.npz`` / dict ``.pt`` file (default:
-the only one, else the first in sorted order); ``tokens_key`` / ``mask_key`` -- token features
+the only one; a file with several is refused unless ``key`` names one); ``tokens_key`` / ``mask_key`` -- token features
 ``(N, T, d)`` and their ``(N, T)`` mask in the same file, for ``--tokens``.
 """
 
@@ -78,6 +78,7 @@ class EmbeddingFileEncoder(PrecomputedEncoder):
     """Reads a ``(rows, dim)`` matrix (and optionally token features) from one file."""
 
     def __init__(self, spec: EncoderSpec) -> None:
+        check_spec(spec)
         super().__init__(spec)
         self.path = Path(spec.weights or spec.target).expanduser()
         if self.path.exists() and not self.path.is_file():
@@ -98,17 +99,35 @@ class EmbeddingFileEncoder(PrecomputedEncoder):
             return tensors[key]
         if not tensors:
             raise DataError(f"embeddings file {self.path} holds no tensors.", fix="re-export the embeddings.")
-        return tensors[sorted(tensors)[0]]
+        if len(tensors) > 1:  # taking "the first" would silently compare whichever sorts first
+            names = sorted(tensors)
+            raise DataError(f"embeddings file {self.path} holds {len(names)} tensors ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}) "
+                            f"and the encoder does not say which to read.",
+                            fix=f"name it in a zoo entry: options = {{ {what} = \"{names[0]}\" }} (or save only that tensor).")  # fmt: skip
+        return next(iter(tensors.values()))
 
-    def load(self, n_rows: int, *, tokens: bool = False) -> EncoderOutput:
+    def _check_rows(self, have: int, n_rows: int, subset: int | None) -> None:
+        """A file must hold exactly one row per dataset row: any other count is refused (never matched by --n)."""
+        if have == n_rows:
+            return
+        what = "captions" if self.spec.modality == "text" else "images"
+        if subset is not None and have == subset:
+            raise DataError(f"embeddings file {self.path} has {have} rows, as many as the --n subset, but the dataset has {n_rows} {what}: "
+                            f"the subset is a random draw, so the file's row i would be paired with the wrong row.",
+                            fix=f"export one row per dataset row ({n_rows}, in the dataset's order), or point --data at a manifest of "
+                                f"exactly the rows the file covers, without --n.")  # fmt: skip
+        raise DataError(f"embeddings file {self.path} has {have} rows but the dataset has {n_rows} {what}; row i of the file must be "
+                        f"row i of the dataset.",
+                        fix=f"export one row per dataset row ({n_rows}, in the dataset's order), or point --data at a manifest of "
+                            f"exactly the rows the file covers.")  # fmt: skip
+
+    def load(self, n_rows: int, *, tokens: bool = False, subset: int | None = None) -> EncoderOutput:
         tensors = _read_all(self.path)
         pooled = self._pick(tensors, self.spec.options.get("key"), "key").float()
         if pooled.ndim != 2:
             raise DataError(f"embeddings file {self.path} holds a tensor of shape {tuple(pooled.shape)}, not (rows, dim).",
                             fix="save one row per dataset item, or set options.key to the right tensor.")
-        if pooled.shape[0] != n_rows:
-            raise DataError(f"embeddings file {self.path} has {pooled.shape[0]} rows but the dataset has {n_rows}.",
-                            fix="re-export the embeddings for this dataset or pass --n to match.")
+        self._check_rows(pooled.shape[0], n_rows, subset)
         if not torch.isfinite(pooled).all():
             raise DataError(f"embeddings file {self.path} contains NaN or infinite values.", fix="re-export the embeddings.")
         tok = mask = None
@@ -118,10 +137,19 @@ class EmbeddingFileEncoder(PrecomputedEncoder):
             tok = self._pick(tensors, self.spec.options["tokens_key"], "tokens_key").float()
             if tok.ndim != 3 or tok.shape[0] != n_rows:
                 raise DataError(f"token features in {self.path} have shape {tuple(tok.shape)}, not ({n_rows}, T, d).",
-                                fix="re-export the embeddings for this dataset or pass --n to match.")
+                                fix=f"export one (T, d) block per dataset row ({n_rows}, in the dataset's order).")
             if "mask_key" in self.spec.options:
                 mask = self._pick(tensors, self.spec.options["mask_key"], "mask_key").bool()
         return finish(self.spec, EncoderOutput(pooled, tok, mask))
+
+
+HONOURS = frozenset({"weights"})
+"""An ``emb:`` file is read as it is: only ``weights`` (the file's path) applies; pooling, layers, sizes cannot."""
+
+
+def check_spec(spec: EncoderSpec) -> None:
+    """Refuse model settings an ``emb:`` file cannot honour (checked with the zoos, before anything is encoded)."""
+    spec.refuse_settings(HONOURS, "an emb: file (precomputed embeddings)")
 
 
 def build(spec: EncoderSpec) -> EmbeddingFileEncoder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ def as_matrix(x: ArrayLike, name: str, device: torch.device | None = None) -> to
     elif not isinstance(x, torch.Tensor):
         raise MetricError(f"{name} is a {type(x).__name__}, not a tensor or numpy array.",
                           fix="pass an (n, d) torch.Tensor or numpy array.")
+    if x.requires_grad:  # a measure is a read-out, never part of a graph: numpy and in-place steps need a plain tensor
+        x = x.detach()
     if x.is_meta:
         raise MetricError(f"{name} is a meta tensor (shape only, no values).", fix="pass a tensor with data (e.g. on cpu or cuda).")
     if x.is_complex():
@@ -113,6 +116,20 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     _, exp = torch.frexp(top)
     scale = torch.where(top > 0, torch.ldexp(torch.ones_like(top), -exp), torch.ones_like(top))
     return torch.nn.functional.normalize(x * scale, p=2, dim=1)
+
+
+def pow2_unit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` times the power of two that puts its largest |value| in [0.5, 1): exact (only the exponent
+    changes), so a scale-invariant measure's value is unchanged, and its products (fourth powers in HSIC) stay
+    normal floats for data anywhere in float64's range (1e-300 or 1e300, where they under- or overflow)."""
+    top = float(x.abs().max()) if x.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return x
+    _, e = math.frexp(top)
+    if e == 0:
+        return x
+    half = -e // 2  # two steps: 2**-e alone overflows for subnormal data
+    return x * 2.0**half * 2.0 ** (-e - half)
 
 
 def check_not_constant(mats: Sequence[torch.Tensor], names: Sequence[str], what: str) -> None:

@@ -132,6 +132,12 @@ def holm(p: torch.Tensor | np.ndarray) -> torch.Tensor:
     return out.reshape(t.shape)
 
 
+P_FLOOR = 1e-12
+"""Smallest p reported. Below it a p-value is the far tail of a fitted law (gamma from exact moments, Pearson III
+from the permutations), an extrapolation no permutation count or moment fit can back (a bare 2.8e-301 from 199
+permutations); p reads ``P_FLOOR`` there and the calibrated score ``z`` says how far above chance the value is."""
+
+
 def _gamma_sf(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """P(G >= x) for G ~ Gamma(shape = mean^2 / var, scale = var / mean); 1 where var <= 0 and x <= mean."""
     from scipy import stats
@@ -308,7 +314,8 @@ def finish(metric: str, observed: torch.Tensor, mean: torch.Tensor, sd: torch.Te
            used: int, seed: int, p_mc: torch.Tensor | None = None) -> Calibration:
     """A :class:`Calibration` from a null's mean, sd and p: the calibrated score and Holm's correction."""
     observed = observed.to(F64).cpu()
-    mean, sd, p = mean.to(F64).cpu(), sd.to(F64).cpu(), p.to(F64).cpu()
+    mean, sd = mean.to(F64).cpu(), sd.to(F64).cpu()
+    p = torch.as_tensor(p, dtype=F64).cpu().clamp(min=P_FLOOR)  # NaN stays NaN
     with torch.no_grad():
         z = (observed - mean) / sd
         z = torch.where(sd > 0, z, torch.full_like(z, float("nan")))
@@ -323,5 +330,5 @@ def debiased_cka_null_sd(n: int) -> float:
     return math.sqrt(2.0 / (n * (n - 3)))
 
 
-__all__ = ["Calibration", "CKA_METRICS", "NEIGHBOUR_METRICS", "N_PERM", "calibrate", "cka_null", "debiased_cka_null_sd", "finish",
-           "holm", "neighbour_null"]
+__all__ = ["Calibration", "CKA_METRICS", "NEIGHBOUR_METRICS", "N_PERM", "P_FLOOR", "calibrate", "cka_null",
+           "debiased_cka_null_sd", "finish", "holm", "neighbour_null"]

@@ -45,7 +45,7 @@ from pairscout.metrics._cka_stats import (  # noqa: F401 - TILE_BYTES, CHUNK_ROW
     _power_of_two_scale,
     kernel_tiles,
 )
-from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_same_rows
+from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_same_rows, pow2_unit
 
 log = logging.getLogger(__name__)
 
@@ -336,5 +336,8 @@ def all_pairs_cka(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[
         >>> float(all_pairs_cka([x], [2 * x])[0, 0])
         1.0
     """
+    if sigmas is None:  # CKA is scale-invariant: exact power-of-two rescaling keeps its sums in float range
+        xs_t, ys_t = as_matrices(xs, "xs"), as_matrices(ys, "ys")
+        xs, ys = [pow2_unit(x.detach()) for x in xs_t], [pow2_unit(y.detach()) for y in ys_t]
     return all_pairs_hsic(xs, ys, kernel, debiased, sigma_frac=sigma_frac, sigmas=sigmas, method=method,
                           dtype=dtype, tile=tile, precision=precision).cka()

@@ -182,7 +182,11 @@ def _gumbel_sf(x: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor) -> torch.T
     mu = mean - 0.5772156649015329 * beta
     z = (x - mu) / beta.clamp_min(1e-300)
     sf = -torch.expm1(-torch.exp(-z))  # 1 - exp(-exp(-z)), accurate in the far tail
-    return torch.where(sd > 0, sf, (x <= mean).to(F64))
+    from pairscout.metrics.calibration import (
+        P_FLOOR,  # a fitted tail, like the calibrated nulls': not read below the floor
+    )
+
+    return torch.where(sd > 0, sf.clamp(min=P_FLOOR), (x <= mean).to(F64))
 
 
 def sweep_pairs(x_views: Sequence[Sequence[ArrayLike]], y_views: Sequence[Sequence[ArrayLike]], *, debiased: bool = False,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrix, check_same_rows
+from pairscout.metrics._validate import ArrayLike, as_matrix, check_not_constant, check_same_rows
 from pairscout.metrics.knn import Preprocess, nearest_neighbours
 
 F64 = torch.float64
@@ -226,6 +226,7 @@ def cycle_knn(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = 
     ``j in N_y(i)``. Range [0, 1]; independent spaces give about k^2 / n.
     """
     xt, yt, n = _pair(x, y, 3, "cycle k-NN")
+    check_not_constant([xt, yt], ["x", "y"], "a neighbourhood (every row is every row's nearest neighbour)")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
         raise MetricError(f"k={k!r} neighbours with {n} rows.", fix=f"use an integer 1 <= k <= {n - 1}.")
     # scaled to max |value| 1 first: neighbours do not depend on scale, and 1e-20-sized rows then normalise

@@ -192,13 +192,26 @@ def label(name: str) -> str:
 def measure(name: str, x: Any, y: Any, **opts: Any) -> float:
     """The value of measure ``name`` for one pair (x, y) of (n, d) embeddings; ``opts`` it does not take are ignored."""
     m = get(name)
+    x, y = _scale_free(m, [x], "x", opts)[0], _scale_free(m, [y], "y", opts)[0]
     return float(m.single(x, y, **m.kwargs(opts)))
+
+
+def _scale_free(m: Measure, mats: Any, name: str, opts: dict[str, Any]) -> list[Any]:
+    """Checked matrices, each scaled by a power of two (exact) to max |value| in [0.5, 1): every measure here is
+    invariant to isotropic scaling, and this keeps that promise over the whole float64 range (``x * 1e-200``
+    would underflow CKA's fourth-power sums to 0, ``x * 1e200`` overflow them). Not with absolute RBF ``sigmas``."""
+    from pairscout.metrics._validate import as_matrices, pow2_unit
+
+    mats = as_matrices(mats, name)
+    if "sigmas" in opts:
+        return mats
+    return [pow2_unit(t.detach()) for t in mats]
 
 
 def all_pairs(name: str, xs: Any, ys: Any, **opts: Any) -> torch.Tensor:
     """The (m, t) float64 values of measure ``name`` for every pair; ``opts`` it does not take are ignored."""
     m = get(name)
-    return m.all_pairs(xs, ys, **m.kwargs(opts))
+    return m.all_pairs(_scale_free(m, xs, "xs", opts), _scale_free(m, ys, "ys", opts), **m.kwargs(opts))
 
 
 def names_help(names: Sequence[str] | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import pandas as pd
 import torch
 
 from pairscout import distributed
-from pairscout.encode.cache import EmbeddingCache
-from pairscout.encode.runner import EncodeSettings, ProgressFn, encode_zoo
+from pairscout.embeddings.cache import EmbeddingCache
+from pairscout.embeddings.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
 from pairscout.estimation import Engine, estimate
 from pairscout.metrics import registry
@@ -29,6 +30,23 @@ from pairscout.resolve import resolve_data, resolve_zoos
 from pairscout.zoo.registry import Zoo
 
 log = logging.getLogger(__name__)
+
+def print_progress(stream: Any = None) -> ProgressFn:
+    """A ``progress`` callback that prints ``HH:MM:SS phase: done/total`` to stderr when a phase starts and ends."""
+    import sys
+
+    started: set[str] = set()
+
+    def cb(phase: str, done: int, total: int | None) -> None:
+        end = total is not None and done >= total
+        if phase in started and not end:
+            return
+        started.add(phase)
+        print(f"{time.strftime('%H:%M:%S')} {phase}: {done}/{total if total is not None else '?'}{' done' if end else ''}",
+              file=stream or sys.stderr, flush=True)
+
+    return cb
+
 
 def rank(
     vision_zoo: str | Zoo = "offline",
@@ -42,9 +60,10 @@ def rank(
     out: str | Path | None = None,
     force: bool = False,
     plots: bool = True,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | bool | None = None,
     command: str | None = None,
     skip_bad: bool = False,
+    columns: Mapping[str, str | None] | None = None,
 ) -> RankResult:
     """Rank every vision x text pair of two zoos on a paired dataset.
 
@@ -63,8 +82,12 @@ def rank(
         cache_dir: the embedding cache (default ``~/.cache/pairscout``).
         out: folder for the result files and plots; refused if it holds a run with other settings
             unless ``force``.
-        progress: ``progress(phase, done, total)`` for every phase (encoding per model, each metric, null, plots).
+        progress: ``progress(phase, done, total)`` for every phase (encoding per model, each metric, null, plots);
+            ``True``: a timestamped line on stderr when each phase starts and ends (a rank takes minutes; by default
+            the API prints nothing).
         skip_bad: drop rows whose image is missing or corrupt.
+        columns: image / caption / label column names of a manifest or Hugging Face dataset
+            (``{"caption": "sentences"}``; the rest are detected), as ``--caption-column`` etc. give them.
 
     Returns:
         A :class:`RankResult` (pairs ranked best first, unimodal quality per model, metadata).
@@ -74,6 +97,10 @@ def rank(
         >>> res.best()
     """
     t_start = time.perf_counter()
+    if progress is True:
+        progress = print_progress()
+    elif progress is False:
+        progress = None
     settings = settings or RankSettings()
     vz, tz = resolve_zoos(vision_zoo, text_zoo)
     if settings.layers is not None:  # --layers: a sweep for every encoder that can read hidden layers
@@ -82,7 +109,7 @@ def rank(
         vz, tz = dataclasses.replace(vz, encoders=tuple(v_specs)), dataclasses.replace(tz, encoders=tuple(t_specs))
         if v_skip or t_skip:
             log.info("--layers: %s cannot read hidden layers; their final features are used", ", ".join(v_skip + t_skip))
-    ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad)
+    ds = resolve_data(data, n=n, seed=settings.seed, skip_bad=skip_bad, columns=columns)
     n_rows = len(ds)
     _, world = distributed.rank_world()
     if world > n_rows:

@@ -104,6 +104,22 @@ def read_revisions(run: str | Path, rank_meta: dict[str, Any]) -> list[VerdictRe
     return revs
 
 
+_VERDICT = {"pair": list, "tied": list, "duplicates": list, "reason": str, "source": str, "metric": str,
+            "above_chance": (bool, type(None)), "tests": list}
+SHAPE: dict[str, Any] = {
+    "kind": str, "settings": dict, "dataset": dict, "vision_order": list, "text_order": list, "failures": dict,
+    "verdict": (dict, type(None)), "verdict_rank": (dict, type(None)), "adapted": dict, "null_methods": dict, "timings_s": dict,
+    "versions": dict, "command": (str, type(None)), "plots": list, "layers": dict, "distributed": dict,
+    "settings.metrics": list, "settings.primary": (str, type(None)), "settings.score": str, "settings.knn_k": int,
+    "settings.clip_quantile": (float, type(None)), "settings.ci_groups": int, "settings.permutations": int, "settings.caption_reduce": str,
+    "settings.seed": int, "settings.layers": (str, list, type(None)), "settings.layer_rows": int, "settings.precision": str,
+    "settings.vision_zoo": dict, "settings.text_zoo": dict, "settings.dataset_fingerprint": str, "settings.n": int,
+    "dataset.name": str, "dataset.fingerprint": str, "dataset.n": int, "dataset.has_labels": bool, "dataset.params": dict,
+    **{f"verdict.{k}": v for k, v in _VERDICT.items()}, **{f"verdict_rank.{k}": v for k, v in _VERDICT.items()},
+}
+"""The JSON types of ``rank.json``'s fields: a hand-edited file is refused in one line at load, not deep in a command."""
+
+
 @dataclass
 class RankResult:
     pairs: pd.DataFrame
@@ -161,6 +177,11 @@ class RankResult:
 
     def matrix(self, metric: str) -> pd.DataFrame:
         """The vision x text matrix of one metric (rows and columns in zoo order)."""
+        if not isinstance(metric, str) or metric not in self.pairs or metric in ("vision", "text"):
+            from pairscout.errors import MetricError
+
+            have = [c for c in (self.meta.get("settings") or {}).get("metrics", []) if c in self.pairs] or [c for c in self.pairs if c not in ("vision", "text", "rank")]
+            raise MetricError(f"this rank result has no metric {metric!r}.", fix=f"pick one of: {', '.join(map(str, have))}.")
         m = self.pairs.pivot(index="vision", columns="text", values=metric)
         v_order = [x for x in self.meta.get("vision_order", m.index) if x in m.index]
         t_order = [x for x in self.meta.get("text_order", m.columns) if x in m.columns]
@@ -175,7 +196,7 @@ class RankResult:
     @classmethod
     def load(cls, out: str | Path) -> RankResult:
         """Read a run folder (also one written by an older version), with its verdict revisions."""
-        meta, frames = load_result(out, (PAIRS, MODELS), META, what="rank result",
+        meta, frames = load_result(out, (PAIRS, MODELS), META, what="rank result", shape=SHAPE,
                                    fix="run `pairscout rank --out DIR` first, or point at that DIR.")
         return cls(pairs=frames[PAIRS], models=frames[MODELS], meta=meta, revisions=read_revisions(out, meta))
 

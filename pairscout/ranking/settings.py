@@ -56,14 +56,10 @@ class RankSettings:
 
     def __post_init__(self) -> None:
         """Impossible settings are one-line errors naming the option, before any encoding."""
+        from pairscout.bounds import check_fields
         from pairscout.errors import PairscoutError
 
-        for name, value, low in (("--permutations", self.permutations, 0), ("--ci-groups", self.ci_groups, 0),
-                                 ("--knn-k", self.knn_k, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {low} or more.")
-        if isinstance(self.layer_rows, bool) or not isinstance(self.layer_rows, int) or self.layer_rows < 4:
-            raise PairscoutError(f"--layer-rows {self.layer_rows!r} is not an integer >= 4.", fix="pass --layer-rows 1000 or so.")
+        check_fields(self)  # every numeric setting against its declared range (pairscout.bounds)
         if self.layers is not None:
             parse_layers(self.layers)
         if self.caption_reduce not in ("first", "mean"):

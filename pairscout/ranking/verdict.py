@@ -40,6 +40,8 @@ import pandas as pd
 if TYPE_CHECKING:  # torch is imported where it is used: the Verdict record is read torch-free (report, CLI)
     import torch
 
+PROBE_ADVICE = "To separate the tied pairs, run pairscout probe on them; align takes this pair unless told otherwise."
+"""The rank verdict's last sentence when pairs are tied; a probe's revisit replaces it (the probe has run)."""
 DUPLICATE_CKA = 0.99
 """Linear CKA (biased) between two encoders of one modality at or above which they count as near-duplicates."""
 ALPHA = 0.05
@@ -224,8 +226,8 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
                      f"comparisons, p <= {alpha}).")
     for a, c, cka in duplicates:
         words.append(f"{a} and {c} are near-duplicates (linear CKA {cka:.3f} between them): the verdict prefers neither.")
-    if len(tied) > len(dup_pairs) or (tied and est is not None):
-        words.append("To separate the tied pairs, run `pairscout probe` on them; `align` takes this pair unless told otherwise.")
+    if above is not False and (len(tied) > len(dup_pairs) or (tied and est is not None)):  # at chance: nothing to separate
+        words.append(PROBE_ADVICE)
     return Verdict(pair=best, tied=tied, duplicates=[(a, c) for a, c, _ in duplicates], reason=" ".join(words),
                    metric=metric, above_chance=above, tests=tests)
 
@@ -233,6 +235,17 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
 # ----------------------------------------------------------------------------------------------------------
 # After a probe
 # ----------------------------------------------------------------------------------------------------------
+def _rank_reason(verdict: Verdict) -> str:
+    """The rank verdict's reason without its advice to probe (after a probe that advice is done, and stale)."""
+    return " ".join(verdict.reason.replace(PROBE_ADVICE, "").replace(PROBE_ADVICE.replace("pairscout probe", "`pairscout probe`")
+                                                                      .replace("align takes", "`align` takes"), "").split())
+
+
+def _against(got: dict[tuple[str, str], float], pairs: Sequence[tuple[str, str]]) -> str:
+    """``0.707 for A x B, 0.655 for C x D``: each number with the pair it belongs to."""
+    return ", ".join(f"{got[p]:.3f} for {p[0]} x {p[1]}" for p in pairs)
+
+
 def binomial_se(p: float, n: int) -> float:
     """Standard error of a proportion ``p`` measured on ``n`` held-out items (0.5 / n floor away from 0 and 1)."""
     p = min(max(p, 0.5 / max(n, 1)), 1 - 0.5 / max(n, 1))
@@ -249,8 +262,12 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
     the tied pairs that the probe reads clearly below it (the same margin) leave the tied list, and the reason
     says which were separated and which were not.
     """
-    label = label or target
+    if label is None:
+        from pairscout.align.predictors import readout_label
+
+        label = readout_label(target)
     group = [verdict.pair, *verdict.tied]
+    verdict = Verdict(**{**asdict(verdict), "reason": _rank_reason(verdict)})
     got = {(str(v), str(t)): float(x) for v, t, x in zip(probed["vision"], probed["text"], probed[target], strict=True)
            if not pd.isna(x)}
     cands = [p for p in group if p in got]
@@ -290,7 +307,7 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
         se = math.sqrt(binomial_se(every[o], n_items) ** 2 + binomial_se(got[new.pair], n_items) ** 2)
         if every[o] - got[new.pair] > 2 * se:
             new.reason += (f" Warning: the probe reads {every[o]:.3f} {label} for {o[0]} x {o[1]}, clearly above the verdict's "
-                           f"{got[new.pair]:.3f}: here the metrics ranked against the read-out; consider `align --pair {o[0]},{o[1]}`.")
+                           f"{got[new.pair]:.3f}: here the metrics ranked against the read-out; consider align --pair {o[0]},{o[1]}.")
     return new
 
 
@@ -322,11 +339,11 @@ def _moved(verdict: Verdict, new: Verdict, cands: list[tuple[str, str]], top: tu
     words = []
     if below:
         words.append(f"The probe's {label} separates the metrics' best pair from {_pairs_str(below)}: {own} against "
-                     f"{', '.join(f'{got[p]:.3f}' for p in below)} on {n_items} held-out items (binomial z-test, Holm-corrected "
+                     f"{_against(got, below)} on {n_items} held-out items (binomial z-test, Holm-corrected "
                      f"over the probed tied pairs, p < {ALPHA}); {'it is' if len(below) == 1 else 'they are'} no longer tied.")
     if still:
         words.append(f"The probe's {label} does not separate it from {_pairs_str(still)} ({own} against "
-                     f"{', '.join(f'{got[p]:.3f}' for p in still)}); the metrics' best pair stands.")
+                     f"{_against(got, still)}); the metrics' best pair stands.")
     if unread:
         words.append(f"Not probed: {_pairs_str(unread[:4])}{' ...' if len(unread) > 4 else ''}.")
     new.reason = verdict.reason + " " + " ".join(words)

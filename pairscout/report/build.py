@@ -13,10 +13,13 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from markupsafe import Markup, escape
 
 from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
@@ -84,6 +87,29 @@ def collect(paths: list[str | Path]) -> list[RunFiles]:
     return runs
 
 
+GENERATOR = '<meta name="generator" content="pairscout">'
+"""The line every report carries: a file with it (or the footer of reports before it) may be replaced."""
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is an HTML report written by :func:`build_report` (and so may be written over): it starts
+    with the doctype and carries :data:`GENERATOR` (or, before that marker, the "pairscout VERSION &middot; generated"
+    line of the page's header)."""
+    try:
+        with Path(path).open("rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return text.startswith("<!DOCTYPE html>") and (GENERATOR in text or re.search(r"<p>pairscout \S+ &middot; generated ", text) is not None)
+
+
+def prose(text: Any) -> Markup:
+    """A sentence of the CLI's (verdict, read-out rule) as HTML: escaped, and its `commands` set as code, not backticks."""
+    import re
+
+    return Markup(re.sub(r"`([^`<>]+)`", r"<code>\1</code>", str(escape(str(text)))))
+
+
 def build_report(paths: list[str | Path], out: str | Path | None = None, *, title: str = "pairscout report") -> Path:
     """Write one HTML file for the given run folders; returns its path (default ``<first run>/report.html``)."""
     import jinja2
@@ -94,11 +120,15 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, *, titl
         out = out / "report.html"
     if not out.parent.is_dir():
         raise PairscoutError(f"the folder of the report file {out} does not exist.", fix="create it, or pass --out FILE in an existing folder.")
+    if out.exists() and not is_report(out):  # rank.json, a plot, a cache entry, the user's own page: never replaced
+        raise PairscoutError(f"{out} exists and is not a pairscout report; writing the report there would replace it.",
+                             fix="pass --out a new file name (e.g. report.html), or the folder to write report.html into.")
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: resources.files("pairscout").joinpath("templates", name).read_text(encoding="utf-8")),
         autoescape=jinja2.select_autoescape(default=True),
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["prose"] = prose
     several = len(runs) > 1
     ranks = [rank_section(r, several) for r in runs if r.rank is not None]
     probes = [probe_section(r, several) for r in runs if r.probe is not None]

@@ -63,12 +63,15 @@ def _parse(text: str, where: str) -> tuple[str, str, list[EncoderSpec]]:
 
 
 def _check_unique(specs: list[EncoderSpec], where: str) -> None:
-    ids = [s.id for s in specs]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    """Every entry has its own name and its own settings. One id may appear with different settings (the same
+    model pooled two ways); results, probes and alignments name entries by ``name``."""
     names = [s.name for s in specs]
     dupe_names = sorted({n for n in names if names.count(n) > 1})
+    keys = [s.fingerprint() for s in specs]
+    dupes = sorted({s.id for s, k in zip(specs, keys, strict=True) if keys.count(k) > 1})
     if dupes or dupe_names:
-        raise ZooError(f"{where} lists {', '.join(dupes or dupe_names)} twice.", fix="give each encoder a unique id and name.")
+        raise ZooError(f"{where} lists {', '.join(dupes or dupe_names)} twice.",
+                       fix="give each encoder a unique name, and an id used twice different settings (pooling, layer, ...).")
 
 
 def load_zoo_file(path: str | Path) -> Zoo:
@@ -95,7 +98,8 @@ def get_zoo(name: str) -> Zoo:
 
 
 def _spec_from_id(ident: str, modality: Modality) -> EncoderSpec:
-    """An id given on the command line: looked up in the shipped zoos first (to get their settings)."""
+    """An id or name given on the command line: looked up in the shipped zoos first (to get their settings). An id
+    that several entries share (one model, several poolings) takes the first one's; its name picks another."""
     for zname in available_zoos():
         for spec in get_zoo(zname).encoders:
             if spec.id == ident or spec.name == ident:

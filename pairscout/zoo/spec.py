@@ -56,6 +56,11 @@ def add_source(prefix: str, module: str = "") -> None:
     SOURCE_MODULES.setdefault(prefix, module)
 
 
+MODEL_SETTINGS = ("pooling", "layer", "layers", "weights", "revision", "image_size", "preprocess", "max_length")
+"""Fields that ask a source to compute something differently; a source that cannot honour one refuses it
+(:meth:`EncoderSpec.refuse_settings`)."""
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """Everything needed to build one frozen encoder and to key its cached embeddings."""
@@ -150,6 +155,20 @@ class EncoderSpec:
             raise bad("normalize", "true or false")
         if not isinstance(self.options, dict):
             raise bad("options", "a table", 'write options as a table, e.g. options = { size = 16 }.')
+
+    def refuse_settings(self, honoured: tuple[str, ...] | frozenset[str], what: str) -> None:
+        """One line for the first of :data:`MODEL_SETTINGS` set away from its default that ``what`` (the source,
+        e.g. ``"the pixels baseline"``) does not honour: a zoo entry never asks for something that is silently ignored.
+
+        Raises:
+            ZooError: naming the encoder, the field and what to do.
+        """
+        defaults = {f.name: f.default for f in fields(self)}
+        for fname in MODEL_SETTINGS:
+            if fname not in honoured and getattr(self, fname) != defaults[fname]:
+                why = "cannot read hidden layers" if fname in ("layer", "layers") else "cannot honour"
+                raise ZooError(f"encoder {self.id!r}: {what} {why} ({fname} = {getattr(self, fname)!r}); it would be ignored.",
+                               fix=f"remove {fname} from its zoo entry" + (f" (it honours {', '.join(sorted(honoured))})." if honoured else "."))
 
     @property
     def source(self) -> str:

@@ -14,7 +14,7 @@ interrupted resumes from its finished chunks.
 Trust nothing read back: an entry or chunk that does not parse, lacks a tensor, or whose bytes do not
 match the checksums in its metadata (a flipped bit, a file cut short by a full disk) is reported,
 removed and encoded again. Encoders that read local files (``emb:`` vectors, local ``weights``, ONNX
-files, model folders) are keyed by the content of those files too (:mod:`pairscout.encode.inputs`),
+files, model folders) are keyed by the content of those files too (:mod:`pairscout.embeddings.inputs`),
 so re-exporting a file under the same name is a cache miss.
 """
 
@@ -35,8 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pairscout._io import atomic_path
-from pairscout.encode.inputs import DigestStore, inputs_digest
+from pairscout._io import atomic_path, safe_name
+from pairscout.embeddings.inputs import DigestStore, inputs_digest
 from pairscout.errors import CacheError
 from pairscout.zoo.spec import EncoderSpec
 
@@ -111,8 +111,15 @@ class Embeddings:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "encoder"
+    return safe_name(text, default="encoder")
 
+
+ENTRY_NAME = re.compile(r"[0-9a-f]{24}\.safetensors")
+"""The file name of a finished entry (:meth:`EmbeddingCache.key`)."""
+PARTS_NAME = re.compile(r"[0-9a-f]{24}(\.tok)?\.parts")
+"""The folder name of an interrupted run's chunks."""
+PART_NAME = re.compile(r"(\d+)-(\d+)\.safetensors")
+"""The file name of one finished chunk."""
 
 CHECKSUMS = "pairscout_checksums"
 """Metadata key of a JSON {tensor name: blake2b-128 hex of its bytes}."""
@@ -280,7 +287,7 @@ class EmbeddingCache:
         out: dict[tuple[int, int], Path] = {}
         if d.is_dir():
             for p in d.glob("*.safetensors"):
-                m = re.fullmatch(r"(\d+)-(\d+)\.safetensors", p.name)
+                m = PART_NAME.fullmatch(p.name)
                 if m:
                     out[(int(m.group(1)), int(m.group(2)))] = p
         return out
@@ -318,16 +325,31 @@ class EmbeddingCache:
 
     # --- housekeeping ---------------------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
-        """Every finished entry with its metadata (for ``pairscout cache list``)."""
+        """Every finished entry with its metadata (for ``pairscout cache list`` and ``cache clear``).
+
+        Only files this cache wrote: ``<root>/<slug>/<24 hex>.safetensors`` whose metadata holds the checksums
+        and the model id it writes. Anything else in the folder (a user's own file, another tool's) is neither
+        listed nor ever removed."""
         rows = []
         for p in sorted(self.root.glob("*/*.safetensors")):
+            if not ENTRY_NAME.fullmatch(p.name) or not p.is_file() or p.is_symlink():
+                continue
             try:
                 with safe_open(p, framework="pt") as f:
-                    meta = {k: _maybe_json(v) for k, v in (f.metadata() or {}).items() if k != CHECKSUMS}
+                    raw = f.metadata() or {}
             except (SafetensorError, OSError, ValueError, RuntimeError):
                 continue
+            if CHECKSUMS not in raw or "model_id" not in raw:
+                continue
+            meta = {k: _maybe_json(v) for k, v in raw.items() if k != CHECKSUMS}
             rows.append({"path": str(p), "size_mb": p.stat().st_size / 2**20, **meta})
         return rows
+
+    def unfinished(self, entry: Path | None = None) -> list[Path]:
+        """The ``.parts`` folders of interrupted runs (of one entry path, or all), by the names this cache gives them."""
+        dirs = [entry.with_suffix(".parts"), entry.with_suffix(".tok.parts")] if entry is not None else sorted(self.root.glob("*/*.parts"))
+        return [d for d in dirs if PARTS_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()
+                and any(PART_NAME.fullmatch(q.name) for q in d.iterdir())]
 
 
 def _maybe_json(v: str) -> Any:

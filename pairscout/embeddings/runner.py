@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from pairscout import distributed
-from pairscout.encode.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
+from pairscout.embeddings.cache import LAYER_PREFIX, EmbeddingCache, Embeddings
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, EmbeddingError, PairscoutError, ZooError
 from pairscout.runtime import default_workers, pick_device  # noqa: F401 - re-exported
@@ -53,10 +53,9 @@ class EncodeSettings:
 
     def __post_init__(self) -> None:
         """Impossible values are one-line errors naming the option, before any work."""
-        for name, value, low in (("--batch-size", self.batch_size, 1), ("--workers", self.num_workers, 0),
-                                 ("chunk_batches", self.chunk_batches, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise PairscoutError(f"{name} {value!r} is not an integer >= {low}.", fix=f"pass {name} {max(low, 1)} or more.")
+        from pairscout.bounds import check_fields
+
+        check_fields(self)  # every numeric setting against its declared range (pairscout.bounds)
 
 
 class _ImageRows(TorchDataset):
@@ -74,7 +73,7 @@ class _ImageRows(TorchDataset):
         except DataError as e:  # turned into a clean error in the main process
             return i, None, str(e)
         except Exception as e:  # noqa: BLE001 - a transform failing on one image names that image
-            return i, None, f"image {self.dataset.image_id(i)} (row {i}) could not be preprocessed: {e}"
+            return i, None, f"image {self.dataset.image_id(i)} ({self.dataset.locate(i)}) could not be preprocessed: {e}"
 
 
 def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
@@ -190,7 +189,7 @@ def encode(
     Args:
         spec_or_encoder: the encoder's spec (built lazily, only on a cache miss) or a built encoder.
         dataset: a :class:`~pairscout.data.PairedDataset`.
-        cache: where entries live (default: :func:`~pairscout.encode.cache.default_cache_dir`).
+        cache: where entries live (default: :func:`~pairscout.embeddings.cache.default_cache_dir`).
         settings: device, batch size, workers, amp, tokens.
         progress: callback ``(model, done, total)``.
         refresh: ignore a finished entry and its chunks and encode again.
@@ -243,8 +242,13 @@ def encode(
         order = np.argsort([-len(t) for t in texts], kind="stable")
 
     if isinstance(enc, PrecomputedEncoder):
-        out = enc.load(n, tokens=tok)
+        # a file's row i is row i of the whole dataset (not of a --n subset of it): read all, keep this view's rows
+        positions, file_n = dataset.file_rows(spec.modality)
+        out = enc.load(file_n, tokens=tok, subset=None if file_n == n else len(positions))
         merged = _to_cpu(out, tok)
+        if file_n != n:
+            sel = torch.from_numpy(positions)
+            merged = {k: (v[sel] if v is not None else None) for k, v in merged.items()}
     else:
         bs = settings.batch_size or (64 if spec.modality == "vision" else 256)
         chunk = bs * max(1, settings.chunk_batches)
