@@ -152,8 +152,17 @@ STORE = RunStore()
 
 
 # --- whole-folder replacement ------------------------------------------------------------------------------
-def check_replaceable(out: str | Path) -> None:
-    """Refuse (one line) an ``--out`` that a run may not replace: a file, or a folder of other files."""
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def check_replaceable(out: str | Path, keep: tuple[str | Path, ...] = ()) -> None:
+    """Refuse (one line) an ``--out`` that a run may not replace: a file, or a folder of other files (the
+    ``keep`` paths inside it, such as an embedding cache, do not count: they are carried over)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PairscoutError(f"--out {out} is an existing file, not a folder.", fix="pass a folder path for the results.")
@@ -161,20 +170,22 @@ def check_replaceable(out: str | Path) -> None:
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise PairscoutError(f"a run is written beside --out {out} and swapped in whole, but {parent} is read-only.",
                              fix="choose an --out inside a folder you may write to.")  # fmt: skip
-    if out.is_dir() and not (out / RANK_JSON).is_file() and any(out.iterdir()):
+    kept = {Path(k).resolve() for k in keep}
+    if out.is_dir() and not (out / RANK_JSON).is_file() and any(p.resolve() not in kept for p in out.iterdir()):
         raise PairscoutError(f"--out {out} is a folder that holds files but no pairscout run; replacing it would delete them.",
                              fix="choose a new or empty folder for --out.")  # fmt: skip
 
 
 @contextlib.contextmanager
-def replace_folder(out: str | Path) -> Iterator[Path]:
+def replace_folder(out: str | Path, keep: tuple[str | Path, ...] = ()) -> Iterator[Path]:
     """Yield an empty staging folder beside ``out``; on a clean exit it replaces ``out`` as a whole.
 
     The old folder is renamed aside, the staging folder renamed into place, then the old one removed: at every
     moment ``out`` holds the complete old content or the complete new one. On an error the staging folder is
-    removed and ``out`` is untouched. A folder that holds files but no pairscout run is never replaced.
+    removed and ``out`` is untouched. A folder that holds files but no pairscout run is never replaced. Paths of
+    ``keep`` that lie inside ``out`` (an embedding cache kept in the run folder) move into the new folder as they are.
     """
-    check_replaceable(out)
+    check_replaceable(out, keep)
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
@@ -186,6 +197,11 @@ def replace_folder(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     old = out.parent / f".{out.name}.old-{tag}"
+    carried = [Path(k).resolve() for k in keep if Path(k).exists() and _inside(Path(k), out) and Path(k).resolve() != out]
+    for k in carried:  # moved, not copied: a rename inside one file system
+        dest = staging / k.relative_to(out)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(k, dest)
     try:
         if out.exists():
             os.replace(out, old)
@@ -193,6 +209,9 @@ def replace_folder(out: str | Path) -> Iterator[Path]:
     except OSError:
         if old.exists() and not out.exists():
             os.replace(old, out)  # put the old run back
+        for k in carried:  # and what was carried over, where it was
+            if (staging / k.relative_to(out)).exists() and not k.exists():
+                os.replace(staging / k.relative_to(out), k)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)

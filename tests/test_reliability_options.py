@@ -119,3 +119,10 @@ def test_ranges_describe_themselves():
     assert RANGES["--warmup"].describe() == "a finite number in [0, 1)"
     assert RANGES["--ci-groups"].describe().startswith("an integer >= 2 (or 0)")
     assert not RANGES["--lr"].holds(math.inf) and RANGES["--lr"].holds(None)
+
+
+def test_a_seed_inside_a_generated_spec_has_the_same_range():
+    from pairscout.data import load_dataset
+
+    with pytest.raises(PairscoutError, match="seed=-1"):
+        load_dataset("generated:n=5,seed=-1,size=32")

@@ -143,3 +143,16 @@ def test_pairs_table_has_the_documented_columns(tiny_run):
     assert list(res.pairs.columns[:1]) == ["rank"]
     rev = VerdictRevision(verdict=res.rank_verdict, by="rank", rank_run_id=res.run_id)
     assert VerdictRevision.from_dict(json.loads(json.dumps(rev.to_dict()))) == rev
+
+
+def test_a_cache_kept_inside_the_run_folder_survives_a_new_rank(tmp_path, runner):
+    run = tmp_path / "run"
+    cache = run / "cache"
+    args = [*RANK, "--out", str(run), "--cache-dir", str(cache)]
+    assert runner.invoke(app, args).exit_code == 0
+    entries = sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
+    assert entries
+    r = runner.invoke(app, [*args, "--seed", "3", "--force"])
+    assert r.exit_code == 0, r.output
+    assert set(entries) <= {p.relative_to(cache) for p in cache.rglob("*") if p.is_file()}  # carried over, not deleted
+    assert (run / "rank.json").is_file()

@@ -137,7 +137,9 @@ sit silent for days before the first image), and a million rows already take hou
 
 
 def check_params(params: dict[str, int], spec: str = "generated") -> dict[str, int]:
-    limits = {"n": (1, MAX_ROWS), "size": (16, 4096), "distractors": (0, 2), "noise": (0, 64), "classes": (2, len(CLASSES))}
+    from pairscout.bounds import SEED_MAX
+
+    limits = {"n": (1, MAX_ROWS), "seed": (0, SEED_MAX), "size": (16, 4096), "distractors": (0, 2), "noise": (0, 64), "classes": (2, len(CLASSES))}
     for key, (lo, hi) in limits.items():
         v = params[key]
         if v < lo or (hi is not None and v > hi):

@@ -119,15 +119,15 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def pow2_unit(x: torch.Tensor) -> torch.Tensor:
-    """``x`` times the power of two that puts its largest |value| in [0.5, 1): exact (only the exponent
-    changes), so a scale-invariant measure's value is unchanged, and its products (fourth powers in HSIC) stay
+    """``x`` times the power of two that puts its largest |value| in [0.5, 1) when it lies outside
+    :data:`SAFE_F32` (else ``x`` itself): exact (only the exponent changes), so a scale-invariant measure's value is unchanged, and its products (fourth powers in HSIC) stay
     normal floats for data anywhere in float64's range (1e-300 or 1e300, where they under- or overflow)."""
     top = float(x.abs().max()) if x.numel() else 0.0
-    if top == 0.0 or not math.isfinite(top):
-        return x
+    if top == 0.0 or not math.isfinite(top) or SAFE_F32[0] <= top <= SAFE_F32[1]:
+        return x  # already safe (every embedding a model makes): no copy, bit-identical results
     _, e = math.frexp(top)
-    if e == 0:
-        return x
+    if abs(e) < 1000:
+        return x * 2.0**-e
     half = -e // 2  # two steps: 2**-e alone overflows for subnormal data
     return x * 2.0**half * 2.0 ** (-e - half)
 

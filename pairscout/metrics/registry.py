@@ -192,7 +192,7 @@ def label(name: str) -> str:
 def measure(name: str, x: Any, y: Any, **opts: Any) -> float:
     """The value of measure ``name`` for one pair (x, y) of (n, d) embeddings; ``opts`` it does not take are ignored."""
     m = get(name)
-    x, y = _scale_free(m, [x], "x", opts)[0], _scale_free(m, [y], "y", opts)[0]
+    x, y = _scale_free(m, x, "x", opts)[0], _scale_free(m, y, "y", opts)[0]
     return float(m.single(x, y, **m.kwargs(opts)))
 
 

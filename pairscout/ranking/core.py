@@ -135,7 +135,7 @@ def rank(
     if out is not None:
         from pairscout.runs import check_replaceable
 
-        check_replaceable(out)  # before any work: a file, or a folder of someone's files, is never replaced
+        check_replaceable(out, keep=(EmbeddingCache(cache_dir).root,))  # before any work: a file, or a folder of someone's files, is never replaced
     if out is not None and not force:
         diff = settings_conflict(Path(out), run_settings)
         if diff is not None:
@@ -256,7 +256,7 @@ def rank(
 
         # the run is built beside ``out`` and swapped in whole: no file of an older run (a probe of it, old
         # plots) survives, and a failed write leaves the old run as it was
-        with replace_folder(out) as staging:
+        with replace_folder(out, keep=(cache.root,)) as staging:
             if plots:
                 result.meta["plots"] = [str(p.relative_to(staging)) for p in write_plots(result, staging, progress=progress)]
             result.save(staging)
