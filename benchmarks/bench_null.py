@@ -58,10 +58,11 @@ else:
     import pandas as pd
     from pairscout.ranking import calibrated
     used, _ = calibrated.adapt_to_size(st, len(ds), metrics)
-    vals, reps = calibrated.metric_values(xs, ys, metrics, used, primary)  # what rank() runs
-    t_cal = time.perf_counter()
-    cal, how = calibrated.calibrated_columns(xs, ys, metrics, used, vals)
-    vals.update(cal)
+    from pairscout.estimation import estimate
+    est = estimate(xs, ys, metrics, groups=used.ci_groups, seed=used.seed, permutations=used.permutations,
+                   options={m: used.metric_options(m) for m in metrics})  # what rank() runs: one pass
+    t_cal = time.perf_counter() - sum(v for k, v in est.timings.items() if k.startswith("null"))
+    vals, reps = est.columns(), est.replicates[primary].numpy()
     rows = [{"vision": a, "text": b, primary: float(vals[primary][i, j])} for i, a in enumerate(vn) for j, b in enumerate(tn)]
     pairs = pd.DataFrame(rows).sort_values(primary, ascending=False).reset_index(drop=True)
     for c in (f"{primary}_p_holm", f"{primary}_z"):

@@ -113,6 +113,7 @@ RANGES: dict[str, Range] = {
     "--top-k": _int(0, example="5"),
     "--bottom-k": _int(0, example="2"),
     "--middle-k": _int(0, example="3"),
+    "--budget": _int(1, example="12600"),
 }
 """Option -> its valid values. Every numeric setting of the API and the CLI is here."""
 

@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node 4 -m pairscout.cli encode ...`` starts one process per GPU; each takes
 every ``world``-th unfinished chunk of a model's rows and writes it to the shared cache, rank 0 merges
 the chunks into the cache entry. ``torchrun ... -m pairscout rank`` then keeps a contiguous 1/world of the rows
-per process and computes the metrics from all-reduced statistics (:mod:`pairscout.ranking.engine`,
+per process and computes the metrics from all-reduced statistics (:mod:`pairscout.estimation.engine`,
 :mod:`pairscout.metrics.sharded`, :mod:`pairscout.metrics.sharded_rows`). Outside torchrun every helper here is a
 no-op.
 """

@@ -245,7 +245,7 @@ KIND_COLORS = {"pair measure": "#33658a", "vision encoder alone": "#86bbd8", "te
 
 def forest(corr: pd.DataFrame, title: str) -> Figure | None:
     """Spearman rho of every predictor with its 95 % interval, in the table's order (strongest first); filled
-    markers: Holm-corrected p < 0.05. ``corr``: :func:`pairscout.align.predictors.correlations` output."""
+    markers: Holm-corrected p < 0.05. ``corr``: :func:`pairscout.evaluation.predictors.correlations` output."""
     d = corr[corr["spearman"].notna()].reset_index(drop=True)
     if len(d) < 2:
         return None

@@ -45,8 +45,8 @@ from pairscout.ranking.result import META as RANK_JSON
 from pairscout.ranking.result import VERDICTS_JSON, RankResult, VerdictRevision, read_revisions
 
 if TYPE_CHECKING:
-    from pairscout.align.probe_result import ProbeResult
     from pairscout.embeddings.cache import EmbeddingCache, Embeddings
+    from pairscout.evaluation.result import ProbeResult
     from pairscout.ranking.verdict import Verdict
     from pairscout.zoo.spec import EncoderSpec
 
@@ -112,7 +112,7 @@ class RunStore:
     # --- probe -----------------------------------------------------------------------------------------
     def probe(self, folder: str | Path) -> ProbeResult | None:
         """The probe result saved in ``folder``, or None when it holds none."""
-        from pairscout.align.probe_result import ProbeResult
+        from pairscout.evaluation.result import ProbeResult
 
         folder = Path(folder)
         key = _identity(folder / PROBE_JSON)

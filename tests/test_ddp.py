@@ -184,8 +184,8 @@ def _probe(settings_kw=None):
 
     from pairscout.align.evaluate import EvalSet
     from pairscout.align.pairdata import PairData, split_pair
-    from pairscout.align.probe import ProbeSettings, probe_pairs
     from pairscout.embeddings.cache import Embeddings
+    from pairscout.evaluation.probe import ProbeSettings, probe_pairs
     from pairscout.zoo.spec import EncoderSpec
 
     g = torch.Generator().manual_seed(0)

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pairscout.align import predictors as P
-from pairscout.align.probe_result import ProbeResult
+from pairscout.evaluation import predictors as P
+from pairscout.evaluation.result import ProbeResult
 from pairscout.metrics import registry
 
 
@@ -161,7 +161,8 @@ def test_probe_prints_tables_that_fit_100_columns_to_a_file(tmp_path, tiny_run):
     """`pairscout probe` with COLUMNS=100 and stderr to a file: every table line fits, full names, the rest in --wide."""
     run, cache = tiny_run
     args = [sys.executable, "-m", "pairscout", "probe", str(run), "--cache-dir", str(cache), "--top-k", "2", "--middle-k", "1",
-            "--bottom-k", "1", "--steps", "10", "--out-dim", "16", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "p")]  # fmt: skip
+            "--bottom-k", "1", "--steps", "10", "--out-dim", "16", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "p"),
+            "--target", "zs_top1"]  # fmt: skip  (a proportion: the table shows its binomial half-width)
     env = {**os.environ, "COLUMNS": "100", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for extra, name in (([], "narrow.txt"), (["--wide"], "wide.txt")):
         with open(tmp_path / name, "w") as f:
@@ -215,7 +216,7 @@ def test_rank_rows_reads_the_rows_and_layers_rank_compared(monkeypatch):
 def test_one_encoder_scores_are_correlated_over_encoders_not_pairs():
     """9 pairs of 3 vision encoders: a vision-only score has 3 independent values, so it is correlated with each
     encoder's mean read-out (3 points: too few for a p-value), never as 9 points with an overstated p."""
-    from pairscout.align.predictors import correlations
+    from pairscout.evaluation.predictors import correlations
 
     v, t = ["a", "a", "a", "b", "b", "b", "c", "c", "c"], ["x", "y", "z"] * 3
     readout = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]

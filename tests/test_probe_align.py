@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from pairscout.align.evaluate import EvalSet, project
 from pairscout.align.model import AlignedModel, align
 from pairscout.align.pairdata import PairData, split_pair
-from pairscout.align.probe import ProbeResult, ProbeSettings, correlations, probe_pairs, select_pairs
 from pairscout.align.train import TrainConfig
 from pairscout.cli import app
 from pairscout.embeddings.cache import Embeddings
+from pairscout.evaluation.probe import ProbeResult, ProbeSettings, correlations, probe_pairs, select_pairs
 from pairscout.zoo.spec import EncoderSpec
 
 runner = CliRunner()
@@ -100,6 +100,27 @@ def test_probe_cli_on_a_rank_run(rank_run):
     assert saved.pairs["mean_r1"].tolist() == pytest.approx([p["mean_r1"] for p in payload["pairs"]])
     assert (run / "probe.csv").is_file() and (run / "probe_correlations.csv").is_file()
     assert saved.correlations["metric"].tolist() == [c["metric"] for c in payload["correlations"]]
+
+
+def test_probe_cli_pairs_all_records_the_readouts_the_target_and_the_regret(rank_run, tmp_path):
+    """--pairs all probes every pair of the run (fused), says so first, records every read-out's separation and the
+    regret table (printed too), and the correlations without the baseline pairs."""
+    run, cache = rank_run
+    r = runner.invoke(app, ["probe", "--run", str(run), "--cache-dir", str(cache), "--pairs", "all", "--steps", "20", "--out-dim", "16",
+                            "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    meta = payload["meta"]
+    assert len(payload["pairs"]) == 4 and "probing all 4 pairs (--pairs all)" in r.stderr
+    assert meta["separation_over"] == "all probed pairs"  # every encoder here is a weight-free baseline
+    assert {s["readout"] for s in meta["target_choice"]["separation"]} >= {"zs_top1", "class_map", "class_mean_r1", "mean_r1", "heldout_loss", "loss_auc"}
+    assert all(f"heldout_loss@{s}" in payload["pairs"][0] for s in meta["curve_steps"]) and meta["curve_steps"] == [2, 5, 10, 20]
+    assert [x["rule"] for x in meta["regret"]["rules"]] == ["pairscout", "freeze_align", "sail", "random"]
+    assert "had you followed each rule" in r.stderr and "regret: " in r.stderr
+    assert payload["correlations_without_baselines"] is not None
+    saved = ProbeResult.load(tmp_path)
+    assert saved.regret.oracle == tuple(meta["regret"]["oracle"]) and saved.target_choice.target == meta["target"]
+    assert saved.correlations_without_baselines is not None and (tmp_path / "probe_correlations_without_baselines.csv").is_file()
 
 
 def test_missing_cache_names_the_command(rank_run, tmp_path):
@@ -211,14 +232,14 @@ def test_align_says_when_the_short_probe_beat_it(tmp_path):
     the binomial noise, or without a probe, nothing is said."""
     from types import SimpleNamespace as S
 
-    from pairscout.align.probe_result import ProbeResult
-    from pairscout.cli.align import _against_probe
+    from pairscout.cli.align import against_probe_line
+    from pairscout.evaluation.result import ProbeResult
 
     pairs = pd.DataFrame({"vision": ["v"], "text": ["t"], "zs_top1": [0.70]})
     ProbeResult(pairs=pairs, correlations=pd.DataFrame(), meta={"target": "zs_top1", "n_test_items": 400,
                                                                  "settings": {"steps": 300}}).save(tmp_path)
     res = S(model=S(vision_spec=S(name="v"), text_spec=S(name="t")), metrics={"zs_top1": 0.60})
-    line = _against_probe(tmp_path, res)
+    line = against_probe_line(tmp_path, res)
     assert line.startswith("note: the probe's linear heads (300 steps) read 0.700 zs_top1") and "0.600" in line
-    assert _against_probe(tmp_path, S(model=res.model, metrics={"zs_top1": 0.68})) == ""  # within the noise
-    assert _against_probe(tmp_path / "none", res) == ""
+    assert against_probe_line(tmp_path, S(model=res.model, metrics={"zs_top1": 0.68})) == ""  # within the noise
+    assert against_probe_line(tmp_path / "none", res) == ""

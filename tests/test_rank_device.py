@@ -10,25 +10,12 @@ import pytest
 import torch
 
 import pairscout.metrics as M
-import pairscout.metrics.cka as cka
-import pairscout.metrics.knn as knn
-import pairscout.ranking.calibrated as calibrated
 import pairscout.ranking.verdict as verdict
 from pairscout import runtime
 from pairscout.errors import PairscoutError
 from pairscout.ranking import RankSettings, rank
 
 ZOOS = ("baseline:pixels,baseline:random-net", "baseline:tfidf,baseline:random")
-
-
-def _spy(monkeypatch, owner, name, calls, devices_of):
-    real = getattr(owner, name)
-
-    def spy(*args, **kw):
-        calls.append((name, [t.device for t in devices_of(args, kw)], kw.get("precision", "<not passed>")))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(owner, name, spy)
 
 
 def _tensors(args, kw):
@@ -45,10 +32,32 @@ def _tensors(args, kw):
 
 @pytest.fixture
 def spies(monkeypatch):
+    """Every entry point of the metrics phase: the estimation pass (its engine's precision), its linear sums, Gram
+    tiles and neighbour search (the dtype their products run in), the verdict's duplicate check, the unimodal scores."""
+    import pairscout.estimation.gram as gram
+    import pairscout.estimation.linear as linear
+    import pairscout.estimation.neighbours as neighbours
+    import pairscout.ranking.core as core
+
     calls: list = []
-    for owner, name in [(cka, "all_pairs_cka"), (knn, "all_pairs_mutual_knn"), (knn, "all_pairs_cknna"),
-                        (calibrated, "calibrate"), (verdict, "near_duplicates"), (M, "knn_accuracy")]:
-        _spy(monkeypatch, owner, name, calls, _tensors)
+
+    def precision_of(name, args, kw):
+        if name == "estimate":
+            return kw["engine"].precision
+        if name in ("model_sums", "gram_sums"):
+            z = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
+            return {torch.float32: "float32 products", torch.float64: "float64 products"}[z.dtype]
+        return kw.get("precision", "<not passed>")
+
+    for owner, name in [(core, "estimate"), (linear, "model_sums"), (gram, "gram_sums"), (neighbours, "search"),
+                        (verdict, "near_duplicates"), (M, "knn_accuracy")]:
+        real = getattr(owner, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls.append((_name, [t.device for t in _tensors(args, kw)], precision_of(_name, args, kw)))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(owner, name, spy)
     asked: list = []
     real_pick = runtime.pick_device
 
@@ -69,12 +78,14 @@ def test_metrics_run_on_the_requested_device_with_the_policys_precision(cpu, tmp
     assert asked and asked[0] == "cpu"  # resolved once from the user's --device
     want = real_pick("cpu")
     names = {c[0] for c in calls}
-    assert {"all_pairs_cka", "all_pairs_mutual_knn", "all_pairs_cknna", "calibrate", "near_duplicates",
-            "knn_accuracy"} <= names, names
+    assert {"estimate", "model_sums", "gram_sums", "search", "near_duplicates", "knn_accuracy"} <= names, names
+    assert sum(c[0] == "estimate" for c in calls) == 1  # one pass: values, intervals, nulls and the verdict's replicates
     for name, devices, precision in calls:
         assert devices and all(d == want for d in devices), (name, devices)
-        if name in ("all_pairs_cka", "near_duplicates"):
+        if name in ("estimate", "near_duplicates"):
             assert precision == policy, (name, precision)  # every CKA product: the policy's precision
+        if name in ("model_sums", "gram_sums"):
+            assert precision == "float32 products", (name, precision)
     meta = json.loads((tmp_path / "run" / "rank.json").read_text())
     assert meta["settings"]["precision"] == "auto" and meta["metric_precision"] == policy
     assert meta["device"] == str(want)
@@ -86,8 +97,8 @@ def test_an_explicit_precision_overrides_the_policy(cpu, tmp_path, monkeypatch, 
     monkeypatch.setattr(runtime, "metric_precision", lambda device: "float32")
     rank(*ZOOS, "generated", n=40, settings=RankSettings(permutations=0, ci_groups=0, precision="float64"),
          cache_dir=tmp_path / "c", encode_settings=cpu, plots=False)
-    got = {p for name, _, p in calls if name == "all_pairs_cka"}
-    assert got == {"float64"}
+    assert {p for name, _, p in calls if name == "estimate"} == {"float64"}
+    assert {p for name, _, p in calls if name in ("model_sums", "gram_sums")} == {"float64 products"}
 
 
 def test_float32_products_stay_close_to_float64(cpu, tmp_path):

@@ -28,7 +28,7 @@ def layered_run(runner, tmp_path_factory):
 
 def test_each_pair_is_chosen_on_selection_rows_and_measured_on_the_others(layered_run):
     from pairscout.align.pairdata import source_from_rank
-    from pairscout.align.predictors import rank_rows
+    from pairscout.evaluation.predictors import rank_rows
     from pairscout.metrics import all_pairs_cka
     from pairscout.ranking.layered import split_rows
 

@@ -78,10 +78,10 @@ def test_the_named_cases_are_refused(option, value):
 
 
 def test_api_settings_use_the_same_table():
-    from pairscout.align.probe_settings import ProbeSettings
     from pairscout.align.train_config import TrainConfig
     from pairscout.embeddings.runner import EncodeSettings
     from pairscout.errors import TrainError
+    from pairscout.evaluation.result import ProbeSettings
     from pairscout.ranking import RankSettings
 
     with pytest.raises(TrainError, match="--grad-clip"):

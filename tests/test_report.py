@@ -107,9 +107,12 @@ def test_probe_and_align_refresh_the_report_with_their_sections(rank_run, tmp_pa
     assert r.exit_code == 0, r.output
     page = (rank_run / "report.html").read_text()
     assert 'id="probe"' in page and "spearman" in page and 'id="training"' not in page
-    assert "± 95 % (binomial," in page  # the read-out's uncertainty beside it
-    target = json.loads((rank_run / "probe.json").read_text())["target"]  # zero-shot: the generated data has labels
-    assert target == "zs_top1" and (rank_run / "plots" / f"probe_{target}_vs_cka_linear_debiased.svg").is_file()
+    probe = json.loads((rank_run / "probe.json").read_text())
+    target = probe["target"]  # the read-out that separates the pairs best; zero-shot top-1 is among the candidates (labels)
+    assert target == probe["target_choice"]["target"] and "zs_top1" in {s["readout"] for s in probe["target_choice"]["separation"]}
+    assert ("± 95 % (binomial," in page) == (probe["target_direction"] == "higher")  # a proportion's uncertainty beside it
+    assert "Had you followed each rule" in page and "freeze-align: max linear CKA" in page
+    assert (rank_run / "plots" / f"probe_{target}_vs_cka_linear_debiased.svg").is_file()
     assert "verdict" in json.loads((rank_run / "rank.json").read_text())
     r = runner.invoke(app, ["align", "--run", str(rank_run), "--cache-dir", cache, "--steps", "24", "--eval-every", "6", "--out-dim", "16",
                             "--hidden-mult", "1", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "model"), "--report"])
@@ -291,7 +294,7 @@ def test_forest_plot_orders_predictors_and_marks_the_corrected_ones():
     import pandas as pd
 
     from pairscout import plots
-    from pairscout.align.predictors import correlations
+    from pairscout.evaluation.predictors import correlations
 
     df = pd.DataFrame({"mean_r1": range(8), "cka_linear": range(8), "svcca": [0, 2, 1, 3, 5, 4, 7, 6], "rsa": [3, 1, 4, 1, 5, 9, 2, 6]})
     corr = correlations(df, ["rsa", "svcca", "cka_linear"])

@@ -200,8 +200,8 @@ def test_class_aware_retrieval_and_chance_known_answer():
 
 
 def test_choose_readout_labels_absent_present_and_override():
-    from pairscout.align.probe import choose_readout
     from pairscout.data import load_dataset
+    from pairscout.evaluation.probe import choose_readout
 
     ds = load_dataset("generated:n=20,seed=0,size=16")
     assert choose_readout(ds).target == "zs_top1" and choose_readout(ds).zero_shot
@@ -271,18 +271,21 @@ def test_cycle_knn_with_tied_neighbours_is_valid_and_shuffle_invariant():
     assert 0 <= v <= 1 and cycle_knn(x[p], y[p], 5) == pytest.approx(v)
 
 
-def test_metric_values_equal_pair_metrics_and_keep_primary_replicates():
-    """The rank's values reuse the primary's jackknife replicates for the verdict: same numbers as compute."""
+def test_rank_columns_and_verdict_replicates_come_from_one_pass():
+    """compute.pair_metrics and the verdict's jackknife_replicates read the one estimation pass: the same numbers."""
+    from pairscout.estimation import estimate
     from pairscout.ranking import compute
-    from pairscout.ranking.calibrated import metric_values
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(60, 5, generator=g) for _ in range(2)]
     ys = [xs[0][:, :3] + torch.randn(60, 3, generator=g), torch.randn(60, 4, generator=g)]
     st = RankSettings(ci_groups=5, permutations=0)
     metrics = ["cka_linear_debiased", "cka_linear", "mutual_knn"]
-    got, reps = metric_values(xs, ys, metrics, st, "cka_linear_debiased")
+    est = estimate(xs, ys, metrics, groups=5, seed=0, permutations=0, options={m: st.metric_options(m) for m in metrics})
     want = compute.pair_metrics(xs, ys, metrics, st, "cka_linear_debiased")
-    assert set(got) == set(want) and reps is not None and reps.shape == (5, 2, 2)
+    got = est.columns()
+    reps = V.jackknife_replicates(xs, ys, "cka_linear_debiased", groups=5, seed=0)
+    assert set(got) == set(want) and reps.shape == (5, 2, 2)
+    assert torch.equal(reps, est.replicates["cka_linear_debiased"])
     for k in want:
         assert np.allclose(got[k], want[k], atol=1e-12), k

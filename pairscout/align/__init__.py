@@ -6,15 +6,12 @@
   :class:`InfoNCELoss` (CLIP), built by name with :func:`build_loss`.
 - :mod:`.train` - :func:`train` two heads on pre-encoded embeddings (:class:`TrainConfig`, checkpoints, resume).
 - :mod:`.evaluate` - retrieval Recall@K both ways, zero-shot accuracy, :func:`evaluate`.
-- :mod:`.probe` - :func:`probe`: linear probes on the top / bottom pairs of a ranking; :mod:`.predictors` - which
-  measure (every registered one) or unimodal score predicts the probes' read-out, Holm-corrected;
-  :mod:`.probe_result` - :class:`ProbeResult` and its files.
+- The probes that check a ranking (and which measure predicted them) live in :mod:`pairscout.evaluation`.
 - :mod:`.model` - :func:`align` one pair and the :class:`AlignedModel` it gives (save / load, embed, zero-shot).
 
 Names are imported lazily (PEP 562), so ``pairscout.cli`` can register the ``probe`` / ``align`` commands
 without importing torch. The functions named like their modules are imported from the module:
-``from pairscout.align.train import train``, ``from pairscout.align.probe import probe``,
-``from pairscout.align.evaluate import evaluate`` (a package attribute would be shadowed by the submodule).
+``from pairscout.align.train import train``, ``from pairscout.align.evaluate import evaluate`` (a package attribute would be shadowed by the submodule).
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ _EXPORTS = {
     "build_loss": "losses",
     "chunked_sigmoid_negatives": "losses",
     "default_txt_image_index": "losses",
-    # training, evaluation, probe, aligned model
+    # training, evaluation, aligned model
     "TrainConfig": "train_config",
     "TrainResult": "train_config",
     "TrainError": "train",
@@ -49,8 +46,6 @@ _EXPORTS = {
     "TEMPLATES": "evaluate",
     "retrieval_metrics": "evaluate",
     "zero_shot_metrics": "evaluate",
-    "ProbeResult": "probe_result",
-    "ProbeSettings": "probe_settings",
     "AlignedModel": "model",
     "AlignResult": "model",
     "align": "model",

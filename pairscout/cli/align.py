@@ -1,7 +1,7 @@
 """``pairscout probe``, ``pairscout align`` and ``pairscout zero-shot``.
 
-They parse, call the core (:mod:`pairscout.align.probe`, :mod:`pairscout.align.model`) and print. Defaults
-come from :class:`~pairscout.align.probe_settings.ProbeSettings` and :class:`~pairscout.align.train_config.TrainConfig`.
+They parse, call the core (:mod:`pairscout.evaluation.probe`, :mod:`pairscout.align.model`) and print. Defaults
+come from :class:`~pairscout.evaluation.result.ProbeSettings` and :class:`~pairscout.align.train_config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from typing import Annotated
 
 import typer
 
-from pairscout.align.probe_settings import ProbeSettings
 from pairscout.align.train_config import DEFAULT_STEPS, TrainConfig
 from pairscout.cli import _ui as ui
-from pairscout.cli._align_lines import _against_probe, _which_pair  # noqa: F401 - _against_probe: tests import it here
 from pairscout.cli._options import (
     CacheOpt,
     CaptionColOpt,
@@ -33,6 +31,7 @@ from pairscout.cli._options import (
 )
 from pairscout.cli._ui import Table, num
 from pairscout.cli._ui import literal as L
+from pairscout.evaluation.result import ProbeSettings
 
 PROBE = ProbeSettings()
 TRAIN = TrainConfig()
@@ -61,10 +60,11 @@ def probe(
     image_column: ImageColOpt = None,
     caption_column: CaptionColOpt = None,
     label_column: LabelColOpt = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="Probe the K best-ranked pairs.")] = PROBE.top_k,
-    bottom_k: Annotated[int, typer.Option("--bottom-k", help="... and the K worst-ranked ones.")] = PROBE.bottom_k,
-    middle_k: Annotated[int, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.")] = PROBE.middle_k,
-    pairs: Annotated[str | None, typer.Option("--pairs", help="Probe these pairs instead: 'v1,t1;v2,t2'.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Probe the K best-ranked pairs (default: as many pairs as --budget allows).", show_default=False)] = PROBE.top_k,
+    bottom_k: Annotated[int | None, typer.Option("--bottom-k", help="... and the K worst-ranked ones.", show_default=False)] = PROBE.bottom_k,
+    middle_k: Annotated[int | None, typer.Option("--middle-k", help="... and K pairs evenly spaced between them.", show_default=False)] = PROBE.middle_k,
+    pairs: Annotated[str | None, typer.Option("--pairs", help="'all': every pair of the run; or these pairs: 'v1,t1;v2,t2'.")] = None,
+    budget: Annotated[int, typer.Option(help="Pair-steps (pairs x steps) the default selection may spend; all pairs when they fit.")] = PROBE.budget,
     steps: Annotated[int, typer.Option(help="Optimiser steps per probe (the same for every pair).")] = PROBE.steps,
     batch_size: Annotated[int, typer.Option(help="Images per step, the global batch: under torchrun each of the W processes takes batch / W (a multiple of W).")] = PROBE.batch_size,
     out_dim: Annotated[int, typer.Option(help="Probe output dimension (SAIL: 2048).")] = PROBE.out_dim,
@@ -72,7 +72,7 @@ def probe(
     optimizer: Annotated[str, typer.Option(help="adamw or lion.")] = PROBE.optimizer,
     test_fraction: Annotated[float, typer.Option(help="Held-out share of the images.")] = PROBE.test_fraction,
     seed: Annotated[int, typer.Option(help="Seed of the split and the probes.")] = PROBE.seed,
-    target: Annotated[str | None, typer.Option(help="Read-out to correlate with: zs_top1, class_mean_r1, mean_r1, ... (default: chosen from the data).", show_default=False)] = None,
+    target: Annotated[str | None, typer.Option(help="Read-out to correlate with: zs_top1, class_map, mean_r1, heldout_loss, loss_auc, ... (default: the one that separates the pairs most clearly).", show_default=False)] = None,
     class_level: Annotated[bool, typer.Option("--class-level", help="Train with same-class captions as positives (identical captions always are).")] = False,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv (default: the RUN folder).", show_default=False)] = None,
     cache_dir: CacheOpt = None,
@@ -84,21 +84,24 @@ def probe(
 ) -> None:
     """Short linear probes on the top, middle and bottom pairs of a ranking: did the metrics predict alignment?"""
     ui.setup_logging(verbose)
-    from pairscout.align.probe import probe as run_probe
-    from pairscout.align.probe import verdict
     from pairscout.errors import PairscoutError
+    from pairscout.evaluation.probe import probe as run_probe
+    from pairscout.evaluation.probe import verdict
 
     with ui.user_errors():
         run = pick_run(run, run_alias)
         _check_source(run, vision_zoo, text_zoo)
         chosen = None
-        if pairs:
+        every = bool(pairs) and pairs.strip().lower() == "all"
+        if pairs and not every:
             chosen = [tuple(p.split(",", 1)) for p in pairs.split(";") if p.strip()]
             if any(len(p) != 2 for p in chosen):
-                raise PairscoutError(f"--pairs {pairs!r} is malformed.", fix="write it as 'vision1,text1;vision2,text2'.")
-        settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, steps=steps, batch_size=batch_size, out_dim=out_dim, lr=lr,
-                                 optimizer=optimizer, test_fraction=test_fraction, seed=seed, device=device or PROBE.device,
-                                 target=target, class_level=class_level)  # fmt: skip
+                raise PairscoutError(f"--pairs {pairs!r} is malformed.", fix="write it as 'all' or 'vision1,text1;vision2,text2'.")
+        if budget < 1:
+            raise PairscoutError(f"--budget {budget} probes no pair.", fix="pass a positive number of pair-steps, or --pairs all.")
+        settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, all_pairs=every, budget=budget, steps=steps,
+                                 batch_size=batch_size, out_dim=out_dim, lr=lr, optimizer=optimizer, test_fraction=test_fraction, seed=seed,
+                                 device=device or PROBE.device, target=target, class_level=class_level)  # fmt: skip
         from pairscout._io import check_out_folder
 
         check_out_folder(out_dir if out_dir is not None else run)
@@ -106,15 +109,23 @@ def probe(
             data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
-        for table in (probe_table(res, wide), corr_table(res, wide)):
+        if res.meta.get("selection"):
+            ui.say(res.meta["selection"])
+        tables = [probe_table(res, wide), corr_table(res, wide)]
+        if res.regret is not None:
+            tables.append(regret_table(res))
+        for table in tables:
             ui.print_table(table, wide)
         primary = res.meta.get("primary")
         if primary:
-            ui.say(verdict(res.correlations, primary, res.meta))
-        from pairscout.align.predictors import readout_label
+            ui.say(verdict(res.correlations, primary, res.meta, res.correlations_without_baselines))
+        from pairscout.metrics.registry import readout_label
 
-        ui.say(f"read-out: {readout_label(res.meta['target'])} (--target {res.meta['target']}; chance {res.meta['chance']:.3f}): "
-               f"{res.meta['target_why']}")
+        chance = res.meta.get("chance")
+        ui.say(f"read-out: {readout_label(res.meta['target'])} (--target {res.meta['target']}"
+               + (f"; chance {chance:.3f}" if chance is not None else "") + f"): {res.meta['target_why']}")
+        if res.regret is not None:
+            ui.say(f"regret: {res.regret.sentence}")
         if res.meta.get("verdict"):
             ui.say(f"verdict: {res.meta['verdict']['reason']}")
         if res.meta.get("out"):
@@ -126,7 +137,8 @@ def probe(
         if as_json:
             from pairscout._io import records
 
-            payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta}
+            payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta,
+                       "correlations_without_baselines": None if res.correlations_without_baselines is None else records(res.correlations_without_baselines)}
             ui.print_json(payload)
 
 
@@ -134,8 +146,7 @@ def probe_table(res, wide: bool = False) -> Table:
     """Rank, full model names, the primary measure ± its interval, the read-out and R@1 both ways (fits 100
     columns for names up to ~25 characters; longer names fold, never cut); with ``wide`` every measure of the rank run,
     the group, R@5, the final loss and the time (the measures the probe computed are in ``probe.csv``)."""
-    from pairscout.align.predictors import readout_label
-    from pairscout.metrics.registry import MEASURES, label
+    from pairscout.metrics.registry import MEASURES, label, readout_label
 
     primary = res.meta.get("primary") or next((m for m in res.metrics if m in MEASURES), None)
     ranked = res.meta.get("measures_from_rank") or [m for m in res.metrics if m in MEASURES]
@@ -143,7 +154,7 @@ def probe_table(res, wide: bool = False) -> Table:
     tgt = res.meta.get("target", "mean_r1")
     n_items, chance = int(res.meta.get("n_test_items") or 0), res.meta.get("chance")
     caption = "R@1 i2t: image -> its captions; t2i: caption -> its image"
-    if n_items:
+    if n_items and res.meta.get("target_direction", "higher") == "higher":  # a proportion: its binomial half-width
         caption += f"; read-out ± 95 % half-width (binomial, {n_items} held-out images)"
         caption += f", chance {chance:.3f}" if chance is not None and chance == chance else ""
     if not wide:
@@ -162,7 +173,8 @@ def probe_table(res, wide: bool = False) -> Table:
         t.add_column(col, justify="right", no_wrap=True)
     for _, r in res.pairs.iterrows():
         cells = [ui.with_interval(r, m) if not wide else num(r.get(m)) for m in measures]
-        tail = [_readout(r.get(tgt), n_items), num(r.get("i2t_r1")), num(r.get("t2i_r1"))]
+        loss = res.meta.get("target_direction") == "lower"  # a loss has no binomial half-width
+        tail = [num(r.get(tgt)) if loss else _readout(r.get(tgt), n_items), num(r.get("i2t_r1")), num(r.get("t2i_r1"))]
         if wide:
             tail += [num(r.get("mean_r5")), num(r.get("final_loss")), f"{r['train_s']:.1f}"]
         head = [str(r.get("rank", ""))] + ([L(r.get("group", ""))] if wide else [])
@@ -192,11 +204,12 @@ def _p(x) -> str:
 def corr_table(res, wide: bool = False) -> Table:
     """Which measure predicts the probe: every predictor, sorted by Holm-corrected strength (fits 100 columns);
     with ``wide`` the kind, who computed it, and the uncorrected and Kendall p-values too."""
-    from pairscout.align.predictors import readout_label
+    from pairscout.metrics.registry import readout_label
 
     tgt = res.meta.get("target", "mean_r1")
     fam = res.meta.get("family_size")
-    t = Table(title=L(f"did the metric predict the probe? every measure and unimodal score against {readout_label(tgt)}, "
+    neg = " (negated: lower loss = higher)" if res.meta.get("target_direction") == "lower" else ""
+    t = Table(title=L(f"did the metric predict the probe? every measure and unimodal score against {readout_label(tgt)}{neg}, "
                       f"sorted by Holm-corrected p"),
               caption=L(f"rho: Spearman, its 95 % interval (Fisher z); p (Holm): corrected over {fam or 'the'} predictors; "
                         "every predictor oriented higher = more similar; a one-encoder score counts encoders, not pairs; "
@@ -222,6 +235,27 @@ def corr_table(res, wide: bool = False) -> Table:
         cells += ([_p(r["spearman_p"])] if wide else []) + [_p(r.get("spearman_p_holm", r["spearman_p"])), _signed(r["kendall"])]
         cells += [_p(r["kendall_p"]), _p(r.get("kendall_p_holm"))] if wide else []
         t.add_row(*cells, L(r.get("answer", "")))
+    return t
+
+
+def regret_table(res) -> Table:
+    """The verdict's regret against the rules researchers use: oracle pair, each rule's pair, its read-out and regret
+    with the paired bootstrap interval (fits 100 columns)."""
+    from pairscout.metrics.registry import readout_label
+
+    rg = res.regret
+    lab = readout_label(rg.target)
+    worse = "lower" if rg.direction == "higher" else "higher"
+    t = Table(title=L(f"had you followed each rule: regret against the best probed pair ({rg.oracle[0]} x {rg.oracle[1]}, {lab} "
+                      f"{rg.oracle_value:.3f}), over the {rg.n_pairs} {rg.over}"),
+              caption=L(f"regret: the oracle's {lab} minus the rule's pair's ({worse} read-out = positive regret); {rg.interval}, "
+                        f"{rg.n_items} images" + ("" if rg.conclusive else "; the read-out does not separate the pairs: no evidence either way")))
+    for col, just in (("rule", "left"), ("pair", "left"), ("#", "right"), ("read-out", "right"), ("regret [95 %]", "right")):
+        t.add_column(col, justify=just, overflow="fold" if col == "pair" else None, no_wrap=col != "pair")
+    for r in rg.rules:
+        pair = f"{r.pair[0]} x {r.pair[1]}" if r.pair else r.why
+        reg = "" if r.regret != r.regret else f"{r.regret:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
+        t.add_row(L(r.label), L(pair), "" if r.rank is None else str(r.rank), num(r.value), reg)
     return t
 
 
@@ -292,7 +326,7 @@ def align(
         if run is not None:
             from pairscout.runs import STORE
 
-            line = _which_pair(STORE.rank(run), run, chosen)
+            line = which_pair_line(STORE.rank(run), run, chosen)
             if line:
                 ui.say(line)
         if out_dir is None and run is not None:
@@ -309,7 +343,7 @@ def align(
                             command=ui.command_line())  # fmt: skip
         ui.err.print(_align_table(res))
         if run is not None:
-            line = _against_probe(run, res)
+            line = against_probe_line(run, res)
             if line:
                 ui.say(line)
         if res.out is not None:
@@ -373,3 +407,57 @@ def zero_shot(
         ui.err.print(t)
         if as_json:
             ui.print_json([{"image": str(f), "top": [{"class": c, "p": p} for c, p in top]} for f, top in zip(files, pred.top, strict=True)])
+
+
+# --- the lines align says beside its table: which pair it trains and why, and how it compares with the run's probe
+def which_pair_line(rank, run: Path, chosen: tuple[str, str] | None) -> str:
+    """One line on the pair align trains and why: the verdict's full reason was printed by rank (and is in the
+    report), so repeating it here buried the one thing align adds, which pair; ties and a verdict no better than
+    chance stay visible because they are reasons not to trust the choice."""
+    verdict = rank.verdict.to_dict() if rank.verdict is not None else None  # the latest revision
+    if chosen is not None and tuple(chosen) not in set(zip(rank.pairs["vision"], rank.pairs["text"], strict=True)):
+        return ""  # not a pair of the run: align's own one-line error follows, nothing is aligned
+    if chosen is not None:
+        line = f"aligning {chosen[0]} x {chosen[1]} (--pair)"
+        if verdict and tuple(verdict["pair"]) != chosen:
+            line += f"; the verdict of {run} is {verdict['pair'][0]} x {verdict['pair'][1]}"
+        return line
+    if not verdict:
+        v, t = rank.best()
+        return f"aligning the best-ranked pair {v} x {t} ({run} has no verdict)"
+    v, t = verdict["pair"]
+    why = "the probe's best of the pairs the metrics tied" if verdict.get("source") == "probe" else "ranked first"
+    if verdict.get("above_chance") is False:
+        why += ", but no better than shuffled pairings"
+    n = len(verdict.get("tied", []))
+    if n:
+        others = f"{n} other pair{'s' if n > 1 else ''}"
+        why += f"; still tied with {others} after the probe" if len(rank.revisions) > 1 else f"; tied with {others} (`pairscout probe {run}` can separate them)"
+    return f"aligning the verdict's pair {v} x {t} of {run}: {why}"
+
+
+def against_probe_line(run: Path, res) -> str:
+    """One line when the run's probe read this pair clearly higher than the aligned model does (a real head
+    should not lose to the short linear probe; when it does, the budget or the head is the first suspect)."""
+    from pairscout.evaluation.result import ProbeResult
+    from pairscout.ranking.verdict import binomial_se
+
+    try:
+        probe = ProbeResult.load(run)
+    except Exception:  # noqa: BLE001 - no probe in the run: nothing to compare with
+        return ""
+    target, n_items = probe.meta.get("target"), int(probe.meta.get("n_test_items") or 0)
+    v, t = res.model.vision_spec.name, res.model.text_spec.name
+    row = probe.pairs[(probe.pairs["vision"] == v) & (probe.pairs["text"] == t)]
+    mine = res.metrics.get(target)
+    if row.empty or mine is None or not n_items or target not in row:
+        return ""
+    theirs = float(row[target].iloc[0])
+    se = (binomial_se(theirs, n_items) ** 2 + binomial_se(float(mine), n_items) ** 2) ** 0.5
+    if theirs - float(mine) <= 2 * se:
+        return ""
+    steps = probe.meta.get("settings", {}).get("steps")
+    from pairscout.metrics.registry import readout_label
+
+    return (f"note: the probe's linear heads ({steps} steps) read {theirs:.3f} {readout_label(target)} on this pair, clearly above this "
+            f"model's {float(mine):.3f}: more --steps, or --head linear, may align it better")

@@ -109,6 +109,10 @@ def rank(
             ui.say(f"small data: --{key.replace('_', '-')} {note['asked']} -> {note['used']} ({note['why']})")
         if res.meta.get("verdict"):
             ui.say(f"verdict: {res.meta['verdict']['reason']}")
+        phases = dict(res.meta.get("timings_s", {}).get("metrics_phases") or {})
+        total = phases.pop("total", 0.0)
+        if total > 0:  # where the metrics phase spent its time, one line per phase with its share
+            ui.say(f"metrics phase {total:.1f} s: " + "; ".join(f"{k} {v:.1f} s ({100 * v / total:.0f} %)" for k, v in phases.items()))
         if out is None:
             ui.warn("no --out under torchrun: nothing was saved; probe, align and report need a saved run (add --out DIR).")
         if out is not None:

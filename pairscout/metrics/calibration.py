@@ -178,8 +178,15 @@ def _cka_moments(xs: list[torch.Tensor], ys: list[torch.Tensor], kernel: str, de
                 cache[key] = (s, f2)
         summ.append(s)
         norm2.append(f2)
+    return cka_null(summ, norm2, len(xs), debiased, observed)
+
+
+def cka_null(summ: Sequence[dict[str, float]], norm2: Sequence[float], m: int, debiased: bool,
+             observed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(null_mean, null_sd, p) of CKA for all pairs from every model's moment summary (:func:`_parts` of
+    :meth:`_GramSummary.sums`, vision models first, ``m`` of them) and ``||Kc||_F^2`` (module docstring)."""
     n = int(summ[0]["n"])
-    m, t = len(xs), len(ys)
+    t = len(summ) - m
     mean_b = np.zeros((m, t))
     var_b = np.zeros((m, t))
     for i in range(m):
@@ -269,7 +276,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         kernel = "linear" if metric.startswith("cka_linear") else "rbf"
         mean, sd, p = _cka_moments(xs_t, ys_t, kernel, metric.endswith("_debiased"), float(kwargs.get("sigma_frac", 1.0)),
                                    observed, cache, counts if sharded else None, kwargs.get("precision"))
-        how = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
+        how = CKA_HOW
     elif metric in NEIGHBOUR_METRICS:
         k = int(kwargs.get("k", 10))
         pre = kwargs.get("preprocess", _knn.Preprocess())
@@ -278,11 +285,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
             nxs, nys = [[R.sharded_neighbours(z, counts, k, pre) for z in side] for side in (xs_t, ys_t)]
         else:
             nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
-        perms = _perms(n, used, seed).to(nxs[0].indices.device)  # the null runs where the lists are
-        null = _mutual_knn_null(nxs, nys, perms) if metric == "mutual_knn" else _cknna_null(nxs, nys, perms, n)
-        mean, sd, p, p_mc = _from_samples(observed, null)
-        how = (f"{used} Monte-Carlo permutations of the neighbour lists; p beyond their resolution from a Pearson III "
-               "tail fitted to them")
+        return neighbour_null(metric, nxs, nys, n, observed, n_perm=used, seed=seed)
     else:
         used = n_perm
         perms = _perms(n, used, seed)
@@ -291,11 +294,32 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         null = torch.stack([pair_metric(metric, xs_t, [y[p.to(y.device)] for y in ys_t], **kwargs).cpu() for p in perms])
         mean, sd, p, p_mc = _from_samples(observed, null)
         how = f"{used} Monte-Carlo permutations; p beyond their resolution from a Pearson III tail fitted to them"
-    p = torch.as_tensor(p, dtype=F64).clamp(min=P_FLOOR)  # NaN stays NaN
+    return finish(metric, observed, mean, sd, p, how, used, seed, p_mc)
+
+
+NEIGHBOUR_HOW = "Monte-Carlo permutations of the neighbour lists; p beyond their resolution from a Pearson III tail fitted to them"
+CKA_HOW = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
+
+
+def neighbour_null(metric: str, nxs: Sequence[_knn.Neighbours], nys: Sequence[_knn.Neighbours], n: int,
+                   observed: torch.Tensor, *, n_perm: int, seed: int) -> Calibration:
+    """The permutation null of mutual k-NN or CKNNA from every model's neighbour lists of all n rows (module docstring)."""
+    perms = _perms(n, n_perm, seed).to(nxs[0].indices.device)  # the null runs where the lists are
+    null = _mutual_knn_null(list(nxs), list(nys), perms) if metric == "mutual_knn" else _cknna_null(list(nxs), list(nys), perms, n)
+    mean, sd, p, p_mc = _from_samples(observed.to(F64).cpu(), null)
+    return finish(metric, observed, mean, sd, p, f"{n_perm} {NEIGHBOUR_HOW}", n_perm, seed, p_mc)
+
+
+def finish(metric: str, observed: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor, p: torch.Tensor, how: str,
+           used: int, seed: int, p_mc: torch.Tensor | None = None) -> Calibration:
+    """A :class:`Calibration` from a null's mean, sd and p: the calibrated score and Holm's correction."""
+    observed = observed.to(F64).cpu()
+    mean, sd = mean.to(F64).cpu(), sd.to(F64).cpu()
+    p = torch.as_tensor(p, dtype=F64).cpu().clamp(min=P_FLOOR)  # NaN stays NaN
     with torch.no_grad():
         z = (observed - mean) / sd
         z = torch.where(sd > 0, z, torch.full_like(z, float("nan")))
-    return Calibration(metric, observed, mean.to(F64), sd.to(F64), z, p.to(F64), holm(p), how, used, seed,
+    return Calibration(metric, observed, mean, sd, z, p, holm(p), how, used, seed,
                        None if p_mc is None else p_mc.to(F64).cpu())
 
 
@@ -306,4 +330,5 @@ def debiased_cka_null_sd(n: int) -> float:
     return math.sqrt(2.0 / (n * (n - 3)))
 
 
-__all__ = ["Calibration", "CKA_METRICS", "NEIGHBOUR_METRICS", "N_PERM", "P_FLOOR", "calibrate", "debiased_cka_null_sd", "holm"]
+__all__ = ["Calibration", "CKA_METRICS", "NEIGHBOUR_METRICS", "N_PERM", "P_FLOOR", "calibrate", "cka_null",
+           "debiased_cka_null_sd", "finish", "holm", "neighbour_null"]

@@ -25,7 +25,8 @@ rsa about 0, cycle_knn about k^2/n, matching about 1/n. The permutation nulls of
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,6 +36,40 @@ from pairscout.metrics._validate import ArrayLike, as_matrix, check_not_constant
 from pairscout.metrics.knn import Preprocess, nearest_neighbours
 
 F64 = torch.float64
+
+
+_SIDES: dict[tuple, tuple] | None = None
+"""Inside :func:`shared_sides`: each input's centred copy and thin SVD, computed once however many pairs it is in."""
+
+
+@contextmanager
+def shared_sides() -> Iterator[None]:
+    """Within this block SVCCA, PWCCA and Procrustes compute each input tensor's centred copy and thin SVD once and
+    reuse them for every pair the tensor is in (a probe of every pair of 7 x 6 encoders: 13 SVDs per measure, not 84).
+    The same values as without it: the cache holds the inputs themselves (no freed memory can alias an entry) and is
+    dropped when the block ends."""
+    global _SIDES
+    prev, _SIDES = _SIDES, {}
+    try:
+        yield
+    finally:
+        _SIDES = prev
+
+
+def _side_svd(x: ArrayLike, xt: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(xc, u, s)``: the centred copy of ``xt`` (:func:`_centred`) and its thin SVD, memoised per input in
+    :func:`shared_sides`."""
+    key = None
+    if _SIDES is not None and isinstance(x, torch.Tensor):
+        key = (id(x), x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), x._version)
+        hit = _SIDES.get(key)
+        if hit is not None:
+            return hit[1:]
+    xc = _centred(xt, name)
+    u, s, _ = torch.linalg.svd(xc, full_matrices=False)
+    if key is not None:
+        _SIDES[key] = (x, xc, u, s)  # x itself is kept: its memory cannot be reused by another tensor while cached
+    return xc, u, s
 
 
 def _pair(x: ArrayLike, y: ArrayLike, min_rows: int, why: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -59,10 +94,11 @@ def _centred(x: torch.Tensor, name: str) -> torch.Tensor:
     return x / scale
 
 
-def _svd_basis(x: torch.Tensor, keep: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd_basis(x: torch.Tensor, keep: float, name: str, usv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors (n, k) and singular values of centred x, keeping the leading directions that
-    explain ``keep`` of the variance (SVCCA's first step). Directions below 1e-10 of the largest are rank noise."""
-    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    explain ``keep`` of the variance (SVCCA's first step). Directions below 1e-10 of the largest are rank noise.
+    ``usv``: x's thin SVD ``(u, s)`` when already computed."""
+    u, s = usv if usv is not None else torch.linalg.svd(x, full_matrices=False)[:2]
     s2 = s.square()
     s2 = torch.where(s > 1e-10 * s[0], s2, torch.zeros_like(s2))
     frac = torch.cumsum(s2, 0) / s2.sum()
@@ -84,9 +120,10 @@ def _cca(x: ArrayLike, y: ArrayLike, keep: float, max_dims: int | str | None, wh
     xt, yt, n = _pair(x, y, 4, what)
     if max_dims == "auto":
         max_dims = max(1, n // 10)
-    xc, yc = _centred(xt, "x"), _centred(yt, "y")
-    ux, _ = _svd_basis(xc, keep, "x")
-    uy, _ = _svd_basis(yc, keep, "y")
+    xc, ux0, sx0 = _side_svd(x, xt, "x")
+    yc, uy0, sy0 = _side_svd(y, yt, "y")
+    ux, _ = _svd_basis(xc, keep, "x", (ux0, sx0))
+    uy, _ = _svd_basis(yc, keep, "y", (uy0, sy0))
     if max_dims is not None:
         ux, uy = ux[:, :max_dims], uy[:, :max_dims]
     kx, ky = ux.shape[1], uy.shape[1]
@@ -143,10 +180,9 @@ def procrustes(x: ArrayLike, y: ArrayLike) -> float:
     Range [0, 1]; 1 iff y is a rotation/reflection of x up to scale and offset.
     """
     xt, yt, _ = _pair(x, y, 2, "Procrustes similarity")
-    xc, yc = _centred(xt, "x"), _centred(yt, "y")
-    xc, yc = xc / torch.linalg.norm(xc), yc / torch.linalg.norm(yc)
-    ux, sx, _ = torch.linalg.svd(xc, full_matrices=False)
-    uy, sy, _ = torch.linalg.svd(yc, full_matrices=False)
+    xc, ux, sx = _side_svd(x, xt, "x")
+    yc, uy, sy = _side_svd(y, yt, "y")
+    sx, sy = sx / torch.linalg.norm(xc), sy / torch.linalg.norm(yc)  # the SVD of xc / ||xc||: same u, scaled s
     core = (sx[:, None] * (ux.T @ uy)) * sy[None, :]
     return float(torch.linalg.svdvals(core).sum().clamp(0.0, 1.0))
 

@@ -17,6 +17,8 @@ import pairscout.metrics.knn as _knn
 F64 = torch.float64
 #: Memory the dense lookup table of mutual k-NN's null may use (all vision models, float32 n x n each).
 DENSE_BYTES = 256 * 2**20
+#: Memory the bitmaps of mutual k-NN's null may use (all vision models, n^2 / 8 bytes each).
+BITMAP_BYTES = 4 * 2**30
 
 
 def _perms(n: int, n_perm: int, seed: int) -> torch.Tensor:
@@ -76,6 +78,35 @@ def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], per
     dev = nxs[0].indices.device
     perms = perms.to(dev)
     out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64, device=dev)
+    if n * n // 8 * len(nxs) <= BITMAP_BYTES:
+        # each vision model's neighbour entries as a bitmap of the n x n entries (n^2 / 8 bytes): a lookup is one
+        # gather and a shift, O(1) per entry at any n; the few hits on tied entries (weight < 1) take their weight
+        # from a short sorted list of those entries
+        bits, ties = [], []
+        for a in nxs:
+            ok = a.indices >= 0
+            keys = (torch.arange(n, device=dev)[:, None] * n + a.indices)[ok]
+            w = a.weight_matrix()[ok]
+            t = torch.zeros((n * n + 7) // 8, dtype=torch.uint8, device=dev)
+            bits.append(t.index_put_((keys >> 3,), (1 << (keys & 7)).to(torch.uint8), accumulate=True))
+            odd = w != 1.0
+            order = torch.argsort(keys[odd])
+            ties.append((keys[odd][order], w[odd][order]))
+        for s, p, inv in _batches(perms, batch):
+            for j, b in enumerate(nys):
+                rows, cols, _, wb = _permuted_entries(b, p, inv, n)
+                q = rows * n + cols.clamp_min(0)
+                hi, lo = q >> 3, (q & 7).to(torch.uint8)
+                for i, t in enumerate(bits):
+                    wa = ((t[hi] >> lo) & 1).to(F64)
+                    tk, tw = ties[i]
+                    if tk.numel():
+                        r, c = wa.nonzero(as_tuple=True)
+                        pos = torch.searchsorted(tk, q[r, c]).clamp_max(tk.numel() - 1)
+                        hit = tk[pos] == q[r, c]
+                        wa[r[hit], c[hit]] = tw[pos[hit]]
+                    out[s:s + len(p), i, j] = (wa * wb).sum(1) / (n * nxs[i].k)
+        return out.cpu()
     if len(nxs) * n * n * 4 <= DENSE_BYTES:
         # small n: every X model's weighted adjacency as one dense (m, n * n) table; a lookup is one gather
         dense = torch.zeros(len(nxs), n * n, dtype=torch.float32, device=dev)

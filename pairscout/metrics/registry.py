@@ -217,3 +217,17 @@ def all_pairs(name: str, xs: Any, ys: Any, **opts: Any) -> torch.Tensor:
 def names_help(names: Sequence[str] | None = None) -> str:
     """``"cka_linear, cka_linear_debiased, ..."``: for CLI help and messages."""
     return ", ".join(names if names is not None else MEASURES)
+
+
+# --- the probe's read-outs: named here with every other measure and score, so any stage can say them in words
+READOUT_LABELS = {
+    "zs_top1": "zero-shot top-1", "zs_top5": "zero-shot top-5", "class_mean_r1": "class-aware R@1", "class_mean_r5": "class-aware R@5",
+    "mean_r1": "R@1 (mean of both directions)", "mean_r5": "R@5 (mean)", "mean_r10": "R@10 (mean)",
+    "class_map": "class-aware mAP", "heldout_loss": "held-out sigmoid loss", "loss_auc": "held-out loss curve area",
+}  # fmt: skip
+"""Human names of the probe's read-outs (:data:`pairscout.evaluation.probe.TARGETS`)."""
+
+
+def readout_label(target: str) -> str:
+    """``"zero-shot top-1"`` for ``zs_top1``; the name itself when unknown."""
+    return READOUT_LABELS.get(target, label(target))

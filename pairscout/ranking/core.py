@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pairscout import distributed, runtime
+from pairscout import distributed
 from pairscout.embeddings.cache import EmbeddingCache
 from pairscout.embeddings.runner import EncodeSettings, ProgressFn, encode_zoo
 from pairscout.errors import PairscoutError
+from pairscout.estimation import Engine, estimate
 from pairscout.metrics import registry
 from pairscout.provenance import provenance
 from pairscout.ranking import calibrated, compute, layered
-from pairscout.ranking.engine import Engine
 from pairscout.ranking.result import RankResult, settings_conflict
 from pairscout.ranking.settings import DEBIASED_BELOW, RankSettings
 from pairscout.resolve import resolve_data, resolve_zoos
@@ -78,7 +78,7 @@ def rank(
             ``settings.precision`` ``auto`` picks the CKA products' precision for it
             (:func:`pairscout.runtime.metric_precision`). Under ``torchrun`` (world > 1) each process keeps a
             contiguous 1/world of the rows and the metric values and intervals come from all-reduced sufficient
-            statistics (:mod:`pairscout.ranking.engine` says what is sharded and what is gathered).
+            statistics (:mod:`pairscout.estimation.engine` says what is sharded and what is gathered).
         cache_dir: the embedding cache (default ``~/.cache/pairscout``).
         out: folder for the result files and plots; refused if it holds a run with other settings
             unless ``force``.
@@ -146,11 +146,10 @@ def rank(
 
     # one device for everything: encoding, every metric, the null, the intervals, the verdict, the unimodal scores
     enc_settings = encode_settings or EncodeSettings()
-    device = runtime.pick_device(enc_settings.device)
+    engine = Engine.for_run(enc_settings.device, settings.precision, n_rows)  # device and precision, resolved once
+    device, precision = engine.device, engine.precision
     enc_settings = dataclasses.replace(enc_settings, device=str(device))
-    precision = runtime.resolve_precision(settings.precision, device)
     used = dataclasses.replace(used, precision=precision)
-    engine = Engine.for_run(device, precision, n_rows)
     cache = EmbeddingCache(cache_dir)
     t0 = time.perf_counter()
     v_enc = encode_zoo(vz.encoders, ds, cache=cache, settings=enc_settings, progress=progress)
@@ -187,10 +186,12 @@ def rank(
         compute.check_metrics(metrics, choice.estimation_rows, used.knn_k)
     mx, my = (choice.xs, choice.ys) if choice is not None else (xs, ys)
     m_engine = choice.engine if choice is not None else engine  # a sweep's metrics run on the estimation rows
-    pair_values, primary_reps = calibrated.metric_values(mx, my, metrics, used, primary, progress=progress, engine=m_engine)
-    cal_values, null_methods = calibrated.calibrated_columns(mx, my, metrics, used, pair_values, progress=progress,
-                                                             sharded=m_engine.sharded)
-    pair_values.update(cal_values)
+    # one pass: every value, jackknife replicate and null (the jackknife groups shared by every metric)
+    est = estimate(mx, my, metrics, groups=used.ci_groups, seed=used.seed, permutations=used.permutations,
+                   null_method=used.null_method, options={m: used.metric_options(m) for m in metrics}, engine=m_engine,
+                   progress=progress)
+    pair_values, null_methods = est.columns(), est.null_methods
+    primary_reps = est.replicates[primary].numpy() if primary in est.replicates else None
     if choice is not None:
         pair_values, primary_reps = choice.gather(pair_values, primary_reps)
     metrics_s = time.perf_counter() - t1
@@ -239,7 +240,8 @@ def rank(
             "null_methods": null_methods,
             **({"layers": choice.meta()} if choice is not None else {}),
             "timings_s": {"encode": round(encode_s, 3), "metrics": round(metrics_s, 3), "verdict": round(verdict_s, 3),
-                          "total": round(time.perf_counter() - t_start, 3)},
+                          "total": round(time.perf_counter() - t_start, 3), "metrics_phases": est.timings},
+            "neighbour_rows_searched_again": est.recomputed,
             "device": str(device),
             "metric_precision": precision,
             "distributed": {"world_size": world, "rows_per_rank": [(r + 1) * n_rows // world - r * n_rows // world for r in range(world)],

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from pairscout.errors import PairscoutError
-from pairscout.ranking.engine import Engine
+from pairscout.estimation.engine import Engine
 from pairscout.ranking.settings import RankSettings, parse_layers
 
 FINAL = "final"
@@ -103,7 +103,7 @@ class LayerChoice:
     """The other rows: every reported number is measured on them."""
     split_seed: int = 0
     engine: Any = None
-    """Where the metrics on :attr:`xs` / :attr:`ys` run (:class:`~pairscout.ranking.engine.Engine`; sharded under
+    """Where the metrics on :attr:`xs` / :attr:`ys` run (:class:`~pairscout.estimation.engine.Engine`; sharded under
     torchrun over the estimation rows)."""
 
     def gather(self, values: dict[str, np.ndarray], reps: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:

@@ -69,6 +69,15 @@ class RankSettings:
         if self.precision not in PRECISIONS:
             raise PairscoutError(f"--precision {self.precision!r} is unknown.", fix=f"use one of {', '.join(PRECISIONS)}.")
 
+    def metric_options(self, metric: str) -> dict[str, Any]:
+        """The keyword options of ``metric`` (per its registry record) from these settings: ``k``, ``preprocess``
+        (clipping), ``sigma_frac``. The CKA products' precision is the engine's (resolved once per run)."""
+        from pairscout.metrics.knn import Preprocess
+        from pairscout.metrics.registry import get
+
+        return get(metric).kwargs({"k": self.knn_k, "preprocess": Preprocess(clip_quantile=self.clip_quantile),
+                                   "sigma_frac": self.rbf_sigma_frac})
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["metrics"] = list(self.metrics)

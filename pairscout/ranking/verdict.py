@@ -82,23 +82,12 @@ class Verdict:
 # ----------------------------------------------------------------------------------------------------------
 def jackknife_replicates(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metric: str, *, groups: int, seed: int,
                          engine: Any = None, **kw: Any) -> torch.Tensor:
-    import torch
+    """(G, m, t) leave-one-group-out values of a pair metric (groups :func:`pairscout.estimation.jackknife_groups`),
+    from one estimation pass on ``engine``'s device and row shard (default: one process, where the tensors are)."""
+    from pairscout.estimation import estimate
 
-    """(G, m, t) leave-one-group-out values of a pair metric, with the grouping of
-    :func:`pairscout.ranking.compute.jackknife_ci` (same seed, same groups), on ``engine``'s device and row shard
-    (:mod:`pairscout.ranking.engine`; default: one process, where the tensors are)."""
-    from pairscout.ranking.engine import plain
-
-    eng = engine or plain(xs[0].device)
-    n = eng.n if eng.sharded else xs[0].shape[0]
-    g = torch.Generator().manual_seed(seed)
-    parts = torch.randperm(n, generator=g).chunk(groups)
-    reps = []
-    for part in parts:
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[part] = False
-        reps.append(eng.value(metric, xs, ys, keep, **kw))
-    return torch.stack(reps)
+    return estimate(xs, ys, [metric], groups=groups, seed=seed, permutations=0, options={metric: kw},
+                    engine=engine).replicates[metric]
 
 
 def paired_test(est: np.ndarray, reps: np.ndarray, best: tuple[int, int], other: tuple[int, int]) -> dict[str, float]:
@@ -274,7 +263,7 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
     says which were separated and which were not.
     """
     if label is None:
-        from pairscout.align.predictors import readout_label
+        from pairscout.metrics.registry import readout_label
 
         label = readout_label(target)
     group = [verdict.pair, *verdict.tied]

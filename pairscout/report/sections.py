@@ -38,7 +38,7 @@ class RunFiles:
     rank: Any = None
     """A :class:`~pairscout.ranking.RankResult`."""
     probe: Any = None
-    """A :class:`~pairscout.align.probe_result.ProbeResult`."""
+    """A :class:`~pairscout.evaluation.result.ProbeResult`."""
     train_log: dict[str, Any] | None = None
     model_config: dict[str, Any] | None = None
     label: str = ""
@@ -163,7 +163,7 @@ def rank_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
 # --- probe -----------------------------------------------------------------------------------------------------------
 def _corr_display(corr: pd.DataFrame) -> pd.DataFrame:
     """The correlation table with labels and kinds filled in (probe runs made before they were saved lack them)."""
-    from pairscout.align import predictors as P
+    from pairscout.evaluation import predictors as P
 
     d = corr.copy()
     info = pd.DataFrame([P.describe(m) for m in d["metric"]], index=d.index)
@@ -199,7 +199,7 @@ def _highlights(pairs: pd.DataFrame, verdict: dict[str, Any], target: str) -> tu
 def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     """Which measure predicts the probe: the sorted table, a forest plot of every rho, scatter plots of the primary
     measure, the strongest predictor and the encoders' own k-NN accuracy, and the probed pairs."""
-    from pairscout.align.predictors import readout_label
+    from pairscout.metrics.registry import readout_label
 
     res = run.probe
     meta = res.meta
@@ -232,7 +232,7 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     p_fmt = dict.fromkeys(("spearman_p", "spearman_p_holm", "kendall_p", "kendall_p_holm"), fmt_p)
     measures = [m for m in MEASURES if m in pairs]
     n_items = int(meta.get("n_test_items") or 0)
-    if n_items and target in pairs:  # the read-out's uncertainty beside it: binomial on the held-out images
+    if n_items and target in pairs and meta.get("target_direction", "higher") == "higher":  # a proportion's binomial half-width
         from pairscout.ranking.verdict import binomial_se
 
         pairs[f"{target}_hw"] = [1.96 * binomial_se(float(x), n_items) if x == x else float("nan") for x in pairs[target]]
@@ -242,6 +242,9 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
                  *[(m, label(m)) for m in measures], ("final_loss", "final loss"), ("train_s", "seconds")]  # fmt: skip
     best = corr[corr["spearman"].notna()].head(1) if "spearman" in corr else corr
     return {
+        "regret": _regret(res.regret, tlabel),
+        "selection": meta.get("selection", ""),
+        "cannot_tell": _cannot_tell(res, meta),
         "label": run.label,
         "path": str(run.path),
         "target": target,
@@ -259,6 +262,31 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
         "pairs": table(pairs, pair_cols, sticky=4) if not pairs.empty else None,
         "settings": meta.get("settings", {}),
     }
+
+
+def _regret(rg: Any, tlabel: str) -> dict[str, Any] | None:
+    """The regret table of a probe (:class:`~pairscout.evaluation.regret.Regret`) as a small sortable table and its sentence."""
+    if rg is None:
+        return None
+    df = pd.DataFrame([{"rule": r.label, "pair": f"{r.pair[0]} × {r.pair[1]}" if r.pair else r.why, "rank": r.rank, "value": r.value,
+                        "regret": r.regret, "interval": "" if r.lo != r.lo else f"{r.lo:.3f} – {r.hi:.3f}", "lo": r.lo, "why": r.why if r.pair else ""}
+                       for r in rg.rules])  # fmt: skip
+    cols = [("rule", "rule"), ("pair", "pair"), ("rank", "place by the read-out"), ("value", tlabel), ("regret", "regret"),
+            ("interval", "95 % interval (paired bootstrap)"), ("why", "why this pair")]  # fmt: skip
+    df["why"] = [r.why for r in rg.rules]
+    return {"sentence": rg.sentence, "table": table(df, cols, sticky=1, keys={"interval": "lo"}, formats={"rank": lambda v: "" if v != v or v is None else f"{int(v)}"},
+                                                    wrap=("why",)),
+            "interval": rg.interval, "n_items": rg.n_items, "n_pairs": rg.n_pairs, "over": rg.over}
+
+
+def _cannot_tell(res: Any, meta: dict[str, Any]) -> str:
+    """The line a researcher reads when no read-out separates the probed pairs (empty otherwise)."""
+    choice = res.target_choice
+    if choice is None or choice.separated:
+        return ""
+    from pairscout.evaluation.readouts import cannot_tell
+
+    return cannot_tell(choice, int(meta.get("n_test_items") or 0), meta.get("separation_over", "non-baseline pairs"))
 
 
 # --- align -----------------------------------------------------------------------------------------------------------

@@ -50,12 +50,15 @@ class Engine:
     world: int = 1
 
     @classmethod
-    def for_run(cls, device: torch.device, precision: str, n: int) -> Engine:
-        """This process's engine: rows split in contiguous shards when torch.distributed runs > 1 process."""
-        from pairscout import distributed
+    def for_run(cls, device: str | torch.device | None, precision: str | None, n: int) -> Engine:
+        """This process's engine, resolved once: the device the user asked for (:func:`pairscout.runtime.pick_device`),
+        the products' precision for it (``auto``: :func:`pairscout.runtime.metric_precision`), and the rows split in
+        contiguous shards when torch.distributed runs > 1 process."""
+        from pairscout import distributed, runtime
 
+        dev = runtime.pick_device(device)
         rank, world = distributed.rank_world()
-        return cls(device, precision, n, rank * n // world, (rank + 1) * n // world, world)
+        return cls(dev, runtime.resolve_precision(precision, dev), n, rank * n // world, (rank + 1) * n // world, world)
 
     @property
     def sharded(self) -> bool:
@@ -78,6 +81,8 @@ class Engine:
               **kw: Any) -> torch.Tensor:
         """(m, t) float64 CPU values of ``metric`` on the rows where the global mask ``keep`` (n,) is true (all rows
         if None); the same on every rank."""
+        if metric.startswith("cka_") and "precision" not in kw:
+            kw = {**kw, "precision": self.precision}
         if keep is not None:
             k = keep[self.lo:self.hi] if self.sharded else keep
             k = k.to(xs[0].device)

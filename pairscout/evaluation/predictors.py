@@ -45,18 +45,6 @@ CORRECTION = ("Holm step-down across the predictors compared (pairscout.metrics.
               "95 % interval of Spearman rho: Fisher z with the Bonett-Wright standard error")  # fmt: skip
 
 
-READOUT_LABELS = {
-    "zs_top1": "zero-shot top-1", "zs_top5": "zero-shot top-5", "class_mean_r1": "class-aware R@1", "class_mean_r5": "class-aware R@5",
-    "mean_r1": "R@1 (mean of both directions)", "mean_r5": "R@5 (mean)", "mean_r10": "R@10 (mean)",
-}  # fmt: skip
-"""Human names of the probe's read-outs (:data:`pairscout.align.probe.TARGETS`)."""
-
-
-def readout_label(target: str) -> str:
-    """``"zero-shot top-1"`` for ``zs_top1``; the name itself when unknown."""
-    return READOUT_LABELS.get(target, registry.label(target))
-
-
 def describe(name: str) -> dict[str, str]:
     """Label, kind and direction of a predictor column (a measure, ``<side>_<unimodal column>``, ``score``)."""
     if name in registry.MEASURES:
@@ -88,6 +76,15 @@ def add_measures(chosen: pd.DataFrame, rows: Callable[[str, str], tuple[Any, Any
     failed: dict[str, str] = {}
     total = len(missing) * len(out)
     done = 0
+    from pairscout.metrics.measures import shared_sides
+
+    with shared_sides():  # each encoder's SVD once for every pair it is in (same values)
+        done = _add(out, missing, rows, options, failed, progress, done, total)
+    return out, failed
+
+
+def _add(out: pd.DataFrame, missing: Sequence[str], rows: Callable[[str, str], tuple[Any, Any]], options: dict[str, Any],
+         failed: dict[str, str], progress: ProgressFn | None, done: int, total: int) -> int:
     for m in missing:
         vals = []
         for v, t in zip(out["vision"], out["text"], strict=True):
@@ -100,7 +97,7 @@ def add_measures(chosen: pd.DataFrame, rows: Callable[[str, str], tuple[Any, Any
             if progress is not None:
                 progress(f"measures not in the rank run: {registry.label(m)}", done, total)
         out[m] = vals
-    return out, failed
+    return done
 
 
 def rank_rows(src: Any) -> Callable[[str, str], tuple[Any, Any]]:
@@ -279,13 +276,13 @@ def sort(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[key.sort_values(["p", "rho"], kind="stable").index].reset_index(drop=True)
 
 
-def blank(df: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame:
-    """The table with every statistic removed (a probe not above chance correlates nothing), in ``order`` (the
-    predictors' own order: sorted by p it would still rank noise)."""
+def blank(df: pd.DataFrame, order: Sequence[str] | None = None, answer: str = "probe at chance") -> pd.DataFrame:
+    """The table with every statistic removed (a probe not above chance, or whose read-outs do not separate the pairs,
+    correlates nothing), in ``order`` (the predictors' own order: sorted by p it would still rank noise)."""
     out = df.copy()
     if order is not None:
         pos = {m: i for i, m in enumerate(order)}
         out = out.iloc[sorted(range(len(out)), key=lambda i: pos.get(out["metric"].iloc[i], len(pos)))].reset_index(drop=True)
     out[STATS] = float("nan")
-    out["answer"] = "probe at chance"
+    out["answer"] = answer
     return out
