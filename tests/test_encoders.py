@@ -21,7 +21,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network (the encoder
 from pairscout.encoders import build_encoder, register_source  # noqa: E402
 from pairscout.encoders._common import hub_reachable, masked_mean  # noqa: E402
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder  # noqa: E402
-from pairscout.encoders.packs import MPNET_PARTS, PACKS, join_and_extract, mpnet_dir, paraphrase_onnx_path  # noqa: E402
+from pairscout.encoders.pack_assets import MPNET_PARTS, join_and_extract, mpnet_dir, paraphrase_onnx_path  # noqa: E402
+from pairscout.encoders.packs import PACKS  # noqa: E402
 from pairscout.errors import DataError, ModelLoadError, ZooError  # noqa: E402
 from pairscout.zoo.registry import get_zoo  # noqa: E402
 from pairscout.zoo.spec import EncoderSpec  # noqa: E402
@@ -601,7 +602,8 @@ def test_dinov2_pack_is_the_packages_own_backbone(images):
     import onnx
     import onnxruntime as ort
 
-    from pairscout.encoders.packs import DINO_BLOCK, DINO_TOKENS, dino_onnx_path
+    from pairscout.encoders.pack_assets import dino_onnx_path
+    from pairscout.encoders.packs import DINO_BLOCK, DINO_TOKENS
 
     model = onnx.load(str(dino_onnx_path("test")))
     wanted = [DINO_TOKENS, *(DINO_BLOCK.format(b) for b in range(12))]

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pairscout.align import readouts as R
 from pairscout.align.evaluate import EvalSet, evaluate, project
 from pairscout.align.pairdata import PairData, split_pair
 from pairscout.align.train import TrainConfig, train
 from pairscout.embeddings.cache import Embeddings
+from pairscout.evaluation import readouts as R
 from pairscout.evaluation.fused import FusedPair, HeldOut, fused_train, heldout_positives
 from pairscout.evaluation.probe import ProbeSettings, probe_pairs, verdict
 from pairscout.evaluation.regret import regret_table, rule_pairs

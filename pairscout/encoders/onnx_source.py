@@ -58,7 +58,7 @@ def load_tokenizer(spec: EncoderSpec, ref: str | None) -> Any:
         if not path.is_dir():
             raise ModelLoadError(f"{spec.id}: tokenizer directory {path} does not exist.", fix="point options.tokenizer at a directory with tokenizer.json / vocab files.")
     else:
-        from pairscout.encoders.packs import pack_tokenizer_dir
+        from pairscout.encoders.pack_assets import pack_tokenizer_dir
 
         path = pack_tokenizer_dir(ref, spec_id=spec.id)
     with hub_guard(spec, local=True, what=f"the tokenizer in {path}"):

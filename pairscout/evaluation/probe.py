@@ -174,7 +174,7 @@ def probe_pairs(
     (two binomial standard errors), no correlation is computed. ``models`` (the rank run's models table) and
     ``verdict_pair`` feed the regret table (:mod:`pairscout.evaluation.regret`).
     """
-    from pairscout.align import readouts as R
+    from pairscout.evaluation import readouts as R
     from pairscout.evaluation.regret import regret_table, rule_pairs
     from pairscout.ranking.verdict import binomial_se
 
@@ -288,8 +288,8 @@ def _train_all(datas: Sequence[PairData], keys: Sequence[tuple[str, str]], cfg: 
 def _read_out(data: PairData, tr: Any, settings: ProbeSettings) -> tuple[dict[str, float], dict[str, Any]]:
     """A trained pair's read-outs (``evaluate``'s, plus class-aware mAP, the held-out loss and its curve) and their
     per-image contributions (:func:`pairscout.evaluation.readouts.item_contributions`)."""
-    from pairscout.align import readouts as R
     from pairscout.align.evaluate import class_embeddings, evaluate, project
+    from pairscout.evaluation import readouts as R
     from pairscout.evaluation.fused import heldout_positives
 
     ev = data.eval
