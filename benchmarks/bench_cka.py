@@ -73,7 +73,7 @@ def bare_products(xs: list, ys: list, kernel: str, method: str, precision: str, 
     dt = torch.float64 if precision == "float64" else torch.float32
     zs = [(z - z.mean(0)).to(dt) for z in [*xs, *ys]]
     sync(device)
-    with C._matmul_precision(precision, torch.device(device)):
+    with C.matmul_precision(precision, torch.device(device)):
         t0 = time.perf_counter()
         if method == "feature":
             ybuf = torch.cat(zs[len(xs):], 1)

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pairscout._io import atomic_path, safe_name  # noqa: E402
+from pairscout.files import atomic_path, safe_name  # noqa: E402
 
 MODALITY_COLORS = {"vision": "#86bbd8", "text": "#f6ae2d"}
 GROUP_COLORS = {"top": "#33658a", "middle": "#86bbd8", "bottom": "#f26419", "chosen": "#33658a"}

@@ -39,8 +39,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
+from pairscout.files import atomic_write_text
 from pairscout.ranking.result import META as RANK_JSON
 from pairscout.ranking.result import VERDICTS_JSON, RankResult, VerdictRevision, read_revisions
 

@@ -164,7 +164,7 @@ def test_embeddings_per_row_identity_for_vision():
 def test_written_files_get_ordinary_permissions(tmp_path, data):
     import os
 
-    from pairscout._io import atomic_write_text
+    from pairscout.files import atomic_write_text
 
     mask = os.umask(0)
     os.umask(mask)

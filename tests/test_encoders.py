@@ -19,11 +19,12 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network (the encoders check this too)
 
 from pairscout.encoders import build_encoder, register_source  # noqa: E402
-from pairscout.encoders._common import hub_reachable, masked_mean  # noqa: E402
+from pairscout.encoders._common import masked_mean  # noqa: E402
 from pairscout.encoders.base import Encoder, EncoderOutput, PrecomputedEncoder  # noqa: E402
 from pairscout.encoders.pack_assets import MPNET_PARTS, join_and_extract, mpnet_dir, paraphrase_onnx_path  # noqa: E402
 from pairscout.encoders.packs import PACKS  # noqa: E402
 from pairscout.errors import DataError, ModelLoadError, ZooError  # noqa: E402
+from pairscout.hub import hub_reachable  # noqa: E402
 from pairscout.zoo.registry import get_zoo  # noqa: E402
 from pairscout.zoo.spec import EncoderSpec  # noqa: E402
 

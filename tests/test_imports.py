@@ -103,3 +103,29 @@ def test_console_script_entry_is_valid():
     import importlib
 
     assert callable(getattr(importlib.import_module(module), func))
+
+
+def _package_of(name: str) -> str:
+    path = ROOT.joinpath(*name.split(".")[1:])
+    return name if path.is_dir() else name.rsplit(".", 1)[0]
+
+
+def test_no_private_name_is_imported_across_packages():
+    """A name (or module) starting with ``_`` is private to its package: no other package imports it, so it can
+    change without a search across the tree (and nothing is re-exported for another package's tests)."""
+    bad = []
+    for name in MODULES:
+        path = ROOT.joinpath(*name.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        here = _package_of(name)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pairscout") and not node.level):
+                continue
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                target = sub if sub in MODULES else node.module
+                private = any(p.startswith("_") for p in target.split(".")[1:]) or (a.name.startswith("_") and not a.name.startswith("__"))
+                owner = _package_of(target) if target != sub else node.module
+                if private and owner != here:
+                    bad.append(f"{name}: from {node.module} import {a.name}")
+    assert not bad, bad

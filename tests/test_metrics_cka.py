@@ -310,7 +310,7 @@ def test_debiased_rbf_small_bandwidth_regression():
 def test_float32_precision_within_1e5_of_float64(kernel, debiased):
     """precision='float32': float32 products, float64 reductions; error <= 1e-5 on embeddings with offsets,
     widths up to 4,096 and n above one product chunk."""
-    import pairscout.metrics._cka_stats as cka_mod
+    import pairscout.metrics.hsic_stats as cka_mod
 
     g = torch.Generator().manual_seed(3)
     n = 600 if kernel == "rbf" else 1200

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pairscout._io import safe_name
 from pairscout.cli import app
 from pairscout.errors import DataError, PairscoutError, printable
+from pairscout.files import safe_name
 
 HOSTILE = ["/abs/path/feats.npy", "../../../escaped", "..", ".", "", "a/../../b", "C:\\x\\y", "hf:/models/m",
            "\x1b[2J", "name\x00nul", "x" * 300, ".hidden", "~/home", "pix@12 + mean"]  # fmt: skip

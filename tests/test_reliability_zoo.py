@@ -210,7 +210,7 @@ def test_read_only_cache_fails_before_encoding(cpu, tmp_path):
 
 
 def test_unwritable_cache_fails_before_encoding(cpu, tmp_path, monkeypatch):
-    from pairscout import _io
+    from pairscout import files as _io
     from pairscout.data import load_dataset
     from pairscout.embeddings.cache import EmbeddingCache
     from pairscout.embeddings.runner import encode

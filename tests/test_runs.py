@@ -65,7 +65,7 @@ def test_a_failed_write_leaves_the_old_run_whole(tiny_run, tmp_path, runner, mon
     run = tmp_path / "run"
     shutil.copytree(src, run)
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    import pairscout._io as io
+    import pairscout.files as io
 
     real = io.atomic_write_text
 

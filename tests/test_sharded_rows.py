@@ -164,7 +164,7 @@ def test_sharded_nulls_and_duplicate_check_equal_one_process(tmp_path):
 def test_rbf_blocks_are_formed_once_and_evenly(counts):
     """Every ordered pair of rows (a, b) of different ranks is covered by exactly one formed tile, in one of its two
     orders; every rank forms its own block; no rank forms much more than the others."""
-    from pairscout.metrics.sharded_rows import _block_rows
+    from pairscout.metrics.sharded_rows import block_rows
 
     chunk, n = 16, sum(counts)
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
@@ -174,7 +174,7 @@ def test_rbf_blocks_are_formed_once_and_evenly(counts):
         formed = 0
         for src in range(len(counts)):
             for at in range(0, counts[src], chunk):
-                first = _block_rows(me, src, at, counts, chunk)
+                first = block_rows(me, src, at, counts, chunk)
                 if first is None:
                     continue
                 rows = slice(starts[me] + first, starts[me + 1])

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pairscout._io import atomic_torch_save, atomic_write_text, first_difference
 from pairscout.errors import TrainError
+from pairscout.files import atomic_torch_save, atomic_write_text, first_difference
 
 CKPT_DIR = "checkpoints"
 LOG_FILE = "train_log.json"

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, fields
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pairscout._tensor import masked_mean
 from pairscout.errors import HeadError
+from pairscout.tensors import masked_mean
 
 __all__ = [
     "HEAD_KINDS",

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from pairscout._io import atomic_write_text
 from pairscout.align.checkpoints import CKPT_DIR, load_head_state, save_heads
 from pairscout.align.evaluate import TEMPLATES, class_embeddings
 from pairscout.align.heads import HeadConfig, build_head
 from pairscout.align.train import TrainConfig, TrainResult, train
 from pairscout.errors import DataError, PairscoutError
+from pairscout.files import atomic_write_text
 from pairscout.provenance import provenance
 from pairscout.zoo.spec import EncoderSpec
 
@@ -289,9 +289,9 @@ class AlignResult:
 def default_out(run: str | Path, pair: tuple[str, str] | None = None) -> Path:
     """Where ``pairscout align RUN`` saves the model: ``RUN/align/VISION__TEXT`` (default pair: the run's best).
 
-    The folder name is made safe (:func:`pairscout._io.safe_name`): an ``emb:/abs/path`` encoder, an absolute
+    The folder name is made safe (:func:`pairscout.files.safe_name`): an ``emb:/abs/path`` encoder, an absolute
     ``hf:`` id or a zoo name ``../../x`` still writes inside ``RUN/align/``."""
-    from pairscout._io import safe_name
+    from pairscout.files import safe_name
     from pairscout.runs import STORE
 
     v, t = pair or STORE.rank(run).recommended()[0]

@@ -53,7 +53,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pairscout._io import atomic_write_text
 from pairscout.align.batches import Batches, data_signature, gather, place, side
 from pairscout.align.checkpoints import (
     CKPT_DIR,
@@ -78,6 +77,7 @@ from pairscout.align.train_config import (
 )
 from pairscout.embeddings.cache import Embeddings
 from pairscout.errors import DivergenceError, HeadError, TrainError
+from pairscout.files import atomic_write_text
 from pairscout.provenance import versions
 
 __all__ = [

@@ -102,7 +102,7 @@ def probe(
         settings = ProbeSettings(top_k=top_k, bottom_k=bottom_k, middle_k=middle_k, all_pairs=every, budget=budget, steps=steps,
                                  batch_size=batch_size, out_dim=out_dim, lr=lr, optimizer=optimizer, test_fraction=test_fraction, seed=seed,
                                  device=device or PROBE.device, target=target, class_level=class_level)  # fmt: skip
-        from pairscout._io import check_out_folder
+        from pairscout.files import check_out_folder
 
         check_out_folder(out_dir if out_dir is not None else run)
         with ui.progress() as rep:
@@ -135,7 +135,7 @@ def probe(
 
                 ui.say(f"report: {build_report([res.meta['out']])}")
         if as_json:
-            from pairscout._io import records
+            from pairscout.files import records
 
             payload = {"pairs": records(res.pairs), "correlations": records(res.correlations), "meta": res.meta,
                        "correlations_without_baselines": None if res.correlations_without_baselines is None else records(res.correlations_without_baselines)}
@@ -331,7 +331,7 @@ def align(
                 ui.say(line)
         if out_dir is None and run is not None:
             out_dir = default_out(run, chosen)
-        from pairscout._io import check_out_folder
+        from pairscout.files import check_out_folder
 
         check_out_folder(out_dir)
         with ui.progress() as rep:

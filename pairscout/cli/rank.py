@@ -89,7 +89,7 @@ def rank(
             out = default_run_folder()
         if with_report and out is None:
             raise PairscoutError("--report needs --out: the report is rebuilt from the saved results.", fix="add --out DIR.")
-        from pairscout._io import check_out_folder
+        from pairscout.files import check_out_folder
 
         check_out_folder(out)
         settings = RankSettings(
@@ -197,7 +197,7 @@ def report(
     from pairscout.report import build_report
 
     with ui.user_errors():
-        from pairscout._io import check_out_folder
+        from pairscout.files import check_out_folder
 
         target = out if out is not None else output
         check_out_folder(target.parent if target is not None and target.suffix else target)

@@ -83,7 +83,7 @@ def read_coco(path: Path, data: dict[str, Any], *, images_root: Path | None = No
 
 
 def load_json(path: Path) -> Any:
-    from pairscout._io import read_regular_text
+    from pairscout.files import read_regular_text
 
     try:
         return json.loads(read_regular_text(path, "utf-8-sig"))

@@ -103,7 +103,7 @@ def _load_hub(spec: str, datasets: Any) -> tuple[Any, str]:
     if m is None:
         raise DataError(f"'{spec}' is not a hub dataset id.", fix="write it as hf:ORG/NAME or hf:ORG/NAME:SPLIT (e.g. hf:nlphuji/flickr30k:test).")
     name, split = m.group(1), m.group(2)
-    from pairscout.encoders._common import hub_reachable
+    from pairscout.hub import hub_reachable
 
     offline = not hub_reachable()
     cfg = datasets.config

@@ -18,8 +18,8 @@ from typing import BinaryIO, Protocol
 import numpy as np
 from PIL import Image, ImageOps
 
-from pairscout._io import open_regular
 from pairscout.errors import ImageReadError
+from pairscout.files import open_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _MISSING = b"pairscout:missing-image:"

@@ -23,11 +23,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pairscout._io import read_regular_text
 from pairscout.data.dataset import PairedDataset
 from pairscout.data.images import FileImages
 from pairscout.data.rows import Record, group_records, map_labels
 from pairscout.errors import DataError
+from pairscout.files import read_regular_text
 
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "img")
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")

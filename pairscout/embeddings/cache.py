@@ -35,9 +35,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pairscout._io import atomic_path, safe_name
 from pairscout.embeddings.inputs import DigestStore, inputs_digest
 from pairscout.errors import CacheError
+from pairscout.files import atomic_path, safe_name
 from pairscout.zoo.spec import EncoderSpec
 
 log = logging.getLogger(__name__)

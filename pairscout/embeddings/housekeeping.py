@@ -58,7 +58,7 @@ def clear_cache(cache: EmbeddingCache, *, model: str | None = None, dataset: str
 
 
 _PART_TMP = re.compile(r"\.\d+-\d+\.safetensors\.\w+\.tmp")
-"""A chunk's temporary file left by a killed write (:func:`pairscout._io.atomic_path`)."""
+"""A chunk's temporary file left by a killed write (:func:`pairscout.files.atomic_path`)."""
 
 
 def _remove(p: Path) -> None:

@@ -109,7 +109,7 @@ class DigestStore:
     def save(self) -> None:
         if not self._dirty or self.path is None or self._disk is None:
             return
-        from pairscout._io import atomic_write_text
+        from pairscout.files import atomic_write_text
 
         try:
             atomic_write_text(self.path, json.dumps(self._disk))

@@ -7,61 +7,23 @@ builds encoders with these pieces.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
-import os
-import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pairscout._tensor import masked_mean  # noqa: F401 - re-exported for the sources
 from pairscout.encoders.base import EncoderOutput
 from pairscout.errors import ModelLoadError, ZooError
+from pairscout.hub import hub_reachable
+from pairscout.tensors import masked_mean  # noqa: F401 - re-exported for the sources
 from pairscout.zoo.spec import EncoderSpec
 
 DEFAULT_TEXT_TOKENS = 64
 """Fixed T of text token outputs when ``spec.max_length`` is not set."""
-
-
-# --- hub ----------------------------------------------------------------------------------------
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-@functools.lru_cache(maxsize=1)
-def _probe_hub(endpoint: str, timeout: float) -> bool:
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    port = urlparse(endpoint).port or 443
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """False when offline mode is on or the hub's host cannot be reached within ``timeout`` s.
-
-    Checked once per process (one TCP connect), so a machine without internet fails in about a
-    second instead of going through the hub client's minute of retries.
-    """
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        return False
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return False
-        endpoint = constants.ENDPOINT
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        endpoint = "https://huggingface.co"
-    return _probe_hub(endpoint, timeout)
 
 
 def hub_error(spec: EncoderSpec, what: str | None = None) -> ModelLoadError:

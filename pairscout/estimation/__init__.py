@@ -150,8 +150,8 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
     """
     from pairscout.metrics import registry
     from pairscout.metrics import sharded_rows as R
-    from pairscout.metrics._validate import check_not_constant, check_same_rows
     from pairscout.metrics.calibration import CKNNA_PERM, N_PERM
+    from pairscout.metrics.validate import check_not_constant, check_same_rows
 
     eng = engine or plain(xs[0].device)
     clock = _Clock(progress)
@@ -186,13 +186,13 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
     n_sub = subset_rows(gid, G)
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
-        return R._reduce(x) if sharded else x
+        return R.reduce_across_ranks(x) if sharded else x
 
     def cka_of(cross: torch.Tensor, selfs: torch.Tensor) -> torch.Tensor:
         """CKA on [all rows, all but group 0, ...] (only all rows without groups)."""
-        from pairscout.metrics.cka import _cka_from_hsic
+        from pairscout.metrics.cka import cka_from_hsic
 
-        return torch.stack([_cka_from_hsic(cross[r].cpu(), selfs[r, :m].cpu(), selfs[r, m:].cpu())
+        return torch.stack([cka_from_hsic(cross[r].cpu(), selfs[r, :m].cpu(), selfs[r, m:].cpu())
                             for r in range(G + 1 if G else 1)])
 
     def keep_result(name: str, vals: torch.Tensor) -> None:
@@ -202,7 +202,7 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
 
     zc: list[torch.Tensor] = []
     if fam_lin or fam_rbf:
-        from pairscout.metrics.cka import _matmul_precision
+        from pairscout.metrics.cka import matmul_precision
 
         col = reduce(torch.cat([z.sum(0, dtype=F64) for z in mats]))
         dims = [z.shape[1] for z in mats]
@@ -210,10 +210,10 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
         for k, z in enumerate(mats):
             zc.append((z.to(F64) - col[offs[k]:offs[k + 1]] / n)[order.to(z.device)].to(cdt))
         peak = torch.tensor([float(z.abs().max()) if z.numel() else 0.0 for z in zc], dtype=F64, device=zc[0].device)
-        peak = R._reduce(peak, "max") if sharded else peak
+        peak = R.reduce_across_ranks(peak, "max") if sharded else peak
         expo = [0 if p == 0.0 or not math.isfinite(p) else -math.frexp(p)[1] for p in peak.tolist()]
         zc = [z * 2.0**e if e else z for z, e in zip(zc, expo, strict=True)]
-        with _matmul_precision(eng.precision, zc[0].device):
+        with matmul_precision(eng.precision, zc[0].device):
             if fam_lin:
                 from pairscout.estimation import linear as L
 
@@ -239,18 +239,18 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
                     keep_result(name, cka_of(c, sf))
                 summaries["linear"] = ([], [])
                 for s in sums:
-                    from pairscout.metrics._qap_moments import _parts
+                    from pairscout.metrics.calibration import qap_parts
 
                     ns, f2 = L.null_sums(s)
-                    summaries["linear"][0].append(_parts(ns))
+                    summaries["linear"][0].append(qap_parts(ns))
                     summaries["linear"][1].append(f2)
                 del sums
             if fam_rbf:
                 from pairscout.estimation import gram as Gm
-                from pairscout.metrics.cka import _median_sigma
+                from pairscout.metrics.cka import median_sigma_tensor
 
                 sf = float(opts[fam_rbf[0]].get("sigma_frac", 1.0))
-                sig = [R.sharded_median_sigma(z, counts, sf) if sharded else _median_sigma(z, sf) for z in mats]
+                sig = [R.sharded_median_sigma(z, counts, sf) if sharded else median_sigma_tensor(z, sf) for z in mats]
                 gammas = [1.0 / (2.0 * s * s) * 4.0 ** -e for s, e in zip(sig, expo, strict=True)]
                 clock.phase("RBF CKA: Gram tiles")
                 if sharded:
@@ -267,10 +267,10 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
                                                                              G + 1 if G else 1),
                                           strict=True):
                     keep_result(name, cka_of(c, sfs))
-                from pairscout.metrics._qap_moments import _parts
+                from pairscout.metrics.calibration import qap_parts
 
                 nsums = [Gm.null_sums(gs, k) for k in range(len(zc))]
-                summaries["rbf"] = ([_parts(s) for s, _ in nsums], [f for _, f in nsums])
+                summaries["rbf"] = ([qap_parts(s) for s, _ in nsums], [f for _, f in nsums])
                 del gs
     del zc
     lists: tuple[list[Any], list[Any]] | None = None

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pairscout.metrics._cka_stats import TILE_BYTES, rbf_tile
-from pairscout.metrics.cka import _hsic_from_stats
+from pairscout.metrics.cka import hsic_from_stats
+from pairscout.metrics.hsic_stats import TILE_BYTES, rbf_tile
 
 F64 = torch.float64
 
@@ -74,7 +74,7 @@ def _sharded(zc: Sequence[torch.Tensor], sq: Sequence[torch.Tensor], gammas: Seq
     """Tile pairs of this process's rows against every process's broadcast chunks (each block pair formed once
     over all processes); positions are global row ids. ``ids[r]``, ``groups_of[r]``: process r's rows in its
     group-sorted order (global ids, groups)."""
-    from pairscout.metrics.sharded_rows import _block_rows, rank_world, row_blocks
+    from pairscout.metrics.sharded_rows import block_rows, rank_world, row_blocks
 
     me = rank_world()[0]
     dev = zc[0].device
@@ -91,7 +91,7 @@ def _sharded(zc: Sequence[torch.Tensor], sq: Sequence[torch.Tensor], gammas: Seq
     for off, blk in row_blocks(zall, counts, chunk):
         src = max(i for i in range(len(counts)) if starts[i] <= off and counts[i])
         at = off - starts[src]
-        mine = _block_rows(me, src, at, counts, chunk)
+        mine = block_rows(me, src, at, counts, chunk)
         if mine is None:
             continue
         twice = src != me
@@ -143,10 +143,10 @@ def gram_sums(zc: Sequence[torch.Tensor], gammas: Sequence[float], seg: Sequence
         if twice:
             B[gb, ga] += s
     if sharded is not None:
-        from pairscout.metrics.sharded_rows import _reduce
+        from pairscout.metrics.sharded_rows import reduce_across_ranks
 
-        _reduce(B)
-        _reduce(R)
+        reduce_across_ranks(B)
+        reduce_across_ranks(R)
     return GramSums(B, R, group)
 
 
@@ -169,9 +169,9 @@ def subset_hsic(s: GramSums, m: int, debiased: Sequence[bool], tol: float,
         diag = torch.ones_like(rows)
         full = gsum + n
         for (cross, selfs), deb in zip(outs, debiased, strict=True):
-            c = _hsic_from_stats(full[:m, m:], rows[:m], rows[m:], diag[:m], diag[m:], n, deb, True,
+            c = hsic_from_stats(full[:m, m:], rows[:m], rows[m:], diag[:m], diag[m:], n, deb, True,
                                  gsum[:m, m:], rows_off[:m], rows_off[m:])
-            sf = _hsic_from_stats(full.diagonal(), rows, rows, diag, diag, n, deb, False,
+            sf = hsic_from_stats(full.diagonal(), rows, rows, diag, diag, n, deb, False,
                                   gsum.diagonal(), rows_off, rows_off)
             base = gsum.diagonal() if deb else full.diagonal()
             sf = torch.where(sf <= tol * base.abs() / (n * n), torch.zeros_like(sf), sf)
@@ -180,7 +180,7 @@ def subset_hsic(s: GramSums, m: int, debiased: Sequence[bool], tol: float,
 
 
 def null_sums(s: GramSums, k: int) -> tuple[torch.Tensor, float]:
-    """:meth:`~pairscout.metrics._qap_moments._GramSummary.sums` of model k's centred Gram ``Kc = H K H`` on all
+    """:meth:`~pairscout.metrics.calibration._GramSummary.sums` of model k's centred Gram ``Kc = H K H`` on all
     rows and ``||Kc||_F^2``, from the same pass: ``Kc_aa = 1 - 2 r_a / n + s / n^2`` and
     ``||Kc||^2 = ||K||^2 - (2/n) ||r||^2 + s^2 / n^2`` with r = K 1, s = 1^T K 1."""
     n = s.R.shape[2]

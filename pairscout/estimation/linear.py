@@ -152,7 +152,7 @@ def cross_terms(x: torch.Tensor, sx: ModelSums, ybuf: torch.Tensor, sys_: Sequen
 
 
 def null_sums(s: ModelSums) -> tuple[torch.Tensor, float]:
-    """The sums of :meth:`pairscout.metrics._qap_moments._GramSummary.sums` of the centred linear Gram of all rows
+    """The sums of :meth:`pairscout.metrics.calibration._GramSummary.sums` of the centred linear Gram of all rows
     and ``||Xc^T Xc||_F^2``, from the totals (``q_a = x_a^T G x_a`` enters only through ``sum q = ||G||^2``;
     ``r = X cs`` through ``cs.cs``, ``cs^T G cs`` and ``(sum p x).cs``)."""
     n = s.count.sum()

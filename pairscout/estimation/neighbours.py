@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pairscout.metrics import knn as _knn
-from pairscout.metrics._neighbour_order import canonical_order, entry_dots
+from pairscout.metrics.neighbour_order import canonical_order, entry_dots
 
 F64 = torch.float64
 
@@ -50,13 +50,13 @@ class Lists:
         if self.counts is None:
             s = self.x[rows.to(dev)] @ self.x.T
         else:
-            from pairscout.metrics.sharded_rows import _reduce, gather_rows, rank_world
+            from pairscout.metrics.sharded_rows import gather_rows, rank_world, reduce_across_ranks
 
             lo = sum(self.counts[: rank_world()[0]])
             feats = gather_rows(self.x, rows, self.counts)
             s = torch.zeros(rows.numel(), n, dtype=self.x.dtype, device=dev)
             s[:, lo:lo + self.x.shape[0]] = feats @ self.x.T
-            s = _reduce(s)
+            s = reduce_across_ranks(s)
         s[torch.arange(rows.numel(), device=dev), rows.to(dev)] = float("-inf")
         return s
 

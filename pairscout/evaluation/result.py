@@ -1,8 +1,8 @@
 """What ``pairscout probe`` is asked (:class:`ProbeSettings`: every default of the command) and what it returns and saves
 (:class:`ProbeResult`): both torch-free, so the CLI and the report read them without importing torch.
 
-Files (written and read through the shared result helper :func:`pairscout._io.save_result` /
-:func:`pairscout._io.load_result`, like :class:`~pairscout.ranking.RankResult`): ``probe.parquet`` /
+Files (written and read through the shared result helper :func:`pairscout.files.save_result` /
+:func:`pairscout.files.load_result`, like :class:`~pairscout.ranking.RankResult`): ``probe.parquet`` /
 ``probe.csv`` (one row per probed pair), ``probe_correlations.parquet`` / ``probe_correlations.csv`` (one row per
 predictor compared with the read-out, see :mod:`pairscout.evaluation.predictors`), the same table over the non-baseline pairs
 only (``probe_correlations_without_baselines.*``: baseline pairs never carry a correlation alone) and ``probe.json``
@@ -126,7 +126,7 @@ class ProbeResult:
 
     def save(self, out: str | Path) -> Path:
         """Write the folder (module docstring); returns it."""
-        from pairscout._io import records, save_result
+        from pairscout.files import records, save_result
 
         payload = {**self.meta, "correlations": records(self.correlations), "pairs": records(self.pairs)}
         tables = {PROBE_TABLE: self.pairs, CORR_NAME: self.correlations}
@@ -139,8 +139,8 @@ class ProbeResult:
     @classmethod
     def load(cls, out: str | Path) -> ProbeResult:
         """Read what :meth:`save` wrote (also a folder of a run made before ``probe_correlations.parquet`` existed)."""
-        from pairscout._io import load_result
-        from pairscout.ranking.result import _VERDICT
+        from pairscout.files import load_result
+        from pairscout.ranking.result import VERDICT_SHAPE
 
         num, opt = (float, type(None)), type(None)
         shape = {"kind": str, "settings": dict, "train_config": dict, "metrics": list, "target": str, "target_why": str, "chance": num,
@@ -150,7 +150,7 @@ class ProbeResult:
                  "n_pairs_ranked": (int, opt), "command": (str, opt), "verdict": (dict, opt), "correlations": list, "pairs": list,
                  "settings.top_k": (int, opt), "settings.bottom_k": (int, opt), "settings.middle_k": (int, opt), "settings.steps": int,
                  "settings.batch_size": int, "settings.out_dim": int, "settings.lr": float, "settings.test_fraction": float,
-                 "settings.seed": int, "settings.target": (str, opt), **{f"verdict.{k}": v for k, v in _VERDICT.items()}}  # fmt: skip
+                 "settings.seed": int, "settings.target": (str, opt), **{f"verdict.{k}": v for k, v in VERDICT_SHAPE.items()}}  # fmt: skip
         meta, frames = load_result(out, (PROBE_TABLE,), PROBE_JSON, what="probe result", optional=(CORR_NAME, CORR_REAL_NAME), shape=shape,
                                    fix="run `pairscout probe RUN` first, or point at the folder it wrote.")  # fmt: skip
         meta.pop("pairs", None)

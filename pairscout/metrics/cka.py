@@ -35,17 +35,14 @@ from typing import Literal
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._cka_stats import (  # noqa: F401 - TILE_BYTES, CHUNK_ROWS, kernel_tiles are public here
-    CHUNK_ROWS,
-    TILE_BYTES,
+from pairscout.metrics.hsic_stats import (
     _center_into,
     _feature_stats,
     _gram_stats,
     _pick_method,
     _power_of_two_scale,
-    kernel_tiles,
 )
-from pairscout.metrics._validate import ArrayLike, as_matrices, as_matrix, check_same_rows, pow2_unit
+from pairscout.metrics.validate import ArrayLike, as_matrices, as_matrix, check_same_rows, pow2_unit
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +69,7 @@ def _product_dtype(precision: str | None, dtype: torch.dtype | None, mats: Seque
 
 
 @contextlib.contextmanager
-def _matmul_precision(precision: str | None, device: torch.device) -> Iterator[None]:
+def matmul_precision(precision: str | None, device: torch.device) -> Iterator[None]:
     """TF32 products for ``precision="tf32"`` on CUDA inside the block; float32 products are IEEE otherwise.
 
     The global switch is restored on exit. On CPU "tf32" runs plain float32 products.
@@ -117,10 +114,10 @@ def median_sigma(x: ArrayLike, sigma_frac: float = 1.0, max_rows: int = 2048, se
     Raises:
         MetricError: every pairwise distance is zero (all rows identical).
     """
-    return _median_sigma(as_matrix(x, "x"), sigma_frac, max_rows, seed)
+    return median_sigma_tensor(as_matrix(x, "x"), sigma_frac, max_rows, seed)
 
 
-def _median_sigma(x: torch.Tensor, sigma_frac: float, max_rows: int = 2048, seed: int = 0) -> float:
+def median_sigma_tensor(x: torch.Tensor, sigma_frac: float, max_rows: int = 2048, seed: int = 0) -> float:
     if not sigma_frac > 0:
         raise MetricError(f"sigma_frac={sigma_frac} must be > 0.", fix="pass a positive fraction such as 1.0 or 0.5.")
     n = x.shape[0]
@@ -145,7 +142,7 @@ def _median_sigma(x: torch.Tensor, sigma_frac: float, max_rows: int = 2048, seed
 # ----------------------------------------------------------------------------------------------------------
 # HSIC from sufficient statistics
 # ----------------------------------------------------------------------------------------------------------
-def _hsic_from_stats(s: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, da: torch.Tensor, db: torch.Tensor,
+def hsic_from_stats(s: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, da: torch.Tensor, db: torch.Tensor,
                      n: int, debiased: bool, outer: bool, s_off: torch.Tensor | None = None,
                      ra_off: torch.Tensor | None = None, rb_off: torch.Tensor | None = None) -> torch.Tensor:
     """HSIC from ``s = <K, L>``, row sums ``ra = K1``, ``rb = L1`` and diagonals ``da``, ``db`` (all float64).
@@ -171,7 +168,7 @@ def _hsic_from_stats(s: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, da: to
     return num / (n * (n - 3))
 
 
-def _cka_from_hsic(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor) -> torch.Tensor:
+def cka_from_hsic(cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor) -> torch.Tensor:
     """``cross / sqrt(self_x self_y)``; 0.0 (with a warning) where a self term is <= 0 (debiased only)."""
     ok = (self_x > 0)[:, None] & (self_y > 0)[None, :]
     denom = torch.sqrt((self_x[:, None] * self_y[None, :]).clamp_min(torch.finfo(F64).tiny))
@@ -204,7 +201,7 @@ class HSICResult:
 
     def cka(self) -> torch.Tensor:
         """CKA matrix (m, t): ``cross / sqrt(self_x self_y)``; see the module docstring for <= 0 self terms."""
-        return _cka_from_hsic(self.cross, self.self_x, self.self_y)
+        return cka_from_hsic(self.cross, self.self_x, self.self_y)
 
 
 def _prepare(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[ArrayLike],
@@ -246,13 +243,13 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
     # overflow for data of any magnitude (1e-20 or 1e20); undone exactly on the linear HSIC values below
     expo = _power_of_two_scale(zc)
     used_sigmas: tuple[float, ...] | None = None
-    with _matmul_precision(precision, xs_t[0].device):
+    with matmul_precision(precision, xs_t[0].device):
         if kernel == "rbf":
             if method == "feature":
                 raise MetricError("method='feature' exists only for the linear kernel.", fix="use method='auto' or 'gram'.")
             method = "gram"
             if sigmas is None:
-                used_sigmas = tuple(_median_sigma(z, sigma_frac) for z in [*xs_t, *ys_t])
+                used_sigmas = tuple(median_sigma_tensor(z, sigma_frac) for z in [*xs_t, *ys_t])
             else:
                 if len(sigmas) != m + t or not all(math.isfinite(s) and s > 0 for s in sigmas):  # inf: every K = 1
                     raise MetricError(f"sigmas has {len(sigmas)} values; need {m + t} finite positive ones (xs then ys).",
@@ -271,9 +268,9 @@ def all_pairs_hsic(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence
             else:
                 raise MetricError(f"unknown method {method!r}.", fix="use 'auto', 'feature' or 'gram'.")
     ro = st.rows_off
-    cross = _hsic_from_stats(st.cross, st.rows[:m], st.rows[m:], st.diag[:m], st.diag[m:], n, debiased, True,
+    cross = hsic_from_stats(st.cross, st.rows[:m], st.rows[m:], st.diag[:m], st.diag[m:], n, debiased, True,
                              st.cross_off, None if ro is None else ro[:m], None if ro is None else ro[m:])
-    selfs = _hsic_from_stats(st.self_, st.rows, st.rows, st.diag, st.diag, n, debiased, False,
+    selfs = hsic_from_stats(st.self_, st.rows, st.rows, st.diag, st.diag, n, debiased, False,
                              st.self_off, ro, ro)
     # A self term lost in rounding is treated as 0, so no ratio blows up on noise. "Lost" is relative to the
     # sum it was computed from: <K~, K~> (off-diagonal entries only) for the debiased estimator, whose

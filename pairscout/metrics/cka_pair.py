@@ -7,16 +7,16 @@ from collections.abc import Sequence
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrix, check_same_rows
 from pairscout.metrics.cka import (
     F64,
     Kernel,
-    _cka_from_hsic,
-    _hsic_from_stats,
     all_pairs_cka,
     all_pairs_hsic,
+    cka_from_hsic,
+    hsic_from_stats,
     median_sigma,
 )
+from pairscout.metrics.validate import ArrayLike, as_matrix, check_same_rows
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
@@ -62,7 +62,7 @@ def hsic(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: 
     kt, lt = kt.to(F64), lt.to(F64)
     s = (kt * lt).sum().reshape(1, 1)
     ko, lo = kt.clone().fill_diagonal_(0), lt.clone().fill_diagonal_(0)  # off-diagonal sums, no cancellation
-    out = _hsic_from_stats(s, kt.sum(1)[None], lt.sum(1)[None], kt.diagonal()[None], lt.diagonal()[None],
+    out = hsic_from_stats(s, kt.sum(1)[None], lt.sum(1)[None], kt.diagonal()[None], lt.diagonal()[None],
                            n, debiased, True, (ko * lo).sum().reshape(1, 1), ko.sum(1)[None], lo.sum(1)[None])
     return float(out[0, 0])
 
@@ -77,7 +77,7 @@ def cka_from_grams(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:
     if not debiased and (hkk <= 0 or hll <= 0):
         raise MetricError("a Gram matrix is constant after centring (HSIC(K, K) = 0); CKA is undefined.",
                           fix="check for constant features.")
-    return float(_cka_from_hsic(torch.tensor([[hkl]], dtype=F64), torch.tensor([hkk], dtype=F64),
+    return float(cka_from_hsic(torch.tensor([[hkl]], dtype=F64), torch.tensor([hkk], dtype=F64),
                                 torch.tensor([hll], dtype=F64))[0, 0])
 
 
@@ -135,5 +135,5 @@ class StreamingCKA:
         if self.cross is None:
             raise MetricError("StreamingCKA.compute() called before any update().", fix="call update() first.")
         assert self.self_x is not None and self.self_y is not None
-        return _cka_from_hsic(self.cross, self.self_x, self.self_y)
+        return cka_from_hsic(self.cross, self.self_x, self.self_y)
 

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._neighbour_order import canonical_order, entry_dots  # noqa: F401 - used by .sharded_rows too
-from pairscout.metrics._validate import (
+from pairscout.metrics.neighbour_order import canonical_order, entry_dots
+from pairscout.metrics.validate import (
     ArrayLike,
     as_matrices,
     as_matrix,

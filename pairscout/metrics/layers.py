@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrices, check_same_rows
+from pairscout.metrics.validate import ArrayLike, as_matrices, check_same_rows
 
 F64 = torch.float64
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrix, check_not_constant, check_same_rows
 from pairscout.metrics.knn import Preprocess, nearest_neighbours
+from pairscout.metrics.validate import ArrayLike, as_matrix, check_not_constant, check_same_rows
 
 F64 = torch.float64
 

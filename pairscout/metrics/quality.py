@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrix, unit_rows
+from pairscout.metrics.validate import ArrayLike, as_matrix, unit_rows
 
 F64 = torch.float64
 

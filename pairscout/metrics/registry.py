@@ -200,7 +200,7 @@ def _scale_free(m: Measure, mats: Any, name: str, opts: dict[str, Any]) -> list[
     """Checked matrices, each scaled by a power of two (exact) to max |value| in [0.5, 1): every measure here is
     invariant to isotropic scaling, and this keeps that promise over the whole float64 range (``x * 1e-200``
     would underflow CKA's fourth-power sums to 0, ``x * 1e200`` overflow them). Not with absolute RBF ``sigmas``."""
-    from pairscout.metrics._validate import as_matrices, pow2_unit
+    from pairscout.metrics.validate import as_matrices, pow2_unit
 
     mats = as_matrices(mats, name)
     if "sigmas" in opts:

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from pairscout.errors import MetricError
-from pairscout.metrics._validate import ArrayLike, as_matrices, check_same_rows
 from pairscout.metrics.cka import HSICResult
+from pairscout.metrics.validate import ArrayLike, as_matrices, check_same_rows
 
 F64 = torch.float64
 
@@ -161,12 +161,12 @@ def sharded_pair_metric(name: str, xs: Sequence[torch.Tensor], ys: Sequence[torc
     one process."""
     from pairscout.metrics import knn as _knn
     from pairscout.metrics import sharded_rows as R
-    from pairscout.metrics.cka import _matmul_precision
+    from pairscout.metrics.cka import matmul_precision
     from pairscout.metrics.registry import get
 
     precision = str(kw.get("precision") or "float64")
     if name in ("cka_linear", "cka_linear_debiased"):
-        with _matmul_precision(precision, xs[0].device):
+        with matmul_precision(precision, xs[0].device):
             return sharded_all_pairs_cka(xs, ys, name.endswith("_debiased"), precision="float64" if precision == "float64" else "float32")
     if name in ("cka_rbf", "cka_rbf_debiased"):
         return R.sharded_rbf_hsic(xs, ys, name.endswith("_debiased"), sigma_frac=float(kw.get("sigma_frac", 1.0)),  # type: ignore[arg-type]

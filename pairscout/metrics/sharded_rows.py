@@ -12,7 +12,7 @@ one chunk of someone else's at any moment (no home-made transport; NCCL on GPUs,
   float64), accumulates both, and one ``all_reduce`` of ``<K~_k, K~_l>``, ``sum_a r_k[a] r_l[a]`` and
   ``sum_a r_k[a]`` gives every HSIC formula of :mod:`pairscout.metrics.cka` (biased: ``<K, L> = <K~, L~> + n``,
   ``K1 = r + 1``). Each block of two ranks' rows is formed once, by one of them, and stands for its transpose
-  too (:func:`_block_rows` divides the blocks evenly); the row sums it gives to the other rank's rows go into an
+  too (:func:`block_rows` divides the blocks evenly); the row sums it gives to the other rank's rows go into an
   n-vector per model that one ``all_reduce`` completes. Bandwidths: the median heuristic on the same rows as
   one process (:func:`sharded_median_sigma`, at most 2,048 rows gathered).
 * **Neighbour lists** (:func:`sharded_neighbours`): the preprocessing's clip threshold is the mean of the
@@ -39,8 +39,8 @@ import torch.distributed as dist
 
 from pairscout.errors import MetricError
 from pairscout.metrics import knn as _knn
-from pairscout.metrics._cka_stats import TILE_BYTES, rbf_tile
-from pairscout.metrics.cka import HSICResult, _matmul_precision, _median_sigma
+from pairscout.metrics.cka import HSICResult, matmul_precision, median_sigma_tensor
+from pairscout.metrics.hsic_stats import TILE_BYTES, rbf_tile
 
 F64 = torch.float64
 #: Rows of another rank's block received at a time.
@@ -53,7 +53,7 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def reduce_across_ranks(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if rank_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
@@ -64,7 +64,7 @@ def shard_counts(n_local: int, device: torch.device) -> list[int]:
     r, w = rank_world()
     t = torch.zeros(w, dtype=torch.long, device=device)
     t[r] = n_local
-    return [int(v) for v in _reduce(t).tolist()]
+    return [int(v) for v in reduce_across_ranks(t).tolist()]
 
 
 def row_blocks(z: torch.Tensor, counts: Sequence[int], chunk: int = CHUNK_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
@@ -94,7 +94,7 @@ def gather_rows(z: torch.Tensor, idx: torch.Tensor, counts: Sequence[int]) -> to
     out = torch.zeros(idx.numel(), *z.shape[1:], dtype=z.dtype, device=z.device)
     mine = (idx >= lo) & (idx < lo + z.shape[0])
     out[mine] = z[idx[mine] - lo]
-    return _reduce(out)
+    return reduce_across_ranks(out)
 
 
 def gather_all(z: torch.Tensor, counts: Sequence[int] | None = None) -> torch.Tensor:
@@ -109,10 +109,10 @@ def sharded_median_sigma(z: torch.Tensor, counts: Sequence[int], sigma_frac: flo
     process, gathered in the same order, so the same bandwidth."""
     n = sum(counts)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows] if n > max_rows else torch.arange(n)
-    return _median_sigma(gather_rows(z, idx, counts), sigma_frac, max_rows=max_rows, seed=seed)
+    return median_sigma_tensor(gather_rows(z, idx, counts), sigma_frac, max_rows=max_rows, seed=seed)
 
 
-def _block_rows(me: int, src: int, at: int, counts: Sequence[int], chunk: int) -> int | None:
+def block_rows(me: int, src: int, at: int, counts: Sequence[int], chunk: int) -> int | None:
     """Which of this rank's rows form tiles with the chunk of rank ``src``'s rows starting ``at`` rows into its block:
     the first of them (``0``: all; the rest of this rank's rows follow), or None.
 
@@ -165,11 +165,11 @@ def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], deb
                           f"at least {4 if debiased else 2}.", fix="use more rows.")
     sigmas = [sharded_median_sigma(z, counts, sigma_frac) for z in mats]
     cdt = F64 if precision == "float64" else torch.float32
-    mus = _reduce(torch.cat([z.sum(0, dtype=F64) for z in mats])) / n
+    mus = reduce_across_ranks(torch.cat([z.sum(0, dtype=F64) for z in mats])) / n
     dims = [z.shape[1] for z in mats]
     offs = [0, *torch.tensor(dims).cumsum(0).tolist()]
     zc = [(z.to(F64) - mus[offs[k]:offs[k + 1]]).to(cdt) for k, z in enumerate(mats)]
-    peak = _reduce(torch.tensor([float(z.abs().max()) if n_local else 0.0 for z in zc], dtype=F64, device=dev), "max")
+    peak = reduce_across_ranks(torch.tensor([float(z.abs().max()) if n_local else 0.0 for z in zc], dtype=F64, device=dev), "max")
     expo = [0 if p == 0.0 or not math.isfinite(p) else -math.frexp(p)[1] for p in peak.tolist()]
     zc = [z * 2.0**e for z, e in zip(zc, expo, strict=True)]
     gammas = [1.0 / (2.0 * s * s) * 4.0 ** -e for s, e in zip(sigmas, expo, strict=True)]
@@ -181,11 +181,11 @@ def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], deb
     rows_off = torch.zeros(nz, n, dtype=F64, device=dev)  # every row's off-diagonal row sum, filled by whoever forms it
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
     me = rank_world()[0]
-    with _matmul_precision(precision, dev):
+    with matmul_precision(precision, dev):
         for off, blk in row_blocks(zall, counts, ch):
             bs = blk.shape[0]
             src = max(i for i in range(len(counts)) if starts[i] <= off and counts[i])
-            mine = _block_rows(me, src, off - starts[src], counts, ch)
+            mine = block_rows(me, src, off - starts[src], counts, ch)
             if mine is None:
                 continue
             twice = src != me  # a block of two ranks is formed once and stands for its transpose too
@@ -203,12 +203,12 @@ def sharded_rbf_hsic(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], deb
                         rows_off[k, off:off + bs] += g.sum(0, dtype=F64)
                     stack[k] = g.reshape(-1)
                 gsum.addmm_(stack, stack.T, alpha=2.0 if twice else 1.0)
-    _reduce(gsum)
-    _reduce(rows_off)
+    reduce_across_ranks(gsum)
+    reduce_across_ranks(rows_off)
     first = gather_rows(torch.cat(list(mats), 1) if n_local else torch.zeros(0, offs[-1], device=dev), torch.zeros(1, dtype=torch.long), counts)
     const = torch.tensor([bool((z == first[:, offs[k]:offs[k + 1]].to(z.dtype)).all()) if n_local else True
                           for k, z in enumerate(mats)], dtype=torch.long, device=dev)
-    const = _reduce(const) == len(counts)
+    const = reduce_across_ranks(const) == len(counts)
     for k in range(nz):
         if bool(const[k]):
             side, pos = ("xs", k) if k < m else ("ys", k - m)
@@ -248,7 +248,7 @@ def sharded_neighbours(x: torch.Tensor, counts: Sequence[int], k: int, preproces
     if preprocess.clips:  # the mean over ALL rows of the per-row quantile, summed in the same order as one process
         per_row = torch.zeros(n, dtype=x.dtype, device=x.device)
         per_row[lo:lo + n_local] = preprocess.row_thresholds(x)
-        thr = _reduce(per_row).mean()
+        thr = reduce_across_ranks(per_row).mean()
     x = preprocess.finish(x, thr)
     dev, rel = x.device, (_knn.TIE_TOL if x.dtype != F64 else 1e-10)
     tile = max(1, min(max(n_local, 1), _knn.SIM_TILE_BYTES // (x.element_size() * max(chunk, 1))))
@@ -301,7 +301,7 @@ def sharded_neighbours(x: torch.Tensor, counts: Sequence[int], k: int, preproces
     for a, ea, _, s in sims():
         strict[a:ea] += (s > kth[a:ea] + tol[a:ea]).sum(1)
         cand[a:ea] += (s >= kth[a:ea] - tol[a:ea]).sum(1)
-    width = int(_reduce(torch.tensor([int(cand.max()) if n_local else k], device=dev), "max"))
+    width = int(reduce_across_ranks(torch.tensor([int(cand.max()) if n_local else k], device=dev), "max"))
     if width == k:  # no ties anywhere: the k nearest, as one process lists them
         idx, val = _knn.canonical_order(i, exact_sims(i, v))[:2]
         return _knn.Neighbours(gather_rows(idx, torch.arange(n), counts), gather_rows(val, torch.arange(n), counts))

@@ -27,9 +27,9 @@ import torch
 
 from pairscout.errors import MetricError
 from pairscout.metrics import cka as _cka
+from pairscout.metrics import hsic_stats, registry
 from pairscout.metrics import knn as _knn
-from pairscout.metrics import registry
-from pairscout.metrics._validate import ArrayLike, as_matrices, check_same_rows, compute_dtype
+from pairscout.metrics.validate import ArrayLike, as_matrices, check_same_rows, compute_dtype
 
 F64 = torch.float64
 Matrices = ArrayLike | Sequence[ArrayLike]
@@ -198,7 +198,7 @@ def _bootstrap_cka(xs_t: list[torch.Tensor], ys_t: list[torch.Tensor], kernel: s
     zc = [_centre(z, cdt, name) for z, name in zip([*xs_t, *ys_t], names, strict=True)]
     nz = m + t
     if tile is None:
-        tile = max(128, int(math.sqrt(_cka.TILE_BYTES / (8 * (nz + 2)))) // 128 * 128)
+        tile = max(128, int(math.sqrt(hsic_stats.TILE_BYTES / (8 * (nz + 2)))) // 128 * 128)
     tile = min(tile, n)
     gammas = None
     centre = None
@@ -206,7 +206,7 @@ def _bootstrap_cka(xs_t: list[torch.Tensor], ys_t: list[torch.Tensor], kernel: s
         sig = sigmas if sigmas is not None else [_cka.median_sigma(z, sigma_frac) for z in [*xs_t, *ys_t]]
         gammas = [1.0 / (2.0 * s * s) for s in sig]
         rows = torch.zeros(nz, n, dtype=F64, device=dev)
-        for a, ea, b, eb, raw in _cka.kernel_tiles(zc, "rbf", gammas, tile):
+        for a, ea, b, eb, raw in hsic_stats.kernel_tiles(zc, "rbf", gammas, tile):
             for k, g in enumerate(raw):
                 rows[k, a:ea] += g.sum(1, dtype=F64)
                 if a != b:
@@ -216,7 +216,7 @@ def _bootstrap_cka(xs_t: list[torch.Tensor], ys_t: list[torch.Tensor], kernel: s
     pairs = [(i, m + j) for i in range(m) for j in range(t)] + [(k, k) for k in range(nz)]
     t1 = torch.zeros(len(pairs), nb, dtype=F64, device=dev)
     u = torch.zeros(nz, n, nb, dtype=F64, device=dev)
-    for a, ea, b, eb, raw in _cka.kernel_tiles(zc, kernel, gammas, tile):  # type: ignore[arg-type]
+    for a, ea, b, eb, raw in hsic_stats.kernel_tiles(zc, kernel, gammas, tile):  # type: ignore[arg-type]
         tiles = []
         for k, g in enumerate(raw):
             g = g.to(F64)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pairscout._io import first_difference, load_result, save_result
 from pairscout.errors import PairscoutError
+from pairscout.files import first_difference, load_result, save_result
 
 if TYPE_CHECKING:
     from pairscout.ranking.verdict import Verdict
@@ -104,7 +104,7 @@ def read_revisions(run: str | Path, rank_meta: dict[str, Any]) -> list[VerdictRe
     return revs
 
 
-_VERDICT = {"pair": list, "tied": list, "duplicates": list, "reason": str, "source": str, "metric": str,
+VERDICT_SHAPE = {"pair": list, "tied": list, "duplicates": list, "reason": str, "source": str, "metric": str,
             "above_chance": (bool, type(None)), "tests": list}
 SHAPE: dict[str, Any] = {
     "kind": str, "settings": dict, "dataset": dict, "vision_order": list, "text_order": list, "failures": dict,
@@ -115,7 +115,7 @@ SHAPE: dict[str, Any] = {
     "settings.seed": int, "settings.layers": (str, list, type(None)), "settings.layer_rows": int, "settings.precision": str,
     "settings.vision_zoo": dict, "settings.text_zoo": dict, "settings.dataset_fingerprint": str, "settings.n": int,
     "dataset.name": str, "dataset.fingerprint": str, "dataset.n": int, "dataset.has_labels": bool, "dataset.params": dict,
-    **{f"verdict.{k}": v for k, v in _VERDICT.items()}, **{f"verdict_rank.{k}": v for k, v in _VERDICT.items()},
+    **{f"verdict.{k}": v for k, v in VERDICT_SHAPE.items()}, **{f"verdict_rank.{k}": v for k, v in VERDICT_SHAPE.items()},
 }
 """The JSON types of ``rank.json``'s fields: a hand-edited file is refused in one line at load, not deep in a command."""
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-from pairscout._io import atomic_write_text
 from pairscout.errors import PairscoutError
+from pairscout.files import atomic_write_text
 from pairscout.report.sections import RunFiles, align_section, probe_section, rank_section
 from pairscout.version import __version__
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pairscout._io import read_regular_text
 from pairscout.errors import ZooError
+from pairscout.files import read_regular_text
 from pairscout.zoo.spec import EncoderSpec, Modality
 
 

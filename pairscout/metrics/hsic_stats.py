@@ -2,7 +2,8 @@
 
 Feature form (linear kernel): one chunked product of the centred features per vision model; tiled Gram form
 (any kernel): upper-triangle Gram tiles, off-diagonal sums accumulated directly (no cancellation), float64
-reductions. Everything here is private to the CKA estimators; :mod:`.cka` is the public face.
+reductions. The CKA estimators (:mod:`.cka`) are the public face; the tile helpers (:func:`kernel_tiles`,
+:func:`rbf_tile`, :data:`TILE_BYTES`) also serve the nulls and the estimation pass.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Atomic file writes: a path holds either its old content or the complete new file, never half of one.
+"""Files: how pairscout writes and reads them. Atomic writes (a path holds either its old content or the complete
+new file, never half of one), names made safe as one path component, regular files read with a size limit, result
+folders (tables + a JSON record) saved and loaded, output folders checked before the work.
 
 Every writer goes through :func:`atomic_path`: write to a temporary file in the same folder, give it
 the permissions an ordinary new file would get, then ``os.replace`` it into place.
