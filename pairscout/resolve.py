@@ -69,7 +69,13 @@ def drop_bad_images(ds: Any) -> tuple[Any, list[tuple[int, str]]]:
     if not bad:
         return ds, []
     bad_rows = {i for i, _ in bad}
-    return ds.select([i for i in range(len(ds)) if i not in bad_rows]), bad
+    view = ds.select([i for i in range(len(ds)) if i not in bad_rows])
+    # recorded so that probe / align rebuild the same rows: the selection before the skip (if any), and the skip
+    view._meta = {k: v for k, v in view._meta.items() if k != "selection"}
+    if "selection" in ds._meta:
+        view._meta["selection"] = ds._meta["selection"]
+    view._meta["skip_bad"] = {"count": len(bad), "first": bad[0][1]}
+    return view, bad
 
 
 def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tuple[Zoo, Zoo]:

@@ -77,6 +77,8 @@ def _data_arg(ds: Any) -> str:
     sel = desc.get("selection")
     if sel and desc.get("format") != "generated":
         arg += f" --n {sel['n']}"
+    if desc.get("skip_bad"):
+        arg += " --skip-bad"
     return arg
 
 
@@ -104,10 +106,15 @@ def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None
         where = str(data if data is not None else desc.get("source", ""))
         try:
             cols = desc.get("columns") or {}  # the columns the run read (manifests, Hugging Face datasets)
+            skip_bad = bool(desc.get("skip_bad"))  # a --skip-bad run: the same bad rows are skipped again
             ds = load_dataset(where, image_column=cols.get("image"), caption_column=cols.get("caption"),
-                              label_column=cols.get("label"))
-            if ds.fingerprint != expected and desc.get("selection"):
+                              label_column=cols.get("label"), skip_bad=skip_bad)
+            if (ds.fingerprint != expected or skip_bad) and desc.get("selection"):
                 ds = ds.subset(int(desc["selection"]["n"]), seed=int(settings.get("seed", 0)))
+            if skip_bad:
+                from pairscout.resolve import drop_bad_images
+
+                ds, _ = drop_bad_images(ds)
         except DataError as e:
             raise DataError(f"the dataset of the rank run ({where}) cannot be read: {e}",
                             fix="pass --data with the dataset the run ranked.") from None  # fmt: skip

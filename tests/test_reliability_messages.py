@@ -1,0 +1,55 @@
+"""Issue 23, messages that name the wrong thing: a --skip-bad run can be probed, a run folder inside the data
+folder is never read as data, text weights files name themselves, every "Fix:" names an option the command has,
+and the API's zoo arguments take lists."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+import pairscout
+from pairscout.ranking import RankSettings
+
+WORDS = ["red", "green", "blue", "yellow"]
+FAST = RankSettings(ci_groups=0, permutations=0)
+
+
+def _manifest(tmp_path, n=30, bad=(7,)):
+    lines = ["image,caption,label"]
+    for i in range(n):
+        p = tmp_path / f"im{i}.png"
+        Image.new("RGB", (8, 8), (i * 8, 255 - i * 8, (i * 37) % 255)).save(p)
+        lines.append(f"{p.name},a {WORDS[i % 4]} square {WORDS[(i // 4) % 4]},c{i % 4}")
+    for i in bad:
+        (tmp_path / f"im{i}.png").write_bytes(b"not a png")
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- 1. a --skip-bad rank run can be probed -----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [None, 24])
+def test_a_skip_bad_run_rebuilds_the_same_dataset(tmp_path, n):
+    from pairscout.align.pairdata import source_from_rank
+
+    data = _manifest(tmp_path)
+    res = pairscout.rank("baseline:pixels,baseline:random-vision", "baseline:tfidf,baseline:random-text", str(data), n=n,
+                         skip_bad=True, settings=FAST, out=tmp_path / "run", cache_dir=tmp_path / "cache")
+    src = source_from_rank(tmp_path / "run", cache_dir=tmp_path / "cache")  # was: "is not the one the rank run used"
+    assert src.dataset.fingerprint == res.meta["settings"]["dataset_fingerprint"]
+    assert len(src.dataset) == res.meta["settings"]["n"] < (n or 30)
+    assert "--skip-bad" in src.data_arg
+
+
+def test_a_skip_bad_run_can_be_probed_from_the_cli(runner, tmp_path):
+    from pairscout.cli import app
+
+    data = _manifest(tmp_path)
+    common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache")]
+    r = runner.invoke(app, ["rank", "--vision-zoo", "baseline:pixels,baseline:random-vision", "--text-zoo",
+                            "baseline:tfidf,baseline:random-text", *common, "--skip-bad", "--ci-groups", "0",
+                            "--permutations", "0", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["probe", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "20"])
+    assert r.exit_code == 0, r.output
+    assert "not the one the rank run used" not in r.output
