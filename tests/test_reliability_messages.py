@@ -53,3 +53,32 @@ def test_a_skip_bad_run_can_be_probed_from_the_cli(runner, tmp_path):
     r = runner.invoke(app, ["probe", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "20"])
     assert r.exit_code == 0, r.output
     assert "not the one the rank run used" not in r.output
+
+
+# --- 2. a run folder inside the data folder is never read as data -----------------------------------------------------
+def _folder(tmp_path, n=24):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (8, 8), (i * 10, 255 - i * 10, (i * 37) % 255)).save(root / f"im{i}.png")
+        (root / f"im{i}.txt").write_text(f"a {WORDS[i % 4]} square {WORDS[(i // 4) % 4]}\n")
+    return root
+
+
+def test_a_run_folder_inside_the_data_folder_is_not_read_as_data(runner, tmp_path):
+    from pairscout.cli import app
+    from pairscout.data import load_dataset
+
+    root = _folder(tmp_path)
+    before = load_dataset(root).fingerprint
+    args = ["rank", "--vision-zoo", "baseline:pixels,baseline:random-vision", "--text-zoo", "baseline:tfidf,baseline:random-text",
+            "--data", str(root), "--cache-dir", str(root / "cache"), "--ci-groups", "0", "--permutations", "0"]
+    r = runner.invoke(app, [*args, "--out", str(root / "run")])
+    assert r.exit_code == 0, r.output
+    assert list((root / "run").rglob("*.png")), "the run writes plots (images) inside the data folder"
+    assert len(load_dataset(root)) == 24 and load_dataset(root).fingerprint == before
+    r = runner.invoke(app, ["probe", str(root / "run"), "--cache-dir", str(root / "cache"), "--steps", "20"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*args, "--out", str(root / "run2")])  # the next rank reads the same rows
+    assert r.exit_code == 0, r.output
+    assert "has no caption file" not in r.output
