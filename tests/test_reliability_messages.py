@@ -82,3 +82,58 @@ def test_a_run_folder_inside_the_data_folder_is_not_read_as_data(runner, tmp_pat
     r = runner.invoke(app, [*args, "--out", str(root / "run2")])  # the next rank reads the same rows
     assert r.exit_code == 0, r.output
     assert "has no caption file" not in r.output
+
+
+# --- 3. weights files that hold text name themselves ------------------------------------------------------------------
+LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 46830571\n"
+
+
+def _spec(id_, **kw):
+    from pairscout.zoo.spec import EncoderSpec
+
+    return EncoderSpec.from_dict({"id": id_, "modality": "vision", **kw}, where="test")
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "pth", "bin"])
+def test_a_text_timm_weights_file_is_named(tmp_path, ext):
+    pytest.importorskip("timm")
+    from pairscout.encoders import build_encoder
+    from pairscout.errors import ModelLoadError
+
+    p = tmp_path / f"model.{ext}"
+    p.write_text(LFS)
+    with pytest.raises(ModelLoadError, match=rf"model\.{ext} holds text, not weights \(a Git LFS pointer.*Fix: fetch the real file"):
+        build_encoder(_spec("timm:resnet18", weights=str(p)))
+
+
+def test_a_text_onnx_file_is_named(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pairscout.encoders import build_encoder
+    from pairscout.errors import ModelLoadError
+
+    p = tmp_path / "model.onnx"
+    p.write_text("<html><body>404 Not Found</body></html>\n")
+    with pytest.raises(ModelLoadError, match=r"model\.onnx holds text, not weights \(it starts '<html>"):
+        build_encoder(_spec(f"onnx:{p}"))
+
+
+def test_a_text_weights_file_in_a_hf_folder_is_named(tmp_path):
+    from pairscout.encoders import build_encoder
+    from pairscout.errors import ModelLoadError
+
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    (tmp_path / "model.safetensors").write_text(LFS)
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors holds text"):
+        build_encoder(_spec(f"hf:{tmp_path}"))
+
+
+def test_real_weights_files_pass_the_text_check(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pairscout.encoders._common import check_weights_files
+
+    save_file({"w": torch.zeros(3)}, tmp_path / "a.safetensors")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "b.pth")
+    for p in (tmp_path / "a.safetensors", tmp_path / "b.pth", tmp_path):
+        check_weights_files("x", p)  # no error

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pairscout.encoders._common import (
+    check_weights_files,
     finish,
     hub_guard,
     is_local_path,
@@ -64,6 +65,7 @@ def resolve_source(spec: EncoderSpec) -> tuple[str, bool]:
     if not path.exists():
         raise ModelLoadError(f"{spec.id}: the model directory {path} does not exist.",
                              fix="point `weights` (or the id) at a directory written by save_pretrained.")
+    check_weights_files(spec.id, path)
     return str(path), True
 
 
