@@ -137,3 +137,96 @@ def test_real_weights_files_pass_the_text_check(tmp_path):
     torch.save({"w": torch.zeros(3)}, tmp_path / "b.pth")
     for p in (tmp_path / "a.safetensors", tmp_path / "b.pth", tmp_path):
         check_weights_files("x", p)  # no error
+
+
+# --- 4. every "Fix:" names an option the command has ------------------------------------------------------------------
+def _command_options() -> dict[str, set[str]]:
+    from typer.main import get_command
+
+    from pairscout.cli import app
+
+    out: dict[str, set[str]] = {}
+
+    def walk(c, prefix=""):
+        if hasattr(c, "commands"):
+            for name, sub in c.commands.items():
+                walk(sub, f"{prefix} {name}".strip())
+        else:
+            out[prefix] = {o for p in c.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+
+    walk(get_command(app))
+    return out
+
+
+def _fix_options() -> dict[str, list[str]]:
+    """Every --option named in a ``fix=`` text in the package (other tools' options, pip's and torchrun's, left out)."""
+    import ast
+    import pathlib
+    import re
+
+    opt = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
+    other_tool = re.compile(r"(pip install|torchrun)[^,;.)]*")
+    found: dict[str, list[str]] = {}
+    for f in pathlib.Path(pairscout.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.keyword) and node.arg == "fix":
+                for c in ast.walk(node.value):
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str):
+                        for o in opt.findall(other_tool.sub("", c.value)):
+                            found.setdefault(o, []).append(f"{f.name}:{c.lineno}")
+    return found
+
+
+def test_every_option_a_fix_names_exists():
+    every = set().union(*_command_options().values())
+    found = _fix_options()
+    assert "--force" in found and "--trust-remote-code" in found  # the walk sees the messages
+    assert {o: w for o, w in found.items() if o not in every} == {}
+
+
+def test_every_command_that_loads_encoders_has_trust_remote_code():
+    """The "pass --trust-remote-code" fix can be raised wherever an encoder is built: each of those commands has it."""
+    opts = _command_options()
+    for command in ("encode", "rank", "probe", "align", "zero-shot"):
+        assert "--trust-remote-code" in opts[command], command
+
+
+def test_the_remote_code_permission_of_the_command_reaches_the_encoder_runner():
+    from pairscout.encoders.hf_source import allow_remote_code, remote_code_allowed
+
+    with allow_remote_code(True), allow_remote_code(False or remote_code_allowed()):  # what runner.py does inside
+        assert remote_code_allowed()
+    import inspect
+
+    from pairscout.embeddings import runner
+
+    assert "remote_code_allowed()" in inspect.getsource(runner)
+
+
+def test_an_unreadable_probe_file_names_probe_without_force(tmp_path):
+    from pairscout._io import check_shape
+    from pairscout.errors import PairscoutError
+
+    opts = _command_options()
+    for name, command in (("probe.json", "probe"), ("verdicts.json", "probe"), ("rank.json", "rank"), ("config.json", "align")):
+        with pytest.raises(PairscoutError) as e:
+            check_shape([], {}, str(tmp_path / name))
+        fix = str(e.value).split("Fix:", 1)[1]
+        assert f"`pairscout {command}`" in fix, fix
+        assert all(o in opts[command] for o in __import__("re").findall(r"--[a-z-]+", fix)), fix
+
+
+def test_a_diverged_probe_does_not_suggest_resume_or_force():
+    """Training without a folder (as probe trains) cannot --resume: its divergence fix names --lr only."""
+    import torch
+
+    from pairscout.align.train import train
+    from pairscout.align.train_config import TrainConfig
+    from pairscout.errors import DivergenceError
+
+    torch.manual_seed(0)
+    v, t = torch.randn(32, 8), torch.randn(32, 8)
+    with pytest.raises(DivergenceError) as e:
+        train(v, t, torch.arange(32), TrainConfig(head="linear", out_dim=4, steps=30, batch_size=16, lr=1e30, grad_clip=0, eval_every=0))
+    fix = str(e.value).split("Fix:", 1)[1]
+    assert "--lr" in fix and "--resume" not in fix and "--force" not in fix and "--grad-clip" not in fix

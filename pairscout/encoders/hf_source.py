@@ -95,6 +95,11 @@ def allow_remote_code(allowed: bool) -> Iterator[None]:
         _REMOTE_CODE_ALLOWED.reset(token)
 
 
+def remote_code_allowed() -> bool:
+    """Whether an enclosing :func:`allow_remote_code` (the command's ``--trust-remote-code``) allows it."""
+    return _REMOTE_CODE_ALLOWED.get()
+
+
 def check_remote_code_allowed(spec: EncoderSpec) -> None:
     """A zoo entry alone never runs a model repository's Python: the user must ask on the command line."""
     if not _REMOTE_CODE_ALLOWED.get():

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pairscout._io import first_difference, load_result, save_result
+from pairscout._io import first_difference, load_result, rewrite_fix, save_result
 from pairscout.errors import PairscoutError
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class VerdictRevision:
 
 def _unreadable(path: Path, what: str, e: Exception) -> PairscoutError:
     return PairscoutError(f"the {what} {path} is unreadable ({type(e).__name__}: {e}).",
-                          fix="run the command that wrote it again (with --force).")  # fmt: skip
+                          fix=rewrite_fix(path, restore=False))  # fmt: skip
 
 
 def read_revisions(run: str | Path, rank_meta: dict[str, Any]) -> list[VerdictRevision]:
