@@ -8,7 +8,7 @@
 * ``seed``: the generated dataset's seed unless the spec names one (``generated:seed=3`` wins); the subset seed
   for file datasets.
 
-Zoos: :func:`resolve_zoos` takes names, TOML paths, comma lists of ids, or :class:`~pairscout.zoo.registry.Zoo` objects.
+Zoos: :func:`resolve_zoos` takes names, TOML paths, comma lists of ids, lists of ids, or :class:`~pairscout.zoo.registry.Zoo` objects.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def drop_bad_images(ds: Any) -> tuple[Any, list[tuple[int, str]]]:
     return view, bad
 
 
-def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tuple[Zoo, Zoo]:
+def resolve_zoos(vision_zoo: str | Path | list | tuple | Zoo, text_zoo: str | Path | list | tuple | Zoo) -> tuple[Zoo, Zoo]:
     """The vision and the text zoo (each restricted to its modality)."""
     vz = vision_zoo if isinstance(vision_zoo, Zoo) else resolve_zoo(vision_zoo, "vision")
     tz = text_zoo if isinstance(text_zoo, Zoo) else resolve_zoo(text_zoo, "text")

@@ -230,3 +230,24 @@ def test_a_diverged_probe_does_not_suggest_resume_or_force():
         train(v, t, torch.arange(32), TrainConfig(head="linear", out_dim=4, steps=30, batch_size=16, lr=1e30, grad_clip=0, eval_every=0))
     fix = str(e.value).split("Fix:", 1)[1]
     assert "--lr" in fix and "--resume" not in fix and "--force" not in fix and "--grad-clip" not in fix
+
+
+# --- 5. the API's zoo arguments take lists of ids ---------------------------------------------------------------------
+def test_rank_takes_lists_of_ids_like_a_comma_string():
+    as_list = pairscout.rank(["baseline:pixels", "baseline:random-vision"], ("baseline:tfidf", "baseline:random-text"),
+                             "generated", n=40, settings=FAST)
+    as_text = pairscout.rank("baseline:pixels,baseline:random-vision", "baseline:tfidf,baseline:random-text",
+                             "generated", n=40, settings=FAST)
+    assert set(as_list.pairs["vision"]) == {"pixels", "random-vision"}
+    assert as_list.meta["settings"]["vision_zoo"] == as_text.meta["settings"]["vision_zoo"]
+    assert as_list.meta["settings"]["text_zoo"] == as_text.meta["settings"]["text_zoo"]
+
+
+@pytest.mark.parametrize("zoo, words", [([], "list is empty"), ([5], "list holds 5"), ([""], "list holds ''"),
+                                        (5, "zoo is a int"), (["baseline:pixels", "baseline:pixels"], "pixels")])
+def test_a_bad_zoo_list_is_one_line(zoo, words):
+    from pairscout.errors import ZooError
+
+    with pytest.raises(ZooError, match=words) as e:
+        pairscout.rank(zoo, "baseline:tfidf", "generated", n=40, settings=FAST)
+    assert "Fix:" in str(e.value) and "\n" not in str(e.value)
