@@ -156,7 +156,8 @@ def rank_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
         ],
         "versions": res.meta.get("versions", {}),
         "command": res.meta.get("command") or "",
-        "timings": res.meta.get("timings_s", {}),
+        # the stage totals (timings_s also holds the metrics phase's own breakdown, a dict: not a stage)
+        "timings": {k: v for k, v in res.meta.get("timings_s", {}).items() if isinstance(v, int | float)},
     }
 
 
