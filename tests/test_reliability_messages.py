@@ -41,6 +41,36 @@ def test_a_skip_bad_run_rebuilds_the_same_dataset(tmp_path, n):
     assert "--skip-bad" in src.data_arg
 
 
+def test_a_skip_bad_run_that_skipped_a_malformed_line_rebuilds_the_same_dataset(tmp_path):
+    from pairscout.align.pairdata import source_from_rank
+
+    data = _manifest(tmp_path, bad=())
+    lines = data.read_text().splitlines()
+    lines[5] = 'im4.png,"an unclosed quote,c0'
+    data.write_text("\n".join(lines) + "\n")
+    res = pairscout.rank("baseline:pixels,baseline:random-vision", "baseline:tfidf,baseline:random-text", str(data),
+                         skip_bad=True, settings=FAST, out=tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert res.meta["settings"]["n"] == 29
+    src = source_from_rank(tmp_path / "run", cache_dir=tmp_path / "cache")  # was: "line 6 ... malformed CSV"
+    assert src.dataset.fingerprint == res.meta["settings"]["dataset_fingerprint"]
+
+
+def test_data_that_broke_since_the_rank_is_one_fix_with_options_probe_has(tmp_path):
+    from pairscout.align.pairdata import source_from_rank
+    from pairscout.errors import DataError
+
+    data = _manifest(tmp_path, bad=())
+    pairscout.rank("baseline:pixels,baseline:random-vision", "baseline:tfidf,baseline:random-text", str(data),
+                   settings=FAST, out=tmp_path / "run", cache_dir=tmp_path / "cache")
+    lines = data.read_text().splitlines()
+    lines[5] = 'im4.png,"an unclosed quote,c0'
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        source_from_rank(tmp_path / "run", cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert msg.count("Fix:") == 1 and "--skip-bad" not in msg and "Line 6" in msg, msg
+
+
 def test_a_skip_bad_run_can_be_probed_from_the_cli(runner, tmp_path):
     from pairscout.cli import app
 
