@@ -188,8 +188,9 @@ def _command_options() -> dict[str, set[str]]:
     return out
 
 
-def _fix_options() -> dict[str, list[str]]:
-    """Every --option named in a ``fix=`` text in the package (other tools' options, pip's and torchrun's, left out)."""
+def _fix_options(under: str = "") -> dict[str, list[str]]:
+    """Every --option named in a ``fix=`` text in the package, or in its sub-package ``under`` (other tools' options,
+    pip's and torchrun's, left out)."""
     import ast
     import pathlib
     import re
@@ -197,7 +198,7 @@ def _fix_options() -> dict[str, list[str]]:
     opt = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
     other_tool = re.compile(r"(pip install|torchrun)[^,;.)]*")
     found: dict[str, list[str]] = {}
-    for f in pathlib.Path(pairscout.__file__).parent.rglob("*.py"):
+    for f in (pathlib.Path(pairscout.__file__).parent / under).rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, ast.keyword) and node.arg == "fix":
                 for c in ast.walk(node.value):
@@ -212,6 +213,9 @@ def test_every_option_a_fix_names_exists():
     found = _fix_options()
     assert "--force" in found and "--trust-remote-code" in found  # the walk sees the messages
     assert {o: w for o, w in found.items() if o not in every} == {}
+    # the probe's own modules (only `pairscout probe` runs them) name only probe's options
+    probe_opts = _command_options()["probe"]
+    assert {o: w for o, w in _fix_options("evaluation").items() if o not in probe_opts} == {}
 
 
 def test_every_command_that_loads_encoders_has_trust_remote_code():
