@@ -169,6 +169,21 @@ _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a whole
                type(None): "null"}
 
 
+_REWRITE = {
+    "rank.json": "rerun `pairscout rank` into that folder with --force",
+    "probe.json": "rerun `pairscout probe` on the run (it replaces probe.json)",
+    "verdicts.json": "rerun `pairscout probe` on the run (it rewrites the verdicts)",
+    "config.json": "run `pairscout align` again with --force",
+}
+"""Which command writes each result file, and how to make it write the file again (with an option it has)."""
+
+
+def rewrite_fix(path: str | Path, restore: bool = True) -> str:
+    """The "Fix:" for an unreadable result file: the command that writes it, with only options that command has."""
+    how = _REWRITE.get(Path(str(path)).name, "rerun the command that wrote it")
+    return f"restore it, or {how}." if restore else f"{how[0].upper()}{how[1:]}."
+
+
 def check_shape(meta: Any, shape: dict[str, Any], where: str) -> None:
     """Refuse a hand-edited or foreign JSON file in one line: ``shape`` maps dotted keys ("settings.metrics") to the
     type(s) their values must have (a missing key passes: older runs lack some). ints pass for floats, never bools.
@@ -182,7 +197,7 @@ def check_shape(meta: Any, shape: dict[str, Any], where: str) -> None:
         words = " or ".join(dict.fromkeys(_JSON_TYPES.get(t, t.__name__) for t in want))
         return PairscoutError(f"{where}: {key or 'the file'} holds {_JSON_TYPES.get(type(got), type(got).__name__)} "
                               f"({json_repr(got)}), not {words}; the file was edited or is not pairscout's.",
-                              fix="restore it, or rerun the command that wrote it (with --force).")
+                              fix=rewrite_fix(where))
 
     if not isinstance(meta, dict):
         raise bad("", meta, (dict,))
@@ -236,7 +251,7 @@ def load_result(out: str | Path, tables: tuple[str, ...], meta_file: str, *, wha
         frames = {name: pd.read_parquet(out / f"{name}.parquet") for name in tables}
         frames.update({name: pd.read_parquet(out / f"{name}.parquet") for name in optional if (out / f"{name}.parquet").is_file()})
     except (OSError, ValueError) as e:
-        raise PairscoutError(f"the {what} in {out} is unreadable ({e}).", fix="run the command that wrote it again (with --force).") from None
+        raise PairscoutError(f"the {what} in {out} is unreadable ({e}).", fix=rewrite_fix(meta_file, restore=False)) from None
     check_shape(meta, shape or {}, str(out / meta_file))
     return meta, frames
 

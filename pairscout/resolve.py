@@ -8,7 +8,7 @@
 * ``seed``: the generated dataset's seed unless the spec names one (``generated:seed=3`` wins); the subset seed
   for file datasets.
 
-Zoos: :func:`resolve_zoos` takes names, TOML paths, comma lists of ids, or :class:`~pairscout.zoo.registry.Zoo` objects.
+Zoos: :func:`resolve_zoos` takes names, TOML paths, comma lists of ids, lists of ids, or :class:`~pairscout.zoo.registry.Zoo` objects.
 """
 
 from __future__ import annotations
@@ -69,10 +69,16 @@ def drop_bad_images(ds: Any) -> tuple[Any, list[tuple[int, str]]]:
     if not bad:
         return ds, []
     bad_rows = {i for i, _ in bad}
-    return ds.select([i for i in range(len(ds)) if i not in bad_rows]), bad
+    view = ds.select([i for i in range(len(ds)) if i not in bad_rows])
+    # recorded so that probe / align rebuild the same rows: the selection before the skip (if any), and the skip
+    view._meta = {k: v for k, v in view._meta.items() if k != "selection"}
+    if "selection" in ds._meta:
+        view._meta["selection"] = ds._meta["selection"]
+    view._meta["skip_bad"] = {"count": len(bad), "first": bad[0][1]}
+    return view, bad
 
 
-def resolve_zoos(vision_zoo: str | Path | Zoo, text_zoo: str | Path | Zoo) -> tuple[Zoo, Zoo]:
+def resolve_zoos(vision_zoo: str | Path | list | tuple | Zoo, text_zoo: str | Path | list | tuple | Zoo) -> tuple[Zoo, Zoo]:
     """The vision and the text zoo (each restricted to its modality)."""
     vz = vision_zoo if isinstance(vision_zoo, Zoo) else resolve_zoo(vision_zoo, "vision")
     tz = text_zoo if isinstance(text_zoo, Zoo) else resolve_zoo(text_zoo, "text")

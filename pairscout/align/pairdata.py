@@ -77,6 +77,8 @@ def _data_arg(ds: Any) -> str:
     sel = desc.get("selection")
     if sel and desc.get("format") != "generated":
         arg += f" --n {sel['n']}"
+    if desc.get("skip_bad") or desc.get("skipped_lines"):
+        arg += " --skip-bad"
     return arg
 
 
@@ -104,13 +106,20 @@ def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None
         where = str(data if data is not None else desc.get("source", ""))
         try:
             cols = desc.get("columns") or {}  # the columns the run read (manifests, Hugging Face datasets)
+            # a --skip-bad run (bad images or malformed manifest lines skipped): the same rows are skipped again
+            skip_bad = bool(desc.get("skip_bad") or desc.get("skipped_lines"))
             ds = load_dataset(where, image_column=cols.get("image"), caption_column=cols.get("caption"),
-                              label_column=cols.get("label"))
-            if ds.fingerprint != expected and desc.get("selection"):
+                              label_column=cols.get("label"), skip_bad=skip_bad)
+            if (ds.fingerprint != expected or skip_bad) and desc.get("selection"):
                 ds = ds.subset(int(desc["selection"]["n"]), seed=int(settings.get("seed", 0)))
+            if skip_bad:
+                from pairscout.resolve import drop_bad_images
+
+                ds, _ = drop_bad_images(ds)
         except DataError as e:
-            raise DataError(f"the dataset of the rank run ({where}) cannot be read: {e}",
-                            fix="pass --data with the dataset the run ranked.") from None  # fmt: skip
+            reason = str(e).split(" Fix: ", 1)[0]  # its own fix names rank's options (--skip-bad), not this command's
+            raise DataError(f"the dataset of the rank run ({where}) cannot be read: {reason}",
+                            fix="restore the data as it was when it was ranked, or pass --data with the dataset the run ranked.") from None  # fmt: skip
     if ds.fingerprint != expected:
         raise DataError(f"the dataset {ds.source} (fingerprint {ds.fingerprint[:12]}) is not the one the rank run used ({expected[:12]}).",
                         fix="pass --data (and --n / --seed) exactly as given to `pairscout rank`.")  # fmt: skip

@@ -272,7 +272,8 @@ def train(
                 where = (f"the last good checkpoint (step {kept['step']}) is kept in {out / CKPT_DIR}" if kept
                          else "no checkpoint had been written yet")  # fmt: skip
                 raise DivergenceError(f"training diverged at step {step + 1} of {total}: {what}; stopped, {where}.",
-                                      fix="lower --lr (e.g. by 3x), keep --grad-clip on, then --resume or --force.")  # fmt: skip
+                                      fix="lower --lr (e.g. by 3x), keep --grad-clip on, then --resume or --force." if out is not None
+                                      else "lower --lr (e.g. by 3x) and run again.")  # fmt: skip  # without a folder (probe): no --resume
             opt.step()
             last_loss = float(loss_value)
             step_done = step + 1

@@ -25,6 +25,7 @@ from pairscout.cli._options import (
     ReportOpt,
     RunAlias,
     RunArg,
+    TrustOpt,
     VerboseOpt,
     data_with_columns,
     pick_run,
@@ -77,6 +78,7 @@ def probe(
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for probe.json / probe.csv (default: the RUN folder).", show_default=False)] = None,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
+    trust_remote_code: TrustOpt = False,
     wide: Annotated[bool, typer.Option("--wide", help="Print every measure, R@5, loss and time, and every p-value.")] = False,
     as_json: JsonOpt = False,
     with_report: ReportOpt = False,
@@ -84,6 +86,7 @@ def probe(
 ) -> None:
     """Short linear probes on the top, middle and bottom pairs of a ranking: did the metrics predict alignment?"""
     ui.setup_logging(verbose)
+    from pairscout.encoders.hf_source import allow_remote_code
     from pairscout.errors import PairscoutError
     from pairscout.evaluation.probe import probe as run_probe
     from pairscout.evaluation.probe import verdict
@@ -105,7 +108,7 @@ def probe(
         from pairscout.files import check_out_folder
 
         check_out_folder(out_dir if out_dir is not None else run)
-        with ui.progress() as rep:
+        with ui.progress() as rep, allow_remote_code(trust_remote_code):
             data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_probe(run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, settings=settings, pairs=chosen,
                             cache_dir=cache_dir, out=out_dir, progress=rep.phases(), command=ui.command_line())  # fmt: skip
@@ -298,6 +301,7 @@ def align(
                                                   help="Keep the final checkpoint (heads + optimiser state, ~4x the model) to continue the run later.")] = False,
     cache_dir: CacheOpt = None,
     device: DeviceOpt = None,
+    trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
     with_report: ReportOpt = False,
     verbose: VerboseOpt = False,
@@ -306,6 +310,7 @@ def align(
     ui.setup_logging(verbose)
     from pairscout.align.model import align as run_align
     from pairscout.align.model import default_out
+    from pairscout.encoders.hf_source import allow_remote_code
     from pairscout.errors import PairscoutError
 
     with ui.user_errors():
@@ -334,7 +339,7 @@ def align(
         from pairscout.files import check_out_folder
 
         check_out_folder(out_dir)
-        with ui.progress() as rep:
+        with ui.progress() as rep, allow_remote_code(trust_remote_code):
             label = f"align {chosen[0]} x {chosen[1]}" if chosen else "align best pair"
             data = data_with_columns(data, image_column, caption_column, label_column)
             res = run_align(chosen, run=run, vision_zoo=vision_zoo, text_zoo=text_zoo, data=data, n=n, config=config,
@@ -385,10 +390,12 @@ def zero_shot(
     templates: Annotated[str | None, typer.Option(help="'|'-separated prompt templates with {c} (default: 6 built-in ones).", show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Classes shown per image.")] = 3,
     device: DeviceOpt = None,
+    trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Classify images among class names with a saved aligned model."""
     from pairscout.align.model import AlignedModel, image_files
+    from pairscout.encoders.hf_source import allow_remote_code
 
     with ui.user_errors():
         names = [c.strip() for c in classes.split(",") if c.strip()]
@@ -396,8 +403,9 @@ def zero_shot(
         tpl = [t for t in templates.split("|") if t.strip()] if templates else None
         from pairscout.runtime import pick_device
 
-        m = AlignedModel.load(model, device=pick_device(device))
-        pred = m.zero_shot(files, names, tpl, top_k=top_k)
+        with allow_remote_code(trust_remote_code):
+            m = AlignedModel.load(model, device=pick_device(device))
+            pred = m.zero_shot(files, names, tpl, top_k=top_k)
         t = Table(title=L(f"zero-shot with {m}"))
         t.add_column("image", overflow="fold")
         for i in range(min(top_k, len(names))):

@@ -20,19 +20,38 @@ from pairscout.errors import DataError
 log = logging.getLogger(__name__)
 
 
+OWN_FILES = ("rank.json", "probe.json", "train_log.json", "heads.safetensors", "file-digests.json")
+"""Files only pairscout writes (a rank / probe run's record, an align run's log and heads, an embedding cache's
+digests): a folder that holds one is pairscout's own output, never data."""
+
+
+def _own_folder(d: Path, memo: dict[Path, bool]) -> bool:
+    if d not in memo:
+        memo[d] = any((d / f).is_file() for f in OWN_FILES)
+    return memo[d]
+
+
 def find_images(root: Path) -> list[Path]:
     """Image files under ``root`` (recursive, hidden entries skipped), sorted by relative path.
 
-    An image name that is no readable file (a symlink loop, a broken link, a FIFO) is left out, counted and
-    reported in one warning, never dropped silently."""
-    out, unreadable = [], []
+    A sub-folder that pairscout wrote (a run folder ``--out root/run``, an embedding cache, see :data:`OWN_FILES`)
+    is left out, and said: its plots are no data rows. An image name that is no readable file (a symlink loop, a
+    broken link, a FIFO) is left out, counted and reported in one warning, never dropped silently."""
+    out, unreadable, own, memo = [], [], set(), {}
     for p in root.rglob("*"):
         rel = p.relative_to(root)
         if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts):
+            mine = next((root.joinpath(*rel.parts[:k]) for k in range(1, len(rel.parts)) if _own_folder(root.joinpath(*rel.parts[:k]), memo)), None)
+            if mine is not None:
+                own.add(mine.relative_to(root).as_posix())
+                continue
             try:
                 (out if p.is_file() else unreadable if not p.is_dir() else []).append(p)
             except OSError:  # ELOOP and friends on some systems
                 unreadable.append(p)
+    if own:
+        log.warning("%s: left out %d folder(s) of pairscout's own output (a run or cache inside the data folder): %s",
+                    root, len(own), ", ".join(sorted(own)[:3]))
     if unreadable:
         unreadable.sort()
         log.warning("%s: left out %d image name(s) that are not readable files (symlink loops, broken links or special files), e.g. %s",

@@ -224,9 +224,9 @@ def encode(
 
     t0 = time.perf_counter()
     if enc is None:
-        from pairscout.encoders.hf_source import allow_remote_code
+        from pairscout.encoders.hf_source import allow_remote_code, remote_code_allowed
 
-        with allow_remote_code(settings.trust_remote_code):
+        with allow_remote_code(settings.trust_remote_code or remote_code_allowed()):  # the command's --trust-remote-code too
             enc = build_encoder(spec)
     enc.to(device)
 

@@ -99,6 +99,45 @@ def is_local_path(target: str) -> bool:
     return target.startswith(("/", "./", "../", "~")) or Path(target).expanduser().exists()
 
 
+# --- weights files -----------------------------------------------------------------------------------
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".onnx", ".h5", ".msgpack")
+
+
+def _text_head(path: Path) -> str | None:
+    """The first bytes of ``path`` when they are plain text (weights are binary), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if not head or any(b < 32 and b not in (9, 10, 13) for b in head):
+        return None
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None if len(head) < 512 else head[:-4].decode("utf-8", "ignore")  # cut inside a character
+
+
+def check_weights_files(spec_id: str, path: str | Path) -> None:
+    """One line naming a weights file that holds text (a Git LFS pointer, an HTML error page, a note), before a
+    loader fails on it with a KeyError or "header too large" that names no file. ``path``: a weights file, or a
+    model folder (its weights files, two levels deep, are checked)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in (*path.glob("*"), *path.glob("*/*")) if p.suffix.lower() in WEIGHTS_SUFFIXES)
+    else:
+        files = [path]
+    for p in files:
+        text = _text_head(p) if p.is_file() else None
+        if text is None:
+            continue
+        lfs = text.startswith("version https://git-lfs")
+        why = "a Git LFS pointer: the weights themselves were never downloaded" if lfs else f"it starts {text[:40].splitlines()[0]!r}"
+        raise ModelLoadError(f"{spec_id}: the weights file {p} holds text, not weights ({why}).",
+                             fix="fetch the real file (`git lfs pull` in its repository, or download it again), "
+                                 "or point the zoo entry at a downloaded weights file.")  # fmt: skip
+
+
 # --- packages -------------------------------------------------------------------------------------
 def require_module(module: str, *, spec_id: str, pip: str) -> object:
     """Import ``module`` or raise a ModelLoadError naming the ``pip install`` that provides it."""

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pairscout.encoders._common import (
+    check_weights_files,
     finish,
     hub_guard,
     is_local_path,
@@ -64,6 +65,7 @@ def resolve_source(spec: EncoderSpec) -> tuple[str, bool]:
     if not path.exists():
         raise ModelLoadError(f"{spec.id}: the model directory {path} does not exist.",
                              fix="point `weights` (or the id) at a directory written by save_pretrained.")
+    check_weights_files(spec.id, path)
     return str(path), True
 
 
@@ -91,6 +93,11 @@ def allow_remote_code(allowed: bool) -> Iterator[None]:
         yield
     finally:
         _REMOTE_CODE_ALLOWED.reset(token)
+
+
+def remote_code_allowed() -> bool:
+    """Whether an enclosing :func:`allow_remote_code` (the command's ``--trust-remote-code``) allows it."""
+    return _REMOTE_CODE_ALLOWED.get()
 
 
 def check_remote_code_allowed(spec: EncoderSpec) -> None:

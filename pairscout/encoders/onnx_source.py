@@ -29,6 +29,7 @@ import torch
 
 from pairscout.encoders._common import (
     ImageTransform,
+    check_weights_files,
     finish,
     pad_tokens,
     pool_text,
@@ -75,6 +76,7 @@ class OnnxEncoder(Encoder):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise ModelLoadError(f"{spec.id}: ONNX file {self.path} does not exist.", fix="point the id at an existing .onnx file.")
+        check_weights_files(spec.id, self.path)
         if spec.layer is not None:
             raise ZooError(f"{spec.id}: ONNX encoders cannot read a hidden layer.", fix="remove layer, or expose that layer as a graph output and name it in options.output.")
         self.options = dict(spec.options)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pairscout.encoders._common import finish, hub_guard, spatial_tokens, sweep_blocks
+from pairscout.encoders._common import check_weights_files, finish, hub_guard, spatial_tokens, sweep_blocks
 from pairscout.encoders.base import Encoder, EncoderOutput
 from pairscout.errors import ModelLoadError, ZooError
 from pairscout.zoo.spec import EncoderSpec
@@ -161,6 +161,7 @@ def create_timm_model(spec: EncoderSpec, name: str, *, pretrained: bool, **kwarg
         path = Path(spec.weights).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"{spec.id}: weights file {path} does not exist.", fix="point `weights` at a .safetensors/.pth file of this architecture.")
+        check_weights_files(spec.id, path)
         overlay["file"] = str(path)
     if spec.image_size:
         try:

@@ -49,8 +49,8 @@ def print_progress(stream: Any = None) -> ProgressFn:
 
 
 def rank(
-    vision_zoo: str | Zoo = "offline",
-    text_zoo: str | Zoo = "offline",
+    vision_zoo: str | list[str] | Zoo = "offline",
+    text_zoo: str | list[str] | Zoo = "offline",
     data: Any = "generated",
     *,
     n: int | None = None,
@@ -68,7 +68,7 @@ def rank(
     """Rank every vision x text pair of two zoos on a paired dataset.
 
     Args:
-        vision_zoo, text_zoo: zoo names, TOML paths, comma lists of ids, or :class:`Zoo` objects.
+        vision_zoo, text_zoo: zoo names, TOML paths, comma lists of ids, lists of ids, or :class:`Zoo` objects.
         data: a dataset spec (``generated``, a manifest path, ...) or a loaded ``PairedDataset``.
         n: rows: the generated dataset renders ``n`` rows, a file dataset gives a fixed-seed subset of ``n``
             (:func:`pairscout.resolve.resolve_data`, the same as ``pairscout rank --n``).

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pairscout.errors import PairscoutError
-from pairscout.files import first_difference, load_result, save_result
+from pairscout.files import first_difference, load_result, rewrite_fix, save_result
 
 if TYPE_CHECKING:
     from pairscout.ranking.verdict import Verdict
@@ -76,7 +76,7 @@ class VerdictRevision:
 
 def _unreadable(path: Path, what: str, e: Exception) -> PairscoutError:
     return PairscoutError(f"the {what} {path} is unreadable ({type(e).__name__}: {e}).",
-                          fix="run the command that wrote it again (with --force).")  # fmt: skip
+                          fix=rewrite_fix(path, restore=False))  # fmt: skip
 
 
 def read_revisions(run: str | Path, rank_meta: dict[str, Any]) -> list[VerdictRevision]:

@@ -141,12 +141,18 @@ def _spec_from_id(ident: str, modality: Modality) -> EncoderSpec:
     return EncoderSpec(id=ident, modality=modality)
 
 
-def resolve_zoo(arg: str | Path, modality: Modality) -> Zoo:
+def resolve_zoo(arg: str | Path | list[str | EncoderSpec] | tuple[str | EncoderSpec, ...], modality: Modality) -> Zoo:
     """Resolve a ``--vision-zoo`` / ``--text-zoo`` argument to a zoo holding only ``modality`` encoders.
 
     ``arg`` is a zoo name (``offline``), a path to a TOML file, or a comma list of encoder ids
-    (``pack:efficientnet-lite0,timm:resnet50.a1_in1k``). Ids found in a shipped zoo take its settings.
+    (``pack:efficientnet-lite0,timm:resnet50.a1_in1k``); from Python also a list (or tuple) of ids or
+    :class:`EncoderSpec` objects. Ids found in a shipped zoo take its settings.
     """
+    if isinstance(arg, list | tuple):
+        return _zoo_from_list(arg, modality)
+    if not isinstance(arg, str | Path):
+        raise ZooError(f"the {modality} zoo is a {type(arg).__name__} ({str(arg)[:60]!r}).",
+                       fix="pass a zoo name, a TOML path, a comma string of ids or a list of ids.")
     text = str(arg).strip()
     if not text:
         raise ZooError(f"the {modality} zoo is empty.", fix="pass a zoo name, a TOML path or a comma list of ids.")
@@ -162,4 +168,19 @@ def resolve_zoo(arg: str | Path, modality: Modality) -> Zoo:
     chosen = zoo.of(modality)
     if not chosen:
         raise ZooError(f"zoo {zoo.name!r} ({zoo.source}) has no {modality} encoders.", fix=f"add [[encoder]] entries with modality = \"{modality}\".")
+    return Zoo(zoo.name, zoo.description, chosen, zoo.source)
+
+
+def _zoo_from_list(items: list | tuple, modality: Modality) -> Zoo:
+    """A zoo of the ids (or specs) of a Python list: each item is one encoder."""
+    bad = next((x for x in items if not isinstance(x, str | EncoderSpec) or (isinstance(x, str) and not x.strip())), None)
+    if not items or bad is not None:
+        what = "is empty" if not items else f"holds {bad!r} ({type(bad).__name__})"
+        raise ZooError(f"the {modality} zoo list {what}.", fix="pass a list of encoder ids (strings such as 'pack:efficientnet-lite0').")
+    specs = [x if isinstance(x, EncoderSpec) else _spec_from_id(x.strip(), modality) for x in items]
+    _check_unique(specs, f"the {modality} zoo list")
+    zoo = Zoo("custom", "encoders given as a list", tuple(specs), "ids")
+    chosen = zoo.of(modality)
+    if not chosen:
+        raise ZooError(f"the {modality} zoo list has no {modality} encoders.", fix=f"list {modality} encoder ids.")
     return Zoo(zoo.name, zoo.description, chosen, zoo.source)
