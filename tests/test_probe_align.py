@@ -240,6 +240,6 @@ def test_align_says_when_the_short_probe_beat_it(tmp_path):
                                                                  "settings": {"steps": 300}}).save(tmp_path)
     res = S(model=S(vision_spec=S(name="v"), text_spec=S(name="t")), metrics={"zs_top1": 0.60})
     line = against_probe_line(tmp_path, res)
-    assert line.startswith("note: the probe's linear heads (300 steps) read 0.700 zs_top1") and "0.600" in line
+    assert line.startswith("note: the probe's linear heads (300 steps) read 0.700 zero-shot top-1") and "0.600" in line
     assert against_probe_line(tmp_path, S(model=res.model, metrics={"zs_top1": 0.68})) == ""  # within the noise
     assert against_probe_line(tmp_path / "none", res) == ""
