@@ -74,7 +74,8 @@ def _sharded(zc: Sequence[torch.Tensor], sq: Sequence[torch.Tensor], gammas: Seq
     """Tile pairs of this process's rows against every process's broadcast chunks (each block pair formed once
     over all processes); positions are global row ids. ``ids[r]``, ``groups_of[r]``: process r's rows in its
     group-sorted order (global ids, groups)."""
-    from pairscout.metrics.sharded_rows import block_rows, rank_world, row_blocks
+    from pairscout.distributed import rank_world
+    from pairscout.metrics.sharded_rows import block_rows, row_blocks
 
     me = rank_world()[0]
     dev = zc[0].device

@@ -50,7 +50,8 @@ class Lists:
         if self.counts is None:
             s = self.x[rows.to(dev)] @ self.x.T
         else:
-            from pairscout.metrics.sharded_rows import gather_rows, rank_world, reduce_across_ranks
+            from pairscout.distributed import rank_world
+            from pairscout.metrics.sharded_rows import gather_rows, reduce_across_ranks
 
             lo = sum(self.counts[: rank_world()[0]])
             feats = gather_rows(self.x, rows, self.counts)
@@ -166,7 +167,8 @@ def search(x: torch.Tensor, width: int, preprocess: _knn.Preprocess, counts: Seq
         r = torch.arange(n, device=dev)[:, None].expand_as(idx).reshape(-1)
         ve = entry_dots(xn, r, xn, idx.reshape(-1)).view_as(vg)
         return Lists(vg, idx, ve, rel, xn, None)
-    from pairscout.metrics.sharded_rows import gather_rows, rank_world, row_blocks
+    from pairscout.distributed import rank_world
+    from pairscout.metrics.sharded_rows import gather_rows, row_blocks
 
     n, lo, n_local = sum(counts), sum(counts[: rank_world()[0]]), xn.shape[0]
     tile = max(1, min(max(n_local, 1), _knn.SIM_TILE_BYTES // (xn.element_size() * max(chunk, 1))))

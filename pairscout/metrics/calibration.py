@@ -165,7 +165,8 @@ def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048, precision: str
     ``counts``: ``z`` is this rank's rows under torch.distributed. Each pass walks every rank's rows in blocks
     (:func:`pairscout.metrics.sharded_rows.row_blocks`); between the passes the n row means of K (n numbers, not
     n x d) are shared, since centring an entry needs both rows' means. Each rank forms only its rows' tiles."""
-    from pairscout.metrics.sharded_rows import gather_all, rank_world, reduce_across_ranks, row_blocks
+    from pairscout.distributed import rank_world
+    from pairscout.metrics.sharded_rows import gather_all, reduce_across_ranks, row_blocks
 
     dt = _summary_dtype(z, precision)
     dev = z.device

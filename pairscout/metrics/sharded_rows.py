@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from pairscout.distributed import rank_world
 from pairscout.errors import MetricError
 from pairscout.metrics import knn as _knn
 from pairscout.metrics.cka import HSICResult, matmul_precision, median_sigma_tensor
@@ -45,12 +46,6 @@ from pairscout.metrics.hsic_stats import TILE_BYTES, rbf_tile
 F64 = torch.float64
 #: Rows of another rank's block received at a time.
 CHUNK_ROWS = 4096
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def reduce_across_ranks(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
