@@ -161,6 +161,7 @@ def probe_pairs(
     *,
     models: pd.DataFrame | None = None,
     verdict_pair: tuple[str, str] | None = None,
+    run: str = "RUN",
 ) -> ProbeResult:
     """Probe the pairs in ``chosen`` (columns ``vision``, ``text``, the metric columns, optionally ``baseline``) and
     correlate.
@@ -246,7 +247,7 @@ def probe_pairs(
         sub = pairs[cand].reset_index(drop=True)
         regret = regret_table(sub, target, values[cand], reps[:, cand], rule_pairs(sub, verdict_pair, models),
                               higher_better=R.direction(target) > 0, n_items=n_items, conclusive=evidence, label=registry.readout_label(target),
-                              over="pairs without a baseline encoder" if not cand.all() else "probed pairs")  # fmt: skip
+                              over="pairs without a baseline encoder" if not cand.all() else "probed pairs", run=run)  # fmt: skip
     meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
             "target": target, "target_why": choice.why if not choice.overridden else f"{choice.why}; {readout.why}",
             "target_direction": R.READOUTS.get(target, ("", "higher"))[1], "target_choice": choice.to_dict(),
@@ -408,7 +409,8 @@ def probe(
     own = src.rank.rank_verdict  # pairscout's own verdict (rank's, before any probe revisited it)
     vpair = tuple(own.pair) if own is not None else (str(ranked["vision"].iloc[0]), str(ranked["text"].iloc[0]))
     result = probe_pairs(chosen, load, P.predictor_columns(chosen), settings, progress, readout, computed_here=here,
-                         models=src.rank.models, verdict_pair=vpair)  # fmt: skip
+                         models=src.rank.models, verdict_pair=vpair,
+                         run=str(src.run_dir) if src.run_dir is not None else "RUN")  # fmt: skip
     result.meta.update({
         "selection": selection,
         "measures_from_rank": [m for m in src.rank.metrics if m in result.pairs],

@@ -126,7 +126,7 @@ def rule_pairs(pairs: pd.DataFrame, verdict_pair: tuple[str, str] | None, models
 
 def regret_table(pairs: pd.DataFrame, target: str, values: np.ndarray, reps: np.ndarray, choices: dict[str, tuple[tuple[str, str] | None, str]],
                  *, higher_better: bool = True, n_items: int = 0, conclusive: bool = True, label: str | None = None,
-                 over: str = "probed pairs") -> Regret:
+                 over: str = "probed pairs", run: str = "RUN") -> Regret:
     """The regret of each rule's pair against the oracle (module docstring).
 
     ``values`` (P,) the target per probed pair (rows of ``pairs``), ``reps`` (R, P) its paired bootstrap replicates,
@@ -160,12 +160,12 @@ def regret_table(pairs: pd.DataFrame, target: str, values: np.ndarray, reps: np.
                            float(v[o] - np.nanmean(v[ok])), lo, hi))
     res = Regret(target=target, direction="higher" if higher_better else "lower", oracle=keys[o], oracle_value=float(sign * v[o]),
                  n_pairs=int(ok.sum()), n_items=n_items, over=over, rules=rows, conclusive=conclusive)
-    res.sentence = sentence(res, label or target)
+    res.sentence = sentence(res, label or target, run)
     return res
 
 
-def sentence(res: Regret, label: str) -> str:
-    """One sentence a researcher can act on."""
+def sentence(res: Regret, label: str, run: str = "RUN") -> str:
+    """One sentence a researcher can act on (``run``: the rank run's folder, for the command it names)."""
     ov = f"{res.oracle[0]} x {res.oracle[1]}"
     ps = res.rule("pairscout")
     if not res.conclusive:
@@ -181,5 +181,5 @@ def sentence(res: Regret, label: str) -> str:
         return (f"pairscout's verdict ({ps.pair[0]} x {ps.pair[1]}) is within noise of the best probed pair {ov} (regret {ps.regret:.3g} "
                 f"[{ps.lo:.3g}, {ps.hi:.3g}] {label}; the other rules: {cmp}): either is a sound choice to align.")
     return (f"The probe found a clearly better pair than pairscout's verdict: {ov} ({label} {res.oracle_value:.3f}, regret of the verdict "
-            f"{ps.regret:.3g} [{ps.lo:.3g}, {ps.hi:.3g}]; the other rules: {cmp}): align {ov} (pairscout align RUN --pair "
+            f"{ps.regret:.3g} [{ps.lo:.3g}, {ps.hi:.3g}]; the other rules: {cmp}): align {ov} (pairscout align {run} --pair "
             f"{res.oracle[0]},{res.oracle[1]}).")
