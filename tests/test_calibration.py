@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pairscout import statistics as S
 from pairscout.metrics import calibration as C
 from pairscout.metrics.stats import pair_metric
 
@@ -57,8 +58,8 @@ def test_debiased_null_is_mean_zero_sd_closed_form():
 def test_holm_known_answer():
     p = torch.tensor([0.01, 0.04, 0.03, 0.2], dtype=torch.float64)
     # sorted 0.01, 0.03, 0.04, 0.2 -> 0.04, 0.09, 0.09 (cummax of 0.08), 0.2
-    assert C.holm(p).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.2])
-    assert torch.isnan(C.holm(torch.tensor([float("nan"), 0.5]))[0])
+    assert S.holm(p).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert torch.isnan(S.holm(torch.tensor([float("nan"), 0.5]))[0])
 
 
 @pytest.mark.parametrize("metric", ["cka_linear_debiased", "cka_linear", "cka_rbf", "mutual_knn", "cknna"])
@@ -112,7 +113,7 @@ def test_monte_carlo_p_is_not_floored_by_the_permutations(metric):
     c = C.calibrate(xs, ys, metric, n_perm=39, cknna_perm=39, k=5)
     strong = c.p_mc[:, :3]
     assert bool((strong == 1 / 40).all())  # the permutations cannot say more ...
-    assert float(C.holm(c.p_mc).max()) >= 0.45  # ... and Holm over 18 pairs would call none of them significant
+    assert float(S.holm(c.p_mc).max()) >= 0.45  # ... and Holm over 18 pairs would call none of them significant
     assert bool((c.p_value[:, :3] < 1e-6).all()) and bool((c.p_holm[:, :3] < 1e-4).all())  # the fitted tail does
     resolved = (c.p_mc >= 11 / 40)  # >= 10 exceedances: the MC p is used as it is
     assert bool(resolved.any()) and torch.equal(c.p_value[resolved], c.p_mc[resolved])

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pairscout import statistics as S
 from pairscout.evaluation import predictors as P
 from pairscout.evaluation.result import ProbeResult
 from pairscout.metrics import registry
@@ -41,7 +42,7 @@ def test_holm_interval_and_order_against_hand_computation():
     df = _frame()
     cols = ["cka_linear_debiased", "mutual_knn", "cknna", "vision_knn_acc", "score"]
     c = P.correlations(df, cols).set_index("metric")
-    raw = {m: P.spearman(df[m].to_numpy(), df["mean_r1"].to_numpy())[1] for m in ("cka_linear_debiased", "mutual_knn", "cknna")}
+    raw = {m: S.spearman(df[m].to_numpy(), df["mean_r1"].to_numpy())[1] for m in ("cka_linear_debiased", "mutual_knn", "cknna")}
     assert raw["cka_linear_debiased"] == pytest.approx(2 / 720)  # a perfect order of 6: exact, 2 of 6! orderings
     assert stats.spearmanr(df["cka_linear_debiased"], df["mean_r1"]).pvalue == 0.0  # (scipy's t approximation says 0)
     # Holm by hand over the three that have a p (the constant column has none, the score twin is not counted)
@@ -70,9 +71,9 @@ def test_holm_interval_and_order_against_hand_computation():
 
 
 def test_fisher_interval_known_values_and_limits():
-    lo, hi = P.fisher_interval(0.5, 10)
+    lo, hi = S.fisher_interval(0.5, 10)
     assert (lo, hi) == pytest.approx((-0.2322, 0.8706), abs=2e-4)
-    assert all(math.isnan(v) for v in P.fisher_interval(0.5, 3)) and all(math.isnan(v) for v in P.fisher_interval(1.0, 20))
+    assert all(math.isnan(v) for v in S.fisher_interval(0.5, 3)) and all(math.isnan(v) for v in S.fisher_interval(1.0, 20))
 
 
 def test_a_lower_is_better_measure_is_negated(monkeypatch):

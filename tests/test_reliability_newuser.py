@@ -324,7 +324,7 @@ def test_no_zero_width_interval_from_a_perfect_order_of_five():
 
     from scipy.stats import spearmanr
 
-    from pairscout.evaluation.predictors import fisher_interval
+    from pairscout.statistics import fisher_interval
 
     rho = float(spearmanr([0.1, 0.2, 0.3, 0.4, 0.5], [0.11, 0.5, 0.52, 0.7, 0.71]).statistic)
     for r in (rho, 0.9999999999999999, -0.9999999999999999, 1.0):

@@ -189,7 +189,7 @@ def probe_table(res, wide: bool = False) -> Table:
 
 def _readout(x, n_items: int) -> str:
     """A proportion read on ``n_items`` held-out items with its 95 % half-width (binomial): ``0.96 ± 0.04``."""
-    from pairscout.ranking.verdict import binomial_se
+    from pairscout.statistics import binomial_se
 
     if x is None or x != x:
         return ""
@@ -448,7 +448,7 @@ def against_probe_line(run: Path, res) -> str:
     """One line when the run's probe read this pair clearly higher than the aligned model does (a real head
     should not lose to the short linear probe; when it does, the budget or the head is the first suspect)."""
     from pairscout.evaluation.result import ProbeResult
-    from pairscout.ranking.verdict import binomial_se
+    from pairscout.statistics import binomial_se
 
     try:
         probe = ProbeResult.load(run)

@@ -15,7 +15,7 @@ The predictors of a probe (:func:`predictor_columns`):
 :func:`correlations` correlates each with the read-out across the probed pairs: Spearman rho and Kendall tau
 (scipy.stats; two-sided p-values), an approximate 95 % interval of rho (Fisher z with the Bonett-Wright standard
 error ``sqrt((1 + rho^2 / 2) / (n - 3))``, n >= 4, undefined at |rho| = 1), and **Holm's step-down correction**
-across the predictors compared (``*_p_holm``; :func:`pairscout.metrics.calibration.holm`, the same correction rank
+across the predictors compared (``*_p_holm``; :func:`pairscout.statistics.holm`, the same correction rank
 applies across pairs; statsmodels is not a dependency). Orientation: every predictor is read so that higher means
 more similar / better; a measure whose registry record says ``direction="lower"`` is negated first (``direction``
 column). The table is sorted by corrected strength: Holm-corrected Spearman p, then rho.
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pairscout.metrics import registry
+from pairscout.statistics import fisher_interval, spearman
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -41,7 +41,7 @@ COLUMNS = ["metric", "label", "kind", "direction", "computed_by", "n_pairs", "sp
 STATS = ["spearman", "spearman_lo", "spearman_hi", "spearman_p", "spearman_p_holm", "kendall", "kendall_p", "kendall_p_holm"]
 SIDES = ("vision", "text")
 ALPHA = 0.05
-CORRECTION = ("Holm step-down across the predictors compared (pairscout.metrics.calibration.holm); "
+CORRECTION = ("Holm step-down across the predictors compared (pairscout.statistics.holm); "
               "95 % interval of Spearman rho: Fisher z with the Bonett-Wright standard error")  # fmt: skip
 
 
@@ -154,17 +154,6 @@ def predictor_columns(pairs: pd.DataFrame) -> list[str]:
     return cols + (["score"] if "score" in pairs else [])
 
 
-def fisher_interval(rho: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Approximate interval of Spearman's rho: ``tanh(atanh(rho) +- z sqrt((1 + rho^2/2) / (n - 3)))`` (Bonett & Wright
-    2000); NaN for n < 4 or |rho| = 1 (where the transform is undefined): also for a rho that is 1 up to rounding
-    (scipy gives 0.9999999999999999 for a perfect order), which would read as a zero-width "[+1.00, +1.00]"."""
-    if n < 4 or not math.isfinite(rho) or abs(rho) >= 1 - 1e-9:
-        return float("nan"), float("nan")
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    half = z * math.sqrt((1 + rho * rho / 2) / (n - 3))
-    return math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half)
-
-
 def _answer(rho: float, p: float, p_holm: float, lo: float = float("nan"), hi: float = float("nan")) -> str:
     """``yes`` / ``reversed`` (Holm-corrected p < 0.05), ``yes (uncorrected)`` / ``reversed (uncorrected)``, ``no``.
 
@@ -209,7 +198,7 @@ def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = regi
     """
     from scipy import stats
 
-    from pairscout.metrics.calibration import holm
+    from pairscout.statistics import holm
 
     rows = []
     for m in metrics:
@@ -253,21 +242,6 @@ def correlations(pairs: pd.DataFrame, metrics: Sequence[str], target: str = regi
     return out
 
 
-EXACT_BELOW = 9
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Spearman's rho and its two-sided p: exact over all n! orderings below :data:`EXACT_BELOW` points (the t
-    approximation scipy uses gives p = 0 for a perfect order of 3 points, whose exact p is 2 / 6), else scipy's."""
-    from scipy import stats
-
-    r = stats.spearmanr(x, y)
-    rho = float(r.statistic)
-    if len(x) >= EXACT_BELOW:
-        return rho, float(r.pvalue)
-    res = stats.permutation_test((x,), lambda a: stats.spearmanr(a, y).statistic, permutation_type="pairings",
-                                 n_resamples=math.inf)
-    return rho, float(res.pvalue)
 
 
 def sort(df: pd.DataFrame) -> pd.DataFrame:

@@ -177,7 +177,7 @@ def probe_pairs(
     """
     from pairscout.evaluation import readouts as R
     from pairscout.evaluation.regret import regret_table, rule_pairs
-    from pairscout.ranking.verdict import binomial_se
+    from pairscout.statistics import binomial_se
 
     settings = settings or ProbeSettings()
     readout = readout or ReadOut(settings.target or TARGET, "instance retrieval (default)")

@@ -60,6 +60,7 @@ from pairscout.errors import MetricError
 from pairscout.metrics.hsic_stats import rbf_tile
 from pairscout.metrics.neighbour_null import _cknna_null, _from_samples, _mutual_knn_null, _perms
 from pairscout.metrics.validate import ArrayLike, as_matrices, check_same_rows
+from pairscout.statistics import holm
 
 log = logging.getLogger(__name__)
 
@@ -250,27 +251,6 @@ class Calibration:
 # ----------------------------------------------------------------------------------------------------------
 # Multiple testing
 # ----------------------------------------------------------------------------------------------------------
-def holm(p: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Holm's step-down adjusted p-values (same shape): ``p_(i) -> max_{j<=i} min(1, (m - j + 1) p_(j))``.
-
-    Controls the family-wise error rate under any dependence. NaNs stay NaN and do not count in m.
-    """
-    t = torch.as_tensor(p, dtype=F64)
-    flat = t.reshape(-1)
-    out = torch.full_like(flat, float("nan"))
-    ok = ~torch.isnan(flat)
-    vals = flat[ok]
-    m = vals.numel()
-    if m:
-        order = torch.argsort(vals)
-        adj = (vals[order] * torch.arange(m, 0, -1, dtype=F64)).clamp(max=1.0)
-        adj = torch.cummax(adj, 0).values
-        res = torch.empty_like(vals)
-        res[order] = adj
-        out[ok] = res
-    return out.reshape(t.shape)
-
-
 P_FLOOR = 1e-12
 """Smallest p reported. Below it a p-value is the far tail of a fitted law (gamma from exact moments, Pearson III
 from the permutations), an extrapolation no permutation count or moment fit can back (a bare 2.8e-301 from 199

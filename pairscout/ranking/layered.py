@@ -109,7 +109,7 @@ class LayerChoice:
     def gather(self, values: dict[str, np.ndarray], reps: np.ndarray | None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Metric matrices over the chosen views (estimation rows) -> (A, B) matrices over encoder pairs, Holm
         re-done across the encoder pairs of the table, and the search's own columns (module docstring)."""
-        from pairscout.metrics.calibration import holm
+        from pairscout.statistics import holm
 
         out = {k: np.asarray(v)[self.ix, self.iy] for k, v in values.items()}
         for k in list(out):  # Holm across the encoder pairs of the table, not across every chosen-view pair

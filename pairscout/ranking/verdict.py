@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pairscout.statistics import binomial_se
+
 if TYPE_CHECKING:  # torch is imported where it is used: the Verdict record is read torch-free (report, CLI)
     import torch
 
@@ -180,7 +182,7 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
             r["pair"] = [v, t]
             tests.append(r)
         if tests:  # "X is better than Y" is claimed for every pair called distinguishable: Holm over those claims
-            from pairscout.metrics.calibration import holm
+            from pairscout.statistics import holm
 
             for r, ph in zip(tests, holm(np.array([r["p"] for r in tests])).tolist(), strict=True):
                 r.update({"p_holm": ph, "tied": bool(ph > alpha)})
@@ -246,12 +248,6 @@ def _against(got: dict[tuple[str, str], float], pairs: Sequence[tuple[str, str]]
     return ", ".join(f"{got[p]:.3f} for {p[0]} x {p[1]}" for p in pairs)
 
 
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of a proportion ``p`` measured on ``n`` held-out items (0.5 / n floor away from 0 and 1)."""
-    p = min(max(p, 0.5 / max(n, 1)), 1 - 0.5 / max(n, 1))
-    return math.sqrt(p * (1 - p) / max(n, 1))
-
-
 def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_items: int, *, label: str | None = None) -> Verdict:
     """Revisit a rank verdict with the probe's read-out ``target`` (a proportion over ``n_items`` held-out items).
 
@@ -288,7 +284,7 @@ def update_from_probe(verdict: Verdict, probed: pd.DataFrame, target: str, n_ite
         with every other probed pair of the group (as the metrics' tie tests are over theirs)."""
         from statistics import NormalDist
 
-        from pairscout.metrics.calibration import holm
+        from pairscout.statistics import holm
 
         if a not in family:
             others = [c for c in cands if c != a]
@@ -350,5 +346,5 @@ def _moved(verdict: Verdict, new: Verdict, cands: list[tuple[str, str]], top: tu
     return new
 
 
-__all__ = ["ALPHA", "DUPLICATE_CKA", "Verdict", "binomial_se", "decide", "jackknife_replicates", "near_duplicates",
+__all__ = ["ALPHA", "DUPLICATE_CKA", "Verdict", "decide", "jackknife_replicates", "near_duplicates",
            "paired_test", "update_from_probe"]

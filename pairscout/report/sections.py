@@ -234,7 +234,7 @@ def probe_section(run: RunFiles, several: bool = False) -> dict[str, Any]:
     measures = [m for m in MEASURES if m in pairs]
     n_items = int(meta.get("n_test_items") or 0)
     if n_items and target in pairs and meta.get("target_direction", "higher") == "higher":  # a proportion's binomial half-width
-        from pairscout.ranking.verdict import binomial_se
+        from pairscout.statistics import binomial_se
 
         pairs[f"{target}_hw"] = [1.96 * binomial_se(float(x), n_items) if x == x else float("nan") for x in pairs[target]]
     pair_cols = [("rank", "#"), ("group", "group"), ("vision", "vision"), ("text", "text"), (target, f"{tlabel} (read-out)"),
