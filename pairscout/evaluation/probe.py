@@ -218,7 +218,8 @@ def probe_pairs(
     seps = [R.separation(v[among], b[:, among], r, len(cands)) for r, (v, b) in boot.items()]
     if settings.target is not None and settings.target not in pairs:
         raise PairscoutError(f"the probe read no {settings.target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
-    choice = R.choose_target(seps, readout.target, settings.target)
+    choice = R.choose_target(seps, readout.target, settings.target,
+                             over="non-baseline pairs" if among is real else "probed pairs (fewer than 3 without a baseline encoder)")
     target = choice.target
     if target not in pairs:
         raise PairscoutError(f"the probe read no {target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")

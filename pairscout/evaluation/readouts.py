@@ -219,8 +219,11 @@ def separation(values: np.ndarray, reps: np.ndarray, readout: str, k_compared: i
     return ReadoutSeparation(readout, label, way, p_n, between, noise, float(f), p, sep, (float(v.min()), float(v.max())))
 
 
-def choose_target(seps: Sequence[ReadoutSeparation], fallback: str, override: str | None = None) -> TargetChoice:
-    """The separating read-out with the largest F; ``override`` (``--target``) wins; none separating: ``fallback``, flagged."""
+def choose_target(seps: Sequence[ReadoutSeparation], fallback: str, override: str | None = None,
+                  over: str = "non-baseline pairs") -> TargetChoice:
+    """The separating read-out with the largest F; ``override`` (``--target``) wins; none separating: ``fallback``, flagged.
+    ``over``: which pairs the separation was measured on (the non-baseline pairs, or all probed pairs when fewer than 3
+    pairs lack a baseline encoder), for the sentence."""
     by = {s.readout: s for s in seps}
     if override is not None:
         s = by.get(override)
@@ -231,11 +234,11 @@ def choose_target(seps: Sequence[ReadoutSeparation], fallback: str, override: st
     if good:
         best = max(good, key=lambda s: s.f)
         others = ", ".join(f"{s.label} {s.f:.3g}" for s in sorted(seps, key=lambda s: -(s.f if s.f == s.f else -1)) if s is not best)
-        return TargetChoice(best.readout, f"it separates the {best.n_pairs} non-baseline pairs most clearly against its own sampling noise "
+        return TargetChoice(best.readout, f"it separates the {best.n_pairs} {over} most clearly against its own sampling noise "
                             f"(F = {best.f:.3g}, p = {best.p:.2g}; the others: {others})", separation=list(seps))
     top = max((s for s in seps if s.f == s.f), key=lambda s: s.f, default=None)
     tail = f" (largest F: {top.label} {top.f:.3g}, p = {top.p:.2g})" if top is not None else ""
-    return TargetChoice(fallback, f"no read-out separates the non-baseline pairs beyond the noise of the held-out rows{tail}",
+    return TargetChoice(fallback, f"no read-out separates the {over} beyond the noise of the held-out rows{tail}",
                         separated=False, separation=list(seps))
 
 
