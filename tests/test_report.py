@@ -304,3 +304,16 @@ def test_forest_plot_orders_predictors_and_marks_the_corrected_ones():
     filled = [ln for ln in ax.lines if ln.get_marker() == "o" and ln.get_markerfacecolor() != "white"]
     assert len(filled) == int((corr["spearman_p_holm"] < 0.05).sum()) >= 1
     assert plots.forest(corr.iloc[:1], "t") is None  # one predictor: a number, not a plot
+
+
+def test_a_folder_of_aligned_models_is_read_as_its_models(tmp_path):
+    """`pairscout align RUN` saves RUN/align/V__T/; `report RUN RUN/align` takes the model folders inside."""
+    from pairscout.report.build import _model_folders
+
+    (tmp_path / "align" / "a__x" / "train").mkdir(parents=True)
+    (tmp_path / "align" / "a__x" / "train" / "train_log.json").write_text("{}")
+    (tmp_path / "align" / "b__y").mkdir()
+    (tmp_path / "align" / "b__y" / "notes.txt").write_text("not a model")
+    assert _model_folders(tmp_path / "align") == [tmp_path / "align" / "a__x"]
+    assert _model_folders(tmp_path / "align" / "a__x") == [tmp_path / "align" / "a__x"]
+    assert _model_folders(tmp_path / "align" / "b__y") == [tmp_path / "align" / "b__y"]  # nothing inside: its own one-line error follows

@@ -56,6 +56,19 @@ def run_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
+def _has_results(p: Path) -> bool:
+    return any((p / sub / f).is_file() for sub in (".", "train", "model") for f in ("rank.json", "probe.json", "train_log.json"))
+
+
+def _model_folders(p: Path) -> list[Path]:
+    """``p`` itself, or, for a folder of aligned models (``RUN/align``, where `pairscout align RUN` saves one folder per
+    pair), each model folder in it."""
+    if _has_results(p):
+        return [p]
+    subs = sorted(q for q in p.iterdir() if q.is_dir() and _has_results(q))
+    return subs or [p]
+
+
 def collect(paths: list[str | Path]) -> list[RunFiles]:
     """Find the result files in each folder (a folder may hold a rank run, a probe and an alignment)."""
     from pairscout.runs import STORE
@@ -64,6 +77,7 @@ def collect(paths: list[str | Path]) -> list[RunFiles]:
     for p in folders:
         if not p.is_dir():
             raise PairscoutError(f"{p} is not a folder.", fix="pass the folders that `pairscout rank/probe/align --out` wrote.")
+    folders = [q for p in folders for q in _model_folders(p)]
     runs = []
     for p, lbl in zip(folders, run_labels(folders), strict=True):
         run = RunFiles(p, label=lbl)
