@@ -254,7 +254,9 @@ def regret_table(res) -> Table:
               caption=L(f"regret: the oracle's {lab} minus the rule's pair's ({worse} read-out = positive regret); {rg.interval}, "
                         f"{rg.n_items} images" + ("" if rg.conclusive else "; the read-out does not separate the pairs: no evidence either way")))
     for col, just in (("rule", "left"), ("pair", "left"), ("#", "right"), ("read-out", "right"), ("regret [95 %]", "right")):
-        t.add_column(col, justify=just, overflow="fold" if col == "pair" else None, no_wrap=col != "pair")
+        # the rule's words wrap; the pair keeps room for two encoder names (at 100 columns it folded mid-name)
+        t.add_column(col, justify=just, overflow="fold" if col == "pair" else None, no_wrap=col not in ("rule", "pair"),
+                     min_width=22 if col == "pair" else None)
     for r in rg.rules:
         pair = f"{r.pair[0]} x {r.pair[1]}" if r.pair else r.why
         reg = "" if r.regret != r.regret else f"{r.regret:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
