@@ -205,20 +205,13 @@ def _first_line(e: BaseException) -> str:
 
 # --- columns -------------------------------------------------------------------------------------------
 def _find_column(ds: Any, wanted: Sequence[str], override: str | None, what: str, source: str, required: bool) -> str | None:
+    from pairscout.data.manifest import match_column
+
     names = list(ds.column_names)
-    lower = {c.strip().lower(): c for c in names}
-    if override == "" and not required:  # --label-column '': no labels
-        return None
-    if override is not None:
-        if override in names:
-            return override
-        if override.strip().lower() in lower:
-            return lower[override.strip().lower()]
-        raise DataError(f"Dataset {source} has no {what} column '{override}'; its columns: {', '.join(names) or 'none'}.",
-                        fix=f"pass one of those as --{what}-column.")
-    for w in wanted:
-        if w in lower:
-            return lower[w]
+    col = match_column(names, wanted, override, required=required, fix=f"pass one of those as --{what}-column.",
+                       missing=f"Dataset {source} has no {what} column '{override}'; its columns: {', '.join(names) or 'none'}.")
+    if col is not None or (override == "" and not required):
+        return col
     if what == "image":
         datasets = _datasets()
         for c in names:

@@ -38,19 +38,32 @@ MAX_MANIFEST_BYTES = 4 * 2**30
 log = logging.getLogger(__name__)
 
 
-def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | None, what: str, path: Path, required: bool) -> str | None:
+def match_column(found: Sequence[str], wanted: Sequence[str], override: str | None, *, required: bool, missing: str,
+                 fix: str) -> str | None:
+    """The column of ``found`` that ``override`` names (exactly, else case-insensitively), or without one the first of
+    ``wanted`` present (case-insensitively); None when there is none, or when ``override`` is ``""`` on an optional
+    column (no labels). A named column that is absent raises ``DataError(missing, fix=fix)``. Manifests and Hugging
+    Face datasets both find their columns here."""
     lower = {c.strip().lower(): c for c in found}
-    if override == "" and not required:  # label_column="": no labels
+    if override == "" and not required:
         return None
     if override is not None:
         if override in found:
             return override
         if override.strip().lower() in lower:
             return lower[override.strip().lower()]
-        raise DataError(f"Manifest {path} has no {what} column '{override}'; columns found: {', '.join(found) or 'none'}.", fix=f"pass one of those as the {what} column.")
+        raise DataError(missing, fix=fix)
     for w in wanted:
         if w in lower:
             return lower[w]
+    return None
+
+
+def _find_column(found: Sequence[str], wanted: Sequence[str], override: str | None, what: str, path: Path, required: bool) -> str | None:
+    col = match_column(found, wanted, override, required=required, fix=f"pass one of those as the {what} column.",
+                       missing=f"Manifest {path} has no {what} column '{override}'; columns found: {', '.join(found) or 'none'}.")
+    if col is not None or (override == "" and not required):
+        return col
     if required:
         raise DataError(
             f"Manifest {path} has columns ({', '.join(found) or 'none'}) but needs an image column (one of {', '.join(IMAGE_COLUMNS)}) "
