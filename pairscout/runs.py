@@ -78,12 +78,12 @@ class RunStore:
         key = _identity(run / RANK_JSON)
         if key is not None and key in self._ranks:
             res = self._ranks[key]
+            res.revisions = read_revisions(run, res.meta)  # verdicts.json may have gained a revision since
         else:
-            res = RankResult.load(run)
+            res = RankResult.load(run)  # reads the revisions itself
             self.reads += 1
             if key is not None:
                 self._ranks[key] = res
-        res.revisions = read_revisions(run, res.meta)
         return res
 
     def verdicts(self, run: str | Path) -> list[VerdictRevision]:
