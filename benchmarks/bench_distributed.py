@@ -3,7 +3,8 @@
 Every default pair metric of ``pairscout rank`` (linear CKA biased / debiased, RBF CKA, mutual k-NN, CKNNA) for
 all pairs of m vision x t text models on n rows: one process holding every row (with all the cores, and with
 one thread), against ``--procs`` processes with one thread each, each holding a contiguous 1/procs of the rows
-(:func:`pairscout.metrics.sharded.sharded_pair_metric`: all-reduced feature products for linear CKA, Gram-tile
+(:func:`pairscout.metrics.pair_metric` with this process's engine, :meth:`pairscout.estimation.Engine.for_run`,
+which runs each measure's sharded form: all-reduced feature products for linear CKA, Gram-tile
 sums for RBF CKA, gathered neighbour lists for the k-NN metrics). Prints the table and writes
 ``results/distributed_cpu.{md,json}``: seconds, whether the values agree, and the largest absolute difference.
 
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine, write_results  # noqa: E402
 
+from pairscout.estimation import Engine  # noqa: E402
 from pairscout.metrics import Preprocess, pair_metric  # noqa: E402
-from pairscout.metrics.sharded import sharded_pair_metric  # noqa: E402
 
 METRICS = ("cka_linear", "cka_linear_debiased", "cka_rbf", "mutual_knn", "cknna")
 DIMS = (384, 512, 768, 1024, 256, 640)
@@ -63,12 +64,13 @@ def _worker(rank: int, world: int, tmp: str, n: int, models: int) -> None:
         lo, hi = rank * n // world, (rank + 1) * n // world
         xl, yl = [x[lo:hi].clone() for x in xs], [y[lo:hi].clone() for y in ys]
         del xs, ys
+        eng = Engine.for_run("cpu", "float64", n)
         out = {}
         for m in METRICS:
-            sharded_pair_metric(m, [x[:32] for x in xl], [y[:32] for y in yl], **kwargs(m))  # warm-up, not timed
+            pair_metric(m, [x[:32] for x in xl], [y[:32] for y in yl], engine=eng, **kwargs(m))  # warm-up, not timed
             dist.barrier()
             t0 = time.perf_counter()
-            v = sharded_pair_metric(m, xl, yl, **kwargs(m))
+            v = pair_metric(m, xl, yl, engine=eng, **kwargs(m))
             dist.barrier()
             out[m] = (time.perf_counter() - t0, v)
         if rank == 0:

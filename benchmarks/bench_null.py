@@ -96,7 +96,7 @@ def null_timings(n: int, seed: int = 0) -> dict:
 
     xs = [model(d) for d in (1280, 1280, 1280, 768, 512, 384)]
     ys = [model(d) for d in (384, 384, 384, 50, 256, 384)]
-    from pairscout.metrics.stats import pair_metric
+    from pairscout.metrics import pair_metric
 
     out = {}
     for m in ("cka_linear", "cka_linear_debiased", "cka_rbf", "mutual_knn", "cknna"):

@@ -10,7 +10,7 @@ import torch
 
 from pairscout import statistics as S
 from pairscout.metrics import calibration as C
-from pairscout.metrics.stats import pair_metric
+from pairscout.metrics import pair_metric
 
 
 def _summary(a: np.ndarray) -> dict:

@@ -45,9 +45,8 @@ def test_generated_n_renders_n_rows_and_a_spec_seed_wins():
 
 
 def test_registry_is_the_one_vocabulary():
-    from pairscout.metrics import MEASURES, measure
+    from pairscout.metrics import MEASURES, measure, pair_metric
     from pairscout.metrics.registry import DEFAULT_MEASURES, label
-    from pairscout.metrics.stats import pair_metric
 
     # pinned: a record's default flag changing is a change of what every rank computes (README, demo figures)
     assert DEFAULT_MEASURES == ("cka_linear", "cka_linear_debiased", "cka_rbf", "mutual_knn", "cknna")
@@ -68,6 +67,66 @@ def test_registry_is_the_one_vocabulary():
 
     with pytest.raises(MetricError, match="unknown pair metric"):
         measure("nope", x, y)
+
+
+def test_every_measure_is_computed_by_the_one_dispatcher(monkeypatch):
+    """pair_metric runs the registry record's function (the only name -> function table), with the options the
+    record takes; measure is that value for one pair; the estimation pass's per-subset measures come from it too."""
+    import dataclasses
+
+    from pairscout.estimation import estimate
+    from pairscout.metrics import MEASURES, Preprocess, measure, pair_metric, registry
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(40, d, generator=g, dtype=torch.float64) for d in (5, 7)]
+    ys = [torch.randn(40, 4, generator=g, dtype=torch.float64)]
+    opts = {"k": 5, "sigma_frac": 0.8, "preprocess": Preprocess(), "precision": "float64"}
+    for name, rec in MEASURES.items():
+        if name == "matching":
+            continue  # the same path, slower
+        got = pair_metric(name, xs, ys, **opts)
+        assert torch.equal(got, rec.all_pairs(xs, ys, **rec.kwargs(opts), **({"precision": "float64"} if rec.takes_precision else {}))), name
+        assert measure(name, xs[1], ys[0], **opts) == float(pair_metric(name, [xs[1]], ys, **opts)[0, 0]), name
+    calls = []
+
+    def spy(a, b, **kw):
+        calls.append(kw)
+        return torch.full((len(a), len(b)), 0.25, dtype=torch.float64)
+
+    monkeypatch.setitem(MEASURES, "svcca", dataclasses.replace(MEASURES["svcca"], all_pairs=spy))
+    assert measure("svcca", xs[0], ys[0], k=3, keep=0.9) == 0.25 and calls == [{"keep": 0.9}]
+    est = estimate(xs, ys, ["svcca"], groups=3, permutations=0)
+    assert len(calls) == 1 + 1 + 3 and torch.equal(est.values["svcca"], torch.full((2, 1), 0.25, dtype=torch.float64))
+    assert registry.get("svcca").all_pairs is spy
+
+
+def test_a_sharded_engine_runs_the_record_s_sharded_form(monkeypatch):
+    """The engine, not the caller, picks the row-sharded form: its precision is injected, a row mask is cut to this
+    process's rows, and a measure without a sharded form gathers the rows (one process here: the local rows)."""
+    import dataclasses
+
+    from pairscout.estimation import Engine, plain
+    from pairscout.metrics import MEASURES, pair_metric
+
+    g = torch.Generator().manual_seed(2)
+    xs, ys = [torch.randn(30, 4, generator=g, dtype=torch.float64)], [torch.randn(30, 3, generator=g, dtype=torch.float64)]
+    seen = []
+
+    def spy(a, b, **kw):
+        seen.append(([z.shape[0] for z in a], kw))
+        return torch.zeros(len(a), len(b), dtype=torch.float64)
+
+    monkeypatch.setitem(MEASURES, "cka_linear", dataclasses.replace(MEASURES["cka_linear"], sharded=spy))
+    eng = Engine(torch.device("cpu"), "float32", 60, 30, 60, 2)  # this process: global rows 30..59 of 60
+    rows = torch.zeros(60, dtype=torch.bool)
+    rows[40:] = True
+    pair_metric("cka_linear", xs, ys, engine=eng, rows=rows)
+    assert seen == [([20], {"precision": "float32"})]
+    pair_metric("cka_linear", xs, ys, engine=eng, precision="float64")
+    assert seen[-1] == ([30], {"precision": "float64"})
+    assert len(seen) == 2 and torch.equal(pair_metric("cka_linear", xs, ys, engine=plain()), MEASURES["cka_linear"].all_pairs(xs, ys, precision="float64"))
+    assert len(seen) == 2  # one process: the plain form
+    assert torch.equal(pair_metric("svcca", xs, ys, engine=eng), pair_metric("svcca", xs, ys))
 
 
 def test_register_source_extends_the_one_list():

@@ -148,7 +148,7 @@ def test_bad_parameters_are_one_line_errors():
 
 def test_registered_by_name_with_all_pairs_forms():
     from pairscout.metrics import MEASURES, measure
-    from pairscout.metrics.registry import all_pairs
+    from pairscout.metrics.registry import pair_metric
 
     x, y = signal(120, 6, 0.8, seed=10)
     for name, fn in ALL.items():
@@ -156,5 +156,5 @@ def test_registered_by_name_with_all_pairs_forms():
         if name == "matching":
             continue  # same code path, slower: checked through matching() above
         assert measure(name, x, y) == pytest.approx(fn(x, y), abs=1e-12)
-        grid = all_pairs(name, [x, y], [y])
+        grid = pair_metric(name, [x, y], [y], scale_free=True)
         assert grid.shape == (2, 1) and grid[1, 0] == pytest.approx(fn(y, y), abs=1e-9)

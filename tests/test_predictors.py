@@ -114,7 +114,7 @@ def test_add_measures_records_a_measure_that_fails(monkeypatch):
     def boom(*a, **k):
         raise ValueError("no")
 
-    monkeypatch.setitem(registry.MEASURES, "rsa", dataclasses.replace(registry.MEASURES["rsa"], single=boom))
+    monkeypatch.setitem(registry.MEASURES, "rsa", dataclasses.replace(registry.MEASURES["rsa"], all_pairs=boom))
     x = torch.randn(30, 4, dtype=torch.float64)
     out, failed = P.add_measures(pd.DataFrame({"vision": ["v"], "text": ["t"]}), lambda v, t: (x, x), P.measure_options({}))
     assert out["rsa"].isna().all() and "ValueError: no" in failed["rsa"] and out["cka_linear"].iloc[0] == pytest.approx(1.0)

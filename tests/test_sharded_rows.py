@@ -10,9 +10,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pairscout import distributed
-from pairscout.metrics import Preprocess, all_pairs_cka, all_pairs_cknna, all_pairs_mutual_knn
+from pairscout.estimation import Engine
+from pairscout.metrics import (
+    MEASURES,
+    Preprocess,
+    all_pairs_cka,
+    all_pairs_cknna,
+    all_pairs_mutual_knn,
+    pair_metric,
+)
 from pairscout.metrics.knn import nearest_neighbours
-from pairscout.metrics.sharded import sharded_pair_metric
 from pairscout.metrics.sharded_rows import shard_counts, sharded_neighbours
 
 F64 = torch.float64
@@ -55,7 +62,8 @@ def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> Non
         xs, ys = _data()
         lo, hi = cuts[rank], cuts[rank + 1]
         xl, yl = [x[lo:hi] for x in xs], [y[lo:hi] for y in ys]
-        out = [sharded_pair_metric(name, xl, yl, **kw) for name, kw in CASES]
+        eng = Engine(torch.device("cpu"), "float64", cuts[-1], lo, hi, world)
+        out = [pair_metric(name, xl, yl, engine=eng, **kw) for name, kw in CASES]
         nb = sharded_neighbours(yl[2], shard_counts(hi - lo, torch.device("cpu")), 5)
         torch.save({"values": out, "nb": (nb.indices, nb.sims, nb.weights)}, f"{tmp}/r{rank}.pt")
     finally:
@@ -87,7 +95,7 @@ def test_ranks_equal_one_process(tmp_path, cuts, tiny):
 def test_one_process_is_the_plain_metric():
     xs, ys = _data(60)
     for name, kw in CASES:
-        g = sharded_pair_metric(name, xs, ys, **kw)
+        g = MEASURES[name].sharded(xs, ys, **kw)  # the record's sharded form, outside a process group
         w = _single(name, xs, ys, **kw)
         assert float((g - w).abs().max()) < 1e-10, name
 
@@ -125,7 +133,8 @@ def _worker_null(rank: int, world: int, tmp: str) -> None:
             return plain_gather(z, counts)
 
         R.gather_all = spy  # what the CKA nulls gather: at most the n row means of an RBF Gram, never features
-        obs = [sharded_pair_metric(m, xl, yl, **kw) for m, kw in NULL_METRICS]
+        eng = Engine(torch.device("cpu"), "float64", n, lo, hi, world)
+        obs = [pair_metric(m, xl, yl, engine=eng, **kw) for m, kw in NULL_METRICS]
         cals = [calibrate(xl, yl, m, o, n_perm=19, cknna_perm=9, seed=3, sharded=True, **kw)
                 for (m, kw), o in zip(NULL_METRICS, obs, strict=True) if m.startswith("cka")]
         cka_gathered = list(gathered)

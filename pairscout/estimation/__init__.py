@@ -304,9 +304,9 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
                      ", ".join(f"{a}: {c}" for a, c in recomputed.items() if c))
     for name in rest:
         clock.phase(f"{registry.label(name)}: every subset")
-        vals = [eng.value(name, xs, ys, **opts[name])]
+        vals = [registry.pair_metric(name, xs, ys, engine=eng, **opts[name])]
         for g in range(G):
-            vals.append(eng.value(name, xs, ys, gid != g, **opts[name]))
+            vals.append(registry.pair_metric(name, xs, ys, engine=eng, rows=gid != g, **opts[name]))
         keep_result(name, torch.stack(vals))
 
     nulls: dict[str, Any] = {}

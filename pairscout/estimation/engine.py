@@ -31,16 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-
-from pairscout import metrics as M
 
 
 @dataclass
 class Engine:
-    """The metrics' device and precision, and the rows ``[lo, hi)`` of ``n`` this process holds."""
+    """The metrics' device and precision, and the rows ``[lo, hi)`` of ``n`` this process holds: the ``engine`` that
+    :func:`pairscout.metrics.pair_metric` takes (sharded: it runs each measure's sharded form)."""
 
     device: torch.device
     precision: str = "float64"
@@ -76,22 +74,6 @@ class Engine:
 
         counts = shard_counts(zs[0].shape[0], self.device)
         return [gather_all(z, counts) for z in zs]
-
-    def value(self, metric: str, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], keep: torch.Tensor | None = None,
-              **kw: Any) -> torch.Tensor:
-        """(m, t) float64 CPU values of ``metric`` on the rows where the global mask ``keep`` (n,) is true (all rows
-        if None); the same on every rank."""
-        if metric.startswith("cka_") and "precision" not in kw:
-            kw = {**kw, "precision": self.precision}
-        if keep is not None:
-            k = keep[self.lo:self.hi] if self.sharded else keep
-            k = k.to(xs[0].device)
-            xs, ys = [x[k] for x in xs], [y[k] for y in ys]
-        if not self.sharded:
-            return M.pair_metric(metric, list(xs), list(ys), **kw)
-        from pairscout.metrics.sharded import sharded_pair_metric
-
-        return sharded_pair_metric(metric, list(xs), list(ys), **kw)
 
 
 def plain(device: torch.device | None = None, n: int = 0) -> Engine:

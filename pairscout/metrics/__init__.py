@@ -6,7 +6,8 @@
 - :mod:`.quality` - weighted k-NN accuracy (DINO protocol) and k-means clustering quality.
 - :mod:`.published` - published MTEB / ImageNet scores with their sources.
 - :mod:`.registry` - :data:`MEASURES`: one record per pair measure (label, range, cost, null, interval,
-  reference) and :func:`measure` to compute one by name.
+  reference), :func:`pair_metric`, the one function that computes a measure by name (all pairs; one process or
+  row-sharded per its engine), and :func:`measure` (one pair).
 - :mod:`.stats` - permutation null and bootstrap confidence intervals.
 
 Names are imported lazily (PEP 562). Degenerate input raises :class:`pairscout.errors.MetricError` with a one-line message and fix.
@@ -46,7 +47,7 @@ _EXPORTS = {
     "mutual_knn_rows": "knn",
     "nearest_neighbours": "knn",
     "pair_cka": "cka_pair",
-    "pair_metric": "stats",
+    "pair_metric": "registry",
     "permutation_null": "stats",
     "published_mteb": "published",
     "published_scores": "published",

@@ -366,7 +366,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         >>> abs(float(c.z[0, 0])) < 5
         True
     """
-    from pairscout.metrics.stats import pair_metric
+    from pairscout.metrics.registry import pair_metric
 
     if method not in ("auto", "permutation"):
         raise MetricError(f"null method {method!r} is unknown.", fix="use 'auto' or 'permutation'.")

@@ -2,16 +2,21 @@
 
 Rank (which measures, the default primary), probe (which columns it correlates), the report and the plots
 (labels), the CLI help and the README read :data:`MEASURES`. Adding a measure is one :class:`Measure`
-record here and its functions (an all-pairs ``f(xs, ys, **opts) -> (m, t) float64`` and a single-pair
-``f(x, y, **opts) -> float``).
+record here and its function (all pairs: ``f(xs, ys, **opts) -> (m, t) float64``; optionally its row-sharded
+form for ``torchrun``).
+
+Every value of a measure is computed by one function, :func:`pair_metric` (all pairs, one process or row-sharded
+per the :class:`Placement` it is given, an optional row mask); :func:`measure` (one pair) calls it.
 
 Example:
-    >>> from pairscout.metrics import MEASURES, measure
+    >>> from pairscout.metrics import MEASURES, measure, pair_metric
     >>> MEASURES["cka_linear"].label
     'linear CKA'
     >>> import torch; x = torch.randn(50, 4, dtype=torch.float64)
     >>> round(measure("cka_linear", x, 2 * x), 6)
     1.0
+    >>> pair_metric("cka_linear", [x, -x], [2 * x]).shape
+    torch.Size([2, 1])
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pairscout.errors import MetricError
 
@@ -27,7 +32,6 @@ if TYPE_CHECKING:
     import torch
 
 AllPairs = Callable[..., "torch.Tensor"]
-SinglePair = Callable[..., float]
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,11 @@ class Measure:
     """Human name for tables, plots and the report."""
     all_pairs: AllPairs = field(repr=False)
     """``f(xs, ys, **opts) -> (m, t) float64``: every (vision, text) pair at once."""
-    single: SinglePair = field(repr=False)
-    """``f(x, y, **opts) -> float``: one pair."""
+    sharded: AllPairs | None = field(default=None, repr=False)
+    """The same from this process's rows under ``torchrun`` (:mod:`pairscout.metrics.sharded`), equal to
+    ``all_pairs`` on all rows; None: every process gathers the rows and runs ``all_pairs``."""
+    takes_precision: bool = False
+    """Takes the products' precision (``precision=``; the engine's by default): the CKA family."""
     range: tuple[float, float] = (0.0, 1.0)
     """Values it takes (debiased estimators can dip slightly below 0)."""
     direction: Literal["higher", "lower"] = "higher"
@@ -83,23 +90,19 @@ def _cka(kernel: str, debiased: bool) -> AllPairs:
     return _fn("cka", "all_pairs_cka", kernel, debiased)
 
 
-def _single_cka(kernel: str, debiased: bool) -> SinglePair:
-    return _fn("cka_pair", "linear_cka", debiased) if kernel == "linear" else _fn("cka_pair", "rbf_cka", debiased)
+def _sharded_cka(kernel: str, debiased: bool) -> AllPairs:
+    return _fn("sharded", "sharded_cka", kernel, debiased)
 
 
-def _more(name: str) -> tuple[AllPairs, SinglePair]:
-    """All-pairs and single-pair functions of ``pairscout.metrics.measures.<name>`` (imported on first call)."""
-
-    def single(a: Any, b: Any, **kw: Any) -> float:
-        return getattr(importlib.import_module("pairscout.metrics.measures"), name)(a, b, **kw)
+def _more(name: str) -> AllPairs:
+    """The all-pairs form of the single-pair ``pairscout.metrics.measures.<name>`` (imported on first call)."""
 
     def every(xs: Any, ys: Any, **kw: Any) -> Any:
         mod = importlib.import_module("pairscout.metrics.measures")
         return mod.all_pairs(getattr(mod, name))(xs, ys, **kw)
 
-    single.__name__ = single.__qualname__ = name
     every.__name__ = every.__qualname__ = f"all_pairs_{name}"
-    return every, single
+    return every
 
 
 KORNBLITH = "Kornblith et al. 2019, Similarity of Neural Network Representations Revisited (ICML)"
@@ -112,37 +115,37 @@ KNN_COST = "O(n^2 d) neighbour search, then O(n k) per pair"
 MEASURES: dict[str, Measure] = {
     m.name: m
     for m in (
-        Measure("cka_linear", "linear CKA", _cka("linear", False), _single_cka("linear", False), cost="cheap",
+        Measure("cka_linear", "linear CKA", _cka("linear", False), sharded=_sharded_cka("linear", False), takes_precision=True, cost="cheap",
                 cost_note=LINEAR_COST, bootstrap=True, reference=KORNBLITH),
-        Measure("cka_linear_debiased", "linear CKA (debiased)", _cka("linear", True), _single_cka("linear", True),
+        Measure("cka_linear_debiased", "linear CKA (debiased)", _cka("linear", True), sharded=_sharded_cka("linear", True), takes_precision=True,
                 range=(-1.0, 1.0), cost="cheap", cost_note=LINEAR_COST, min_rows=4, reference=f"{KORNBLITH}; {SONG}"),
-        Measure("cka_rbf", "RBF CKA", _cka("rbf", False), _single_cka("rbf", False), cost="moderate", cost_note=RBF_COST,
+        Measure("cka_rbf", "RBF CKA", _cka("rbf", False), sharded=_sharded_cka("rbf", False), takes_precision=True, cost="moderate", cost_note=RBF_COST,
                 options=("sigma_frac",), bootstrap=True, reference=KORNBLITH),
-        Measure("cka_rbf_debiased", "RBF CKA (debiased)", _cka("rbf", True), _single_cka("rbf", True), range=(-1.0, 1.0),
+        Measure("cka_rbf_debiased", "RBF CKA (debiased)", _cka("rbf", True), sharded=_sharded_cka("rbf", True), takes_precision=True, range=(-1.0, 1.0),
                 cost="moderate", cost_note=RBF_COST, options=("sigma_frac",), min_rows=4, default=False,
                 reference=f"{KORNBLITH}; {SONG}"),
-        Measure("mutual_knn", "mutual k-NN", _fn("knn", "all_pairs_mutual_knn"), _fn("knn", "mutual_knn"), cost="moderate", cost_note=KNN_COST,
+        Measure("mutual_knn", "mutual k-NN", _fn("knn", "all_pairs_mutual_knn"), sharded=_fn("sharded", "sharded_mutual_knn"), cost="moderate", cost_note=KNN_COST,
                 options=("k", "preprocess"), null="permutation of the neighbour lists (exact, O(n k) each)",
                 null_kind="neighbours", bootstrap=True, reference=HUH),
-        Measure("cknna", "CKNNA", _fn("knn", "all_pairs_cknna"), _fn("knn", "cknna"), range=(-1.0, 1.0), cost="moderate",
+        Measure("cknna", "CKNNA", _fn("knn", "all_pairs_cknna"), sharded=_fn("sharded", "sharded_cknna"), range=(-1.0, 1.0), cost="moderate",
                 cost_note="O(n^2 d) neighbour search, then O(n k^2) per pair", options=("k", "preprocess"), min_rows=4,
                 null="permutation of the neighbour lists (exact, O(n k^2) each)", null_kind="neighbours", reference=HUH),
-        Measure("svcca", "SVCCA", *_more("svcca"), cost="moderate", cost_note="two SVDs O(n d^2), then O(k^3)",
+        Measure("svcca", "SVCCA", _more("svcca"), cost="moderate", cost_note="two SVDs O(n d^2), then O(k^3)",
                 options=("keep", "max_dims"), min_rows=4, default=False,
                 reference="Raghu et al. 2017, SVCCA (NeurIPS)"),
-        Measure("pwcca", "PWCCA", *_more("pwcca"), cost="moderate", cost_note="two SVDs O(n d^2), then O(k^3)",
+        Measure("pwcca", "PWCCA", _more("pwcca"), cost="moderate", cost_note="two SVDs O(n d^2), then O(k^3)",
                 options=("keep", "max_dims"), min_rows=4, default=False,
                 reference="Morcos et al. 2018, Insights on representational similarity with CCA (NeurIPS)"),
-        Measure("procrustes", "Procrustes similarity", *_more("procrustes"), cost="moderate",
+        Measure("procrustes", "Procrustes similarity", _more("procrustes"), cost="moderate",
                 cost_note="two thin SVDs O(n d^2)", default=False,
                 reference="Ding et al. 2021 (NeurIPS); Williams et al. 2021, Generalized shape metrics (NeurIPS)"),
-        Measure("rsa", "RSA (RDM Spearman)", *_more("rsa"), range=(-1.0, 1.0), cost="moderate",
+        Measure("rsa", "RSA (RDM Spearman)", _more("rsa"), range=(-1.0, 1.0), cost="moderate",
                 cost_note="O(n^2 d) distances on at most max_rows rows, O(n^2 log n) ranks",
                 options=("distance", "method", "max_rows"), min_rows=3, default=False,
                 reference="Kriegeskorte et al. 2008, Representational similarity analysis (Front. Syst. Neurosci.)"),
-        Measure("cycle_knn", "cycle k-NN", *_more("cycle_knn"), cost="moderate", cost_note=KNN_COST,
+        Measure("cycle_knn", "cycle k-NN", _more("cycle_knn"), cost="moderate", cost_note=KNN_COST,
                 options=("k", "preprocess"), min_rows=3, default=False, reference=HUH),
-        Measure("matching", "matching accuracy (QAP)", *_more("matching"), cost="expensive",
+        Measure("matching", "matching accuracy (QAP)", _more("matching"), cost="expensive",
                 cost_note="QAP (FAQ) O(m^3) per iteration on at most max_rows rows, repeats draws",
                 options=("max_rows", "repeats"), min_rows=3, default=False,
                 reference="Maniparambil et al. 2024, Do Vision and Language Encoders Represent the World Similarly? (CVPR)"),
@@ -189,14 +192,72 @@ def label(name: str) -> str:
     return UNIMODAL_LABELS.get(name, PROBE_LABELS.get(name, name))
 
 
-def measure(name: str, x: Any, y: Any, **opts: Any) -> float:
-    """The value of measure ``name`` for one pair (x, y) of (n, d) embeddings; ``opts`` it does not take are ignored."""
+class Placement(Protocol):
+    """Where :func:`pair_metric` runs: the products' precision and, under ``torchrun``, this process's rows
+    ``[lo, hi)`` of the global rows (:class:`pairscout.estimation.Engine` is one; it resolves all three once)."""
+
+    precision: str
+    lo: int
+    hi: int
+
+    @property
+    def sharded(self) -> bool: ...
+
+
+def pair_metric(name: str, xs: Any, ys: Any, *, engine: Placement | None = None, rows: torch.Tensor | None = None,
+                scale_free: bool = False, **opts: Any) -> torch.Tensor:
+    """The (m, t) float64 values of measure ``name`` for every pair (xs[i], ys[j]): how every stage computes a measure.
+
+    Args:
+        xs, ys: (n, d) embeddings (one matrix or a list; tensors or numpy); under a sharded engine this process's rows.
+        engine: precision and row shard (:class:`Placement`). None: one process, where ``xs`` are. A sharded engine runs
+            the record's sharded form (every process gets the one-process value on all rows), or, for a measure
+            without one, gathers every model's rows on every process first.
+        rows: (n,) bool mask of the global rows to use (tensors only; None: all).
+        scale_free: scale each matrix by a power of two first (exact; see :func:`measure`). One process only.
+        opts: the measure's options; those it does not take are ignored. ``precision`` (the CKA family) defaults
+            to the engine's.
+
+    Raises:
+        MetricError: unknown measure (listing the known ones), degenerate input.
+    """
     m = get(name)
-    x, y = _scale_free(m, x, "x", opts)[0], _scale_free(m, y, "y", opts)[0]
-    return float(m.single(x, y, **m.kwargs(opts)))
+    kw = m.kwargs(opts)
+    if m.takes_precision and "precision" in opts:
+        kw["precision"] = opts["precision"]
+    elif m.takes_precision and engine is not None:
+        kw["precision"] = engine.precision
+    sharded = engine is not None and engine.sharded
+    if rows is not None:
+        import torch
+
+        xs, ys = ([z] if isinstance(z, torch.Tensor) else list(z) for z in (xs, ys))
+        keep = (rows[engine.lo:engine.hi] if sharded else rows).to(xs[0].device)  # type: ignore[union-attr]
+        xs, ys = [x[keep] for x in xs], [y[keep] for y in ys]
+    if sharded:
+        if scale_free:
+            raise MetricError("scale_free needs every row in one process.", fix="pass scale_free=False under torchrun.")
+        if m.sharded is not None:
+            return m.sharded(list(xs), list(ys), **kw)
+        from pairscout.metrics.sharded_rows import gather_all, shard_counts
+
+        counts = shard_counts(xs[0].shape[0], xs[0].device)
+        return m.all_pairs([gather_all(x, counts) for x in xs], [gather_all(y, counts) for y in ys], **kw)
+    if scale_free:
+        xs, ys = _scale_free(xs, "xs", opts), _scale_free(ys, "ys", opts)
+    return m.all_pairs(xs, ys, **kw)
 
 
-def _scale_free(m: Measure, mats: Any, name: str, opts: dict[str, Any]) -> list[Any]:
+def measure(name: str, x: Any, y: Any, **opts: Any) -> float:
+    """The value of measure ``name`` for one pair (x, y) of (n, d) embeddings (:func:`pair_metric` of the pair), for
+    data of any magnitude: each side is first scaled by a power of two (exact); ``opts`` it does not take are ignored."""
+    from pairscout.metrics.validate import as_matrix
+
+    get(name)
+    return float(pair_metric(name, [as_matrix(x, "x")], [as_matrix(y, "y")], scale_free=True, **opts)[0, 0])
+
+
+def _scale_free(mats: Any, name: str, opts: dict[str, Any]) -> list[Any]:
     """Checked matrices, each scaled by a power of two (exact) to max |value| in [0.5, 1): every measure here is
     invariant to isotropic scaling, and this keeps that promise over the whole float64 range (``x * 1e-200``
     would underflow CKA's fourth-power sums to 0, ``x * 1e200`` overflow them). Not with absolute RBF ``sigmas``."""
@@ -206,12 +267,6 @@ def _scale_free(m: Measure, mats: Any, name: str, opts: dict[str, Any]) -> list[
     if "sigmas" in opts:
         return mats
     return [pow2_unit(t.detach()) for t in mats]
-
-
-def all_pairs(name: str, xs: Any, ys: Any, **opts: Any) -> torch.Tensor:
-    """The (m, t) float64 values of measure ``name`` for every pair; ``opts`` it does not take are ignored."""
-    m = get(name)
-    return m.all_pairs(_scale_free(m, xs, "xs", opts), _scale_free(m, ys, "ys", opts), **m.kwargs(opts))
 
 
 def names_help(names: Sequence[str] | None = None) -> str:

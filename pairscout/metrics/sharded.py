@@ -14,6 +14,10 @@ statistic makes them global:
 The result equals :func:`~pairscout.metrics.cka.all_pairs_hsic` on the concatenated rows to float64 rounding
 (tested with 2 gloo processes). Outside a process group it runs on the local rows alone. Backend: any that
 supports ``all_reduce`` on the tensors' device (NCCL on GPUs, gloo on CPUs).
+
+The registry's sharded forms of the measures live here (:func:`sharded_cka`, :func:`sharded_mutual_knn`,
+:func:`sharded_cknna`); callers do not choose them: :func:`pairscout.metrics.pair_metric` runs them when its
+engine is sharded.
 """
 
 from __future__ import annotations
@@ -153,45 +157,61 @@ def sharded_all_pairs_cka(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | S
     return sharded_all_pairs_hsic(xs, ys, debiased, precision=precision).cka()
 
 
-def sharded_pair_metric(name: str, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], **kw: object) -> torch.Tensor:
-    """(m, t) float64 CPU values of the measure ``name`` from this rank's rows, equal to one process's value on
-    all rows: linear CKA from all-reduced feature products (this module), RBF CKA from Gram-tile sums and
-    mutual k-NN / CKNNA from gathered neighbour lists (:mod:`pairscout.metrics.sharded_rows`). Any other measure
-    (SVCCA, PWCCA, Procrustes, RSA, ...) is not sharded: its rows are gathered on every rank and it runs as in
-    one process."""
-    from pairscout.metrics import knn as _knn
+def sharded_cka(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], kernel: str = "linear", debiased: bool = False, *,
+                sigma_frac: float = 1.0, precision: str | None = None) -> torch.Tensor:
+    """(m, t) float64 CPU CKA from this rank's rows, equal to one process's value on all rows: linear from all-reduced
+    feature products (:func:`sharded_all_pairs_cka`), RBF from Gram-tile sums
+    (:func:`pairscout.metrics.sharded_rows.sharded_rbf_hsic`). ``precision``: float64 (default), float32 or tf32
+    products. The registry's sharded form of the CKA measures (:func:`pairscout.metrics.pair_metric` runs it)."""
     from pairscout.metrics import sharded_rows as R
     from pairscout.metrics.cka import matmul_precision
-    from pairscout.metrics.registry import get
 
-    precision = str(kw.get("precision") or "float64")
-    if name in ("cka_linear", "cka_linear_debiased"):
+    precision = str(precision or "float64")
+    if kernel == "linear":
         with matmul_precision(precision, xs[0].device):
-            return sharded_all_pairs_cka(xs, ys, name.endswith("_debiased"), precision="float64" if precision == "float64" else "float32")
-    if name in ("cka_rbf", "cka_rbf_debiased"):
-        return R.sharded_rbf_hsic(xs, ys, name.endswith("_debiased"), sigma_frac=float(kw.get("sigma_frac", 1.0)),  # type: ignore[arg-type]
-                                  precision=precision).cka()
+            return sharded_all_pairs_cka(xs, ys, debiased, precision="float64" if precision == "float64" else "float32")
+    return R.sharded_rbf_hsic(xs, ys, debiased, sigma_frac=float(sigma_frac), precision=precision).cka()  # type: ignore[arg-type]
+
+
+def _neighbour_lists(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: int, preprocess: object, cknna: bool):
+    from pairscout.metrics import knn as _knn
+    from pairscout.metrics import sharded_rows as R
+
     counts = R.shard_counts(xs[0].shape[0], xs[0].device)
-    if name in ("mutual_knn", "cknna"):
-        k = int(kw.get("k", 10))  # type: ignore[call-overload]
-        pre = kw.get("preprocess") or _knn.Preprocess()
-        n = sum(counts)
-        if name == "cknna" and k < 2:
-            raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
-        if n < max(k + 1, 4 if name == "cknna" else 2):
-            raise MetricError(f"only {n} rows over all ranks; k={k} neighbours need more.", fix="use more rows or a smaller k.")
-        nxs = [R.sharded_neighbours(x, counts, k, pre) for x in xs]  # type: ignore[arg-type]
-        nys = [R.sharded_neighbours(y, counts, k, pre) for y in ys]  # type: ignore[arg-type]
-        out = torch.empty(len(nxs), len(nys), dtype=F64)
-        if name == "mutual_knn":
-            for i, a in enumerate(nxs):
-                for j, b in enumerate(nys):
-                    out[i, j] = _knn.mutual_knn_rows(a, b).mean().cpu()
-            return out
-        sx, sy = [_knn.cknna_self_term(n, a) for a in nxs], [_knn.cknna_self_term(n, b) for b in nys]
-        for i, a in enumerate(nxs):
-            for j, b in enumerate(nys):
-                out[i, j] = _knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
-        return out
-    rec = get(name)
-    return rec.all_pairs([R.gather_all(x, counts) for x in xs], [R.gather_all(y, counts) for y in ys], **rec.kwargs(dict(kw)))
+    k = int(k)
+    pre = preprocess or _knn.Preprocess()
+    n = sum(counts)
+    if cknna and k < 2:
+        raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
+    if n < max(k + 1, 4 if cknna else 2):
+        raise MetricError(f"only {n} rows over all ranks; k={k} neighbours need more.", fix="use more rows or a smaller k.")
+    nxs = [R.sharded_neighbours(x, counts, k, pre) for x in xs]  # type: ignore[arg-type]
+    nys = [R.sharded_neighbours(y, counts, k, pre) for y in ys]  # type: ignore[arg-type]
+    return n, nxs, nys
+
+
+def sharded_mutual_knn(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: int = 10,
+                       preprocess: object = None) -> torch.Tensor:
+    """(m, t) float64 CPU mutual k-NN from this rank's rows: the neighbour lists found sharded and gathered
+    (:func:`pairscout.metrics.sharded_rows.sharded_neighbours`), then the single-process code (the same value)."""
+    from pairscout.metrics import knn as _knn
+
+    _, nxs, nys = _neighbour_lists(xs, ys, k, preprocess, False)
+    out = torch.empty(len(nxs), len(nys), dtype=F64)
+    for i, a in enumerate(nxs):
+        for j, b in enumerate(nys):
+            out[i, j] = _knn.mutual_knn_rows(a, b).mean().cpu()
+    return out
+
+
+def sharded_cknna(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: int = 10, preprocess: object = None) -> torch.Tensor:
+    """(m, t) float64 CPU CKNNA from this rank's rows (gathered neighbour lists, as :func:`sharded_mutual_knn`)."""
+    from pairscout.metrics import knn as _knn
+
+    n, nxs, nys = _neighbour_lists(xs, ys, k, preprocess, True)
+    out = torch.empty(len(nxs), len(nys), dtype=F64)
+    sx, sy = [_knn.cknna_self_term(n, a) for a in nxs], [_knn.cknna_self_term(n, b) for b in nys]
+    for i, a in enumerate(nxs):
+        for j, b in enumerate(nys):
+            out[i, j] = _knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
+    return out

@@ -35,11 +35,6 @@ F64 = torch.float64
 Matrices = ArrayLike | Sequence[ArrayLike]
 
 
-def pair_metric(name: str, xs: Matrices, ys: Matrices, **kwargs: Any) -> torch.Tensor:
-    """All-pairs value of the measure called ``name`` (see :data:`pairscout.metrics.MEASURES`), (m, t) float64."""
-    return registry.get(name).all_pairs(xs, ys, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Permutation null
 # ----------------------------------------------------------------------------------------------------------
@@ -75,7 +70,6 @@ def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_p
         progress: ``progress(done, n_perm)`` after each permutation.
     """
     rec = registry.get(metric)
-    fn = rec.all_pairs
     if n_perm < 1:
         raise MetricError(f"n_perm={n_perm} must be >= 1.", fix="use e.g. n_perm=100.")
     xs_t = as_matrices(xs, "xs")
@@ -109,11 +103,11 @@ def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_p
             if progress is not None:
                 progress(len(null), n_perm)
     else:
-        observed = fn(xs_t, ys_t, **kwargs)
+        observed = registry.pair_metric(metric, xs_t, ys_t, **kwargs)
         null = []
         for p in perms:
             p = p.to(ys_t[0].device)
-            null.append(fn(xs_t, [y[p] for y in ys_t], **kwargs))
+            null.append(registry.pair_metric(metric, xs_t, [y[p] for y in ys_t], **kwargs))
             if progress is not None:
                 progress(len(null), n_perm)
     stack = torch.stack(null)
