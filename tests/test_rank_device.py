@@ -130,7 +130,6 @@ def test_missing_embeddings_of_probe_and_align_are_encoded_on_the_users_device(t
     seen = []
     real = runner.encode
     monkeypatch.setattr(runner, "encode", lambda *a, **kw: seen.append(kw["settings"].device) or real(*a, **kw))
-    src = source_from_zoos("baseline:pixels", "baseline:tfidf", "generated", n=16, cache_dir=tmp_path)
-    src.device = "cpu"
+    src = source_from_zoos("baseline:pixels", "baseline:tfidf", "generated", n=16, cache_dir=tmp_path, device="cpu")
     load_embeddings(src, src.spec("pixels", "vision"))
     assert seen == ["cpu"]

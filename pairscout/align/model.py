@@ -338,10 +338,10 @@ def align(
 
     config = config or TrainConfig()
     if run is not None:
-        src = source_from_rank(run, data=data, cache_dir=cache_dir)
+        src = source_from_rank(run, data=data, cache_dir=cache_dir, device=config.device)
     else:
-        src = source_from_zoos(vision_zoo or "offline", text_zoo or "offline", data or "generated", n=n, cache_dir=cache_dir)
-    src.device = config.device  # missing embeddings are encoded on the user's device
+        src = source_from_zoos(vision_zoo or "offline", text_zoo or "offline", data or "generated", n=n, cache_dir=cache_dir,
+                               device=config.device)  # missing embeddings are encoded on the user's device
     if pair is None:
         if src.rank is None:
             raise PairscoutError("align needs a pair when there is no rank run.", fix="pass --pair VISION,TEXT or --run DIR.")

@@ -41,8 +41,9 @@ class PairSource:
     """Encode (through the cache) what is missing, instead of raising :class:`CacheError`."""
     data_arg: str = ""
     """How to name the dataset on a command line (for messages)."""
-    device: str | None = None
-    """The user's ``--device``: missing embeddings are encoded there (:func:`pairscout.runtime.pick_device`)."""
+    device: torch.device | None = None
+    """Where missing embeddings are encoded: the user's ``--device`` as :func:`pairscout.runtime.pick_device` resolved
+    it when the source was made (:func:`source_from_rank`, :func:`source_from_zoos`); None: ``auto`` when encoding."""
 
     def spec(self, name: str, modality: str) -> EncoderSpec:
         table = self.vision if modality == "vision" else self.text
@@ -82,17 +83,20 @@ def _data_arg(ds: Any) -> str:
     return arg
 
 
-def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None = None) -> PairSource:
+def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None = None,
+                     device: str | torch.device | None = None, run_dir: str | Path | None = None) -> PairSource:
     """The encoders, dataset and cache of a rank run (a :class:`RankResult` or its folder).
 
     The dataset is rebuilt from the run's recorded source (or ``data`` when given) and must have the
-    run's fingerprint.
+    run's fingerprint. ``device``: the user's ``--device`` (resolved here, once); ``run_dir``: the folder of an
+    in-memory :class:`RankResult` (a folder given as ``run`` is its own).
     """
     from pairscout.data import load_dataset
     from pairscout.ranking import RankResult
     from pairscout.runs import STORE
+    from pairscout.runtime import pick_device
 
-    run_dir = None
+    run_dir = Path(run_dir) if run_dir is not None else None
     if not isinstance(run, RankResult):
         run_dir = Path(run)
         run = STORE.rank(run_dir)
@@ -127,18 +131,22 @@ def source_from_rank(run: Any, *, data: Any = None, cache_dir: str | Path | None
         vision={s.name: s for s in specs if s.modality == "vision" and s.name in set(run.pairs["vision"])},
         text={s.name: s for s in specs if s.modality == "text" and s.name in set(run.pairs["text"])},
         dataset=ds, cache=EmbeddingCache(cache_dir), rank=run, run_dir=run_dir, data_arg=_data_arg(ds),
+        device=pick_device(device),
     )  # fmt: skip
 
 
 def source_from_zoos(vision_zoo: Any, text_zoo: Any, data: Any, *, n: int | None = None, seed: int = 0,
-                     cache_dir: str | Path | None = None) -> PairSource:  # fmt: skip
-    """Encoders of two zoos on a dataset; missing embeddings are encoded (and cached) on demand."""
+                     cache_dir: str | Path | None = None, device: str | torch.device | None = None) -> PairSource:  # fmt: skip
+    """Encoders of two zoos on a dataset; missing embeddings are encoded (and cached) on demand, on ``device`` (the
+    user's ``--device``, resolved here once)."""
     from pairscout.resolve import resolve_data, resolve_zoos
+    from pairscout.runtime import pick_device
 
     vz, tz = resolve_zoos(vision_zoo, text_zoo)
     ds = resolve_data(data, n=n, seed=seed)
     return PairSource(vision={s.name: s for s in vz.encoders}, text={s.name: s for s in tz.encoders}, dataset=ds,
-                      cache=EmbeddingCache(cache_dir), encode_missing=True, data_arg=_data_arg(ds))  # fmt: skip
+                      cache=EmbeddingCache(cache_dir), encode_missing=True, data_arg=_data_arg(ds),
+                      device=pick_device(device))  # fmt: skip
 
 
 def load_embeddings(src: PairSource, spec: EncoderSpec, *, tokens: bool = False, partner: EncoderSpec | None = None) -> Embeddings:
@@ -153,7 +161,7 @@ def load_embeddings(src: PairSource, spec: EncoderSpec, *, tokens: bool = False,
     if src.encode_missing:
         from pairscout.embeddings.runner import EncodeSettings, encode
 
-        return encode(spec, src.dataset, cache=src.cache, settings=EncodeSettings(tokens=tokens, device=src.device))
+        return encode(spec, src.dataset, cache=src.cache, settings=EncodeSettings(tokens=tokens, device=None if src.device is None else str(src.device)))
     pair = (spec, partner) if spec.modality == "vision" else (partner, spec)
     v, t = (p or spec for p in pair)
     what = "token features" if tokens and src.cache.load(spec, fp) is not None else "embeddings"

@@ -371,13 +371,11 @@ def probe(
 
         rank_res = rank(vision_zoo or "offline", text_zoo or "offline", data or "generated", n=n, cache_dir=cache_dir, out=out,
                         plots=out is not None, encode_settings=EncodeSettings(device=settings.device))
-        src = source_from_rank(rank_res, data=None, cache_dir=cache_dir)
-        src.run_dir = Path(out) if out is not None else None
+        src = source_from_rank(rank_res, data=None, cache_dir=cache_dir, device=settings.device, run_dir=out)
     else:
         if vision_zoo is not None or text_zoo is not None:
             raise PairscoutError("probe got both a rank run and zoos.", fix="pass either --run DIR or --vision-zoo/--text-zoo/--data.")
-        src = source_from_rank(run, data=data, cache_dir=cache_dir)
-    src.device = settings.device  # missing embeddings are encoded on the user's device
+        src = source_from_rank(run, data=data, cache_dir=cache_dir, device=settings.device)  # missing embeddings: encoded there
     ranked = src.rank.pairs
     chosen, selection = choose_pairs(ranked, settings, pairs)
     chosen = chosen.assign(baseline=[src.spec(str(v), "vision").source == "baseline" or src.spec(str(t), "text").source == "baseline"
