@@ -56,16 +56,29 @@ def run_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def _has_results(p: Path) -> bool:
-    return any((p / sub / f).is_file() for sub in (".", "train", "model") for f in ("rank.json", "probe.json", "train_log.json"))
+ALIGN_FOLDERS = (".", "train", "model")
+"""Where an alignment's ``train_log.json`` and ``config.json`` lie in its folder (``pairscout align --out`` writes
+``train/`` and ``model/``; a bare training writes them in the folder itself), first found first."""
+RESULT_FILES: dict[str, tuple[str, ...]] = {"rank.json": (".",), "probe.json": (".",), "train_log.json": ALIGN_FOLDERS}
+"""The files that make a folder a run the report reads, and the subfolders each may lie in."""
+
+
+def result_files(p: Path) -> dict[str, Path]:
+    """The :data:`RESULT_FILES` folder ``p`` holds, by name (the first place each is found)."""
+    found: dict[str, Path] = {}
+    for name, subs in RESULT_FILES.items():
+        hit = next((p / sub / name for sub in subs if (p / sub / name).is_file()), None)
+        if hit is not None:
+            found[name] = hit
+    return found
 
 
 def _model_folders(p: Path) -> list[Path]:
     """``p`` itself, or, for a folder of aligned models (``RUN/align``, where `pairscout align RUN` saves one folder per
     pair), each model folder in it."""
-    if _has_results(p):
+    if result_files(p):
         return [p]
-    subs = sorted(q for q in p.iterdir() if q.is_dir() and _has_results(q))
+    subs = sorted(q for q in p.iterdir() if q.is_dir() and result_files(q))
     return subs or [p]
 
 
@@ -81,7 +94,8 @@ def collect(paths: list[str | Path]) -> list[RunFiles]:
     runs = []
     for p, lbl in zip(folders, run_labels(folders), strict=True):
         run = RunFiles(p, label=lbl)
-        if (p / "rank.json").is_file():
+        found = result_files(p)
+        if "rank.json" in found:
             run.rank = STORE.rank(p)
         run.probe = STORE.probe(p)
         bound = run.probe.meta.get("rank_run_id") if run.probe is not None else None
@@ -89,13 +103,14 @@ def collect(paths: list[str | Path]) -> list[RunFiles]:
             log.warning("%s: its probe.json probed another rank run (%s, not %s); the report leaves it out. Fix: "
                         "`pairscout probe %s` again.", p, bound[:8], run.rank.run_id[:8], p)  # fmt: skip
             run.probe = None
-        for sub in (p, p / "train", p / "model"):
-            if (sub / "train_log.json").is_file() and run.train_log is None:
-                run.train_log = _read_json(sub / "train_log.json")
-            if (sub / "config.json").is_file() and run.model_config is None:
-                run.model_config = _read_json(sub / "config.json")
+        if "train_log.json" in found:
+            run.train_log = _read_json(found["train_log.json"])
+        config = next((p / sub / "config.json" for sub in ALIGN_FOLDERS if (p / sub / "config.json").is_file()), None)
+        if config is not None:
+            run.model_config = _read_json(config)
         if run.rank is None and run.probe is None and run.train_log is None:
-            raise PairscoutError(f"{p} holds no pairscout results (no rank.json, probe.json or train_log.json).",
+            *first, last = RESULT_FILES
+            raise PairscoutError(f"{p} holds no pairscout results (no {', '.join(first)} or {last}).",
                                  fix="pass a folder written by `pairscout rank/probe/align --out DIR`.")
         runs.append(run)
     return runs
