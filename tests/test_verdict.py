@@ -234,6 +234,25 @@ def test_sigmoid_pos_mask_equals_plain_labels(chunk):
     assert torch.isfinite(InfoNCELoss()(img, txt, torch.tensor([0, 1, 2, 2, 3]), pos_mask=pos))
 
 
+def test_every_readout_s_chance_level_comes_from_its_record():
+    """The chance level is read from the read-out's typed record (kind and k), not parsed from its name."""
+    import math
+
+    from pairscout.align.evaluate import EvalSet
+    from pairscout.evaluation.probe import TARGETS, chance_level
+    from pairscout.evaluation.readouts import READOUTS
+
+    assert set(READOUTS) == set(TARGETS)
+    labels, tii = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    ev = EvalSet(torch.randn(4, 3), torch.randn(8, 3), tii, labels=labels, class_prompts=torch.randn(2, 1, 3))
+    want = {"zs_top1": 0.5, "zs_top5": 1.0, "class_map": 0.5, "heldout_loss": None, "loss_auc": None,
+            "class_mean_r1": keyed_chance(tii, labels[tii], 4, 1)["mean_r1"],
+            **{f"mean_r{k}": keyed_chance(tii, torch.arange(8), 4, k)[f"mean_r{k}"] for k in (1, 5, 10)}}
+    assert {t: chance_level(ev, t, 4) for t in READOUTS} == pytest.approx(want)
+    assert want["mean_r1"] != want["class_mean_r1"]
+    assert math.isnan(chance_level(EvalSet(ev.vision, ev.text, tii, labels=labels), "zs_top1", 4))
+
+
 def test_probe_on_repeated_captions_is_well_above_chance():
     """10 classes, 3 caption templates per class (every caption repeated many times): training with identical
     captions as positives and reading class-aware / caption-aware retrieval lands far above chance."""

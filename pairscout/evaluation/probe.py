@@ -91,9 +91,11 @@ def choose_readout(dataset: Any, target: str | None = None, class_level: bool = 
     if target is not None:
         if target not in TARGETS:
             raise PairscoutError(f"--target {target!r} is unknown.", fix=f"use one of {', '.join(TARGETS)}.")
-        if (target.startswith("zs_") and not zs) or (target.startswith("class_") and labels is None):
-            raise PairscoutError(f"--target {target} needs class labels{' and names' if target.startswith('zs_') else ''}; this dataset has none.",
-                                 fix="use --target mean_r1.")
+        from pairscout.evaluation.readouts import READOUTS
+
+        needs = READOUTS[target].needs
+        if (needs == "labels and names" and not zs) or (needs and labels is None):
+            raise PairscoutError(f"--target {target} needs class {needs}; this dataset has none.", fix="use --target mean_r1.")
         return ReadOut(target, f"chosen with --target ({rep})", zero_shot=zs, class_level=class_level)
     if zs:
         return ReadOut("zs_top1", f"the dataset has labels ({len(names)} classes; {rep}): zero-shot top-1 on held-out images, "
@@ -223,7 +225,7 @@ def probe_pairs(
     target = choice.target
     if target not in pairs:
         raise PairscoutError(f"the probe read no {target!r} (the held-out set lacks what it needs).", fix="pass --target mean_r1.")
-    chance = _chance(ev, target, n_items)
+    chance = chance_level(ev, target, n_items)
     best = float(pairs[target].max() if R.direction(target) > 0 else pairs[target].min())
     above = True if chance is None else bool(not math.isnan(chance) and best - chance > 2 * binomial_se(chance, n_items))
     evidence = above and choice.separated
@@ -251,10 +253,10 @@ def probe_pairs(
                               over="pairs without a baseline encoder" if not cand.all() else "probed pairs", run=run)  # fmt: skip
     meta = {"kind": "pairscout.probe", "settings": asdict(settings), "train_config": cfg.to_dict(), "metrics": metric_cols,
             "target": target, "target_why": choice.why if not choice.overridden else f"{choice.why}; {readout.why}",
-            "target_direction": R.READOUTS.get(target, ("", "higher"))[1], "target_choice": choice.to_dict(),
+            "target_direction": R.READOUTS[target].better if target in R.READOUTS else "higher", "target_choice": choice.to_dict(),
             "chance": chance, "n_test_items": n_items, "best_target": best, "above_chance": above, "separated": choice.separated,
             "evidence": evidence, "correction": P.CORRECTION, "family_size": family, "curve_steps": settings.curve_steps(),
-            "readouts": {r: {"label": lab, "better": way} for r, (lab, way) in R.READOUTS.items() if r in pairs},
+            "readouts": {r: {"label": rec.label, "better": rec.better} for r, rec in R.READOUTS.items() if r in pairs},
             "n_baseline_pairs": int((~real).sum()), "separation_over": "non-baseline pairs" if among is real else "all probed pairs", "regret": None if regret is None else regret.to_dict(),
             "fused": _fused_ok(), "train_s": round(train_s, 3)}  # fmt: skip
     return ProbeResult(pairs=pairs, correlations=corr, meta=meta, correlations_without_baselines=corr_real)
@@ -316,22 +318,24 @@ def _read_out(data: PairData, tr: Any, settings: ProbeSettings) -> tuple[dict[st
     return got, contrib
 
 
-def _chance(ev: Any, target: str, n_items: int) -> float | None:
-    """The target's chance level (None for a loss, which has none on this scale)."""
+def chance_level(ev: Any, target: str, n_items: int) -> float | None:
+    """The chance level of read-out ``target`` on the held-out set ``ev``, by its record's ``chance`` and ``k``
+    (:class:`pairscout.evaluation.readouts.Readout`; None for a loss, which has none on this scale)."""
     from pairscout.align.evaluate import keyed_chance
+    from pairscout.evaluation.readouts import READOUTS
 
-    if target in ("heldout_loss", "loss_auc"):
+    rec = READOUTS[target]
+    if rec.chance is None:
         return None
-    if target.startswith("zs_"):
-        return min(1.0, int(target[-1]) / ev.class_prompts.shape[0]) if ev.class_prompts is not None else float("nan")
-    if target == "class_map":
+    if rec.chance == "classes":
+        return min(1.0, rec.k / ev.class_prompts.shape[0]) if ev.class_prompts is not None else float("nan")
+    if rec.chance == "class_pairs":
         cls = ev.labels.long()
         return float((cls[:, None] == cls[ev.text_image_index.long()][None, :]).double().mean())
-    k = int(target.rsplit("_r", 1)[1])
     keys = ev.text_keys if ev.text_keys is not None else torch.arange(ev.text.shape[0])
-    if target.startswith("class_"):
+    if rec.chance == "class_captions":
         keys = ev.labels.long()[ev.text_image_index.long()]
-    return keyed_chance(ev.text_image_index, keys, n_items, k)[f"mean_r{k}"]
+    return keyed_chance(ev.text_image_index, keys, n_items, rec.k)[f"mean_r{rec.k}"]
 
 
 def probe(

@@ -28,25 +28,47 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-READOUTS: dict[str, tuple[str, str]] = {
-    "zs_top1": ("zero-shot top-1", "higher"),
-    "zs_top5": ("zero-shot top-5", "higher"),
-    "class_map": ("class-aware mAP", "higher"),
-    "class_mean_r1": ("class-aware R@1", "higher"),
-    "mean_r1": ("R@1 (mean of both directions)", "higher"),
-    "mean_r5": ("R@5 (mean)", "higher"),
-    "mean_r10": ("R@10 (mean)", "higher"),
-    "heldout_loss": ("held-out sigmoid loss", "lower"),
-    "loss_auc": ("held-out loss curve area", "lower"),
+
+@dataclass(frozen=True)
+class Readout:
+    """One read-out of a probed pair: its name, which way is better, and what its chance level is."""
+
+    label: str
+    """Human name."""
+    better: Literal["higher", "lower"]
+    chance: Literal["classes", "class_pairs", "captions", "class_captions"] | None
+    """How its chance level is computed (:func:`pairscout.evaluation.probe.chance_level`): ``classes``: k of the C
+    classes (zero-shot); ``class_pairs``: the share of (image, caption) pairs of one class (class-aware mAP);
+    ``captions`` / ``class_captions``: R@k of a random ranking, identical captions (or a class's captions)
+    interchangeable; None: a loss, which has none on this scale."""
+    k: int = 0
+    """The rank cut-off (top-k, R@k); 0 where there is none."""
+
+    @property
+    def needs(self) -> str:
+        """What the dataset must have: ``labels and names`` (zero-shot), ``labels`` (class-aware) or nothing."""
+        return {"classes": "labels and names", "class_pairs": "labels", "class_captions": "labels"}.get(self.chance or "", "")
+
+
+READOUTS: dict[str, Readout] = {
+    "zs_top1": Readout("zero-shot top-1", "higher", "classes", 1),
+    "zs_top5": Readout("zero-shot top-5", "higher", "classes", 5),
+    "class_map": Readout("class-aware mAP", "higher", "class_pairs"),
+    "class_mean_r1": Readout("class-aware R@1", "higher", "class_captions", 1),
+    "mean_r1": Readout("R@1 (mean of both directions)", "higher", "captions", 1),
+    "mean_r5": Readout("R@5 (mean)", "higher", "captions", 5),
+    "mean_r10": Readout("R@10 (mean)", "higher", "captions", 10),
+    "heldout_loss": Readout("held-out sigmoid loss", "lower", None),
+    "loss_auc": Readout("held-out loss curve area", "lower", None),
 }
-"""Every read-out the probe records per pair: column -> (human name, which way is better)."""
+"""Every read-out the probe records per pair, by column."""
 ALPHA = 0.05
 BOOTSTRAP = 400
 """Bootstrap resamplings of the held-out images."""
@@ -57,7 +79,8 @@ STATISTIC = ("F = between-pair variance of the non-baseline pairs' read-out / me
 
 def direction(readout: str) -> int:
     """+1 when higher is better, -1 when lower is (losses)."""
-    return -1 if READOUTS.get(readout, ("", "higher"))[1] == "lower" else 1
+    rec = READOUTS.get(readout)
+    return -1 if rec is not None and rec.better == "lower" else 1
 
 
 def heldout_loss_items(img: Tensor, txt: Tensor, positives: Tensor, scale: float, bias: float) -> Tensor:
@@ -200,7 +223,8 @@ def separation(values: np.ndarray, reps: np.ndarray, readout: str, k_compared: i
     """The separation statistic (module docstring) of one read-out over P pairs: ``values`` (P,), ``reps`` (R, P)."""
     from scipy import stats
 
-    label, way = READOUTS.get(readout, (readout, "higher"))
+    rec = READOUTS.get(readout)
+    label, way = (rec.label, rec.better) if rec is not None else (readout, "higher")
     ok = np.isfinite(values)
     v, r = values[ok], reps[:, ok]
     p_n = len(v)
