@@ -57,7 +57,7 @@ class Measure:
     """Cost class for n rows, d dims, k neighbours (details in ``cost_note``)."""
     cost_note: str = ""
     options: tuple[str, ...] = ()
-    """Keyword options it takes (``k``, ``preprocess``, ``sigma_frac``)."""
+    """Keyword options it takes (``k``, ``preprocess``, ``sigma_frac``, RBF's absolute ``sigmas``, ...)."""
     min_rows: int = 2
     null: str = "permutation: rows of the text side shuffled, the measure recomputed"
     """How its chance level and p-value are computed (:func:`pairscout.metrics.stats.permutation_null`)."""
@@ -120,9 +120,9 @@ MEASURES: dict[str, Measure] = {
         Measure("cka_linear_debiased", "linear CKA (debiased)", _cka("linear", True), sharded=_sharded_cka("linear", True), takes_precision=True,
                 range=(-1.0, 1.0), cost="cheap", cost_note=LINEAR_COST, min_rows=4, reference=f"{KORNBLITH}; {SONG}"),
         Measure("cka_rbf", "RBF CKA", _cka("rbf", False), sharded=_sharded_cka("rbf", False), takes_precision=True, cost="moderate", cost_note=RBF_COST,
-                options=("sigma_frac",), bootstrap=True, reference=KORNBLITH),
+                options=("sigma_frac", "sigmas"), bootstrap=True, reference=KORNBLITH),
         Measure("cka_rbf_debiased", "RBF CKA (debiased)", _cka("rbf", True), sharded=_sharded_cka("rbf", True), takes_precision=True, range=(-1.0, 1.0),
-                cost="moderate", cost_note=RBF_COST, options=("sigma_frac",), min_rows=4, default=False,
+                cost="moderate", cost_note=RBF_COST, options=("sigma_frac", "sigmas"), min_rows=4, default=False,
                 reference=f"{KORNBLITH}; {SONG}"),
         Measure("mutual_knn", "mutual k-NN", _fn("knn", "all_pairs_mutual_knn"), sharded=_fn("sharded", "sharded_mutual_knn"), cost="moderate", cost_note=KNN_COST,
                 options=("k", "preprocess"), null="permutation of the neighbour lists (exact, O(n k) each)",

@@ -158,7 +158,7 @@ def sharded_all_pairs_cka(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | S
 
 
 def sharded_cka(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], kernel: str = "linear", debiased: bool = False, *,
-                sigma_frac: float = 1.0, precision: str | None = None) -> torch.Tensor:
+                sigma_frac: float = 1.0, sigmas: Sequence[float] | None = None, precision: str | None = None) -> torch.Tensor:
     """(m, t) float64 CPU CKA from this rank's rows, equal to one process's value on all rows: linear from all-reduced
     feature products (:func:`sharded_all_pairs_cka`), RBF from Gram-tile sums
     (:func:`pairscout.metrics.sharded_rows.sharded_rbf_hsic`). ``precision``: float64 (default), float32 or tf32
@@ -167,6 +167,9 @@ def sharded_cka(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], kernel: 
     from pairscout.metrics.cka import matmul_precision
 
     precision = str(precision or "float64")
+    if sigmas is not None:
+        raise MetricError("explicit RBF bandwidths (sigmas) are not supported on sharded rows.",
+                          fix="pass sigma_frac (the median heuristic on the same rows as one process).")
     if kernel == "linear":
         with matmul_precision(precision, xs[0].device):
             return sharded_all_pairs_cka(xs, ys, debiased, precision="float64" if precision == "float64" else "float32")
