@@ -143,7 +143,8 @@ def _worker_null(rank: int, world: int, tmp: str) -> None:
                  for (m, kw), o in zip(NULL_METRICS, obs, strict=True) if not m.startswith("cka")]
         dm = _dup_models()
         n2 = dm["a"].shape[0]
-        dups = near_duplicates({k: v[rank * n2 // world:(rank + 1) * n2 // world] for k, v in dm.items()}, sharded=True)
+        dups = near_duplicates({k: v[rank * n2 // world:(rank + 1) * n2 // world] for k, v in dm.items()},
+                               engine=Engine(torch.device("cpu"), "float64", n2, rank * n2 // world, (rank + 1) * n2 // world, world))
         torch.save({"cal": [(c.null_mean, c.null_sd, c.p_value, c.z) for c in cals], "dups": dups, "cka_gathered": cka_gathered},
                    f"{tmp}/n{rank}.pt")
     finally:

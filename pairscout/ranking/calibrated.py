@@ -70,9 +70,8 @@ def rank_verdict(pairs: pd.DataFrame, xs: list[torch.Tensor], ys: list[torch.Ten
 
     est = np.asarray(values[primary], dtype=np.float64)
     prec = None if getattr(settings, "precision", "auto") == "auto" else settings.precision
-    sharded = engine is not None and engine.sharded
-    dups = (V.near_duplicates(dict(zip(v_names, xs, strict=True)), precision=prec, sharded=sharded)
-            + V.near_duplicates(dict(zip(t_names, ys, strict=True)), precision=prec, sharded=sharded))
+    dups = (V.near_duplicates(dict(zip(v_names, xs, strict=True)), precision=prec, engine=engine)
+            + V.near_duplicates(dict(zip(t_names, ys, strict=True)), precision=prec, engine=engine))
     label = registry.label(primary)
     if settings.score == "combined":
         label = f"combined score (ties tested on {label})"

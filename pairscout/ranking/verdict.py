@@ -110,35 +110,33 @@ def paired_test(est: np.ndarray, reps: np.ndarray, best: tuple[int, int], other:
 
 
 def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPLICATE_CKA, screen_rows: int = 512,
-                    seed: int = 0, precision: str | None = None, sharded: bool = False) -> list[tuple[str, str, float]]:
+                    seed: int = 0, precision: str | None = None, engine: Any = None) -> list[tuple[str, str, float]]:
     """Pairs of encoders (one modality, in the given order) whose embeddings have linear CKA >= threshold.
 
     Cheap: every pair is screened on ``screen_rows`` seeded random rows (Gram form, O(rows^2 d)); only pairs
-    reading >= threshold - 0.02 there are measured on all rows. ``sharded``: the embeddings are this rank's rows
-    under torch.distributed; the screen rows are gathered (at most ``screen_rows`` per model) and the full check
-    is the sharded linear CKA (:mod:`pairscout.metrics.sharded`).
+    reading >= threshold - 0.02 there are measured on all rows (:func:`pairscout.metrics.pair_metric` on ``engine``).
+    A sharded ``engine`` (:class:`pairscout.estimation.Engine`): the embeddings are this rank's rows under
+    torch.distributed; the screen rows are gathered (at most ``screen_rows`` per model) and the full check is the
+    sharded linear CKA.
     """
     import torch
 
-    from pairscout.metrics import all_pairs_cka
+    from pairscout.metrics import all_pairs_cka, pair_metric
 
     names = list(embeddings)
     if len(names) < 2:
         return []
     mats = [embeddings[k] for k in names]
     n = mats[0].shape[0]
+    sharded = engine is not None and engine.sharded
     if sharded:
         from pairscout.metrics import sharded_rows as R
-        from pairscout.metrics.sharded import sharded_all_pairs_cka
 
         counts = R.shard_counts(n, mats[0].device)
         n = sum(counts)
 
-        def full_cka(a: torch.Tensor, b: torch.Tensor) -> float:
-            return float(sharded_all_pairs_cka([a], [b], precision="float32" if precision in ("float32", "tf32") else "float64")[0, 0])
-    else:
-        def full_cka(a: torch.Tensor, b: torch.Tensor) -> float:
-            return float(all_pairs_cka([a], [b], "linear", False, precision=precision)[0, 0])
+    def full_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(pair_metric("cka_linear", [a], [b], engine=engine, precision=precision)[0, 0])
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:screen_rows] if n > screen_rows else None
     try:
         if sharded:
