@@ -10,6 +10,7 @@ import torch
 
 from pairscout import statistics as S
 from pairscout.metrics import calibration as C
+from pairscout.metrics import knn as K
 from pairscout.metrics import pair_metric
 
 
@@ -86,7 +87,6 @@ def test_independent_embeddings_centre_on_zero_and_p_uniform(metric):
 
 def test_neighbour_null_equals_recomputation_with_ties():
     """The permuted neighbour lists (sorted keys) give exactly the recomputed metric, duplicate rows included."""
-    from pairscout.metrics import knn as K
 
     g = torch.Generator().manual_seed(0)
     n = 60
@@ -110,7 +110,7 @@ def test_monte_carlo_p_is_not_floored_by_the_permutations(metric):
     xs = [s @ torch.randn(6, 16, generator=g) + 0.3 * torch.randn(n, 16, generator=g) for _ in range(3)]
     ys = [s @ torch.randn(6, 12, generator=g) + 0.3 * torch.randn(n, 12, generator=g) for _ in range(3)]
     ys += [torch.randn(n, 12, generator=g) for _ in range(3)]  # unrelated: p spread over (0, 1]
-    c = C.calibrate(xs, ys, metric, n_perm=39, cknna_perm=39, k=5)
+    c = C.calibrate(xs, ys, metric, n_perm=39, cknna_perm=39, k=5, method="permutation")
     strong = c.p_mc[:, :3]
     assert bool((strong == 1 / 40).all())  # the permutations cannot say more ...
     assert float(S.holm(c.p_mc).max()) >= 0.45  # ... and Holm over 18 pairs would call none of them significant
@@ -118,3 +118,56 @@ def test_monte_carlo_p_is_not_floored_by_the_permutations(metric):
     resolved = (c.p_mc >= 11 / 40)  # >= 10 exceedances: the MC p is used as it is
     assert bool(resolved.any()) and torch.equal(c.p_value[resolved], c.p_mc[resolved])
     assert "Pearson III" in c.method
+
+
+def _weighted_lists(n: int, k: int, seed: int) -> K.Neighbours:
+    """Random lists of k + 1 entries (no self, one padded slot) with uneven weights: an asymmetric weighted
+    adjacency, as tied lists give."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n - 1, generator=g)[: k + 1] for _ in range(n)])
+    idx = idx + (idx >= torch.arange(n)[:, None]).long()
+    w = torch.rand(n, k + 1, generator=g, dtype=torch.float64)
+    idx[0, -1], w[0, -1] = -1, 0.0
+    return K.Neighbours(idx, torch.rand(n, k + 1, dtype=torch.float64), w, k)
+
+
+def test_overlap_moments_equal_every_permutation():
+    """The closed-form mean and variance of sum_ij A_ij B_pi(i)pi(j) equal those over all 7! permutations, for
+    asymmetric weighted lists with a padded slot."""
+    from pairscout.metrics import neighbour_null as NN
+
+    n = 7
+    a, b = _weighted_lists(n, 2, 3), _weighted_lists(n, 3, 4)
+
+    def dense(nb: K.Neighbours) -> torch.Tensor:
+        out = torch.zeros(n, n, dtype=torch.float64)
+        ok = nb.indices >= 0
+        out[torch.arange(n)[:, None].expand_as(nb.indices)[ok], nb.indices[ok]] = nb.weights[ok]
+        return out
+
+    A, B = dense(a), dense(b)
+    assert not torch.equal(A, A.T)
+    ts = torch.tensor([float((A * B[list(p)][:, list(p)]).sum()) for p in itertools.permutations(range(n))],
+                      dtype=torch.float64)
+    mean, var = NN.overlap_moments(NN.overlap_sums(a, n), NN.overlap_sums(b, n))
+    assert mean == pytest.approx(float(ts.mean()), rel=1e-12)
+    assert var == pytest.approx(float(ts.var(unbiased=False)), rel=1e-10)
+
+
+def test_mutual_knn_null_is_exact_and_matches_permutations():
+    """Mutual k-NN's default null (closed form, no permutation) agrees with 2,000 Monte-Carlo permutations of the
+    same lists: mean to the MC error, sd within 10 %; independent embeddings give |z| < 4 and p spread over (0, 1]."""
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    s = torch.randn(n, 4, generator=g)
+    xs = [s @ torch.randn(4, 16, generator=g) + 0.5 * torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g)]
+    ys = [s @ torch.randn(4, 12, generator=g) + 0.5 * torch.randn(n, 12, generator=g), torch.randn(n, 6, generator=g)]
+    exact = C.calibrate(xs, ys, "mutual_knn", k=10)
+    mc = C.calibrate(xs, ys, "mutual_knn", k=10, n_perm=2000, method="permutation", seed=5)
+    assert exact.n_perm == 0 and exact.p_mc is None and "closed form" in exact.method
+    assert torch.equal(exact.observed, mc.observed)
+    assert torch.allclose(exact.null_mean, mc.null_mean, atol=4 * float(exact.null_sd.max()) / 2000**0.5)
+    assert torch.allclose(exact.null_sd, mc.null_sd, rtol=0.1)
+    assert float(exact.z[0, 0]) > 20 and float(exact.p_value[0, 0]) < 1e-9  # the shared signal
+    unrelated = torch.tensor([[False, True], [True, True]])
+    assert bool((exact.z[unrelated].abs() < 4).all()) and bool((exact.p_value[unrelated] > 1e-3).all())

@@ -47,7 +47,7 @@ def rank(
     primary: Annotated[str | None, typer.Option(help=PrimaryHelp, show_default=False)] = None,
     score: Annotated[str, typer.Option(help="'primary', or 'combined' (mean z-score of all metrics).")] = RANK.score,
     ci_groups: Annotated[int, typer.Option(help="Jackknife groups behind the 95% confidence intervals (0: off).")] = RANK.ci_groups,
-    permutations: Annotated[int, typer.Option(help="Shuffled pairings behind the calibrated scores of mutual k-NN / CKNNA (CKA: exact, closed form; 0: no calibration).")] = RANK.permutations,
+    permutations: Annotated[int, typer.Option(help="Shuffled pairings behind the calibrated scores of CKNNA (CKA, mutual k-NN: exact, closed form; 0: no calibration).")] = RANK.permutations,
     knn_k: Annotated[int, typer.Option("--knn-k", help="k of mutual k-NN and CKNNA.")] = RANK.knn_k,
     clip_quantile: Annotated[float | None, typer.Option(help="Clip features at this |x| quantile before neighbourhood metrics (platonic-rep: 0.95).")] = RANK.clip_quantile,
     caption_reduce: Annotated[str, typer.Option(help="Text vector per image: 'first' caption or 'mean' of captions.")] = RANK.caption_reduce,

@@ -327,7 +327,7 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
                 cal = C.finish(name, values[name], mean, sd, p, C.CKA_HOW, 0, seed_i)
             elif name in fam_nb and lists is not None:
                 used = permutations if name == "mutual_knn" else min(permutations, CKNNA_PERM if permutations == N_PERM else permutations)
-                cal = C.neighbour_null(name, lists[0], lists[1], n, values[name], n_perm=used, seed=seed_i)
+                cal = C.neighbour_null(name, lists[0], lists[1], n, values[name], n_perm=used, seed=seed_i, method=method)
             else:
                 cal = C.calibrate(xs, ys, name, values[name], n_perm=permutations, seed=seed_i, method=method,
                                   cknna_perm=CKNNA_PERM if permutations == N_PERM else permutations, sharded=sharded,

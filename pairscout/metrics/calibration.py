@@ -28,16 +28,21 @@ How the null is obtained (``method="auto"``, the default):
   debiased variance (the two statistics differ by diagonal terms only). No permutation is run, so it costs
   a fraction of one metric evaluation and resolves p far below 1e-3. Tested against brute-force
   permutations (``tests/test_calibration.py``).
-* **Mutual k-NN and CKNNA**: Monte-Carlo permutations of the neighbour lists (exact, no recomputation of
-  features or neighbours): ``p_mc = (1 + #{null >= observed}) / (1 + n_perm)``, used as p where at least 10
-  permutations reach the observed value; beyond, where p_mc would sit at its floor 1 / (n_perm + 1) and Holm's
-  correction would floor every strong pair at (pairs / (n_perm + 1)), p is the tail of a Pearson III law fitted
-  to the permutations' mean, sd and skewness (``p_mc`` is kept beside it). Both are vectorised over
-  permutations (sorted entry keys + searchsorted, no n x n matrix), but still cost O(n k log(nk)) per
-  permutation and pair, so the defaults keep the demo's metrics phase fast: 199 permutations for mutual k-NN
-  (p resolved to 0.005; a dense lookup table makes them cheap below ~3,000 rows), ``min(n_perm, cknna_perm)``
-  = 49 for CKNNA (0.02; its sparse HSIC per permutation and pair is the costly part). ``--permutations 999``
-  gives both metrics 999 permutations (p resolved to 1e-3) at a higher cost (``benchmarks/results/null_cpu.md``).
+* **Mutual k-NN**: exact permutation mean and variance in closed form too. Its statistic is the weighted overlap
+  ``T = sum_ij A_ij B_pi(i)pi(j)`` of the two models' neighbour adjacencies (tie weights, zero diagonal, not
+  symmetric), a quadratic assignment statistic whose moments need, per model, seven sums over its n k list
+  entries (:func:`~pairscout.metrics.neighbour_null.overlap_moments`: entries, squares, transposed pairs, shared
+  rows, shared columns, paths); each pair then costs O(1). T >= 0 is a sum of many rare coincidences
+  (about k^2 of them by chance), so p is the gamma law with these moments, as for CKA. No permutation is drawn.
+* **CKNNA**: Monte-Carlo permutations of the neighbour lists (exact, no recomputation of features or
+  neighbours; its statistic is an unbiased HSIC restricted to the entries both lists share, whose mask moves
+  with the permutation, so it has no closed form here): ``p_mc = (1 + #{null >= observed}) / (1 + n_perm)``,
+  used as p where at least 10 permutations reach the observed value; beyond, where p_mc would sit at its floor
+  1 / (n_perm + 1) and Holm's correction would floor every strong pair at (pairs / (n_perm + 1)), p is the tail
+  of a Pearson III law fitted to the permutations' mean, sd and skewness (``p_mc`` is kept beside it). They are
+  vectorised over permutations (sorted entry keys + searchsorted, no n x n matrix) and cost O(n k log(nk)) per
+  permutation and pair: ``min(n_perm, cknna_perm)`` = 49 by default (p resolved to 0.02); ``--permutations 999``
+  gives 999 (1e-3) at a higher cost (``benchmarks/results/null_cpu.md``).
 
 ``method="permutation"`` runs Monte-Carlo permutations for the CKA family too (Gram form is never built;
 each permutation re-evaluates the metric), for checking the approximation on small data.
@@ -58,7 +63,13 @@ import pairscout.metrics.cka as _cka
 import pairscout.metrics.knn as _knn
 from pairscout.errors import MetricError
 from pairscout.metrics.hsic_stats import rbf_tile
-from pairscout.metrics.neighbour_null import _cknna_null, _from_samples, _mutual_knn_null, _perms
+from pairscout.metrics.neighbour_null import (
+    _cknna_null,
+    _from_samples,
+    _mutual_knn_null,
+    _perms,
+    mutual_knn_moments,
+)
 from pairscout.metrics.validate import ArrayLike, as_matrices, check_same_rows
 from pairscout.statistics import holm
 
@@ -212,7 +223,7 @@ def _rbf_summary(z: torch.Tensor, sigma: float, tile: int = 2048, precision: str
 
 CKA_METRICS = ("cka_linear", "cka_linear_debiased", "cka_rbf", "cka_rbf_debiased")
 NEIGHBOUR_METRICS = ("mutual_knn", "cknna")
-#: Default Monte-Carlo permutations of the neighbour metrics (p resolved to 0.005; 999 resolves 1e-3).
+#: Default Monte-Carlo permutations (CKNNA gets at most CKNNA_PERM of them; every metric with method="permutation").
 N_PERM = 199
 #: CKNNA recomputes a sparse HSIC per permutation and pair: it gets at most this many permutations.
 CKNNA_PERM = 49
@@ -348,8 +359,8 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
         metric: a pair metric name (``cka_linear``, ``cka_linear_debiased``, ``cka_rbf``, ``cka_rbf_debiased``,
             ``mutual_knn``, ``cknna``).
         observed: the metric's (m, t) values if already computed (else computed here).
-        method: ``auto`` (closed-form moments for CKA, permutations for neighbour metrics) or ``permutation``.
-        n_perm: Monte-Carlo permutations (neighbour metrics; all metrics with ``method="permutation"``).
+        method: ``auto`` (closed-form moments for CKA and mutual k-NN, permutations for CKNNA) or ``permutation``.
+        n_perm: Monte-Carlo permutations (CKNNA; every metric with ``method="permutation"``).
         cknna_perm: cap on CKNNA's permutations.
         cache: a dict to share per-model summaries between calls on the same embeddings (biased + debiased CKA).
         kwargs: the metric's own settings (``k``, ``preprocess``, ``sigma_frac``).
@@ -404,7 +415,7 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
             nxs, nys = [[R.sharded_neighbours(z, counts, k, pre) for z in side] for side in (xs_t, ys_t)]
         else:
             nxs, nys, _ = _knn._neighbours_all(xs_t, ys_t, k, pre, 4 if metric == "cknna" else 2)
-        return neighbour_null(metric, nxs, nys, n, observed, n_perm=used, seed=seed)
+        return neighbour_null(metric, nxs, nys, n, observed, n_perm=used, seed=seed, method=method)
     else:
         used = n_perm
         perms = _perms(n, used, seed)
@@ -418,11 +429,18 @@ def calibrate(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequence[Arra
 
 NEIGHBOUR_HOW = "Monte-Carlo permutations of the neighbour lists; p beyond their resolution from a Pearson III tail fitted to them"
 CKA_HOW = "exact permutation moments (closed form) + gamma approximation (Gretton et al. 2008)"
+MUTUAL_KNN_HOW = "exact permutation moments of the neighbour overlap (closed form) + gamma approximation"
 
 
 def neighbour_null(metric: str, nxs: Sequence[_knn.Neighbours], nys: Sequence[_knn.Neighbours], n: int,
-                   observed: torch.Tensor, *, n_perm: int, seed: int) -> Calibration:
-    """The permutation null of mutual k-NN or CKNNA from every model's neighbour lists of all n rows (module docstring)."""
+                   observed: torch.Tensor, *, n_perm: int, seed: int, method: str = "auto") -> Calibration:
+    """The null of mutual k-NN or CKNNA from every model's neighbour lists of all n rows (module docstring):
+    mutual k-NN's exact moments and gamma tail (``method="auto"``), else ``n_perm`` permutations."""
+    if metric == "mutual_knn" and method == "auto":
+        mean, sd = mutual_knn_moments(list(nxs), list(nys), n)
+        obs = observed.to(F64).cpu()
+        p = torch.from_numpy(_gamma_sf(obs.numpy().copy(), mean.numpy(), (sd * sd).numpy()))
+        return finish(metric, obs, mean, sd, p, MUTUAL_KNN_HOW, 0, seed)
     perms = _perms(n, n_perm, seed).to(nxs[0].indices.device)  # the null runs where the lists are
     null = _mutual_knn_null(list(nxs), list(nys), perms) if metric == "mutual_knn" else _cknna_null(list(nxs), list(nys), perms, n)
     mean, sd, p, p_mc = _from_samples(observed.to(F64).cpu(), null)

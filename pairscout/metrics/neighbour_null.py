@@ -1,4 +1,9 @@
-"""Permutation nulls of the neighbour metrics (mutual k-NN, CKNNA) without recomputing neighbours.
+"""Nulls of the neighbour metrics (mutual k-NN, CKNNA) from the neighbour lists, never recomputing neighbours.
+
+Mutual k-NN's default null is exact and drawn from no permutation: its overlap is a quadratic assignment
+statistic of the two weighted adjacencies, whose permutation mean and variance come from seven sums per model
+(:func:`overlap_sums`, :func:`overlap_moments`). The Monte-Carlo permutations below serve CKNNA and
+``method="permutation"``.
 
 Each model's neighbour lists become sorted entry keys ``row * n + col``; a permutation of the text rows
 relabels the text model's entries, which are looked up among the vision model's keys with ``searchsorted``
@@ -8,6 +13,7 @@ Used by :mod:`pairscout.metrics.calibration`; tested against recomputing the met
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +136,71 @@ def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], per
                 hit, pos = _lookup(a, q)
                 out[s:s + len(p), i, j] = (hit * a.weights[pos] * wb).sum(1) / (n * nxs[i].k)
     return out.cpu()
+
+
+def overlap_sums(nb: _knn.Neighbours, n: int) -> torch.Tensor:
+    """What the exact permutation moments of the neighbour overlap need from one model's lists, O(n k).
+
+    The lists are the weighted adjacency A (``A_ij`` = the tie weight of j in row i's list, zero diagonal, not
+    symmetric). Returns float64 ``[n, S, A2, At, R, C, P]``: the entry sum, ``sum A_ij^2``, ``sum A_ij A_ji``,
+    ``sum_i (r_i^2) - A2`` (pairs of entries sharing a row), ``sum_j (c_j^2) - A2`` (sharing a column) and
+    ``sum_j c_j r_j - At`` (paths i -> j -> l, l != i), with r and c the row and column sums."""
+    dev = nb.indices.device
+    ok = nb.indices >= 0
+    rows = torch.arange(n, device=dev)[:, None].expand_as(nb.indices)[ok]
+    cols = nb.indices[ok]
+    w = nb.weight_matrix().to(F64)[ok]
+    r = torch.zeros(n, dtype=F64, device=dev).index_add_(0, rows, w)
+    c = torch.zeros(n, dtype=F64, device=dev).index_add_(0, cols, w)
+    keys = rows * n + cols
+    order = torch.argsort(keys)
+    sk = keys[order]
+    tk = cols * n + rows
+    pos = torch.searchsorted(sk, tk).clamp_max(max(sk.numel() - 1, 0))
+    hit = sk[pos] == tk if sk.numel() else torch.zeros(0, dtype=torch.bool, device=dev)
+    a2 = (w * w).sum()
+    at = (w[hit] * w[order[pos[hit]]]).sum()
+    return torch.stack([torch.tensor(float(n), dtype=F64, device=dev), w.sum(), a2, at, (r * r).sum() - a2,
+                        (c * c).sum() - a2, (r * c).sum() - at]).cpu()
+
+
+def overlap_moments(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Exact mean and variance over uniform permutations pi of ``T = sum_ij A_ij B_pi(i)pi(j)`` for two
+    zero-diagonal, not necessarily symmetric matrices, from their :func:`overlap_sums`.
+
+    Split ``E[T^2]`` by how the two entries (i, j), (k, l) share indices (Mantel 1967, Hubert 1987): the same
+    entry (A2), its transpose (At), a shared row (R), a shared column (C), a path (k = j or l = i: P, twice) and
+    four distinct indices (``A4 = S^2 - A2 - At - R - C - 2P``); with ``(n)_k`` the falling factorial::
+
+        E[T]   = S_A S_B / (n)_2
+        E[T^2] = (A2_A A2_B + At_A At_B) / (n)_2 + (R_A R_B + C_A C_B + 2 P_A P_B) / (n)_3 + A4_A A4_B / (n)_4
+
+    For symmetric matrices this is the off-diagonal part of
+    :func:`pairscout.metrics.calibration._quadratic_assignment_moments`."""
+    n_, sa, a2a, ata, ra, ca, pa = (float(v) for v in a)
+    _, sb, a2b, atb, rb, cb, pb = (float(v) for v in b)
+    n = int(round(n_))
+    n2, n3, n4 = n * (n - 1), n * (n - 1) * (n - 2), n * (n - 1) * (n - 2) * (n - 3)
+    a4a = sa * sa - a2a - ata - ra - ca - 2 * pa
+    a4b = sb * sb - a2b - atb - rb - cb - 2 * pb
+    mean = sa * sb / n2
+    et2 = (a2a * a2b + ata * atb) / n2 + (ra * rb + ca * cb + 2 * pa * pb) / n3 + a4a * a4b / n4
+    return mean, max(et2 - mean * mean, 0.0)
+
+
+def mutual_knn_moments(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, t) exact permutation mean and sd of mutual k-NN, ``T / (n k)`` with T the weighted overlap
+    (:func:`overlap_moments`): O(n k log(n k)) per model, O(1) per pair, no permutation drawn."""
+    sx = [overlap_sums(a, n) for a in nxs]
+    sy = [overlap_sums(b, n) for b in nys]
+    mean = torch.empty(len(nxs), len(nys), dtype=F64)
+    sd = torch.empty_like(mean)
+    for i, a in enumerate(sx):
+        for j, b in enumerate(sy):
+            mu, var = overlap_moments(a, b)
+            scale = n * nxs[i].k
+            mean[i, j], sd[i, j] = mu / scale, math.sqrt(var) / scale
+    return mean, sd
 
 
 def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: torch.Tensor, n: int,

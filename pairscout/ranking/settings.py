@@ -34,11 +34,12 @@ class RankSettings:
     ci_groups: int = 10
     """Groups of the delete-a-group jackknife behind every confidence interval (0 turns them off)."""
     permutations: int = 199
-    """Monte-Carlo shuffled pairings behind the calibrated scores and p-values of the neighbour metrics (mutual
-    k-NN; CKNNA 49 at the default; any other value applies to both); CKA's null moments are exact in closed form (0 turns calibration off;
-    :mod:`pairscout.metrics.calibration`)."""
+    """Monte-Carlo shuffled pairings behind the calibrated scores and p-values of CKNNA (49 at the default; any other
+    value as given); the null moments of CKA and mutual k-NN are exact in closed form. 0 turns calibration off
+    (:mod:`pairscout.metrics.calibration`)."""
     null_method: str = "auto"
-    """``auto``: closed-form null moments for CKA, permutations for neighbour metrics; ``permutation``: all by permutation."""
+    """``auto``: closed-form null moments for CKA and mutual k-NN, permutations for CKNNA; ``permutation``: all by
+    permutation (this many)."""
     caption_reduce: str = "first"
     """Text vector per image: the ``first`` caption's or the ``mean`` of all captions'."""
     seed: int = 0
