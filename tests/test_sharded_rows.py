@@ -50,6 +50,13 @@ CASES = [("cka_rbf", {}), ("cka_rbf_debiased", {}), ("mutual_knn", {"k": 5}), ("
          ("mutual_knn", {"k": 4, "preprocess": Preprocess(clip_quantile=0.9)})]
 
 
+MASKED = ("cka_linear", "svcca")
+
+
+def _mask(n: int) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(5)) > 0.3
+
+
 def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> None:
     if tiny:  # similarity blocks recomputed in every pass, in tiles of a few rows; RBF blocks in chunks of 16 rows
         import pairscout.metrics.knn as knn
@@ -64,8 +71,10 @@ def _worker(rank: int, world: int, tmp: str, cuts: list[int], tiny: bool) -> Non
         xl, yl = [x[lo:hi] for x in xs], [y[lo:hi] for y in ys]
         eng = Engine(torch.device("cpu"), "float64", cuts[-1], lo, hi, world)
         out = [pair_metric(name, xl, yl, engine=eng, **kw) for name, kw in CASES]
+        # a global row mask (a jackknife subset) is cut to this process's rows; a measure without a sharded form gathers
+        masked = [pair_metric(name, xl, yl, engine=eng, rows=_mask(cuts[-1])) for name in MASKED]
         nb = sharded_neighbours(yl[2], shard_counts(hi - lo, torch.device("cpu")), 5)
-        torch.save({"values": out, "nb": (nb.indices, nb.sims, nb.weights)}, f"{tmp}/r{rank}.pt")
+        torch.save({"values": out, "masked": masked, "nb": (nb.indices, nb.sims, nb.weights)}, f"{tmp}/r{rank}.pt")
     finally:
         distributed.shutdown(clean=sys.exc_info()[0] is None)  # a barrier first: no peer torn down mid-transfer
 
@@ -88,6 +97,10 @@ def test_ranks_equal_one_process(tmp_path, cuts, tiny):
                 assert float((g - w).abs().max()) < 1e-10, (name, g, w)
             else:
                 assert torch.equal(g, w), (name, g, w)  # neighbour metrics: exactly
+        for name, g in zip(MASKED, got["masked"], strict=True):
+            keep = _mask(cuts[-1])
+            w = pair_metric(name, [x[keep] for x in xs], [y[keep] for y in ys], precision="float64")
+            assert float((g - w).abs().max()) < 1e-10, (name, g, w)
         idx, sims, weights = got["nb"]
         assert torch.equal(idx, ref.indices) and torch.equal(sims, ref.sims) and torch.equal(weights, ref.weights)
 
