@@ -317,3 +317,22 @@ def test_a_folder_of_aligned_models_is_read_as_its_models(tmp_path):
     assert _model_folders(tmp_path / "align") == [tmp_path / "align" / "a__x"]
     assert _model_folders(tmp_path / "align" / "a__x") == [tmp_path / "align" / "a__x"]
     assert _model_folders(tmp_path / "align" / "b__y") == [tmp_path / "align" / "b__y"]  # nothing inside: its own one-line error follows
+
+
+def test_the_folder_finder_and_collect_read_one_list_of_result_files(tmp_path):
+    """report.build.RESULT_FILES says where each result file may lie; result_files finds them, collect reads the same
+    ones (an alignment's log in model/, its config in train/), and a folder with none is a one-line error naming them."""
+    from pairscout.report.build import RESULT_FILES, collect, result_files
+
+    m = tmp_path / "m"
+    (m / "model").mkdir(parents=True)
+    (m / "train").mkdir()
+    (m / "model" / "train_log.json").write_text(json.dumps({"history": [], "config": {"head": "linear"}}))
+    (m / "train" / "config.json").write_text(json.dumps({"head": "linear"}))
+    (m / "train" / "rank.json").write_text("{}")  # not where a rank run's file lies: not a result
+    assert result_files(m) == {"train_log.json": m / "model" / "train_log.json"}
+    run = collect([m])[0]
+    assert run.rank is None and run.train_log == {"history": [], "config": {"head": "linear"}} and run.model_config == {"head": "linear"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PairscoutError, match=f"no {', '.join(list(RESULT_FILES)[:-1])} or {list(RESULT_FILES)[-1]}"):
+        collect([tmp_path / "empty"])
