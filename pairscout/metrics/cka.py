@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from pairscout.errors import MetricError
@@ -134,6 +135,11 @@ def median_sigma_tensor(x: torch.Tensor, sigma_frac: float, max_rows: int = 2048
         raise MetricError("all rows of x are identical, so the RBF median bandwidth is 0.",
                           fix="check the encoder output or pass an explicit sigma.")
     k = v.numel()
+    if v.device.type == "cpu":  # both middle values from one partial sort (the same order statistics as kthvalue)
+        mid = np.partition(v.numpy(), [max(k // 2 - 1, 0), k // 2])
+        hi_f = float(mid[k // 2])
+        med_f = hi_f if k % 2 else 0.5 * (float(mid[k // 2 - 1]) + hi_f)
+        return float(sigma_frac * math.sqrt(med_f))
     hi = torch.kthvalue(v, k // 2 + 1).values
     med = hi if k % 2 else 0.5 * (torch.kthvalue(v, k // 2).values + hi)
     return float(sigma_frac * math.sqrt(float(med)))

@@ -182,16 +182,6 @@ def sharded_pair_metric(name: str, xs: Sequence[torch.Tensor], ys: Sequence[torc
             raise MetricError(f"only {n} rows over all ranks; k={k} neighbours need more.", fix="use more rows or a smaller k.")
         nxs = [R.sharded_neighbours(x, counts, k, pre) for x in xs]  # type: ignore[arg-type]
         nys = [R.sharded_neighbours(y, counts, k, pre) for y in ys]  # type: ignore[arg-type]
-        out = torch.empty(len(nxs), len(nys), dtype=F64)
-        if name == "mutual_knn":
-            for i, a in enumerate(nxs):
-                for j, b in enumerate(nys):
-                    out[i, j] = _knn.mutual_knn_rows(a, b).mean().cpu()
-            return out
-        sx, sy = [_knn.cknna_self_term(n, a) for a in nxs], [_knn.cknna_self_term(n, b) for b in nys]
-        for i, a in enumerate(nxs):
-            for j, b in enumerate(nys):
-                out[i, j] = _knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
-        return out
+        return _knn.pair_values(nxs, nys, n, [name])[name]
     rec = get(name)
     return rec.all_pairs([R.gather_all(x, counts) for x in xs], [R.gather_all(y, counts) for y in ys], **rec.kwargs(dict(kw)))
