@@ -23,7 +23,9 @@ import pairscout.metrics.knn as _knn
 F64 = torch.float64
 #: Memory the dense lookup table of mutual k-NN's null may use (all vision models, float32 n x n each).
 DENSE_BYTES = 256 * 2**20
-#: Memory the bitmaps of mutual k-NN's null may use (all vision models, n^2 / 8 bytes each).
+#: Memory one bitmap of CKNNA's null may use (n / 8 bytes per row of a vision model's entries; rows in chunks).
+BITMAP_ROW_BYTES = 64 * 2**20
+#: Memory the bitmaps of mutual k-NN's Monte-Carlo null may use (all vision models, n^2 / 8 bytes each).
 BITMAP_BYTES = 4 * 2**30
 
 
@@ -202,12 +204,15 @@ def mutual_knn_moments(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], n
     return mean, sd
 
 
-def _entry_bits(nb: _knn.Neighbours, n: int) -> torch.Tensor:
-    """One model's neighbour entries (row, column) as a bitmap of the n x n entries (n^2 / 8 bytes)."""
+def _entry_bits(nb: _knn.Neighbours, n: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """One model's neighbour entries of rows ``r0:r1`` (all rows by default) as a bitmap of those rows' n entries
+    each (``(r1 - r0) n / 8`` bytes; entry (r, c) is bit ``(r - r0) n + c``)."""
     dev = nb.indices.device
-    ok = nb.indices >= 0
-    keys = (torch.arange(n, device=dev)[:, None] * n + nb.indices)[ok]
-    bits = torch.zeros((n * n + 7) // 8, dtype=torch.uint8, device=dev)
+    r1 = n if r1 is None else r1
+    idx = nb.indices[r0:r1]
+    ok = idx >= 0
+    keys = (torch.arange(r1 - r0, device=dev)[:, None] * n + idx)[ok]
+    bits = torch.zeros(((r1 - r0) * n + 7) // 8, dtype=torch.uint8, device=dev)
     return bits.index_put_((keys >> 3,), (1 << (keys & 7)).to(torch.uint8), accumulate=True)  # distinct bits: a sum is an or
 
 
@@ -216,8 +221,8 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
     """(n_perm, m, t) CKNNA with the text rows permuted, batched over permutations.
 
     A batch of permutations relabels every text model's lists once (side by side); each vision model's entries
-    are then a bitmap of the n x n entries (:func:`_entry_bits`, n^2 / 8 bytes, one model at a time, rebuilt per
-    batch in O(n k)), so finding which permuted entries it shares is one bit lookup per entry (O(n k) per
+    are then a bitmap of the n x n entries (:func:`_entry_bits`, rebuilt per batch in O(n k), one model and at most
+    :data:`BITMAP_ROW_BYTES` of rows at a time: memory linear in n), so finding which permuted entries it shares is one bit lookup per entry (O(n k) per
     permutation and pair, no search); the rare shared entries find their place in the vision row's list, and the
     sparse HSIC of every (permutation, text model) of the batch is one sort
     (:func:`pairscout.metrics.knn._sparse_hsic1_pairs`). A batch's permuted lists take about ``budget`` bytes."""
@@ -236,16 +241,23 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
     denom = (sx_self[:, None] * sy_self[None, :]).clamp_min(0.0).sqrt()
     ok = (sx_self[:, None] > 0) & (sy_self[None, :] > 0)
     rows = torch.arange(n, device=dev)[None, :, None]
+    span = max(8, BITMAP_ROW_BYTES * 8 // n // 8 * 8)
     for s, p, inv in _batches(perms, batch):
         bsz = len(p)
         raw = yi[p]  # (B, n, W): row r of permuted Y is old row p[r]
         cols = torch.gather(inv, 1, raw.clamp_min(0).reshape(bsz, -1)).view_as(raw)
         q = rows * n + cols
-        byte, bit = torch.where(raw >= 0, q >> 3, (n * n + 7) // 8), (q & 7).to(torch.uint8)  # unused slots: a zero byte
+        byte, bit = q >> 3, (q & 7).to(torch.uint8)
         del q
         for i, a in enumerate(nxs):
-            bits = torch.cat([_entry_bits(a, n), torch.zeros(1, dtype=torch.uint8, device=dev)])
-            bi, r, e = ((bits[byte] >> bit) & 1).nonzero(as_tuple=True)
+            found = []
+            for r0 in range(0, n, span):  # a bitmap of ``span`` rows at a time (a multiple of 8: whole bytes)
+                r1 = min(r0 + span, n)
+                bits = torch.cat([_entry_bits(a, n, r0, r1), torch.zeros(1, dtype=torch.uint8, device=dev)])
+                at = torch.where(raw[:, r0:r1] >= 0, byte[:, r0:r1] - r0 * n // 8, bits.numel() - 1)  # unused: a zero byte
+                bi, r, e = ((bits[at] >> bit[:, r0:r1]) & 1).nonzero(as_tuple=True)
+                found.append((bi, r + r0, e))
+            bi, r, e = (torch.cat(x) for x in zip(*found, strict=True))
             old = p[bi, r]
             m = yw[old, e]
             keep = m > 0
