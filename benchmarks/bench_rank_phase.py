@@ -4,10 +4,11 @@ metrics) against the bare products those metrics need, at growing n, for 4 x 4 a
 Bare products (float64 on CPU, the metrics' precision on a GPU): every cross and self product of linear CKA
 (``Xc_i^T [Yc_1 .. Yc_t]``, ``Zc_k^T Zc_k``) and one n x n Gram per encoder (row tiles, never stored). The phase:
 :func:`pairscout.estimation.estimate` with rank's defaults (primary debiased linear CKA, then linear CKA, RBF CKA,
-mutual k-NN, CKNNA; 10 jackknife groups; 199 / 49 permutations for the neighbour nulls; k = 10).
+mutual k-NN, CKNNA; 10 jackknife groups; closed-form nulls for CKA and mutual k-NN, 49 permutations for CKNNA's;
+k = 10).
 
 Every measurement runs in its own process (peak RSS = that process's maximum resident memory, CPU-seconds =
-its user + system time after the data are made). Models: ``emb:``-style embeddings made from a shared latent
+its user + system time after the data are made and the modules imported). Models: ``emb:``-style embeddings made from a shared latent
 (seeded, float32), widths cycling through ``--dims``.
 
     python benchmarks/bench_rank_phase.py                       # n = 1,000 .. 16,000, 4x4 and 10x10
@@ -67,6 +68,11 @@ def child(mode: str, n: int, models: int, dims: list[int], device: str, threads:
         if cuda:
             torch.cuda.synchronize()
 
+    import scipy.stats  # noqa: F401 - imports (a one-off second per process, not arithmetic) stay off the clock
+
+    from pairscout.estimation import Engine, estimate
+    from pairscout.ranking.settings import RankSettings
+
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     c0, t0 = cpu_s(), time.perf_counter()
     extra: dict = {}
@@ -84,9 +90,6 @@ def child(mode: str, n: int, models: int, dims: list[int], device: str, threads:
                 (z[s:s + tile] @ z.T).sum()
         sync()
     else:
-        from pairscout.estimation import Engine, estimate
-        from pairscout.ranking.settings import RankSettings
-
         st = RankSettings()
         metrics = list(dict.fromkeys(["cka_linear_debiased", *st.metrics]))
         prec = "float32" if cuda else "float64"
@@ -125,7 +128,8 @@ def table(results: list[dict], dims: list[int], dev: str, threads: int) -> str:
     lines = [f"# Metrics phase of `rank` vs the bare products ({dev})", "",
              "`python benchmarks/bench_rank_phase.py` (sizes below; big sizes with `--append`). Phase: one "
              "`pairscout.estimation.estimate` pass with rank's defaults (debiased + biased linear CKA, RBF CKA, mutual "
-             "k-NN, CKNNA; values, 10-group jackknife replicates, nulls with 199 / 49 permutations). Bare: every "
+             "k-NN, CKNNA; values, 10-group jackknife replicates, nulls: closed form for CKA and mutual k-NN, 49 "
+             "permutations for CKNNA). Bare: every "
              "linear-CKA cross and self product and one n x n Gram per encoder, float64 on CPU. Each run in its own "
              f"process, {threads or 'default'} torch thread(s). Models: seeded float32 embeddings, widths cycling {dims}. Target: phase CPU-s within "
              f"{TARGET_RATIO:.0f}x bare; peak memory linear in n; n = 50,000 with 10 x 10 within {TARGET_GIB:.0f} GiB.", "",

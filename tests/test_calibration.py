@@ -171,3 +171,23 @@ def test_mutual_knn_null_is_exact_and_matches_permutations():
     assert float(exact.z[0, 0]) > 20 and float(exact.p_value[0, 0]) < 1e-9  # the shared signal
     unrelated = torch.tensor([[False, True], [True, True]])
     assert bool((exact.z[unrelated].abs() < 4).all()) and bool((exact.p_value[unrelated] > 1e-3).all())
+
+
+def test_cknna_null_bitmap_in_row_chunks_equals_one_bitmap(monkeypatch):
+    """CKNNA's null looks entries up in a bitmap of a few rows at a time (memory linear in n): 8-row chunks give
+    the same null as one bitmap of all rows, tied lists included."""
+    from pairscout.metrics import neighbour_null as NN
+
+    g = torch.Generator().manual_seed(0)
+    n = 203
+    xs = [torch.randn(n, 8, generator=g) for _ in range(2)]
+    ys = [torch.randn(n, 5, generator=g) for _ in range(3)]
+    ys[0][1::5] = ys[0][0::5][: len(ys[0][1::5])]  # duplicated rows: tie weights
+    nxs, nys = [K.nearest_neighbours(x, 6) for x in xs], [K.nearest_neighbours(y, 6) for y in ys]
+    assert nys[0].weights is not None
+    perms = C._perms(n, 7, 1)
+    whole = NN._cknna_null(nxs, nys, perms, n)
+    monkeypatch.setattr(NN, "BITMAP_ROW_BYTES", 40)  # 8 rows of 203 bits per chunk
+    assert torch.equal(NN._cknna_null(nxs, nys, perms, n), whole)
+    slow = torch.stack([pair_metric("cknna", xs, [y[p] for y in ys], k=6) for p in perms])
+    assert torch.allclose(whole, slow, atol=1e-12, equal_nan=True)

@@ -249,6 +249,7 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
                 from pairscout.estimation import gram as Gm
                 from pairscout.metrics.cka import median_sigma_tensor
 
+                clock.phase("RBF CKA: bandwidths (median distance)")
                 sf = float(opts[fam_rbf[0]].get("sigma_frac", 1.0))
                 sig = [R.sharded_median_sigma(z, counts, sf) if sharded else median_sigma_tensor(z, sf) for z in mats]
                 gammas = [1.0 / (2.0 * s * s) * 4.0 ** -e for s, e in zip(sig, expo, strict=True)]

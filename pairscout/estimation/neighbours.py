@@ -196,11 +196,4 @@ def search(x: torch.Tensor, width: int, preprocess: _knn.Preprocess, counts: Seq
 def metric_values(nxs: Sequence[_knn.Neighbours], nys: Sequence[_knn.Neighbours], n: int,
                   metrics: Sequence[str]) -> dict[str, torch.Tensor]:
     """(m, t) mutual k-NN and / or CKNNA from the lists of one subset (n rows), as :mod:`pairscout.metrics.knn`."""
-    out: dict[str, torch.Tensor] = {}
-    if "mutual_knn" in metrics:
-        out["mutual_knn"] = torch.tensor([[float(_knn.mutual_knn_rows(a, b).mean()) for b in nys] for a in nxs], dtype=F64)
-    if "cknna" in metrics:
-        sx, sy = [_knn.cknna_self_term(n, a) for a in nxs], [_knn.cknna_self_term(n, b) for b in nys]
-        out["cknna"] = torch.tensor([[_knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
-                                      for j, b in enumerate(nys)] for i, a in enumerate(nxs)], dtype=F64)
-    return out
+    return _knn.pair_values(nxs, nys, n, [m for m in ("mutual_knn", "cknna") if m in metrics])

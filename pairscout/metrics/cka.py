@@ -26,12 +26,14 @@ Conventions (tested):
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from pairscout.errors import MetricError
@@ -117,6 +119,13 @@ def median_sigma(x: ArrayLike, sigma_frac: float = 1.0, max_rows: int = 2048, se
     return median_sigma_tensor(as_matrix(x, "x"), sigma_frac, max_rows, seed)
 
 
+@functools.lru_cache(maxsize=4)
+def _upper_pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of every pair a < b in row-major order (as boolean-mask selection of the upper triangle)."""
+    iu = torch.triu_indices(n, n, 1, device=device)
+    return iu[0], iu[1]
+
+
 def median_sigma_tensor(x: torch.Tensor, sigma_frac: float, max_rows: int = 2048, seed: int = 0) -> float:
     if not sigma_frac > 0:
         raise MetricError(f"sigma_frac={sigma_frac} must be > 0.", fix="pass a positive fraction such as 1.0 or 0.5.")
@@ -128,12 +137,19 @@ def median_sigma_tensor(x: torch.Tensor, sigma_frac: float, max_rows: int = 2048
     x = x.to(F64)
     x = x - x.mean(0)
     sq = x.square().sum(1)
-    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min_(0)
-    v = d2[torch.ones_like(d2, dtype=torch.bool).triu_(1) & (d2 > 0)]
+    a, b = _upper_pairs(x.shape[0], x.device)
+    # the same float64 operations as (sq[:, None] + sq[None, :] - 2 x x^T) on the upper triangle only
+    v = ((sq[a] + sq[b]) - 2 * (x @ x.T).view(-1)[a * x.shape[0] + b]).clamp_min_(0)
+    v = v[v > 0]
     if v.numel() == 0:
         raise MetricError("all rows of x are identical, so the RBF median bandwidth is 0.",
                           fix="check the encoder output or pass an explicit sigma.")
     k = v.numel()
+    if v.device.type == "cpu":  # both middle values from one partial sort (the same order statistics as kthvalue)
+        mid = np.partition(v.numpy(), [max(k // 2 - 1, 0), k // 2])
+        hi_f = float(mid[k // 2])
+        med_f = hi_f if k % 2 else 0.5 * (float(mid[k // 2 - 1]) + hi_f)
+        return float(sigma_frac * math.sqrt(med_f))
     hi = torch.kthvalue(v, k // 2 + 1).values
     med = hi if k % 2 else 0.5 * (torch.kthvalue(v, k // 2).values + hi)
     return float(sigma_frac * math.sqrt(float(med)))

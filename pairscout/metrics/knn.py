@@ -274,12 +274,8 @@ def all_pairs_mutual_knn(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Se
     Returns:
         (m, t) float64 CPU tensor.
     """
-    nxs, nys, _ = _neighbours_all(xs, ys, k, preprocess, 2)
-    out = torch.empty(len(nxs), len(nys), dtype=F64)
-    for i, a in enumerate(nxs):
-        for j, b in enumerate(nys):
-            out[i, j] = mutual_knn_rows(a, b).mean().cpu()
-    return out
+    nxs, nys, n = _neighbours_all(xs, ys, k, preprocess, 2)
+    return pair_values(nxs, nys, n, ["mutual_knn"])["mutual_knn"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,20 +297,6 @@ def _sparse_hsic1(n: int, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tenso
     rowsum_b = torch.zeros(n, dtype=F64, device=a.device).index_add_(0, rows, b)
     num = tr + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (colsum_a @ rowsum_b)
     return float(num / (n * (n - 3)))
-
-
-def _cknna_terms(n: int, nx: Neighbours, ny: Neighbours) -> float:
-    """HSIC_1(M*K, M*L) with M = N_X & N_Y. K values come from nx.sims; L values from ny.sims at the matches."""
-    ia, ib = nx.indices, ny.indices
-    eq = (ia[:, :, None] == ib[:, None, :]) & (ia[:, :, None] >= 0)  # entry p of X's list equals entry q of Y's
-    r, p, q = eq.nonzero(as_tuple=True)
-    rows, cols = r, ia[r, p]
-    a = nx.sims[r, p].to(F64)
-    b = ny.sims[r, q].to(F64)
-    if nx.weights is not None or ny.weights is not None:  # soft mask M = w_X w_Y on both sides
-        m = nx.weight_matrix()[r, p] * ny.weight_matrix()[r, q]
-        a, b = a * m, b * m
-    return _sparse_hsic1(n, rows, cols, a, b)
 
 
 def _cknna_self(n: int, nx: Neighbours) -> float:
@@ -344,6 +326,78 @@ def _ratio(cross: float, sx: float, sy: float, label: str, quiet: bool = False) 
     return v
 
 
+def _shared_entries(nx: Neighbours, nys: Sequence[Neighbours], tile: int = 4096) -> tuple[torch.Tensor, ...]:
+    """The entries of X's lists that each Y's lists hold too: (pair j, row, column, soft mask ``w_X w_Y``, X's
+    similarity, Y's similarity), from one comparison of X's lists with every Y's side by side (row tiles)."""
+    dev = nx.indices.device
+    ib = torch.cat([b.indices for b in nys], 1)
+    wb = torch.cat([b.weight_matrix() for b in nys], 1)
+    sb = torch.cat([b.sims.to(F64) for b in nys], 1)
+    jcol = torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)])
+    wa, sa = nx.weight_matrix(), nx.sims.to(F64)
+    parts = []
+    for s in range(0, nx.indices.shape[0], tile):
+        ia = nx.indices[s:s + tile]
+        eq = (ia[:, :, None] == ib[s:s + tile, None, :]) & (ia[:, :, None] >= 0)
+        r, p, q = eq.nonzero(as_tuple=True)
+        r = r + s
+        parts.append((jcol[q], r, nx.indices[r, p], wa[r, p] * wb[r, q], sa[r, p], sb[r, q]))
+    return tuple(torch.cat(c) for c in zip(*parts, strict=True))
+
+
+def pair_values(nxs: Sequence[Neighbours], nys: Sequence[Neighbours], n: int, metrics: Sequence[str],
+                self_x: Sequence[float] | None = None, self_y: Sequence[float] | None = None,
+                quiet: bool = False) -> dict[str, torch.Tensor]:
+    """(m, t) float64 CPU mutual k-NN and / or CKNNA of every pair from the models' neighbour lists of the same n
+    rows: each vision model's lists are compared with every text model's at once and the sparse HSIC of all its
+    pairs is one sort (the one implementation every path uses: single process, row shards, subsets, nulls).
+    ``self_x``, ``self_y``: CKNNA's self terms if known (:func:`cknna_self_term`)."""
+    m, t = len(nxs), len(nys)
+    out = {name: torch.empty(m, t, dtype=F64) for name in metrics}
+    if "cknna" in metrics:
+        sx = list(self_x) if self_x is not None else [_cknna_self(n, a) for a in nxs]
+        sy = list(self_y) if self_y is not None else [_cknna_self(n, b) for b in nys]
+    for i, a in enumerate(nxs):
+        j, r, c, w, va, vb = _shared_entries(a, nys)
+        dev = r.device
+        if "mutual_knn" in metrics:
+            rows = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, j * n + r, w).view(t, n)
+            out["mutual_knn"][i] = (rows / a.k).mean(1).cpu()
+        if "cknna" in metrics:
+            cross = _sparse_hsic1_pairs(n, t, j, r, c, va * w, vb * w)  # = _cknna_cross(n, a, nys)
+            for jj in range(t):
+                out["cknna"][i, jj] = _ratio(float(cross[jj]), sx[i], sy[jj], f"xs[{i}], ys[{jj}]", quiet)
+    return out
+
+
+def _cknna_cross(n: int, nx: Neighbours, nys: Sequence[Neighbours]) -> torch.Tensor:
+    """(t,) ``HSIC_1(M*K, M*L)`` of X against every Y, M the soft mutual mask (module docstring)."""
+    j, r, c, w, va, vb = _shared_entries(nx, nys)
+    return _sparse_hsic1_pairs(n, len(nys), j, r, c, va * w, vb * w)
+
+
+def _sparse_hsic1_pairs(n: int, t: int, pair: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor,
+                        b: torch.Tensor) -> torch.Tensor:
+    """(t,) float64 :func:`_sparse_hsic1` of t pairs at once, entry e belonging to pair ``pair[e]``."""
+    dev = a.device
+    nn = n * n
+    keys = pair * nn + rows * n + cols
+    order = torch.argsort(keys)
+    skeys = keys[order]
+    tkeys = pair * nn + cols * n + rows
+    tr = torch.zeros(t, dtype=F64, device=dev)
+    if skeys.numel():
+        pos = torch.searchsorted(skeys, tkeys).clamp_max(skeys.numel() - 1)
+        hit = skeys[pos] == tkeys
+        tr.index_add_(0, pair[hit], a[hit] * b[order[pos[hit]]])
+    sa = torch.zeros(t, dtype=F64, device=dev).index_add_(0, pair, a)
+    sb = torch.zeros(t, dtype=F64, device=dev).index_add_(0, pair, b)
+    colsum_a = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, pair * n + cols, a).view(t, n)
+    rowsum_b = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, pair * n + rows, b).view(t, n)
+    num = tr + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (colsum_a * rowsum_b).sum(1)
+    return (num / (n * (n - 3))).cpu()
+
+
 def cknna(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess()) -> float:
     """CKNNA (Huh et al. 2024): CKA (unbiased HSIC) restricted to mutual k-NN pairs. Formula in the module
     docstring. Needs k >= 2 and n >= 4.
@@ -357,13 +411,7 @@ def all_pairs_cknna(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Sequenc
     if k < 2:
         raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
     nxs, nys, n = _neighbours_all(xs, ys, k, preprocess, 4)
-    sx = [_cknna_self(n, a) for a in nxs]
-    sy = [_cknna_self(n, b) for b in nys]
-    out = torch.empty(len(nxs), len(nys), dtype=F64)
-    for i, a in enumerate(nxs):
-        for j, b in enumerate(nys):
-            out[i, j] = _ratio(_cknna_terms(n, a, b), sx[i], sy[j], f"xs[{i}], ys[{j}]")
-    return out
+    return pair_values(nxs, nys, n, ["cknna"])["cknna"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,4 +430,4 @@ def cknna_self_term(n: int, nx: Neighbours) -> float:
 
 def cknna_from_neighbours(n: int, nx: Neighbours, ny: Neighbours, self_x: float, self_y: float, label: str = "") -> float:
     """CKNNA of one pair from its neighbour lists and both self terms (:func:`cknna_self_term`)."""
-    return _ratio(_cknna_terms(n, nx, ny), self_x, self_y, label)
+    return _ratio(float(_cknna_cross(n, nx, [ny])[0]), self_x, self_y, label)

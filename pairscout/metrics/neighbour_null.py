@@ -23,7 +23,9 @@ import pairscout.metrics.knn as _knn
 F64 = torch.float64
 #: Memory the dense lookup table of mutual k-NN's null may use (all vision models, float32 n x n each).
 DENSE_BYTES = 256 * 2**20
-#: Memory the bitmaps of mutual k-NN's null may use (all vision models, n^2 / 8 bytes each).
+#: Memory one bitmap of CKNNA's null may use (n / 8 bytes per row of a vision model's entries; rows in chunks).
+BITMAP_ROW_BYTES = 64 * 2**20
+#: Memory the bitmaps of mutual k-NN's Monte-Carlo null may use (all vision models, n^2 / 8 bytes each).
 BITMAP_BYTES = 4 * 2**30
 
 
@@ -93,8 +95,7 @@ def _mutual_knn_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], per
             ok = a.indices >= 0
             keys = (torch.arange(n, device=dev)[:, None] * n + a.indices)[ok]
             w = a.weight_matrix()[ok]
-            t = torch.zeros((n * n + 7) // 8, dtype=torch.uint8, device=dev)
-            bits.append(t.index_put_((keys >> 3,), (1 << (keys & 7)).to(torch.uint8), accumulate=True))
+            bits.append(_entry_bits(a, n))
             odd = w != 1.0
             order = torch.argsort(keys[odd])
             ties.append((keys[odd][order], w[odd][order]))
@@ -203,52 +204,72 @@ def mutual_knn_moments(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], n
     return mean, sd
 
 
+def _entry_bits(nb: _knn.Neighbours, n: int, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """One model's neighbour entries of rows ``r0:r1`` (all rows by default) as a bitmap of those rows' n entries
+    each (``(r1 - r0) n / 8`` bytes; entry (r, c) is bit ``(r - r0) n + c``)."""
+    dev = nb.indices.device
+    r1 = n if r1 is None else r1
+    idx = nb.indices[r0:r1]
+    ok = idx >= 0
+    keys = (torch.arange(r1 - r0, device=dev)[:, None] * n + idx)[ok]
+    bits = torch.zeros(((r1 - r0) * n + 7) // 8, dtype=torch.uint8, device=dev)
+    return bits.index_put_((keys >> 3,), (1 << (keys & 7)).to(torch.uint8), accumulate=True)  # distinct bits: a sum is an or
+
+
 def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: torch.Tensor, n: int,
-                batch: int = 16) -> torch.Tensor:
-    """(n_perm, m, t) CKNNA with the text rows permuted, batched over permutations (keys offset by perm)."""
-    sx_self = [_knn._cknna_self(n, a) for a in nxs]
-    sy_self = [_knn._cknna_self(n, b) for b in nys]
-    n_perm = perms.shape[0]
+                batch: int = 16, budget: int = 256 * 2**20) -> torch.Tensor:
+    """(n_perm, m, t) CKNNA with the text rows permuted, batched over permutations.
+
+    A batch of permutations relabels every text model's lists once (side by side); each vision model's entries
+    are then a bitmap of the n x n entries (:func:`_entry_bits`, rebuilt per batch in O(n k), one model and at most
+    :data:`BITMAP_ROW_BYTES` of rows at a time: memory linear in n), so finding which permuted entries it shares is one bit lookup per entry (O(n k) per
+    permutation and pair, no search); the rare shared entries find their place in the vision row's list, and the
+    sparse HSIC of every (permutation, text model) of the batch is one sort
+    (:func:`pairscout.metrics.knn._sparse_hsic1_pairs`). A batch's permuted lists take about ``budget`` bytes."""
+    sx_self = torch.tensor([_knn.cknna_self_term(n, a) for a in nxs], dtype=F64)
+    sy_self = torch.tensor([_knn.cknna_self_term(n, b) for b in nys], dtype=F64)
+    n_perm, t = perms.shape[0], len(nys)
     dev = nxs[0].indices.device
     perms = perms.to(dev)
-    out = torch.empty(n_perm, len(nxs), len(nys), dtype=F64, device=dev)
-    sx = [_sparse(a, n) for a in nxs]
-    nn = n * n
+    out = torch.empty(n_perm, len(nxs), t, dtype=F64)
+    yi = torch.cat([b.indices for b in nys], 1)  # every text model's lists side by side
+    yw = torch.cat([b.weight_matrix().to(F64) for b in nys], 1)
+    ys = torch.cat([b.sims.to(F64) for b in nys], 1)
+    W = yi.shape[1]
+    jcol = torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)])
+    batch = max(1, min(batch, budget // (32 * n * W)))
+    denom = (sx_self[:, None] * sy_self[None, :]).clamp_min(0.0).sqrt()
+    ok = (sx_self[:, None] > 0) & (sy_self[None, :] > 0)
+    rows = torch.arange(n, device=dev)[None, :, None]
+    span = max(8, BITMAP_ROW_BYTES * 8 // n // 8 * 8)
     for s, p, inv in _batches(perms, batch):
         bsz = len(p)
-        off = (torch.arange(bsz, device=dev) * nn)[:, None]
-        for j, b in enumerate(nys):
-            rows, cols, ysim, wb = _permuted_entries(b, p, inv, n)
-            q = rows * n + cols
-            for i, a in enumerate(sx):
-                hit, pos = _lookup(a, q)
-                hit = hit & (wb > 0)
-                bi, e = hit.nonzero(as_tuple=True)
-                m = a.weights[pos[bi, e]] * wb[bi, e]
-                av = a.sims[pos[bi, e]] * m
-                bv = ysim[bi, e] * m
-                r, c = rows[bi, e], cols[bi, e]
-                # tr(AB) = sum over entries whose transpose is an entry too of A_ij B_ji (within one permutation)
-                key = bi * nn + r * n + c
-                order = torch.argsort(key)
-                sk = key[order]
-                tk = bi * nn + c * n + r
-                tp = torch.searchsorted(sk, tk).clamp_max(max(sk.numel() - 1, 0))
-                th = sk[tp] == tk if sk.numel() else torch.zeros(0, dtype=torch.bool, device=dev)
-                tr = torch.zeros(bsz, dtype=F64, device=dev).index_add_(0, bi[th], av[th] * bv[order[tp[th]]])
-                sa = torch.zeros(bsz, dtype=F64, device=dev).index_add_(0, bi, av)
-                sb = torch.zeros(bsz, dtype=F64, device=dev).index_add_(0, bi, bv)
-                col_a = torch.zeros(bsz * n, dtype=F64, device=dev).index_add_(0, bi * n + c, av).view(bsz, n)
-                row_b = torch.zeros(bsz * n, dtype=F64, device=dev).index_add_(0, bi * n + r, bv).view(bsz, n)
-                num = tr + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (col_a * row_b).sum(1)
-                cross = num / (n * (n - 3))
-                if sx_self[i] <= 0 or sy_self[j] <= 0:
-                    out[s:s + bsz, i, j] = 0.0
-                else:
-                    v = cross / (sx_self[i] * sy_self[j]) ** 0.5
-                    out[s:s + bsz, i, j] = torch.where(v.abs() > 1 + 1e-9, torch.full_like(v, float("nan")), v)
-        del off
-    return out.cpu()
+        raw = yi[p]  # (B, n, W): row r of permuted Y is old row p[r]
+        cols = torch.gather(inv, 1, raw.clamp_min(0).reshape(bsz, -1)).view_as(raw)
+        q = rows * n + cols
+        byte, bit = q >> 3, (q & 7).to(torch.uint8)
+        del q
+        for i, a in enumerate(nxs):
+            found = []
+            for r0 in range(0, n, span):  # a bitmap of ``span`` rows at a time (a multiple of 8: whole bytes)
+                r1 = min(r0 + span, n)
+                bits = torch.cat([_entry_bits(a, n, r0, r1), torch.zeros(1, dtype=torch.uint8, device=dev)])
+                at = torch.where(raw[:, r0:r1] >= 0, byte[:, r0:r1] - r0 * n // 8, bits.numel() - 1)  # unused: a zero byte
+                bi, r, e = ((bits[at] >> bit[:, r0:r1]) & 1).nonzero(as_tuple=True)
+                found.append((bi, r + r0, e))
+            bi, r, e = (torch.cat(x) for x in zip(*found, strict=True))
+            old = p[bi, r]
+            m = yw[old, e]
+            keep = m > 0
+            bi, r, e, old, m = bi[keep], r[keep], e[keep], old[keep], m[keep]
+            c = cols[bi, r, e]
+            pa = (a.indices[r] == c[:, None]).to(torch.int8).argmax(1)  # the entry's place in the vision row's list
+            m = a.weight_matrix().to(F64)[r, pa] * m
+            cross = _knn._sparse_hsic1_pairs(n, bsz * t, bi * t + jcol[e], r, c, a.sims.to(F64)[r, pa] * m, ys[old, e] * m)
+            v = cross.view(bsz, t) / denom[i]
+            v = torch.where(v.abs() > 1 + 1e-9, torch.full_like(v, float("nan")), v)
+            out[s:s + bsz, i] = torch.where(ok[i], v, torch.zeros_like(v))
+    return out
 
 
 #: Exceedances of the observed value among the permutations from which the Monte-Carlo p is used as it is;

@@ -60,7 +60,8 @@ class Measure:
     """Keyword options it takes (``k``, ``preprocess``, ``sigma_frac``, RBF's absolute ``sigmas``, ...)."""
     min_rows: int = 2
     null: str = "permutation: rows of the text side shuffled, the measure recomputed"
-    """How its chance level and p-value are computed (:func:`pairscout.metrics.stats.permutation_null`)."""
+    """How ``rank`` computes its chance level and p-value (:mod:`pairscout.metrics.calibration`; the API's
+    :func:`pairscout.metrics.stats.permutation_null` always recomputes on shuffled rows)."""
     null_kind: Literal["recompute", "neighbours"] = "recompute"
     interval: str = "delete-a-group jackknife (no duplicated rows)"
     """How ``pairscout rank`` computes its 95 % interval (:func:`pairscout.ranking.compute.jackknife_ci`)."""
@@ -109,6 +110,7 @@ KORNBLITH = "Kornblith et al. 2019, Similarity of Neural Network Representations
 SONG = "Song et al. 2012, Feature Selection via Dependence Maximization (JMLR): unbiased HSIC"
 HUH = "Huh et al. 2024, The Platonic Representation Hypothesis (ICML)"
 LINEAR_COST = "O(n (Dx Dy + sum d^2)) feature form or O(n^2 d) Gram tiles, whichever is cheaper"
+CKA_NULL = "exact permutation moments (closed form, rows of the text side shuffled) + gamma tail"
 RBF_COST = "O(n^2 d) Gram tiles, memory bounded"
 KNN_COST = "O(n^2 d) neighbour search, then O(n k) per pair"
 
@@ -116,20 +118,20 @@ MEASURES: dict[str, Measure] = {
     m.name: m
     for m in (
         Measure("cka_linear", "linear CKA", _cka("linear", False), sharded=_sharded_cka("linear", False), takes_precision=True, cost="cheap",
-                cost_note=LINEAR_COST, bootstrap=True, reference=KORNBLITH),
+                cost_note=LINEAR_COST, bootstrap=True, null=CKA_NULL, reference=KORNBLITH),
         Measure("cka_linear_debiased", "linear CKA (debiased)", _cka("linear", True), sharded=_sharded_cka("linear", True), takes_precision=True,
-                range=(-1.0, 1.0), cost="cheap", cost_note=LINEAR_COST, min_rows=4, reference=f"{KORNBLITH}; {SONG}"),
+                range=(-1.0, 1.0), cost="cheap", cost_note=LINEAR_COST, min_rows=4, null=CKA_NULL, reference=f"{KORNBLITH}; {SONG}"),
         Measure("cka_rbf", "RBF CKA", _cka("rbf", False), sharded=_sharded_cka("rbf", False), takes_precision=True, cost="moderate", cost_note=RBF_COST,
-                options=("sigma_frac", "sigmas"), bootstrap=True, reference=KORNBLITH),
+                options=("sigma_frac", "sigmas"), bootstrap=True, null=CKA_NULL, reference=KORNBLITH),
         Measure("cka_rbf_debiased", "RBF CKA (debiased)", _cka("rbf", True), sharded=_sharded_cka("rbf", True), takes_precision=True, range=(-1.0, 1.0),
                 cost="moderate", cost_note=RBF_COST, options=("sigma_frac", "sigmas"), min_rows=4, default=False,
-                reference=f"{KORNBLITH}; {SONG}"),
+                null=CKA_NULL, reference=f"{KORNBLITH}; {SONG}"),
         Measure("mutual_knn", "mutual k-NN", _fn("knn", "all_pairs_mutual_knn"), sharded=_fn("sharded", "sharded_mutual_knn"), cost="moderate", cost_note=KNN_COST,
-                options=("k", "preprocess"), null="permutation of the neighbour lists (exact, O(n k) each)",
+                options=("k", "preprocess"), null="exact permutation moments of the neighbour overlap (closed form) + gamma tail",
                 null_kind="neighbours", bootstrap=True, reference=HUH),
         Measure("cknna", "CKNNA", _fn("knn", "all_pairs_cknna"), sharded=_fn("sharded", "sharded_cknna"), range=(-1.0, 1.0), cost="moderate",
                 cost_note="O(n^2 d) neighbour search, then O(n k^2) per pair", options=("k", "preprocess"), min_rows=4,
-                null="permutation of the neighbour lists (exact, O(n k^2) each)", null_kind="neighbours", reference=HUH),
+                null="49 permutations of the neighbour lists (bit look-ups, O(n k) each) + fitted tail", null_kind="neighbours", reference=HUH),
         Measure("svcca", "SVCCA", _more("svcca"), cost="moderate", cost_note="two SVDs O(n d^2), then O(k^3)",
                 options=("keep", "max_dims"), min_rows=4, default=False,
                 reference="Raghu et al. 2017, SVCCA (NeurIPS)"),

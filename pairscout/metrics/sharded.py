@@ -176,7 +176,9 @@ def sharded_cka(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], kernel: 
     return R.sharded_rbf_hsic(xs, ys, debiased, sigma_frac=float(sigma_frac), precision=precision).cka()  # type: ignore[arg-type]
 
 
-def _neighbour_lists(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: int, preprocess: object, cknna: bool):
+def _neighbour_values(name: str, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: int,
+                      preprocess: object) -> torch.Tensor:
+    """Mutual k-NN or CKNNA (``name``) from this rank's rows: sharded neighbour search, lists gathered."""
     from pairscout.metrics import knn as _knn
     from pairscout.metrics import sharded_rows as R
 
@@ -184,37 +186,23 @@ def _neighbour_lists(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: 
     k = int(k)
     pre = preprocess or _knn.Preprocess()
     n = sum(counts)
-    if cknna and k < 2:
+    if name == "cknna" and k < 2:
         raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
-    if n < max(k + 1, 4 if cknna else 2):
+    if n < max(k + 1, 4 if name == "cknna" else 2):
         raise MetricError(f"only {n} rows over all ranks; k={k} neighbours need more.", fix="use more rows or a smaller k.")
     nxs = [R.sharded_neighbours(x, counts, k, pre) for x in xs]  # type: ignore[arg-type]
     nys = [R.sharded_neighbours(y, counts, k, pre) for y in ys]  # type: ignore[arg-type]
-    return n, nxs, nys
+    return _knn.pair_values(nxs, nys, n, [name])[name]
 
 
 def sharded_mutual_knn(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: int = 10,
                        preprocess: object = None) -> torch.Tensor:
     """(m, t) float64 CPU mutual k-NN from this rank's rows: the neighbour lists found sharded and gathered
-    (:func:`pairscout.metrics.sharded_rows.sharded_neighbours`), then the single-process code (the same value)."""
-    from pairscout.metrics import knn as _knn
-
-    _, nxs, nys = _neighbour_lists(xs, ys, k, preprocess, False)
-    out = torch.empty(len(nxs), len(nys), dtype=F64)
-    for i, a in enumerate(nxs):
-        for j, b in enumerate(nys):
-            out[i, j] = _knn.mutual_knn_rows(a, b).mean().cpu()
-    return out
+    (:func:`pairscout.metrics.sharded_rows.sharded_neighbours`), then the single-process code
+    (:func:`pairscout.metrics.knn.pair_values`; the same value)."""
+    return _neighbour_values("mutual_knn", xs, ys, k, preprocess)
 
 
 def sharded_cknna(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], k: int = 10, preprocess: object = None) -> torch.Tensor:
     """(m, t) float64 CPU CKNNA from this rank's rows (gathered neighbour lists, as :func:`sharded_mutual_knn`)."""
-    from pairscout.metrics import knn as _knn
-
-    n, nxs, nys = _neighbour_lists(xs, ys, k, preprocess, True)
-    out = torch.empty(len(nxs), len(nys), dtype=F64)
-    sx, sy = [_knn.cknna_self_term(n, a) for a in nxs], [_knn.cknna_self_term(n, b) for b in nys]
-    for i, a in enumerate(nxs):
-        for j, b in enumerate(nys):
-            out[i, j] = _knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
-    return out
+    return _neighbour_values("cknna", xs, ys, k, preprocess)

@@ -83,16 +83,11 @@ def permutation_null(xs: Matrices, ys: Matrices, metric: str = "cka_linear", n_p
         if metric == "cknna" and k < 2:
             raise MetricError(f"CKNNA needs k >= 2 neighbours (got k={k}).", fix="use k >= 2 (default 10).")
         nxs, nys, _ = _knn.neighbour_lists(xs_t, ys_t, k, pre, rec.min_rows)
-        if metric == "mutual_knn":
-            def score(nys_p: list[_knn.Neighbours]) -> torch.Tensor:
-                return torch.tensor([[float(_knn.mutual_knn_rows(a, b).mean()) for b in nys_p] for a in nxs], dtype=F64)
-        else:
-            sx = [_knn.cknna_self_term(n, a) for a in nxs]
-            sy = [_knn.cknna_self_term(n, b) for b in nys]  # self terms are permutation invariant
+        sx = [_knn.cknna_self_term(n, a) for a in nxs] if metric == "cknna" else None
+        sy = [_knn.cknna_self_term(n, b) for b in nys] if metric == "cknna" else None  # permutation invariant
 
-            def score(nys_p: list[_knn.Neighbours]) -> torch.Tensor:
-                return torch.tensor([[_knn.cknna_from_neighbours(n, a, b, sx[i], sy[j], f"xs[{i}], ys[{j}]")
-                                      for j, b in enumerate(nys_p)] for i, a in enumerate(nxs)], dtype=F64)
+        def score(nys_p: list[_knn.Neighbours]) -> torch.Tensor:
+            return _knn.pair_values(nxs, nys_p, n, [metric], sx, sy)[metric]
         observed = score(nys)
         null = []
         for p in perms:
