@@ -326,14 +326,20 @@ def _ratio(cross: float, sx: float, sy: float, label: str, quiet: bool = False) 
     return v
 
 
-def _shared_entries(nx: Neighbours, nys: Sequence[Neighbours], tile: int = 4096) -> tuple[torch.Tensor, ...]:
+def _side_by_side(nys: Sequence[Neighbours]) -> tuple[torch.Tensor, ...]:
+    """Every text model's lists side by side: indices, weights, similarities (n, sum w) and each column's model."""
+    dev = nys[0].indices.device
+    return (torch.cat([b.indices for b in nys], 1), torch.cat([b.weight_matrix() for b in nys], 1),
+            torch.cat([b.sims.to(F64) for b in nys], 1),
+            torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)]))
+
+
+def _shared_entries(nx: Neighbours, nys: Sequence[Neighbours] | tuple[torch.Tensor, ...],
+                    tile: int = 4096) -> tuple[torch.Tensor, ...]:
     """The entries of X's lists that each Y's lists hold too: (pair j, row, column, soft mask ``w_X w_Y``, X's
-    similarity, Y's similarity), from one comparison of X's lists with every Y's side by side (row tiles)."""
-    dev = nx.indices.device
-    ib = torch.cat([b.indices for b in nys], 1)
-    wb = torch.cat([b.weight_matrix() for b in nys], 1)
-    sb = torch.cat([b.sims.to(F64) for b in nys], 1)
-    jcol = torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)])
+    similarity, Y's similarity), from one comparison of X's lists with every Y's side by side (row tiles;
+    ``nys``: the lists or :func:`_side_by_side` of them)."""
+    ib, wb, sb, jcol = nys if isinstance(nys, tuple) else _side_by_side(nys)
     wa, sa = nx.weight_matrix(), nx.sims.to(F64)
     parts = []
     for s in range(0, nx.indices.shape[0], tile):
@@ -357,8 +363,9 @@ def pair_values(nxs: Sequence[Neighbours], nys: Sequence[Neighbours], n: int, me
     if "cknna" in metrics:
         sx = list(self_x) if self_x is not None else [_cknna_self(n, a) for a in nxs]
         sy = list(self_y) if self_y is not None else [_cknna_self(n, b) for b in nys]
+    ys = _side_by_side(nys)
     for i, a in enumerate(nxs):
-        j, r, c, w, va, vb = _shared_entries(a, nys)
+        j, r, c, w, va, vb = _shared_entries(a, ys)
         dev = r.device
         if "mutual_knn" in metrics:
             rows = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, j * n + r, w).view(t, n)
