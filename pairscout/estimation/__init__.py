@@ -12,7 +12,7 @@ intervals, calibrated nulls) that ``rank`` reads; no number is recomputed anywhe
   rare row whose list runs out searched again (:mod:`.neighbours`). Measures without such a form (SVCCA, ...) and
   neighbour metrics with clipping (the clip threshold depends on the rows) are evaluated on each subset.
 * The null summaries come from the same sums: the closed-form CKA moments from the totals of the linear and RBF
-  passes, the permutation nulls of the neighbour metrics from the same lists.
+  passes, mutual k-NN's closed-form moments and CKNNA's permutation null from the same lists.
 * Memory O(n x tile + sum d^2 + G d1 d2): never an n x n matrix. Device and precision: the :class:`Engine`'s.
   Under ``torchrun`` each process sums its own rows and the sums are all-reduced (RBF tiles and neighbour search
   walk the other processes' rows in broadcast chunks); the same numbers as one process.
@@ -143,7 +143,8 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
         groups: jackknife groups (0 or 1: no replicates); seeded ``seed`` (:func:`jackknife_groups`).
         permutations: Monte-Carlo budget of the nulls that need one (0: no nulls); metric i's null is seeded
             ``seed + 1000 i``; CKNNA gets at most :data:`~pairscout.metrics.calibration.CKNNA_PERM` at the default.
-        null_method: ``auto`` (closed-form CKA moments) or ``permutation`` (:func:`~pairscout.metrics.calibration.calibrate`).
+        null_method: ``auto`` (closed-form moments for CKA and mutual k-NN, permutations for CKNNA) or
+            ``permutation`` (:func:`~pairscout.metrics.calibration.calibrate`).
         options: each metric's keyword options (``k``, ``preprocess``, ``sigma_frac``; registry defaults if absent).
         engine: device, precision and row shard (:class:`Engine`); default: one process where ``xs`` are, float64.
         progress: ``progress(phase, done, total)`` at the start and end of every phase.

@@ -13,8 +13,8 @@ of another rank's block at a time, sums all-reduced; :mod:`pairscout.metrics.sha
 * the value of every CKA metric (linear, RBF, biased, debiased) and of mutual k-NN / CKNNA;
 * the delete-a-group jackknife replicates behind the intervals and the verdict's paired test (each replicate is
   the same sharded computation on the kept rows of every shard);
-* the permutation nulls of mutual k-NN / CKNNA (they need only the neighbour lists, found sharded and gathered:
-  O(n k) per model);
+* the nulls of mutual k-NN (closed form) and CKNNA (permutations): they need only the neighbour lists, found
+  sharded and gathered (O(n k) per model);
 * the closed-form null moments of every CKA metric (per-model sums over rows, all-reduced; RBF shares the n row
   means of its Gram matrix between two passes over the blocks: O(n) numbers, no features);
 * the verdict's near-duplicate check (screen on at most 512 gathered rows, then sharded linear CKA);

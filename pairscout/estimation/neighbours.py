@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pairscout.metrics import knn as _knn
-from pairscout.metrics.neighbour_order import canonical_order, entry_dots
+from pairscout.metrics.neighbour_order import canonical_order, entry_dots, row_dots
 
 F64 = torch.float64
 
@@ -164,8 +164,7 @@ def search(x: torch.Tensor, width: int, preprocess: _knn.Preprocess, counts: Seq
             vs.append(v)
             is_.append(i)
         vg, idx = torch.cat(vs), torch.cat(is_)
-        r = torch.arange(n, device=dev)[:, None].expand_as(idx).reshape(-1)
-        ve = entry_dots(xn, r, xn, idx.reshape(-1)).view_as(vg)
+        ve = row_dots(xn, idx)
         return Lists(vg, idx, ve, rel, xn, None)
     from pairscout.distributed import rank_world
     from pairscout.metrics.sharded_rows import gather_rows, row_blocks

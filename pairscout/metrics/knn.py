@@ -281,24 +281,6 @@ def all_pairs_mutual_knn(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Se
 # ----------------------------------------------------------------------------------------------------------
 # CKNNA
 # ----------------------------------------------------------------------------------------------------------
-def _sparse_hsic1(n: int, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """HSIC_1(A, B) for A, B supported on the same entries (rows[p], cols[p]) with values a[p], b[p] (no diagonal).
-
-    tr(A B) = sum over entries whose transpose is also an entry of A_ij B_ji; 1^T A B 1 = colsum(A).rowsum(B).
-    """
-    keys = rows * n + cols
-    order = torch.argsort(keys)
-    skeys = keys[order]
-    tkeys = cols * n + rows
-    pos = torch.searchsorted(skeys, tkeys).clamp_max(skeys.numel() - 1)
-    hit = skeys[pos] == tkeys
-    tr = (a[hit] * b[order[pos[hit]]]).sum()
-    colsum_a = torch.zeros(n, dtype=F64, device=a.device).index_add_(0, cols, a)
-    rowsum_b = torch.zeros(n, dtype=F64, device=a.device).index_add_(0, rows, b)
-    num = tr + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (colsum_a @ rowsum_b)
-    return float(num / (n * (n - 3)))
-
-
 def _cknna_self(n: int, nx: Neighbours) -> float:
     keep = nx.indices.reshape(-1) >= 0
     rows = torch.arange(n, device=nx.indices.device).repeat_interleave(nx.indices.shape[1])[keep]
@@ -306,7 +288,11 @@ def _cknna_self(n: int, nx: Neighbours) -> float:
     v = nx.sims.reshape(-1).to(F64)[keep]
     if nx.weights is not None:
         v = v * nx.weights.reshape(-1)[keep]
-    h = _sparse_hsic1(n, rows, cols, v, v)
+    vm = nx.sims.to(F64) if nx.weights is None else nx.sims.to(F64) * nx.weights
+    hit = nx.indices[cols] == rows[:, None]  # the transposed entry (c, r): r in c's own list, and where
+    has = hit.any(1)
+    vt = vm[cols[has], hit[has].to(torch.int8).argmax(1)]
+    h = _hsic1_sums(n, 1, torch.zeros_like(rows), rows, cols, v, v, (v[has] * vt).sum()[None])[0].item()
     # a self term lost in rounding (e.g. identical rows: a constant masked kernel) counts as 0, never a tiny
     # positive that would blow the ratio up
     return 0.0 if h <= 1e-9 * float((v * v).sum()) / (n * (n - 3)) else h
@@ -326,14 +312,20 @@ def _ratio(cross: float, sx: float, sy: float, label: str, quiet: bool = False) 
     return v
 
 
-def _shared_entries(nx: Neighbours, nys: Sequence[Neighbours], tile: int = 4096) -> tuple[torch.Tensor, ...]:
+def _side_by_side(nys: Sequence[Neighbours]) -> tuple[torch.Tensor, ...]:
+    """Every text model's lists side by side: indices, weights, similarities (n, sum w) and each column's model."""
+    dev = nys[0].indices.device
+    return (torch.cat([b.indices for b in nys], 1), torch.cat([b.weight_matrix() for b in nys], 1),
+            torch.cat([b.sims.to(F64) for b in nys], 1),
+            torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)]))
+
+
+def _shared_entries(nx: Neighbours, nys: Sequence[Neighbours] | tuple[torch.Tensor, ...],
+                    tile: int = 4096) -> tuple[torch.Tensor, ...]:
     """The entries of X's lists that each Y's lists hold too: (pair j, row, column, soft mask ``w_X w_Y``, X's
-    similarity, Y's similarity), from one comparison of X's lists with every Y's side by side (row tiles)."""
-    dev = nx.indices.device
-    ib = torch.cat([b.indices for b in nys], 1)
-    wb = torch.cat([b.weight_matrix() for b in nys], 1)
-    sb = torch.cat([b.sims.to(F64) for b in nys], 1)
-    jcol = torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)])
+    similarity, Y's similarity), from one comparison of X's lists with every Y's side by side (row tiles;
+    ``nys``: the lists or :func:`_side_by_side` of them)."""
+    ib, wb, sb, jcol = nys if isinstance(nys, tuple) else _side_by_side(nys)
     wa, sa = nx.weight_matrix(), nx.sims.to(F64)
     parts = []
     for s in range(0, nx.indices.shape[0], tile):
@@ -357,23 +349,38 @@ def pair_values(nxs: Sequence[Neighbours], nys: Sequence[Neighbours], n: int, me
     if "cknna" in metrics:
         sx = list(self_x) if self_x is not None else [_cknna_self(n, a) for a in nxs]
         sy = list(self_y) if self_y is not None else [_cknna_self(n, b) for b in nys]
+    ys = _side_by_side(nys)
     for i, a in enumerate(nxs):
-        j, r, c, w, va, vb = _shared_entries(a, nys)
+        j, r, c, w, va, vb = _shared_entries(a, ys)
         dev = r.device
         if "mutual_knn" in metrics:
             rows = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, j * n + r, w).view(t, n)
             out["mutual_knn"][i] = (rows / a.k).mean(1).cpu()
         if "cknna" in metrics:
-            cross = _sparse_hsic1_pairs(n, t, j, r, c, va * w, vb * w)  # = _cknna_cross(n, a, nys)
+            cross = _cknna_cross(n, a, nys, ys, (j, r, c, w, va, vb))
             for jj in range(t):
                 out["cknna"][i, jj] = _ratio(float(cross[jj]), sx[i], sy[jj], f"xs[{i}], ys[{jj}]", quiet)
     return out
 
 
-def _cknna_cross(n: int, nx: Neighbours, nys: Sequence[Neighbours]) -> torch.Tensor:
-    """(t,) ``HSIC_1(M*K, M*L)`` of X against every Y, M the soft mutual mask (module docstring)."""
-    j, r, c, w, va, vb = _shared_entries(nx, nys)
+def _cknna_cross(n: int, nx: Neighbours, nys: Sequence[Neighbours], ys: tuple[torch.Tensor, ...] | None = None,
+                 shared: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """(t,) ``HSIC_1(M*K, M*L)`` of X against every Y, M the soft mutual mask (module docstring): the shared
+    entries of every pair, their transposes found by one sort (:func:`_sparse_hsic1_pairs`)."""
+    j, r, c, w, va, vb = _shared_entries(nx, _side_by_side(nys) if ys is None else ys) if shared is None else shared
     return _sparse_hsic1_pairs(n, len(nys), j, r, c, va * w, vb * w)
+
+
+def _hsic1_sums(n: int, t: int, pair: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+    """(t,) HSIC_1 of t pairs of sparse matrices on the same entries (entry e of pair ``pair[e]``) given tr(A B)."""
+    dev = a.device
+    sa = torch.zeros(t, dtype=F64, device=dev).index_add_(0, pair, a)
+    sb = torch.zeros(t, dtype=F64, device=dev).index_add_(0, pair, b)
+    colsum_a = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, pair * n + cols, a).view(t, n)
+    rowsum_b = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, pair * n + rows, b).view(t, n)
+    num = tr + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (colsum_a * rowsum_b).sum(1)
+    return (num / (n * (n - 3))).cpu()
 
 
 def _sparse_hsic1_pairs(n: int, t: int, pair: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor,
@@ -390,12 +397,7 @@ def _sparse_hsic1_pairs(n: int, t: int, pair: torch.Tensor, rows: torch.Tensor, 
         pos = torch.searchsorted(skeys, tkeys).clamp_max(skeys.numel() - 1)
         hit = skeys[pos] == tkeys
         tr.index_add_(0, pair[hit], a[hit] * b[order[pos[hit]]])
-    sa = torch.zeros(t, dtype=F64, device=dev).index_add_(0, pair, a)
-    sb = torch.zeros(t, dtype=F64, device=dev).index_add_(0, pair, b)
-    colsum_a = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, pair * n + cols, a).view(t, n)
-    rowsum_b = torch.zeros(t * n, dtype=F64, device=dev).index_add_(0, pair * n + rows, b).view(t, n)
-    num = tr + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (colsum_a * rowsum_b).sum(1)
-    return (num / (n * (n - 3))).cpu()
+    return _hsic1_sums(n, t, pair, rows, cols, a, b, tr)
 
 
 def cknna(x: ArrayLike, y: ArrayLike, k: int = 10, preprocess: Preprocess = Preprocess()) -> float:

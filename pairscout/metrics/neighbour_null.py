@@ -247,15 +247,20 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
         raw = yi[p]  # (B, n, W): row r of permuted Y is old row p[r]
         cols = torch.gather(inv, 1, raw.clamp_min(0).reshape(bsz, -1)).view_as(raw)
         q = rows * n + cols
-        byte, bit = q >> 3, (q & 7).to(torch.uint8)
+        # per chunk of ``span`` rows (a multiple of 8: whole bytes), each entry's byte in that chunk's bitmap (unused
+        # slots: a zero byte past its end) and bit, shared by every vision model
+        chunks = []
+        for r0 in range(0, n, span):
+            r1 = min(r0 + span, n)
+            qc = q[:, r0:r1]
+            chunks.append((r0, r1, torch.where(raw[:, r0:r1] >= 0, (qc >> 3) - r0 * n // 8, ((r1 - r0) * n + 7) // 8),
+                           (qc & 7).to(torch.uint8)))
         del q
         for i, a in enumerate(nxs):
             found = []
-            for r0 in range(0, n, span):  # a bitmap of ``span`` rows at a time (a multiple of 8: whole bytes)
-                r1 = min(r0 + span, n)
+            for r0, r1, at, bit in chunks:
                 bits = torch.cat([_entry_bits(a, n, r0, r1), torch.zeros(1, dtype=torch.uint8, device=dev)])
-                at = torch.where(raw[:, r0:r1] >= 0, byte[:, r0:r1] - r0 * n // 8, bits.numel() - 1)  # unused: a zero byte
-                bi, r, e = ((bits[at] >> bit[:, r0:r1]) & 1).nonzero(as_tuple=True)
+                bi, r, e = ((bits[at] >> bit) & 1).nonzero(as_tuple=True)
                 found.append((bi, r + r0, e))
             bi, r, e = (torch.cat(x) for x in zip(*found, strict=True))
             old = p[bi, r]

@@ -18,6 +18,17 @@ def entry_dots(a: torch.Tensor, ra: torch.Tensor, b: torch.Tensor, cb: torch.Ten
     return out
 
 
+def row_dots(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(n, w) ``x[r] . x[idx[r, p]]`` for every row r and entry p: :func:`entry_dots` of every entry (the same
+    float64 products and sums, so the same values), without gathering the row itself once per entry."""
+    out = torch.empty(idx.shape, dtype=x.dtype, device=x.device)
+    x64 = x.to(F64)
+    step = max(1, 2**22 // max(x.shape[1] * max(idx.shape[1], 1), 1))
+    for s in range(0, idx.shape[0], step):
+        out[s:s + step] = (x64[s:s + step, None, :] * x64[idx[s:s + step]]).sum(-1).to(x.dtype)
+    return out
+
+
 def canonical_order(idx: torch.Tensor, val: torch.Tensor, w: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """Each row's entries by similarity (descending), equal similarities by index (ascending), unused (-1) last:
     one order whatever order ``topk`` returned tied values in (so sharded and single-process lists are equal)."""
