@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pairscout.metrics.registry import READOUT_LABELS
+
 
 @dataclass(frozen=True)
 class Readout:
@@ -58,17 +60,21 @@ class Readout:
 
 
 READOUTS: dict[str, Readout] = {
-    "zs_top1": Readout("zero-shot top-1", "higher", "classes", 1),
-    "zs_top5": Readout("zero-shot top-5", "higher", "classes", 5),
-    "class_map": Readout("class-aware mAP", "higher", "class_pairs"),
-    "class_mean_r1": Readout("class-aware R@1", "higher", "class_captions", 1),
-    "mean_r1": Readout("R@1 (mean of both directions)", "higher", "captions", 1),
-    "mean_r5": Readout("R@5 (mean)", "higher", "captions", 5),
-    "mean_r10": Readout("R@10 (mean)", "higher", "captions", 10),
-    "heldout_loss": Readout("held-out sigmoid loss", "lower", None),
-    "loss_auc": Readout("held-out loss curve area", "lower", None),
+    name: Readout(READOUT_LABELS[name], *rest)  # type: ignore[arg-type]
+    for name, rest in {
+        "zs_top1": ("higher", "classes", 1),
+        "zs_top5": ("higher", "classes", 5),
+        "class_map": ("higher", "class_pairs"),
+        "class_mean_r1": ("higher", "class_captions", 1),
+        "mean_r1": ("higher", "captions", 1),
+        "mean_r5": ("higher", "captions", 5),
+        "mean_r10": ("higher", "captions", 10),
+        "heldout_loss": ("lower", None),
+        "loss_auc": ("lower", None),
+    }.items()
 }
-"""Every read-out the probe records per pair, by column."""
+"""Every read-out the probe records per pair, by column (human names: :data:`pairscout.metrics.registry.READOUT_LABELS`,
+the vocabulary every stage reads)."""
 ALPHA = 0.05
 BOOTSTRAP = 400
 """Bootstrap resamplings of the held-out images."""
