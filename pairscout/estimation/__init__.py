@@ -221,12 +221,11 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
                 clock.phase("linear CKA: per-group products")
                 sums = [L.model_sums(z, seg, reduce) for z in zc]
                 flags = [k.endswith("_debiased") for k in fam_lin]
+                terms = [L.self_terms(s, flags) for s in sums]  # per model: (HSIC, tolerance base) per flag
                 selfs = []
-                for deb in flags:
-                    cols = []
-                    for s in sums:
-                        h, base = L.self_terms(s, deb)
-                        cols.append(torch.where(h <= tol * base.abs() / n_sub.to(h.device) ** 2, torch.zeros_like(h), h))
+                for f in range(len(flags)):
+                    cols = [torch.where(h <= tol * base.abs() / n_sub.to(h.device) ** 2, torch.zeros_like(h), h)
+                            for h, base in (t[f] for t in terms)]
                     selfs.append(torch.stack(cols, 1))
                 ybuf = torch.cat(zc[m:], 1)
                 py = torch.stack([z.square().sum(1, dtype=F64) for z in zc[m:]], 1)

@@ -75,7 +75,7 @@ def model_sums(z: torch.Tensor, seg: Sequence[int], reduce: Callable[[torch.Tens
     out = ModelSums(
         torch.tensor([float(x.shape[0]) for x in parts], dtype=F64, device=z.device),
         torch.stack([x.sum(0, dtype=F64) for x in parts]),
-        torch.stack([(x.T @ x).to(F64) for x in parts]),
+        _group_grams(parts),
         torch.stack([q.sum() for q in pg]),
         torch.stack([(q * q).sum() for q in pg]),
         torch.stack([(q.to(z.dtype) @ x).to(F64) if x.dtype != F64 else q @ x for q, x in zip(pg, parts, strict=True)]),
@@ -85,18 +85,47 @@ def model_sums(z: torch.Tensor, seg: Sequence[int], reduce: Callable[[torch.Tens
     return out
 
 
-def self_terms(s: ModelSums, debiased: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G+1,) HSIC of a model with itself on every subset and the base of its zero tolerance."""
-    n, col, gram, sp, spp, xp = (subsets(getattr(s, f)) for f in ("count", "col", "gram", "p", "pp", "xp"))
+def _frobenius_subsets(parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """(G+1,) ``||S||_F^2`` of [total, total - parts[0], ...] without forming them: ``||T||^2``, then
+    ``||T||^2 - 2 <T, P_g> + ||P_g||^2`` (parts (G, a, b), total (a, b))."""
+    pf, tf = parts.reshape(parts.shape[0], -1), total.reshape(-1)
+    tt = tf @ tf
+    return torch.cat([tt[None], tt - 2 * (pf @ tf) + torch.einsum("gi,gi->g", pf, pf)])  # products, no temporaries
+
+
+def _bilinear_subsets(u: torch.Tensor, parts: torch.Tensor, total: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(G+1,) ``u_S^T S v_S`` for S in [total, total - parts[0], ...] (u (G+1, a), v (G+1, b))."""
+    whole = torch.einsum("gi,ij,gj->g", u, total, v)
+    return whole - torch.cat([whole.new_zeros(1), torch.einsum("gi,gij,gj->g", u[1:], parts, v[1:])])
+
+
+def _group_grams(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(G, d, d) float64 ``x_g^T x_g`` of every group, written in place (no stacked copy)."""
+    d = parts[0].shape[1]
+    out = torch.empty(len(parts), d, d, dtype=F64, device=parts[0].device)
+    for g, x in enumerate(parts):
+        if x.dtype == F64:
+            torch.mm(x.T, x, out=out[g])
+        else:
+            out[g] = x.T @ x
+    return out
+
+
+def self_terms(s: ModelSums, debiased: Sequence[bool]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each entry of ``debiased``: (G+1,) HSIC of a model with itself on every subset and the base of its
+    zero tolerance (the sums are formed once for both estimators).
+
+    ``||Xc_S^T Xc_S||^2 = ||G_S - n_S delta delta^T||^2 = ||G_S||^2 - 2 n_S delta^T G_S delta + n_S^2 |delta|^4`` with
+    ``G_S`` the total minus one group's part: every term a reduction, no (G+1, d, d) tensor."""
+    n, col, sp, spp, xp = (subsets(getattr(s, f)) for f in ("count", "col", "p", "pp", "xp"))
+    total = s.gram.sum(0)
     delta = col / n[:, None]
     dd = delta.square().sum(1)
-    mc = gram - n[:, None, None] * delta[:, :, None] * delta[:, None, :]
-    ss = mc.square().sum((1, 2))
+    dmd = _bilinear_subsets(delta, s.gram, total, delta)
+    ss = _frobenius_subsets(s.gram, total) - 2 * n * dmd + n * n * dd * dd
     sp1 = sp - n * dd
-    dmd = torch.einsum("gi,gij,gj->g", delta, gram, delta)
     spq = spp - 4 * (xp * delta).sum(1) + 4 * dmd + 2 * dd * sp - 3 * n * dd * dd
-    h = _hsic(ss, spq, sp1, sp1, n, debiased)
-    return h, (ss - spq if debiased else ss)
+    return [(_hsic(ss, spq, sp1, sp1, n, deb), ss - spq if deb else ss) for deb in debiased]
 
 
 def cross_terms(x: torch.Tensor, sx: ModelSums, ybuf: torch.Tensor, sys_: Sequence[ModelSums], dims: Sequence[int],
@@ -127,8 +156,8 @@ def cross_terms(x: torch.Tensor, sx: ModelSums, ybuf: torch.Tensor, sys_: Sequen
         xtq = torch.stack([py[seg[g]:seg[g + 1], start:stop].T.to(x.dtype) @ x[seg[g]:seg[g + 1]] for g in range(G)]).to(F64)
         pq = torch.stack([px[seg[g]:seg[g + 1]] @ py[seg[g]:seg[g + 1], start:stop] for g in range(G)])
         m_g, ytp, xtq, pq = reduce(m_g), reduce(ytp), reduce(xtq), reduce(pq)
-        M, ytp, xtq, pq = subsets(m_g), subsets(ytp), subsets(xtq), subsets(pq)
-        del m_g
+        total = m_g.sum(0)
+        ytp, xtq, pq = subsets(ytp), subsets(xtq), subsets(pq)
         n = subsets(sx.count)
         delta = subsets(sx.col) / n[:, None]  # (G+1, dx)
         sp = subsets(sx.p)
@@ -137,16 +166,16 @@ def cross_terms(x: torch.Tensor, sx: ModelSums, ybuf: torch.Tensor, sys_: Sequen
             sy = sys_[j]
             eps = subsets(sy.col) / n[:, None]  # (G+1, dy)
             sq = subsets(sy.p)
-            mj = M[:, :, a:b]
-            dme = torch.einsum("gi,gij,gj->g", delta, mj, eps)
-            mc = mj - n[:, None, None] * delta[:, :, None] * eps[:, None, :]
-            ss = mc.square().sum((1, 2))
+            parts, tj = m_g[:, :, a:b], total[:, a:b]
+            # ||Xc_S^T Yc_S||^2 = ||M_S - n_S delta eps^T||^2, M_S the total minus one group's part (no (G+1, dx, dy))
+            dme = _bilinear_subsets(delta, parts, tj, eps)
             dd, ee = delta.square().sum(1), eps.square().sum(1)
+            ss = _frobenius_subsets(parts, tj) - 2 * n * dme + n * n * dd * ee
             spq = (pq[:, jj] - 2 * (ytp[:, a:b] * eps).sum(1) - 2 * (delta * xtq[:, jj]).sum(1) + 4 * dme
                    + ee * sp + dd * sq - 3 * n * dd * ee)
             for o, deb in zip(outs, debiased, strict=True):
                 o[:, j] = _hsic(ss, spq, sp - n * dd, sq - n * ee, n, deb)
-        del M
+        del m_g, total
         start = stop
     return outs
 
