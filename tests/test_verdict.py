@@ -308,3 +308,36 @@ def test_rank_columns_and_verdict_replicates_come_from_one_pass():
     assert torch.equal(reps, est.replicates["cka_linear_debiased"])
     for k in want:
         assert np.allclose(got[k], want[k], atol=1e-12), k
+
+
+def test_the_verdict_never_recommends_a_control_pair_and_says_when_controls_outscore():
+    """Pairs with a ``baseline:`` encoder are controls: with real pairs present, the verdict picks the best real pair,
+    tests ties among real pairs only, and names the controls ranked above it (a random text encoder that wins on
+    templated captions); a zoo of controls only keeps its top pair."""
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    s = torch.randn(n, 6, generator=g)
+    vA = s @ torch.randn(6, 16, generator=g) + torch.randn(n, 16, generator=g)
+    tR = s @ torch.randn(6, 12, generator=g) + 0.1 * torch.randn(n, 12, generator=g)  # the control: strongest signal
+    tA = s @ torch.randn(6, 12, generator=g) + 2.0 * torch.randn(n, 12, generator=g)
+    tB = torch.randn(n, 12, generator=g)
+    xs, ys, v, t = [vA], [tR, tA, tB], ["vA"], ["random-text", "tA", "tB"]
+    from pairscout.metrics import all_pairs_cka
+
+    est = all_pairs_cka(xs, ys, "linear", True).numpy()
+    reps = V.jackknife_replicates(xs, ys, "cka_linear_debiased", groups=10, seed=0).numpy()
+    pairs = _ranked(est, v, t).rename(columns={"m": "cka_linear_debiased"})
+    ids = {"vA": "pack:vA", "random-text": "baseline:random-text", "tA": "hf:tA", "tB": "hf:tB"}
+    pairs["vision_id"], pairs["text_id"] = pairs["vision"].map(ids), pairs["text"].map(ids)
+    assert pairs["text"].iloc[0] == "random-text"  # the control ranks first
+    ver = V.decide(pairs, "cka_linear_debiased", est, reps, v, t)
+    assert ver.pair == ("vA", "tA")
+    assert ver.controls_above == [("vA", "random-text")]
+    assert [tuple(r["pair"]) for r in ver.tests] == [("vA", "tB")]  # ties tested among real pairs only
+    assert "among pairs of real encoders" in ver.reason and "1 control pair" in ver.reason and "vA x random-text" in ver.reason
+    assert V.Verdict.from_dict(ver.to_dict()).controls_above == ver.controls_above
+    everything = pairs.assign(text_id="baseline:" + pairs["text"])  # controls only: the top pair, as before
+    only = V.decide(everything, "cka_linear_debiased", est, reps, v, t)
+    assert only.pair == ("vA", "random-text") and only.controls_above == [] and "control" not in only.reason
+    plain = V.decide(pairs.drop(columns=["vision_id", "text_id"]), "cka_linear_debiased", est, reps, v, t)
+    assert plain.pair == ("vA", "random-text")  # without ids nothing is known to be a control

@@ -63,12 +63,16 @@ class Verdict:
     above_chance: bool | None = None
     tests: list[dict[str, Any]] = field(default_factory=list)
     """Per compared pair: difference to the best, its jackknife se, t, p, tied or not."""
+    controls_above: list[tuple[str, str]] = field(default_factory=list)
+    """Control pairs (a ``baseline:`` encoder on either side) ranked above :attr:`pair`: the verdict never recommends
+    a control when real pairs exist, and says when controls outscore them."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pair"] = list(self.pair)
         d["tied"] = [list(p) for p in self.tied]
         d["duplicates"] = [list(p) for p in self.duplicates]
+        d["controls_above"] = [list(p) for p in self.controls_above]
         return d
 
     @classmethod
@@ -76,7 +80,7 @@ class Verdict:
         return cls(pair=(d["pair"][0], d["pair"][1]), tied=[(a, b) for a, b in d.get("tied", [])],
                    duplicates=[(a, b) for a, b in d.get("duplicates", [])], reason=d.get("reason", ""),
                    source=d.get("source", "rank"), metric=d.get("metric", ""), above_chance=d.get("above_chance"),
-                   tests=list(d.get("tests", [])))
+                   tests=list(d.get("tests", [])), controls_above=[(a, b) for a, b in d.get("controls_above", [])])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,6 +160,15 @@ def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPL
     return out
 
 
+def control_pairs(pairs: pd.DataFrame) -> np.ndarray:
+    """(rows,) bool: pairs with a ``baseline:`` encoder on either side (controls), from ``vision_id`` / ``text_id``
+    (all False when the table has no ids)."""
+    if "vision_id" not in pairs or "text_id" not in pairs:
+        return np.zeros(len(pairs), dtype=bool)
+    return (pairs["vision_id"].astype(str).str.startswith("baseline:")
+            | pairs["text_id"].astype(str).str.startswith("baseline:")).to_numpy()
+
+
 def _pairs_str(pairs: Sequence[tuple[str, str]]) -> str:
     return "; ".join(f"{v} x {t}" for v, t in pairs)
 
@@ -169,6 +182,15 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
     """The verdict from ranked ``pairs`` (best first), the (m, t) estimates and (G, m, t) jackknife replicates of
     the ranking metric (None: no test possible), and the near-duplicate encoders."""
     label = label or metric
+    control = control_pairs(pairs)
+    ranked = ranked_all = pairs
+    controls_above: list[tuple[str, str]] = []
+    if control.any() and not control.all():  # controls are compared against, never recommended
+        first_real = int(np.argmax(~control))
+        controls_above = [(str(v), str(t)) for v, t in zip(pairs["vision"].iloc[:first_real], pairs["text"].iloc[:first_real],
+                                                           strict=True)]
+        ranked = pairs[~control]
+    pairs = ranked
     best = (str(pairs["vision"].iloc[0]), str(pairs["text"].iloc[0]))
     vi, ti = {v: i for i, v in enumerate(v_names)}, {t: j for j, t in enumerate(t_names)}
     b = (vi[best[0]], ti[best[1]])
@@ -203,7 +225,8 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
     if p_col in pairs and not pd.isna(pairs[p_col].iloc[0]):
         above = bool(pairs[p_col].iloc[0] < alpha)
     value = float(pairs[metric].iloc[0]) if metric in pairs else float("nan")
-    words = [f"{best[0]} x {best[1]} has the highest {label} ({value:.3f})."]
+    among = " among pairs of real encoders" if control.any() and not control.all() else ""
+    words = [f"{best[0]} x {best[1]} has the highest {label}{among} ({value:.3f})."]
     if above is False:
         words.append(f"It is not distinguishable from shuffled pairings (Holm-corrected p = {float(pairs[p_col].iloc[0]):.3g}): "
                      "no pair here aligns better than chance; do not align on this evidence.")
@@ -211,25 +234,38 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
         z_col = f"{metric}_z"
         if z_col in pairs and not pd.isna(pairs[z_col].iloc[0]):
             words.append(f"It is {float(pairs[z_col].iloc[0]):.1f} null standard deviations above chance.")
+    if controls_above:
+        cv, ct = controls_above[0]
+        row = (ranked_all["vision"] == cv) & (ranked_all["text"] == ct)
+        cval = float(ranked_all.loc[row, metric].iloc[0]) if metric in ranked_all else float("nan")
+        words.append(f"{len(controls_above)} control "
+                     f"{'pair' if len(controls_above) == 1 else 'pairs'} (a baseline encoder) "
+                     f"{'ranks' if len(controls_above) == 1 else 'rank'} above it, first {cv} x {ct} ({cval:.3f}). "
+                     f"On these data {label} rewards what a baseline encoder also carries (captions repeated or "
+                     "templated, class-like structure), so the ranking says little about real alignment; "
+                     "pairscout probe reads alignment out directly.")
+    elif control.any() and not control.all():
+        words.append("It ranks above every control pair (a baseline encoder).")
     if est is None or reps is None:
         words.append("No jackknife replicates (--ci-groups 0), so ties with the next pairs were not tested.")
     elif tied:
         n_t = len([p for p in tied if p not in dup_pairs])
         if n_t:
             words.append(f"{n_t} other {'pair is' if n_t == 1 else 'pairs are'} not distinguishable from it (paired jackknife test, "
-                         f"Holm-corrected over {len(tests)} comparisons, p > {alpha}): "
+                         f"Holm-corrected over {len(tests)} comparison{'' if len(tests) == 1 else 's'}, p > {alpha}): "
                          f"{_pairs_str([p for p in tied if p not in dup_pairs][:6])}{' ...' if n_t > 6 else ''}.")
     elif len(pairs) == 1:
-        words.append("It is the only pair ranked.")
+        words.append(f"It is the only pair{' of real encoders' if among else ''} ranked.")
     else:
-        words.append(f"Every other pair is distinguishably lower (paired jackknife test, Holm-corrected over {len(tests)} "
-                     f"comparisons, p <= {alpha}).")
+        words.append(f"Every other pair{' of real encoders' if among else ''} is distinguishably lower (paired jackknife "
+                     f"test, Holm-corrected over {len(tests)} "
+                     f"comparison{'' if len(tests) == 1 else 's'}, p <= {alpha}).")
     for a, c, cka in duplicates:
         words.append(f"{a} and {c} are near-duplicates (linear CKA {cka:.3f} between them): the verdict prefers neither.")
     if above is not False and (len(tied) > len(dup_pairs) or (tied and est is not None)):  # at chance: nothing to separate
         words.append(PROBE_ADVICE)
     return Verdict(pair=best, tied=tied, duplicates=[(a, c) for a, c, _ in duplicates], reason=" ".join(words),
-                   metric=metric, above_chance=above, tests=tests)
+                   metric=metric, above_chance=above, tests=tests, controls_above=controls_above)
 
 
 # ----------------------------------------------------------------------------------------------------------
