@@ -23,7 +23,7 @@ import pairscout.metrics.knn as _knn
 F64 = torch.float64
 #: Memory the dense lookup table of mutual k-NN's null may use (all vision models, float32 n x n each).
 DENSE_BYTES = 256 * 2**20
-#: Memory one bitmap of CKNNA's null may use (n / 8 bytes per row of a vision model's entries; rows in chunks).
+#: Memory the bitmaps of CKNNA's null may use at once (n / 8 bytes per row of each vision model; rows in chunks).
 BITMAP_ROW_BYTES = 64 * 2**20
 #: Memory the bitmaps of mutual k-NN's Monte-Carlo null may use (all vision models, n^2 / 8 bytes each).
 BITMAP_BYTES = 4 * 2**30
@@ -217,64 +217,69 @@ def _entry_bits(nb: _knn.Neighbours, n: int, r0: int = 0, r1: int | None = None)
 
 
 def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: torch.Tensor, n: int,
-                batch: int = 16, budget: int = 256 * 2**20) -> torch.Tensor:
-    """(n_perm, m, t) CKNNA with the text rows permuted, batched over permutations.
+                budget: int = 256 * 2**20) -> torch.Tensor:
+    """(n_perm, m, t) CKNNA with the text rows permuted.
 
-    A batch of permutations relabels every text model's lists once (side by side); each vision model's entries
-    are then a bitmap of the n x n entries (:func:`_entry_bits`, rebuilt per batch in O(n k), one model and at most
-    :data:`BITMAP_ROW_BYTES` of rows at a time: memory linear in n), so finding which permuted entries it shares is one bit lookup per entry (O(n k) per
-    permutation and pair, no search); the rare shared entries find their place in the vision row's list, and the
-    sparse HSIC of every (permutation, text model) of the batch is one sort
-    (:func:`pairscout.metrics.knn._sparse_hsic1_pairs`). A batch's permuted lists take about ``budget`` bytes."""
+    The rows are walked in chunks: every vision model's entries of a chunk's rows become a bitmap (:func:`_entry_bits`,
+    built once; all models' bitmaps of a chunk together take at most :data:`BITMAP_ROW_BYTES`, so memory stays linear
+    in n), each permutation relabels the chunk's rows of every text model's lists (side by side), and finding which
+    permuted entries a vision model shares is one bit lookup per entry (O(n k) per permutation and pair, no search).
+    The rare shared entries are kept (in one canonical order, whatever the chunks), find their place in the vision
+    row's list, and the sparse HSIC of every (permutation, text model) of a vision model is one sort
+    (:func:`pairscout.metrics.knn._sparse_hsic1_pairs`). A batch of permuted rows takes about ``budget`` bytes."""
     sx_self = torch.tensor([_knn.cknna_self_term(n, a) for a in nxs], dtype=F64)
     sy_self = torch.tensor([_knn.cknna_self_term(n, b) for b in nys], dtype=F64)
-    n_perm, t = perms.shape[0], len(nys)
+    n_perm, m, t = perms.shape[0], len(nxs), len(nys)
     dev = nxs[0].indices.device
     perms = perms.to(dev)
-    out = torch.empty(n_perm, len(nxs), t, dtype=F64)
+    out = torch.empty(n_perm, m, t, dtype=F64)
+    if n_perm == 0:
+        return out
+    inv = torch.empty_like(perms).scatter_(1, perms, torch.arange(n, device=dev).expand(n_perm, n).contiguous())
     yi = torch.cat([b.indices for b in nys], 1)  # every text model's lists side by side
     yw = torch.cat([b.weight_matrix().to(F64) for b in nys], 1)
     ys = torch.cat([b.sims.to(F64) for b in nys], 1)
     W = yi.shape[1]
     jcol = torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)])
-    batch = max(1, min(batch, budget // (32 * n * W)))
-    denom = (sx_self[:, None] * sy_self[None, :]).clamp_min(0.0).sqrt()
-    ok = (sx_self[:, None] > 0) & (sy_self[None, :] > 0)
-    rows = torch.arange(n, device=dev)[None, :, None]
-    span = max(8, BITMAP_ROW_BYTES * 8 // n // 8 * 8)
-    for s, p, inv in _batches(perms, batch):
-        bsz = len(p)
-        raw = yi[p]  # (B, n, W): row r of permuted Y is old row p[r]
-        cols = torch.gather(inv, 1, raw.clamp_min(0).reshape(bsz, -1)).view_as(raw)
-        q = rows * n + cols
-        # per chunk of ``span`` rows (a multiple of 8: whole bytes), each entry's byte in that chunk's bitmap (unused
-        # slots: a zero byte past its end) and bit, shared by every vision model
-        chunks = []
-        for r0 in range(0, n, span):
-            r1 = min(r0 + span, n)
-            qc = q[:, r0:r1]
-            chunks.append((r0, r1, torch.where(raw[:, r0:r1] >= 0, (qc >> 3) - r0 * n // 8, ((r1 - r0) * n + 7) // 8),
-                           (qc & 7).to(torch.uint8)))
-        del q
-        for i, a in enumerate(nxs):
-            found = []
-            for r0, r1, at, bit in chunks:
-                bits = torch.cat([_entry_bits(a, n, r0, r1), torch.zeros(1, dtype=torch.uint8, device=dev)])
-                bi, r, e = ((bits[at] >> bit) & 1).nonzero(as_tuple=True)
-                found.append((bi, r + r0, e))
-            bi, r, e = (torch.cat(x) for x in zip(*found, strict=True))
-            old = p[bi, r]
-            m = yw[old, e]
-            keep = m > 0
-            bi, r, e, old, m = bi[keep], r[keep], e[keep], old[keep], m[keep]
-            c = cols[bi, r, e]
-            pa = (a.indices[r] == c[:, None]).to(torch.int8).argmax(1)  # the entry's place in the vision row's list
-            m = a.weight_matrix().to(F64)[r, pa] * m
-            cross = _knn._sparse_hsic1_pairs(n, bsz * t, bi * t + jcol[e], r, c, a.sims.to(F64)[r, pa] * m, ys[old, e] * m)
-            v = cross.view(bsz, t) / denom[i]
-            v = torch.where(v.abs() > 1 + 1e-9, torch.full_like(v, float("nan")), v)
-            out[s:s + bsz, i] = torch.where(ok[i], v, torch.zeros_like(v))
+    span = min(n, max(8, BITMAP_ROW_BYTES * 8 // (n * m) // 8 * 8))  # rows per chunk: a multiple of 8 (whole bytes)
+    batch = max(1, min(n_perm, budget // (32 * span * W)))
+    found: list[list[torch.Tensor]] = [[] for _ in range(m)]  # per vision model: (permutation, row, entry) keys
+    for r0 in range(0, n, span):
+        r1 = min(r0 + span, n)
+        end = ((r1 - r0) * n + 7) // 8  # unused list slots point at a zero byte past the bitmap's end
+        bits = [torch.cat([_entry_bits(a, n, r0, r1), torch.zeros(1, dtype=torch.uint8, device=dev)]) for a in nxs]
+        rows = torch.arange(r0, r1, device=dev)[None, :, None]
+        for s in range(0, n_perm, batch):
+            p, iv = perms[s:s + batch, r0:r1], inv[s:s + batch]
+            raw = yi[p]  # (B, rows, W): row r of permuted Y is old row p[r]
+            cols = torch.gather(iv, 1, raw.clamp_min(0).reshape(len(p), -1)).view_as(raw)
+            q = rows * n + cols
+            at = torch.where(raw >= 0, (q >> 3) - r0 * n // 8, end)
+            bit = (q & 7).to(torch.uint8)
+            for i in range(m):
+                bi, r, e = ((bits[i][at] >> bit) & 1).nonzero(as_tuple=True)
+                found[i].append(((bi + s) * n + r + r0) * W + e)
+    for i, a in enumerate(nxs):
+        key = torch.sort(torch.cat(found[i])).values  # one order of the shared entries, whatever the chunks
+        e, pr = key % W, key // W
+        r, pi = pr % n, pr // n
+        old = perms[pi, r]
+        w = yw[old, e]
+        keep = w > 0
+        pi, r, e, old, w = pi[keep], r[keep], e[keep], old[keep], w[keep]
+        c = inv[pi, yi[old, e]]
+        pa = (a.indices[r] == c[:, None]).to(torch.int8).argmax(1)  # the entry's place in the vision row's list
+        w = a.weight_matrix().to(F64)[r, pa] * w
+        cross = _knn._sparse_hsic1_pairs(n, n_perm * t, pi * t + jcol[e], r, c, a.sims.to(F64)[r, pa] * w, ys[old, e] * w)
+        v = cross.view(n_perm, t) / denom_row(sx_self[i], sy_self)
+        v = torch.where(v.abs() > 1 + 1e-9, torch.full_like(v, float("nan")), v)
+        out[:, i] = torch.where((sx_self[i] > 0) & (sy_self > 0)[None, :], v, torch.zeros_like(v))
     return out
+
+
+def denom_row(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    """(t,) ``sqrt(sx sy)`` of CKNNA's ratio (0 where a self term is <= 0; those pairs read 0)."""
+    return (sx * sy).clamp_min(0.0).sqrt()
 
 
 #: Exceedances of the observed value among the permutations from which the Monte-Carlo p is used as it is;
