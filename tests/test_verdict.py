@@ -341,3 +341,30 @@ def test_the_verdict_never_recommends_a_control_pair_and_says_when_controls_outs
     assert only.pair == ("vA", "random-text") and only.controls_above == [] and "control" not in only.reason
     plain = V.decide(pairs.drop(columns=["vision_id", "text_id"]), "cka_linear_debiased", est, reps, v, t)
     assert plain.pair == ("vA", "random-text")  # without ids nothing is known to be a control
+
+
+def test_rank_table_marks_control_pairs_only_in_a_mixed_zoo():
+    """The rank table marks each control pair ``c`` (and says so in its caption) when real pairs are ranked too;
+    a zoo of controls only is printed as before."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from pairscout.cli.rank import rank_table
+
+    pairs = pd.DataFrame({"rank": [1, 2, 3], "vision": ["eff", "eff", "pix"], "text": ["random-text", "minilm", "minilm"],
+                          "vision_id": ["pack:eff", "pack:eff", "baseline:pixels"],
+                          "text_id": ["baseline:random-text", "pack:minilm", "pack:minilm"],
+                          "m": [0.3, 0.2, 0.1], "m_lo": [0.2, 0.1, 0.0], "m_hi": [0.4, 0.3, 0.2]})
+    res = SimpleNamespace(meta={"dataset": {"name": "d"}, "settings": {"n": 10, "score": "primary", "permutations": 0}},
+                          primary="m", pairs=pairs, metrics=["m"])
+
+    def text(r) -> str:
+        con = Console(width=100, record=True)
+        con.print(rank_table(r, 10))
+        return con.export_text()
+
+    out = text(res)
+    assert "1 c" in out and "3 c" in out and "2 c" not in out and "c: a control pair" in out
+    every = SimpleNamespace(**{**vars(res), "pairs": pairs.assign(text_id="baseline:" + pairs["text"])})
+    assert " c " not in text(every).replace("c: a", "") and "c: a control pair" not in text(every)

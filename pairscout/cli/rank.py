@@ -163,6 +163,12 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
         lm = res.meta.get("layers", {})
         caption += (f"; @k: block k (0-based) chosen by the layer sweep on {lm.get('selection_rows')} rows, every number "
                     f"measured on the other {lm.get('estimation_rows')}")
+    from pairscout.ranking.verdict import control_pairs
+
+    control = control_pairs(res.pairs)
+    mixed = bool(control.any() and not control.all())
+    if mixed:
+        caption += "; c: a control pair (a baseline: encoder on either side), which the verdict never recommends"
     if not wide and len(res.metrics) > 1:
         caption += "; --wide (or pairs.csv) for the other metrics"
     table = Table(title=L(f"top pairs on {ds.get('name')} (n = {st['n']}), ranked by {st['score']}: {label(res.primary)}"), caption=L(caption))
@@ -175,7 +181,7 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
         table.add_column(L(label(m)), justify="right", no_wrap=True)
         if m == res.primary and has_p:
             table.add_column("p", justify="right", no_wrap=True)
-    for _, row in res.pairs.head(top).iterrows():
+    for k, (_, row) in enumerate(res.pairs.head(top).iterrows()):
         cells = []
         for m in shown:
             cells.append(ui.with_interval(row, m))
@@ -183,7 +189,7 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
                 p = row.get(f"{m}_p_holm", row[f"{m}_p"])
                 cells.append("<1e-3" if p < 1e-3 else f"{p:.3f}")
         names = [str(row[k]) + (f" @{row[f'{k}_layer']}" if sweep else "") for k in ("vision", "text")]
-        table.add_row(str(row["rank"]), L(names[0]), L(names[1]), *cells)
+        table.add_row(str(row["rank"]) + (" c" if mixed and control[k] else ""), L(names[0]), L(names[1]), *cells)
     return table
 
 
