@@ -278,7 +278,7 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
     recomputed: dict[str, int] = {}
     if fam_nb:
         from pairscout.estimation import neighbours as N
-        from pairscout.metrics.knn import Preprocess
+        from pairscout.metrics.knn import Preprocess, pair_values
 
         k = int(opts[fam_nb[0]].get("k", 10))
         pre = opts[fam_nb[0]].get("preprocess") or Preprocess()
@@ -294,7 +294,7 @@ def estimate(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], metrics: Se
             nx, ny = [a.subset(keep, k) for a in xl], [b.subset(keep, k) for b in yl]
             if r == 0:
                 lists = (nx, ny)
-            for name, v in N.metric_values(nx, ny, int(keep.sum()), fam_nb).items():
+            for name, v in pair_values(nx, ny, int(keep.sum()), fam_nb).items():
                 out[name][r] = v
         for name in fam_nb:
             keep_result(name, out[name][: G + 1 if G else 1])

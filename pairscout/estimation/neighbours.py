@@ -1,5 +1,5 @@
-"""Mutual k-NN and CKNNA on all rows and on every delete-a-group subset from one neighbour search per model
-(:mod:`pairscout.estimation`).
+"""The neighbour lists of every delete-a-group subset from one neighbour search per model (:mod:`pairscout.estimation`);
+mutual k-NN and CKNNA of each subset then come from :func:`pairscout.metrics.knn.pair_values`.
 
 Each model's rows get one list of their ``W = 2k`` nearest rows (similarities from the tiles' products, then every
 kept similarity recomputed per entry as :func:`pairscout.metrics.knn.nearest_neighbours` does). The neighbours of a
@@ -190,9 +190,3 @@ def search(x: torch.Tensor, width: int, preprocess: _knn.Preprocess, counts: Seq
     every = torch.arange(n)
     return Lists(gather_rows(v, every, counts), gather_rows(i, every, counts), gather_rows(ve, every, counts), rel, xn,
                  list(counts))
-
-
-def metric_values(nxs: Sequence[_knn.Neighbours], nys: Sequence[_knn.Neighbours], n: int,
-                  metrics: Sequence[str]) -> dict[str, torch.Tensor]:
-    """(m, t) mutual k-NN and / or CKNNA from the lists of one subset (n rows), as :mod:`pairscout.metrics.knn`."""
-    return _knn.pair_values(nxs, nys, n, [m for m in ("mutual_knn", "cknna") if m in metrics])

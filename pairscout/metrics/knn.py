@@ -281,17 +281,26 @@ def all_pairs_mutual_knn(xs: ArrayLike | Sequence[ArrayLike], ys: ArrayLike | Se
 # ----------------------------------------------------------------------------------------------------------
 # CKNNA
 # ----------------------------------------------------------------------------------------------------------
+def entries(nx: Neighbours) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every used entry of the lists in row order: (rows, columns, the entry's place in its row's list)."""
+    ok = nx.indices >= 0
+    rows, slot = ok.nonzero(as_tuple=True)
+    return rows, nx.indices[rows, slot], slot
+
+
+def transposes(nx: Neighbours, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For entries (r, c): whether (c, r) is an entry too (r in c's own list) and its place in that list, by comparing
+    r with c's list (O(k) per entry, no sort)."""
+    hit = nx.indices[cols] == rows[:, None]
+    return hit.any(1), hit.to(torch.int8).argmax(1)
+
+
 def _cknna_self(n: int, nx: Neighbours) -> float:
-    keep = nx.indices.reshape(-1) >= 0
-    rows = torch.arange(n, device=nx.indices.device).repeat_interleave(nx.indices.shape[1])[keep]
-    cols = nx.indices.reshape(-1)[keep]
-    v = nx.sims.reshape(-1).to(F64)[keep]
-    if nx.weights is not None:
-        v = v * nx.weights.reshape(-1)[keep]
+    rows, cols, slot = entries(nx)
     vm = nx.sims.to(F64) if nx.weights is None else nx.sims.to(F64) * nx.weights
-    hit = nx.indices[cols] == rows[:, None]  # the transposed entry (c, r): r in c's own list, and where
-    has = hit.any(1)
-    vt = vm[cols[has], hit[has].to(torch.int8).argmax(1)]
+    v = vm[rows, slot]
+    has, pos = transposes(nx, rows, cols)
+    vt = vm[cols[has], pos[has]]
     h = _hsic1_sums(n, 1, torch.zeros_like(rows), rows, cols, v, v, (v[has] * vt).sum()[None])[0].item()
     # a self term lost in rounding (e.g. identical rows: a constant masked kernel) counts as 0, never a tiny
     # positive that would blow the ratio up
@@ -385,7 +394,10 @@ def _hsic1_sums(n: int, t: int, pair: torch.Tensor, rows: torch.Tensor, cols: to
 
 def _sparse_hsic1_pairs(n: int, t: int, pair: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor,
                         b: torch.Tensor) -> torch.Tensor:
-    """(t,) float64 :func:`_sparse_hsic1` of t pairs at once, entry e belonging to pair ``pair[e]``."""
+    """(t,) float64 HSIC_1 of t pairs of sparse matrices on the same entries (entry e of pair ``pair[e]``, values a[e],
+    b[e], no diagonal): tr(A B) sums A_ij B_ji over the entries whose transpose is an entry too, found by one sort
+    (the entries are the pairs' shared entries, not one model's lists as in :func:`transposes`); the rest is
+    :func:`_hsic1_sums`."""
     dev = a.device
     nn = n * n
     keys = pair * nn + rows * n + cols

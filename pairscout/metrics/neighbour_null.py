@@ -5,10 +5,11 @@ statistic of the two weighted adjacencies, whose permutation mean and variance c
 (:func:`overlap_sums`, :func:`overlap_moments`). The Monte-Carlo permutations below serve CKNNA and
 ``method="permutation"``.
 
-Each model's neighbour lists become sorted entry keys ``row * n + col``; a permutation of the text rows
-relabels the text model's entries, which are looked up among the vision model's keys with ``searchsorted``
-(no n x n matrix), batched over permutations. Tie weights (:mod:`pairscout.metrics.knn`) are carried along.
-Used by :mod:`pairscout.metrics.calibration`; tested against recomputing the metric on permuted rows.
+A permutation of the text rows relabels the text models' entries, which are looked up among the vision model's
+entries (CKNNA: a bitmap of a chunk of rows at a time; mutual k-NN's Monte-Carlo null: a bitmap, a dense table
+within :data:`DENSE_BYTES` or sorted keys, by size), batched over permutations. Tie weights
+(:mod:`pairscout.metrics.knn`) are carried along. Used by :mod:`pairscout.metrics.calibration`; tested against
+recomputing the metric on permuted rows.
 """
 
 from __future__ import annotations
@@ -147,20 +148,14 @@ def overlap_sums(nb: _knn.Neighbours, n: int) -> torch.Tensor:
     ``sum_i (r_i^2) - A2`` (pairs of entries sharing a row), ``sum_j (c_j^2) - A2`` (sharing a column) and
     ``sum_j c_j r_j - At`` (paths i -> j -> l, l != i), with r and c the row and column sums."""
     dev = nb.indices.device
-    ok = nb.indices >= 0
-    rows = torch.arange(n, device=dev)[:, None].expand_as(nb.indices)[ok]
-    cols = nb.indices[ok]
-    w = nb.weight_matrix().to(F64)[ok]
+    rows, cols, slot = _knn.entries(nb)
+    wm = nb.weight_matrix().to(F64)
+    w = wm[rows, slot]
     r = torch.zeros(n, dtype=F64, device=dev).index_add_(0, rows, w)
     c = torch.zeros(n, dtype=F64, device=dev).index_add_(0, cols, w)
-    keys = rows * n + cols
-    order = torch.argsort(keys)
-    sk = keys[order]
-    tk = cols * n + rows
-    pos = torch.searchsorted(sk, tk).clamp_max(max(sk.numel() - 1, 0))
-    hit = sk[pos] == tk if sk.numel() else torch.zeros(0, dtype=torch.bool, device=dev)
+    has, pos = _knn.transposes(nb, rows, cols)
     a2 = (w * w).sum()
-    at = (w[hit] * w[order[pos[hit]]]).sum()
+    at = (w[has] * wm[cols[has], pos[has]]).sum()
     return torch.stack([torch.tensor(float(n), dtype=F64, device=dev), w.sum(), a2, at, (r * r).sum() - a2,
                         (c * c).sum() - a2, (r * c).sum() - at]).cpu()
 
@@ -236,11 +231,8 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
     if n_perm == 0:
         return out
     inv = torch.empty_like(perms).scatter_(1, perms, torch.arange(n, device=dev).expand(n_perm, n).contiguous())
-    yi = torch.cat([b.indices for b in nys], 1)  # every text model's lists side by side
-    yw = torch.cat([b.weight_matrix().to(F64) for b in nys], 1)
-    ys = torch.cat([b.sims.to(F64) for b in nys], 1)
+    yi, yw, ys, jcol = _knn._side_by_side(nys)  # every text model's lists side by side
     W = yi.shape[1]
-    jcol = torch.cat([torch.full((b.indices.shape[1],), j, dtype=torch.long, device=dev) for j, b in enumerate(nys)])
     span = min(n, max(8, BITMAP_ROW_BYTES * 8 // (n * m) // 8 * 8))  # rows per chunk: a multiple of 8 (whole bytes)
     batch = max(1, min(n_perm, budget // (32 * span * W)))
     found: list[list[torch.Tensor]] = [[] for _ in range(m)]  # per vision model: (permutation, row, entry) keys
@@ -271,15 +263,10 @@ def _cknna_null(nxs: list[_knn.Neighbours], nys: list[_knn.Neighbours], perms: t
         pa = (a.indices[r] == c[:, None]).to(torch.int8).argmax(1)  # the entry's place in the vision row's list
         w = a.weight_matrix().to(F64)[r, pa] * w
         cross = _knn._sparse_hsic1_pairs(n, n_perm * t, pi * t + jcol[e], r, c, a.sims.to(F64)[r, pa] * w, ys[old, e] * w)
-        v = cross.view(n_perm, t) / denom_row(sx_self[i], sy_self)
+        v = cross.view(n_perm, t) / (sx_self[i] * sy_self).clamp_min(0.0).sqrt()
         v = torch.where(v.abs() > 1 + 1e-9, torch.full_like(v, float("nan")), v)
         out[:, i] = torch.where((sx_self[i] > 0) & (sy_self > 0)[None, :], v, torch.zeros_like(v))
     return out
-
-
-def denom_row(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
-    """(t,) ``sqrt(sx sy)`` of CKNNA's ratio (0 where a self term is <= 0; those pairs read 0)."""
-    return (sx * sy).clamp_min(0.0).sqrt()
 
 
 #: Exceedances of the observed value among the permutations from which the Monte-Carlo p is used as it is;
