@@ -166,8 +166,7 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
     from pairscout.ranking.verdict import control_pairs
 
     control = control_pairs(res.pairs)
-    mixed = bool(control.any() and not control.all())
-    if mixed:
+    if control.any():
         caption += "; c: a control pair (a baseline: encoder on either side), which the verdict never recommends"
     if not wide and len(res.metrics) > 1:
         caption += "; --wide (or pairs.csv) for the other metrics"
@@ -189,7 +188,7 @@ def rank_table(res, top: int, wide: bool = False) -> Table:
                 p = row.get(f"{m}_p_holm", row[f"{m}_p"])
                 cells.append("<1e-3" if p < 1e-3 else f"{p:.3f}")
         names = [str(row[k]) + (f" @{row[f'{k}_layer']}" if sweep else "") for k in ("vision", "text")]
-        table.add_row(str(row["rank"]) + (" c" if mixed and control[k] else ""), L(names[0]), L(names[1]), *cells)
+        table.add_row(str(row["rank"]) + (" c" if control[k] else ""), L(names[0]), L(names[1]), *cells)
     return table
 
 

@@ -161,12 +161,14 @@ def near_duplicates(embeddings: dict[str, torch.Tensor], threshold: float = DUPL
 
 
 def control_pairs(pairs: pd.DataFrame) -> np.ndarray:
-    """(rows,) bool: pairs with a ``baseline:`` encoder on either side (controls), from ``vision_id`` / ``text_id``
-    (all False when the table has no ids)."""
+    """(rows,) bool: the control pairs, those with a ``baseline:`` encoder on either side (from ``vision_id`` /
+    ``text_id``), when pairs of real encoders are ranked too; all False otherwise (no ids, or a zoo of controls
+    only, which has nothing to set them against)."""
     if "vision_id" not in pairs or "text_id" not in pairs:
         return np.zeros(len(pairs), dtype=bool)
-    return (pairs["vision_id"].astype(str).str.startswith("baseline:")
-            | pairs["text_id"].astype(str).str.startswith("baseline:")).to_numpy()
+    control = (pairs["vision_id"].astype(str).str.startswith("baseline:")
+               | pairs["text_id"].astype(str).str.startswith("baseline:")).to_numpy()
+    return control if not control.all() else np.zeros(len(pairs), dtype=bool)
 
 
 def _pairs_str(pairs: Sequence[tuple[str, str]]) -> str:
@@ -182,15 +184,12 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
     """The verdict from ranked ``pairs`` (best first), the (m, t) estimates and (G, m, t) jackknife replicates of
     the ranking metric (None: no test possible), and the near-duplicate encoders."""
     label = label or metric
-    control = control_pairs(pairs)
-    ranked = ranked_all = pairs
-    controls_above: list[tuple[str, str]] = []
-    if control.any() and not control.all():  # controls are compared against, never recommended
-        first_real = int(np.argmax(~control))
-        controls_above = [(str(v), str(t)) for v, t in zip(pairs["vision"].iloc[:first_real], pairs["text"].iloc[:first_real],
-                                                           strict=True)]
-        ranked = pairs[~control]
-    pairs = ranked
+    control = control_pairs(pairs)  # compared against, never recommended
+    first_real = int(np.argmax(~control))
+    controls_above = [(str(v), str(t)) for v, t in zip(pairs["vision"].iloc[:first_real], pairs["text"].iloc[:first_real],
+                                                       strict=True)]
+    top_control = float(pairs[metric].iloc[0]) if controls_above and metric in pairs else float("nan")
+    pairs = pairs[~control]
     best = (str(pairs["vision"].iloc[0]), str(pairs["text"].iloc[0]))
     vi, ti = {v: i for i, v in enumerate(v_names)}, {t: j for j, t in enumerate(t_names)}
     b = (vi[best[0]], ti[best[1]])
@@ -225,7 +224,7 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
     if p_col in pairs and not pd.isna(pairs[p_col].iloc[0]):
         above = bool(pairs[p_col].iloc[0] < alpha)
     value = float(pairs[metric].iloc[0]) if metric in pairs else float("nan")
-    among = " among pairs of real encoders" if control.any() and not control.all() else ""
+    among = " among pairs of real encoders" if control.any() else ""
     words = [f"{best[0]} x {best[1]} has the highest {label}{among} ({value:.3f})."]
     if above is False:
         words.append(f"It is not distinguishable from shuffled pairings (Holm-corrected p = {float(pairs[p_col].iloc[0]):.3g}): "
@@ -236,15 +235,13 @@ def decide(pairs: pd.DataFrame, metric: str, est: np.ndarray | None, reps: np.nd
             words.append(f"It is {float(pairs[z_col].iloc[0]):.1f} null standard deviations above chance.")
     if controls_above:
         cv, ct = controls_above[0]
-        row = (ranked_all["vision"] == cv) & (ranked_all["text"] == ct)
-        cval = float(ranked_all.loc[row, metric].iloc[0]) if metric in ranked_all else float("nan")
         words.append(f"{len(controls_above)} control "
                      f"{'pair' if len(controls_above) == 1 else 'pairs'} (a baseline encoder) "
-                     f"{'ranks' if len(controls_above) == 1 else 'rank'} above it, first {cv} x {ct} ({cval:.3f}). "
+                     f"{'ranks' if len(controls_above) == 1 else 'rank'} above it, first {cv} x {ct} ({top_control:.3f}). "
                      f"On these data {label} rewards what a baseline encoder also carries (captions repeated or "
                      "templated, class-like structure), so the ranking says little about real alignment; "
                      "pairscout probe reads alignment out directly.")
-    elif control.any() and not control.all():
+    elif control.any():
         words.append("It ranks above every control pair (a baseline encoder).")
     if est is None or reps is None:
         words.append("No jackknife replicates (--ci-groups 0), so ties with the next pairs were not tested.")
