@@ -1,7 +1,8 @@
-"""Small tensor helpers shared by the encoders and the alignment heads."""
+"""Small tensor helpers shared by the encoders, the metrics and the alignment heads."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,3 +20,11 @@ def masked_mean(tokens: Tensor, token_mask: Tensor | None) -> Tensor:
     keep = token_mask.to(device=tokens.device, dtype=torch.bool)
     summed = tokens.masked_fill(~keep[..., None], 0.0).sum(dim=1)
     return summed / keep.sum(dim=1, keepdim=True).clamp(min=1).to(tokens.dtype)
+
+
+def from_numpy(a: np.ndarray) -> Tensor:
+    """A numpy array as a tensor: big-endian data in native byte order first (``torch.from_numpy`` refuses it),
+    strided data made contiguous; memory is shared where it can be."""
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(a))

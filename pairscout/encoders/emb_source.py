@@ -20,6 +20,7 @@ import torch
 from pairscout.encoders._common import finish
 from pairscout.encoders.base import EncoderOutput, PrecomputedEncoder
 from pairscout.errors import DataError, ZooError
+from pairscout.tensors import from_numpy
 from pairscout.zoo.spec import EncoderSpec
 
 SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
@@ -32,9 +33,7 @@ def _as_tensor(value: Any, path: Path, key: str) -> torch.Tensor:
         if value.dtype.kind not in "fiu":
             raise DataError(f"{where} holds {value.dtype} data ({_KIND.get(value.dtype.kind, value.dtype.kind)}), not real numbers.",
                             fix="save the embeddings as a float array (e.g. numpy.float32).")
-        if not value.dtype.isnative:  # big-endian files: torch.from_numpy refuses them
-            value = value.astype(value.dtype.newbyteorder("="))
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        value = from_numpy(value)
     if value.is_complex() or value.dtype == torch.bool:
         raise DataError(f"{where} holds {value.dtype} data, not real numbers (an imaginary part would be dropped silently).",
                         fix="save real-valued float embeddings (e.g. concatenate real and imaginary parts).")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pairscout.errors import MetricError
+from pairscout.tensors import from_numpy
 
 ArrayLike = Any  # torch.Tensor | np.ndarray
 
@@ -24,9 +25,7 @@ def as_matrix(x: ArrayLike, name: str, device: torch.device | None = None) -> to
         if x.dtype.kind not in "fiub":
             raise MetricError(f"{name} is a numpy array of {x.dtype} ({'complex' if x.dtype.kind == 'c' else 'not real numbers'}).",
                               fix="pass real-valued float embeddings.")
-        if not x.dtype.isnative:  # big-endian arrays: torch.from_numpy refuses them
-            x = x.astype(x.dtype.newbyteorder("="))
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = from_numpy(x)
     elif not isinstance(x, torch.Tensor):
         raise MetricError(f"{name} is a {type(x).__name__}, not a tensor or numpy array.",
                           fix="pass an (n, d) torch.Tensor or numpy array.")
