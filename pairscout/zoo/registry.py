@@ -165,9 +165,15 @@ def resolve_zoo(arg: str | Path | list[str | EncoderSpec] | tuple[str | EncoderS
         specs = [_spec_from_id(i, modality) for i in ids]
         _check_unique(specs, f"--{modality}-zoo {text!r}")
         zoo = Zoo("custom", "encoders given on the command line", tuple(specs), "ids")
+    return _side(zoo, modality, ZooError(f"zoo {zoo.name!r} ({zoo.source}) has no {modality} encoders.",
+                                         fix=f"add [[encoder]] entries with modality = \"{modality}\"."))
+
+
+def _side(zoo: Zoo, modality: Modality, empty: ZooError) -> Zoo:
+    """The zoo's encoders of one modality, or ``empty`` raised when it has none."""
     chosen = zoo.of(modality)
     if not chosen:
-        raise ZooError(f"zoo {zoo.name!r} ({zoo.source}) has no {modality} encoders.", fix=f"add [[encoder]] entries with modality = \"{modality}\".")
+        raise empty
     return Zoo(zoo.name, zoo.description, chosen, zoo.source)
 
 
@@ -180,7 +186,5 @@ def _zoo_from_list(items: list | tuple, modality: Modality) -> Zoo:
     specs = [x if isinstance(x, EncoderSpec) else _spec_from_id(x.strip(), modality) for x in items]
     _check_unique(specs, f"the {modality} zoo list")
     zoo = Zoo("custom", "encoders given as a list", tuple(specs), "ids")
-    chosen = zoo.of(modality)
-    if not chosen:
-        raise ZooError(f"the {modality} zoo list has no {modality} encoders.", fix=f"list {modality} encoder ids.")
-    return Zoo(zoo.name, zoo.description, chosen, zoo.source)
+    return _side(zoo, modality, ZooError(f"the {modality} zoo list has no {modality} encoders.",
+                                         fix=f"list {modality} encoder ids."))
